@@ -1,0 +1,125 @@
+"""Turn records into text, token ids and padded batches; read answers back out of text."""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+
+from .records import DataError, Record
+
+PROMPT = "Q: {question}\nA:"
+ANSWER_MARKER = "The answer is "
+IGNORE_INDEX = -100
+
+_SENTENCE_END = re.compile(r"\.(?=\s|$)")
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+_BOOLEANS = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
+
+
+def prompt_text(record: Record) -> str:
+    """The prompt the model is given: ``Q: {question}\\nA:``."""
+    return PROMPT.format(question=record.question)
+
+
+def completion_text(record: Record) -> str:
+    """The target after the prompt: `` {rationale} The answer is {answer}.``."""
+    if record.answer is None:
+        raise DataError("labelled record has no answer", origin=record.origin, field="answer")
+    rationale = f" {record.rationale}" if record.rationale else ""
+    return f"{rationale} {ANSWER_MARKER}{record.answer}."
+
+
+def extract_answer(text: str) -> str | None:
+    """The text after the first "The answer is " up to the sentence's final "." or newline.
+
+    A "." ends the answer only where whitespace or the end follows it, so ``3.5`` stays
+    whole. ``None`` when the marker is absent or nothing follows it.
+    """
+    start = text.find(ANSWER_MARKER)
+    if start < 0:
+        return None
+    rest = text[start + len(ANSWER_MARKER):].split("\n", 1)[0]
+    end = _SENTENCE_END.search(rest)
+    answer = (rest[: end.start()] if end else rest).strip()
+    return answer or None
+
+
+def _normalise(text: str) -> str | float:
+    """A comparable form: a float for numbers, else lower-case text without decoration."""
+    text = text.strip().rstrip(".").strip().lower()
+    if len(text) > 2 and text[0] == "(" and text[-1] == ")":
+        text = text[1:-1].strip()
+    if text in _BOOLEANS:
+        return _BOOLEANS[text]
+    number = re.sub(r"(?<=\d),(?=\d)", "", text).lstrip("$").rstrip("%").strip()
+    if _NUMBER.fullmatch(number):
+        return float(number)
+    return " ".join(text.split())
+
+
+def answer_correct(pred: str | None, gold: str) -> bool:
+    """Whether a predicted answer matches the gold one (case, commas, 6 vs 6.0, yes/true)."""
+    if pred is None:
+        return False
+    a, b = _normalise(pred), _normalise(gold)
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+    return a == b
+
+
+def encode(
+    record: Record, tokenizer: Any, max_len: int, domain_id: int, truncate: bool = True
+) -> dict:
+    """Token ids and (unshifted) labels for one record.
+
+    Labels are -100 on the prompt and equal the ids on the completion and the eos token;
+    an unlabelled record is encoded as its prompt alone, every label -100. Longer than
+    ``max_len``: cut from the end (``truncated=True``), or DataError when not ``truncate``.
+    """
+    prompt = tokenizer(prompt_text(record), add_special_tokens=False)["input_ids"]
+    completion: list[int] = []
+    if record.labelled:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token")
+        completion = tokenizer(completion_text(record), add_special_tokens=False)["input_ids"]
+        completion = [*completion, tokenizer.eos_token_id]
+    input_ids = [*prompt, *completion]
+    labels = [IGNORE_INDEX] * len(prompt) + completion
+    truncated = len(input_ids) > max_len
+    if truncated:
+        if not truncate:
+            raise DataError(
+                f"{len(input_ids)} tokens, more than max_len={max_len}", origin=record.origin
+            )
+        input_ids, labels = input_ids[:max_len], labels[:max_len]
+    return {"input_ids": input_ids, "labels": labels, "domain": domain_id, "truncated": truncated}
+
+
+class Collator:
+    """Right-pads encoded examples into a batch of int64 tensors."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        width = max(len(ex["input_ids"]) for ex in examples)
+        shape = (len(examples), width)
+        input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        for row, ex in enumerate(examples):
+            length = len(ex["input_ids"])
+            input_ids[row, :length] = torch.tensor(ex["input_ids"], dtype=torch.long)
+            attention_mask[row, :length] = 1
+            labels[row, :length] = torch.tensor(ex["labels"], dtype=torch.long)
+        domain_labels = torch.tensor([ex["domain"] for ex in examples], dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "domain_labels": domain_labels,
+        }

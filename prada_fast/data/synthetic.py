@@ -1,0 +1,103 @@
+"""A built-in generator of small multi-domain chain-of-thought problems (no download).
+
+Four domains with checkable answers, each example short (well under 120 characters once
+formatted), with a small vocabulary and a regular rationale so that a tiny byte-level
+model can learn them in minutes:
+
+- ``arithmetic``: ``3+5-2=?`` -> ``3+5=8. 8-2=6.`` -> ``6``
+- ``coinflip``:   ``Coin is heads. Flip, no flip, flip. Heads?``
+                  -> ``heads, tails, tails, heads.`` -> ``yes``
+- ``lastletter``: ``Last letters of cat dog?`` -> ``cat->t. dog->g.`` -> ``tg``
+- ``sorting``:    ``Sort 7 2 5.`` -> ``min 2, then 5, then 7.`` -> ``2 5 7``
+
+Generation is deterministic given the seed: each domain draws from its own
+``random.Random(f"{seed}:{domain}")``.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+from .records import DataError, Record
+
+DOMAINS = ("arithmetic", "coinflip", "lastletter", "sorting")
+
+WORDS = (
+    "cat", "dog", "sun", "car", "bus", "map", "cup", "pen", "hat", "box",
+    "bed", "egg", "fox", "owl", "ant", "bee", "pig", "cow", "hen", "key",
+    "red", "sky", "sea", "ice", "tea", "jam", "bag", "net", "toy", "van",
+    "book", "milk", "fish", "bird", "tree", "door", "rain", "snow", "star", "moon",
+    "lamp", "ship", "frog", "duck", "lion", "wolf", "cake", "rice", "song", "king",
+)
+
+Problem = tuple[str, str, str]  # question, rationale, answer
+
+
+def _arithmetic(rng: random.Random) -> Problem:
+    """Two single-digit steps of + or -, every result in 0..18."""
+    while True:
+        a, b, c = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 9)
+        op1, op2 = rng.choice("+-"), rng.choice("+-")
+        first = a + b if op1 == "+" else a - b
+        final = first + c if op2 == "+" else first - c
+        if 0 <= first <= 18 and 0 <= final <= 18:
+            break
+    question = f"{a}{op1}{b}{op2}{c}=?"
+    rationale = f"{a}{op1}{b}={first}. {first}{op2}{c}={final}."
+    return question, rationale, str(final)
+
+
+def _coinflip(rng: random.Random) -> Problem:
+    """A coin starts heads up; 2-3 steps each flip it or not."""
+    flips = [rng.random() < 0.5 for _ in range(rng.randint(2, 3))]
+    states = ["heads"]
+    for flip in flips:
+        last = states[-1]
+        states.append(("tails" if last == "heads" else "heads") if flip else last)
+    steps = ", ".join("flip" if flip else "no flip" for flip in flips)
+    question = f"Coin is heads. {steps.capitalize()}. Heads?"
+    rationale = ", ".join(states) + "."
+    return question, rationale, "yes" if states[-1] == "heads" else "no"
+
+
+def _lastletter(rng: random.Random) -> Problem:
+    """Concatenate the last letters of two distinct short words."""
+    words = rng.sample(WORDS, 2)
+    question = f"Last letters of {' '.join(words)}?"
+    rationale = " ".join(f"{word}->{word[-1]}." for word in words)
+    return question, rationale, "".join(word[-1] for word in words)
+
+
+def _sorting(rng: random.Random) -> Problem:
+    """Sort three distinct digits, naming the smallest first."""
+    digits = rng.sample(range(10), 3)
+    ordered = sorted(digits)
+    question = f"Sort {' '.join(map(str, digits))}."
+    rationale = f"min {ordered[0]}, then {ordered[1]}, then {ordered[2]}."
+    return question, rationale, " ".join(map(str, ordered))
+
+
+_GENERATORS: dict[str, Callable[[random.Random], Problem]] = {
+    "arithmetic": _arithmetic,
+    "coinflip": _coinflip,
+    "lastletter": _lastletter,
+    "sorting": _sorting,
+}
+
+
+def generate(domain: str, n: int, seed: int) -> list[Record]:
+    """``n`` problems of one domain, the same for the same seed."""
+    if domain not in _GENERATORS:
+        raise DataError(f"unknown synthetic domain {domain!r}; known: {', '.join(DOMAINS)}")
+    rng = random.Random(f"{seed}:{domain}")
+    records = []
+    for i in range(n):
+        question, rationale, answer = _GENERATORS[domain](rng)
+        records.append(Record(question, rationale, answer, domain, origin=f"synthetic:{domain}:{i}"))
+    return records
+
+
+def generate_all(n_per_domain: int, seed: int, domains: Sequence[str] = DOMAINS) -> list[Record]:
+    """``n_per_domain`` problems of each domain, interleaved round-robin."""
+    per_domain = [generate(domain, n_per_domain, seed) for domain in domains]
+    return [record for group in zip(*per_domain) for record in group]

@@ -1,0 +1,80 @@
+"""Reading a DeepSpeed config and filling its "auto" values for this run."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A DeepSpeed config that cannot be used (not JSON, contradictory batch sizes...)."""
+
+
+def load_ds_config(path: str | Path, *, world_size: int, device: torch.device, max_steps: int,
+                   lr: float | None = None) -> dict:
+    """The config with "auto" filled: bf16 on when the device supports it (CUDA with bf16),
+    fp32 otherwise; micro batch from train_batch_size / (accumulation x world size);
+    scheduler lengths from max_steps."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: DeepSpeed config not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
+    cfg = copy.deepcopy(cfg)
+
+    bf16 = cfg.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    fp16 = cfg.get("fp16", {})
+    if fp16.get("enabled") == "auto":
+        fp16["enabled"] = False
+
+    tbs = cfg.get("train_batch_size", "auto")
+    mbs = cfg.get("train_micro_batch_size_per_gpu", "auto")
+    gas = cfg.get("gradient_accumulation_steps", "auto")
+    known = {k: v for k, v in (("train_batch_size", tbs), ("train_micro_batch_size_per_gpu", mbs),
+                               ("gradient_accumulation_steps", gas)) if v != "auto"}
+    for k, v in known.items():
+        if not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{path}: field {k!r} must be a positive integer, got {v!r}")
+    if gas == "auto":
+        gas = 1 if tbs == "auto" or mbs == "auto" else tbs // (mbs * world_size)
+    if tbs == "auto" and mbs == "auto":
+        raise ConfigError(f"{path}: set train_batch_size or train_micro_batch_size_per_gpu")
+    if mbs == "auto":
+        mbs = tbs // (gas * world_size)
+    if tbs == "auto":
+        tbs = mbs * gas * world_size
+    if mbs <= 0 or gas <= 0 or tbs != mbs * gas * world_size:
+        raise ConfigError(
+            f"{path}: batch sizes contradict each other: train_batch_size={tbs} must equal "
+            f"train_micro_batch_size_per_gpu={mbs} x gradient_accumulation_steps={gas} x "
+            f"world size {world_size}")
+    cfg.update(train_batch_size=tbs, train_micro_batch_size_per_gpu=mbs,
+               gradient_accumulation_steps=gas)
+
+    opt = cfg.get("optimizer")
+    if opt and lr is not None:
+        opt.setdefault("params", {})["lr"] = lr
+    sched = cfg.get("scheduler", {}).get("params", {})
+    for key in ("total_num_steps", "warmup_num_steps", "warmup_max_lr"):
+        if sched.get(key) == "auto":
+            sched[key] = {"total_num_steps": max_steps,
+                          "warmup_num_steps": max(1, max_steps // 20),
+                          "warmup_max_lr": (opt or {}).get("params", {}).get("lr", 1e-3)}[key]
+    return cfg
+
+
+def inference_config(cfg: dict) -> dict:
+    """The same ZeRO config for a frozen model: no optimizer, no scheduler."""
+    cfg = copy.deepcopy(cfg)
+    cfg.pop("optimizer", None)
+    cfg.pop("scheduler", None)
+    cfg.pop("gradient_clipping", None)
+    return cfg

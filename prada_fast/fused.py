@@ -1,0 +1,174 @@
+"""The never-materialise algorithm shared by the chunked (PyTorch) and Triton paths.
+
+Rows of the flattened batch are processed in chunks of `chunk_rows`. For each chunk the
+student logits z_s = h W_s^T + b_s (and the teacher's z_t) exist only as a bounded
+(chunk_rows x V) buffer; a row op turns them into the per-row losses and overwrites z_s
+with dL/dz_s, which two matrix products turn into the chunk's grad_h and its share of
+grad_W_s. The domain term is computed first (it is small: B x H pooled features), and its
+GRL-scaled gradient, broadcast through the pooling mask, is the initial value of each
+grad_h chunk, so the GEMM that writes grad_h adds the LM gradient onto it in its epilogue
+(`addmm`): no separate N x H pass. Backward only scales the stored gradients.
+
+Buffers, beyond the gradients themselves: 2-3 chunk buffers of chunk_rows x V (student,
+teacher, and a temporary in the PyTorch row op), plus fp32 accumulators of W_s's size
+when the inputs are low precision.
+
+A row op has the signature
+    rows_fn(z, z_t, y, scale, *, temperature, alpha, ignore_index) -> (ce_i, kd_i)
+z (C, V) student logits, overwritten in place with
+    dL/dz = scale_i * (alpha * (softmax(z) - onehot(y)) + (1 - alpha) * tau * (softmax(z/tau) - softmax(z_t/tau)))
+(zero on ignored rows); z_t (C, V) teacher logits or None; y (C,) targets; scale (C,) fp32 =
+1/n on every row (the op masks ignored rows itself). ce_i, kd_i: (C,) fp32, 0 on ignored rows.
+
+A domain op has the signature
+    domain_fn(hidden, mask, weight, bias, labels, grl_lambda)
+        -> (dom, dom_acc, gf (B, H) fp32, grad_weight, grad_bias)
+where gf_b = -grl_lambda * dL_dom/df_b / sum_t m_bt, so that grad_h[b, t] += m_bt * gf_b.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def default_chunk_rows(n_rows: int, vocab: int, budget_elems: int = 1 << 22) -> int:
+    """Rows per chunk so that one chunk buffer holds about `budget_elems` logits (16 MiB fp32)."""
+    rows = max(16, min(4096, budget_elems // max(vocab, 1)))
+    return min(n_rows, rows) if n_rows > 0 else 1
+
+
+_NO_OUT_DTYPE: set[str] = set()  # device types whose mm lacks out_dtype=float32 for bf16/fp16
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, with fp32 accumulation and no low-precision temporary where the
+    backend allows (CUDA: mm with out_dtype)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.device.type not in _NO_OUT_DTYPE:
+        try:
+            acc += torch.mm(a, b, out_dtype=acc.dtype)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _NO_OUT_DTYPE.add(acc.device.type)
+    acc += (a @ b).to(acc.dtype)
+
+
+def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden, teacher_weight,
+                         teacher_logits, temperature, alpha, ignore_index, num_valid_tokens,
+                         pool_mask, domain_weight, domain_bias, domain_labels, grl_lambda,
+                         rows_fn, domain_fn, chunk_rows=None, compute_dtype=None,
+                         needs_grad=(True, True, True, True, True)):
+    """Loss parts and the gradients of (hidden, lm_weight, lm_bias, domain_weight, domain_bias)
+    for an incoming gradient of 1. `compute_dtype`: dtype of the matrix products (default:
+    the input dtype); accumulation is fp32."""
+    B, T, H = hidden.shape
+    V = lm_weight.shape[0]
+    N = B * T
+    dev = hidden.device
+    cdt = compute_dtype or hidden.dtype
+    need_h, need_w, need_b, need_dw, need_db = needs_grad
+    need_b = need_b and lm_bias is not None
+
+    h = hidden.reshape(N, H)
+    y = targets.reshape(N)
+    w = lm_weight.to(cdt)
+    b = None if lm_bias is None else lm_bias.to(cdt)
+    has_teacher = teacher_logits is not None or teacher_hidden is not None
+    u = teacher_hidden.reshape(N, -1) if teacher_hidden is not None else None
+    wt = teacher_weight.to(cdt) if teacher_weight is not None else None
+    zt_all = teacher_logits.reshape(N, V) if teacher_logits is not None else None
+
+    n_tokens = (y != ignore_index).sum()
+    n = n_tokens if num_valid_tokens is None else torch.as_tensor(num_valid_tokens, device=dev)
+    inv_n = 1.0 / n.to(torch.float32).clamp_min(1)
+
+    # Domain term first: its gradient seeds grad_h.
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    dom = dom_acc = zero
+    gf = gw_d = gb_d = None
+    if domain_weight is not None:
+        dom, dom_acc, gf, gw_d, gb_d = domain_fn(hidden, pool_mask, domain_weight, domain_bias,
+                                                 domain_labels, grl_lambda)
+    m_flat = pool_mask.reshape(N).to(torch.float32)
+
+    grad_h = torch.empty(N, H, dtype=hidden.dtype, device=dev) if need_h else None
+    grad_w = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_w else None
+    grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
+    ce_sum = torch.zeros((), dtype=torch.float32, device=dev)
+    kd_sum = torch.zeros((), dtype=torch.float32, device=dev)
+
+    C = chunk_rows or default_chunk_rows(N, V)
+    for s in range(0, N, C):
+        e = min(s + C, N)
+        h_c = h[s:e].to(cdt)
+        z = torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t()
+        z_t = None
+        if u is not None:
+            z_t = u[s:e].to(cdt) @ wt.t()
+        elif zt_all is not None:
+            z_t = zt_all[s:e]
+        scale = inv_n.expand(e - s)
+        ce_i, kd_i = rows_fn(z, z_t, y[s:e], scale, temperature=temperature,
+                             alpha=alpha, ignore_index=ignore_index)
+        ce_sum += ce_i.sum()
+        kd_sum += kd_i.sum()
+        del z_t
+        dz = z  # now holds dL/dz for this chunk
+        if need_h:
+            if gf is not None:
+                seq = torch.arange(s, e, device=dev) // T
+                seed = (m_flat[s:e, None] * gf[seq]).to(cdt)
+                grad_h[s:e] = torch.addmm(seed, dz.to(cdt), w)
+            else:
+                grad_h[s:e] = dz.to(cdt) @ w
+        if need_w:
+            _accumulate_mm(grad_w, dz.t().to(cdt), h_c)
+        if need_b:
+            grad_b += dz.sum(0, dtype=torch.float32)
+        del dz, z
+
+    ce = ce_sum * inv_n
+    kd = kd_sum * inv_n if has_teacher else zero
+    a = alpha if has_teacher else 1.0
+    loss = a * ce + (1 - a) * kd + dom
+    grads = (
+        grad_h.view(B, T, H) if need_h else None,
+        grad_w.to(lm_weight.dtype) if need_w else None,
+        grad_b.to(lm_bias.dtype) if need_b else None,
+        gw_d.to(domain_weight.dtype) if (gw_d is not None and need_dw) else None,
+        gb_d.to(domain_bias.dtype) if (gb_d is not None and domain_bias is not None and need_db) else None,
+    )
+    parts = {"ce": ce, "kd": kd, "dom": dom, "dom_acc": dom_acc, "n_tokens": n_tokens}
+    return loss, parts, grads
+
+
+class FusedPradaLoss(torch.autograd.Function):
+    """Gradients are computed in forward; backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, lm_weight, lm_bias, domain_weight, domain_bias, kw):
+        needs = tuple(ctx.needs_input_grad[:5])
+        loss, parts, grads = fused_loss_and_grads(
+            hidden, lm_weight, kw.pop("targets"), lm_bias=lm_bias, domain_weight=domain_weight,
+            domain_bias=domain_bias, needs_grad=needs, **kw)
+        ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
+        ctx.has = tuple(g is not None for g in grads)
+        detached = [parts[k].detach() for k in ("ce", "kd", "dom", "dom_acc", "n_tokens")]
+        ctx.mark_non_differentiable(*detached)
+        return (loss, *detached)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        out = []
+        for g, has in zip(ctx.saved_tensors, ctx.has):
+            out.append(g * grad_loss.to(g.dtype) if has else None)
+        return (*out, None)
+
+
+def fused_prada_loss(hidden, lm_weight, targets, *, lm_bias, domain_weight, domain_bias, **kw):
+    """Run FusedPradaLoss; kw holds the rest of prada_loss's arguments plus rows_fn/domain_fn."""
+    kw["targets"] = targets
+    loss, ce, kd, dom, dom_acc, n_tokens = FusedPradaLoss.apply(
+        hidden, lm_weight, lm_bias, domain_weight, domain_bias, kw)
+    return loss, {"ce": ce, "kd": kd, "dom": dom, "dom_acc": dom_acc, "n_tokens": n_tokens}

@@ -1,0 +1,40 @@
+"""Gradient reversal (DANN) and the schedules of its scale lambda."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class _GradReverse(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by -lambda."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lam: float) -> torch.Tensor:
+        ctx.lam = float(lam)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.lam * grad, None
+
+
+def grad_reverse(x: torch.Tensor, lam: float) -> torch.Tensor:
+    """The gradient reversal layer: y = x, dL/dx = -lam * dL/dy."""
+    return _GradReverse.apply(x, lam)
+
+
+def dann_lambda(step: int, total_steps: int, lambda_max: float = 1.0, gamma: float = 10.0) -> float:
+    """DANN schedule: lambda(p) = lambda_max * (2 / (1 + exp(-gamma p)) - 1), p = step / total."""
+    p = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return lambda_max * (2.0 / (1.0 + math.exp(-gamma * p)) - 1.0)
+
+
+def lambda_at(schedule: str, step: int, total_steps: int, lambda_max: float = 1.0,
+              gamma: float = 10.0) -> float:
+    """lambda at `step` for the schedule named "dann" (sigmoid ramp) or "constant"."""
+    if schedule == "dann":
+        return dann_lambda(step, total_steps, lambda_max, gamma)
+    if schedule == "constant":
+        return float(lambda_max)
+    raise ValueError(f"unknown GRL schedule {schedule!r}: expected 'dann' or 'constant'")

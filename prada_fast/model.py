@@ -1,0 +1,223 @@
+"""The PRADA model: any causal LM (a local Hugging Face directory, or a tiny preset built
+from a config: no download) with K learned soft-prompt vectors before the input
+embeddings and a domain head on the pooled final hidden states. Its forward returns the
+objective through `prada_loss`, which reads the LM head weight directly: under ZeRO-3 the
+weights the op reads are registered as external parameters of this module, so DeepSpeed
+gathers them for its forward and routes their gradients back to the partitions."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .grl import grad_reverse
+from .loss import prada_loss
+from .reference import masked_mean
+
+# Llama-shaped presets small enough to train on a CPU in minutes. Vocabulary: bytes.
+PRESETS = {
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=4),
+    "tiny-teacher": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=6, num_key_value_heads=6),
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+}
+HEADS_FILE = "prada_heads.pt"
+META_FILE = "prada_config.json"
+
+
+class ModelError(ValueError):
+    """A model argument that cannot be honoured (bad path, vocabulary mismatch...)."""
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer that needs no download (259 ids: pad 0, eos 1, unk 2, bytes)."""
+    from transformers import ByT5Tokenizer
+    return ByT5Tokenizer(extra_ids=0)
+
+
+def pick_attention(requested: str = "auto") -> str:
+    """flash_attention_2 where flash-attn imports on CUDA, else PyTorch's SDPA; or as asked."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_causal_lm(name_or_path: str, *, tokenizer=None, attn: str = "auto", dtype=None,
+                   seed: int = 0):
+    """A preset name (built from a config with random weights, seeded) or a local
+    Hugging Face model directory (`from_pretrained`). Returns (model, tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    attn = pick_attention(attn)
+    if name_or_path in PRESETS:
+        tok = tokenizer or byte_tokenizer()
+        spec = dict(PRESETS[name_or_path])
+        spec.setdefault("vocab_size", len(tok))
+        cfg = AutoConfig.for_model(
+            "llama" if "qwen" not in name_or_path else "qwen2", max_position_embeddings=1024,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.eos_token_id, tie_word_embeddings=False, **spec)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn,
+                                                     dtype=dtype or torch.float32)
+        return model, tok
+    path = Path(name_or_path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelError(f"model {name_or_path!r}: not a preset ({', '.join(PRESETS)}) and not a "
+                         "local model directory with a config.json")
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn,
+                                                 dtype=dtype or torch.float32)
+    tok = tokenizer or AutoTokenizer.from_pretrained(path)
+    return model, tok
+
+
+def check_same_vocab(student, teacher) -> None:
+    vs = student.get_output_embeddings().weight.shape[0]
+    vt = teacher.get_output_embeddings().weight.shape[0]
+    if getattr(student.get_output_embeddings().weight, "ds_shape", None) is not None:
+        vs = student.get_output_embeddings().weight.ds_shape[0]
+    if getattr(teacher.get_output_embeddings().weight, "ds_shape", None) is not None:
+        vt = teacher.get_output_embeddings().weight.ds_shape[0]
+    if vs != vt:
+        raise ModelError(f"teacher vocabulary ({vt} ids) differs from the student's ({vs} ids): "
+                         "distillation needs the same tokenizer")
+
+
+class DomainHead(nn.Module):
+    """Linear (D x H) or MLP (Linear-ReLU-Linear) classifier of the pooled features."""
+
+    def __init__(self, hidden: int, n_domains: int, kind: str = "linear", mlp_hidden: int = 0):
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":
+            self.out = nn.Linear(hidden, n_domains)
+        elif kind == "mlp":
+            self.inner = nn.Linear(hidden, mlp_hidden or hidden)
+            self.out = nn.Linear(mlp_hidden or hidden, n_domains)
+        else:
+            raise ModelError(f"domain head {kind!r}: expected 'linear' or 'mlp'")
+
+    def features(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.inner(f)) if self.kind == "mlp" else f
+
+
+class PradaModel(nn.Module):
+    """Student + soft prompt + domain head; `forward` gives (loss, parts)."""
+
+    def __init__(self, student, n_domains: int, n_prompt: int = 8, head: str = "linear",
+                 mlp_hidden: int = 0, loss_impl: str = "auto"):
+        super().__init__()
+        self.student = student
+        H = student.config.hidden_size
+        self.n_prompt = n_prompt
+        self.loss_impl = loss_impl
+        emb = student.get_input_embeddings().weight
+        std = float(emb.detach().std()) if emb.numel() else 0.02
+        self.soft_prompt = nn.Parameter(torch.randn(n_prompt, H, dtype=emb.dtype) * std) \
+            if n_prompt > 0 else None
+        self.domain_head = DomainHead(H, n_domains, head, mlp_hidden)
+        # The op reads these weights outside their modules' forward: let ZeRO-3 gather them.
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+        lm_head = student.get_output_embeddings()
+        for p in (lm_head.weight, getattr(lm_head, "bias", None), self.domain_head.out.weight,
+                  self.domain_head.out.bias):
+            if p is not None:
+                register_external_parameter(self, p)
+
+    @property
+    def backbone(self):
+        return getattr(self.student, self.student.base_model_prefix)
+
+    def embed(self, input_ids, attention_mask):
+        """Input embeddings with the soft prompt in front, and the extended mask."""
+        emb = self.student.get_input_embeddings()(input_ids)
+        if self.soft_prompt is None:
+            return emb, attention_mask
+        B = input_ids.shape[0]
+        prompt = self.soft_prompt.to(emb.dtype).unsqueeze(0).expand(B, -1, -1)
+        ones = attention_mask.new_ones(B, self.n_prompt)
+        return torch.cat([prompt, emb], 1), torch.cat([ones, attention_mask], 1)
+
+    def hidden_states(self, input_ids, attention_mask):
+        emb, mask = self.embed(input_ids, attention_mask)
+        out = self.backbone(inputs_embeds=emb, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state, mask
+
+    def forward(self, input_ids, attention_mask, labels, domain_labels, *, teacher_hidden=None,
+                teacher_weight=None, grl_lambda=1.0, num_valid_tokens=None, temperature=1.0,
+                alpha=0.5, use_domain=True):
+        hidden, mask = self.hidden_states(input_ids, attention_mask)
+        B, K = input_ids.shape[0], self.n_prompt
+        # next-token targets over [prompt | tokens]: position t predicts token t+1
+        targets = torch.full_like(mask, -100, dtype=torch.long)
+        targets[:, K:-1] = labels[:, 1:]
+        if teacher_hidden is not None and K:
+            teacher_hidden = torch.cat([teacher_hidden.new_zeros(B, K, teacher_hidden.shape[-1]),
+                                        teacher_hidden], 1)
+        lm_head = self.student.get_output_embeddings()
+        linear_dom = use_domain and self.domain_head.kind == "linear"
+        loss, parts = prada_loss(
+            hidden, lm_head.weight, targets, lm_bias=getattr(lm_head, "bias", None),
+            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+            temperature=temperature, alpha=alpha, num_valid_tokens=num_valid_tokens,
+            pool_mask=mask.to(hidden.dtype),
+            domain_weight=self.domain_head.out.weight if linear_dom else None,
+            domain_bias=self.domain_head.out.bias if linear_dom else None,
+            domain_labels=domain_labels if linear_dom else None,
+            grl_lambda=grl_lambda, impl=self.loss_impl)
+        if use_domain and not linear_dom:  # MLP head: plain PyTorch with the GRL function
+            f = grad_reverse(masked_mean(hidden, mask), grl_lambda)
+            c = self.domain_head.out(self.domain_head.features(f)).float()
+            dom = nn.functional.cross_entropy(c, domain_labels)
+            loss = loss + dom
+            parts["dom"] = dom.detach()
+            parts["dom_acc"] = (c.argmax(-1) == domain_labels).float().mean()
+        return loss, parts
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int,
+                 pad_token_id: int):
+        """Greedy decoding from left-padded prompts, soft prompt included."""
+        emb, mask = self.embed(input_ids, attention_mask)
+        if self.soft_prompt is not None:  # keep padding on the far left: [pad | prompt | text]
+            order = torch.argsort(mask, dim=1, stable=True)
+            emb = torch.gather(emb, 1, order.unsqueeze(-1).expand_as(emb))
+            mask = torch.gather(mask, 1, order)
+        return self.student.generate(inputs_embeds=emb, attention_mask=mask, do_sample=False,
+                                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                     pad_token_id=pad_token_id)
+
+    # -- persistence of what is ours (the student itself is saved by save_pretrained) --
+    def heads_state(self) -> dict:
+        return {"soft_prompt": self.soft_prompt, "domain_head": self.domain_head.state_dict()}
+
+    def save_heads(self, out_dir: str | os.PathLike, state: dict, meta: dict) -> None:
+        torch.save(state, Path(out_dir) / HEADS_FILE)
+        (Path(out_dir) / META_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def from_final(cls, path: str | os.PathLike, attn: str = "auto", loss_impl: str = "auto"):
+        """Load DIR/final: the Hugging Face student plus soft prompt and domain head."""
+        path = Path(path)
+        meta = json.loads((path / META_FILE).read_text())
+        student, tok = load_causal_lm(str(path), attn=attn)
+        model = cls(student, len(meta["domains"]), meta["n_prompt"], meta["domain_head"],
+                    meta.get("mlp_hidden", 0), loss_impl)
+        state = torch.load(path / HEADS_FILE, map_location="cpu")
+        if model.soft_prompt is not None:
+            model.soft_prompt.data.copy_(state["soft_prompt"])
+        model.domain_head.load_state_dict(state["domain_head"])
+        return model, tok, meta

@@ -1,0 +1,80 @@
+"""The frozen teacher: a local model directory, or (the default with a preset student and
+no teacher given) a small teacher fitted on the labelled rationales and cached on disk, so
+that the default run exercises the distillation term without any download."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .model import load_causal_lm
+
+FIT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("PRADA_FAST_CACHE") or Path.home() / ".cache" / "prada_fast"
+    return Path(root) / "teachers"
+
+
+def cache_key(preset: str, examples: list[dict], steps: int, lr: float, batch: int,
+              seed: int) -> str:
+    h = hashlib.sha256(json.dumps([FIT_VERSION, preset, steps, lr, batch, seed]).encode())
+    for ex in examples:
+        h.update(bytes(str(ex["input_ids"]), "ascii"))
+        h.update(bytes(str(ex["labels"]), "ascii"))
+    return h.hexdigest()[:16]
+
+
+def fit_teacher(preset: str, tokenizer, examples: list[dict], collate, *, steps: int,
+                lr: float, batch: int, seed: int, cache_dir: Path, show_progress: bool = True,
+                log=print) -> Path:
+    """Train `preset` with plain cross-entropy on the labelled examples, or reuse the cached
+    result of an identical fit. Written to a temporary folder, then renamed into place."""
+    key = cache_key(preset, examples, steps, lr, batch, seed)
+    out = Path(cache_dir) / f"{preset}-{key}"
+    if (out / "config.json").is_file():
+        log(f"teacher: cached fit {out}")
+        return out
+    labelled = [ex for ex in examples if ex["n_labels"] > 0]
+    if not labelled:
+        raise ValueError("no labelled examples to fit the teacher on")
+    model, _ = load_causal_lm(preset, tokenizer=tokenizer, seed=seed + 1)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    bar = tqdm(range(steps), desc="fit teacher", disable=not show_progress, dynamic_ncols=True)
+    for _ in bar:
+        idx = torch.randint(len(labelled), (batch,), generator=g).tolist()
+        b = collate([labelled[i] for i in idx])
+        out_ = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                     labels=b["labels"])
+        out_.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{out_.loss.item():.3f}")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "prada_teacher_fit.json").write_text(json.dumps(
+        {"preset": preset, "steps": steps, "lr": lr, "batch": batch, "seed": seed,
+         "final_loss": out_.loss.item(), "seconds": round(time.time() - t0, 1)}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished the same fit first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"teacher: fitted {preset} in {time.time() - t0:.0f}s, final loss {out_.loss.item():.3f}; "
+        f"cached at {out}")
+    return out

@@ -1,0 +1,253 @@
+"""PRADA training under DeepSpeed ZeRO-3.
+
+    deepspeed prada_fast/train.py --ds ds_configs/zero3.json [--num_gpus N before the script]
+    torchrun --nproc_per_node N prada_fast/train.py ...
+    python prada_fast/train.py ...          (one process)
+
+See --help for every flag, and DESIGN.md for what a run leaves behind.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts this folder first on sys.path, where our module names could
+# shadow installed packages: import the installed `prada_fast` instead.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import json
+import os
+import random
+import shutil
+import time
+
+import torch
+
+from prada_fast import distributed as dist_util
+from prada_fast.batching import StepBatches
+from prada_fast.cli import parse_args
+from prada_fast.data import Collator, DataError, encode, load_spec, split_domains
+from prada_fast.dsconfig import ConfigError, inference_config, load_ds_config
+from prada_fast.model import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
+from prada_fast.report import RunDirError, prepare_output_dir, print_table
+from prada_fast.teacher import default_cache_dir, fit_teacher
+
+SYNTHETIC_TARGET = "sorting"
+
+
+def log(msg: str) -> None:
+    if dist_util.rank() == 0:
+        print(f"[prada] {msg}", flush=True)
+
+
+def load_records(args):
+    records, skipped = [], 0
+    for spec in args.data:
+        recs, n_bad = load_spec(spec, skip_bad=args.skip_bad, seed=args.seed)
+        records += recs
+        skipped += n_bad
+    sources = args.source_domains.split(",") if args.source_domains else None
+    targets = args.target_domains.split(",") if args.target_domains else None
+    if targets is None and sources is None and all(s.startswith("synthetic") for s in args.data):
+        if any(r.domain == SYNTHETIC_TARGET for r in records):
+            targets = [SYNTHETIC_TARGET]
+    records = split_domains(records, sources, targets)
+    return records, skipped
+
+
+def hold_out(records, per_domain: int, seed: int):
+    """Split each domain into (train, eval): `per_domain` shuffled records are held out."""
+    by_dom: dict[str, list] = {}
+    for r in records:
+        by_dom.setdefault(r.domain, []).append(r)
+    train, evaluation = [], []
+    for d in sorted(by_dom):
+        recs = by_dom[d][:]
+        random.Random(f"{seed}:{d}").shuffle(recs)
+        k = min(per_domain, len(recs) // 2)
+        evaluation += recs[:k]
+        train += recs[k:]
+    return train, evaluation
+
+
+def encode_all(records, tok, args, domain_ids):
+    examples, truncated = [], 0
+    for r in records:
+        ex = encode(r, tok, args.max_len, domain_ids[r.domain], truncate=args.on_long == "truncate")
+        ex["n_labels"] = sum(1 for x in ex["labels"][1:] if x != -100)
+        truncated += ex["truncated"]
+        examples.append(ex)
+    return examples, truncated
+
+
+def resolve_teacher(args, tok, train_examples, collate):
+    """A local path / preset, or None; 'auto' fits the tiny teacher for a preset student."""
+    choice = args.teacher
+    if choice == "none":
+        return None
+    if choice == "auto":
+        if args.student not in PRESETS:
+            log("no --teacher given for a non-preset student: training without KD")
+            return None
+        cache = Path(args.teacher_cache) if args.teacher_cache else default_cache_dir()
+        path = None
+        if dist_util.rank() == 0:
+            with dist_util.all_threads():
+                path = fit_teacher("tiny-teacher", tok, train_examples, collate,
+                                   steps=args.teacher_steps, lr=args.teacher_lr, batch=32,
+                                   seed=args.seed, cache_dir=cache,
+                                   show_progress=not args.no_progress, log=log)
+        choice = str(dist_util.broadcast_object(path))
+    teacher, _ = load_causal_lm(choice, tokenizer=tok, attn=args.attn, seed=args.seed + 7)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher
+
+
+def evaluate(model, tok, eval_records, eval_examples, collate, args):
+    from prada_fast.evaluation import answer_accuracy, domain_accuracy
+    with dist_util.all_threads():
+        acc = answer_accuracy(model, tok, eval_records, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.eval_batch_size)
+        batches = [collate(eval_examples[i:i + 64]) for i in range(0, len(eval_examples), 64)]
+        dom = domain_accuracy(model, batches)
+    return acc, dom
+
+
+def gather_state(module, rank0: bool) -> dict:
+    """Full tensors of `module`'s parameters, gathered one at a time (ZeRO-3), on rank 0."""
+    from deepspeed import zero
+    out = {}
+    for name, p in module.named_parameters():
+        with zero.GatheredParameters([p], modifier_rank=None):
+            if rank0:
+                out[name] = p.detach().to("cpu", copy=True)
+    return out
+
+
+def export_final(model: PradaModel, tok, out_dir: Path, meta: dict) -> None:
+    """DIR/final: the student as a Hugging Face model directory plus soft prompt and head."""
+    rank0 = dist_util.rank() == 0
+    student_sd = gather_state(model.student, rank0)
+    heads_sd = gather_state(model.domain_head, rank0)
+    prompt = None
+    if model.soft_prompt is not None:
+        prompt = gather_state(torch.nn.ParameterDict({"p": model.soft_prompt}), rank0).get("p")
+    if rank0:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.student.save_pretrained(tmp, state_dict=student_sd)
+        tok.save_pretrained(tmp)
+        model.save_heads(tmp, {"soft_prompt": prompt, "domain_head": heads_sd}, meta)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    dist_util.barrier()
+
+
+def run(args) -> int:
+    import deepspeed
+    info = dist_util.setup(args.dist_timeout)
+    world, rank = info.world_size, info.rank
+    out = Path(args.output_dir)
+    ds_cfg = load_ds_config(args.ds, world_size=world, device=info.device,
+                            max_steps=args.max_steps, lr=args.lr)
+    if rank == 0:
+        prepare_output_dir(out, args)
+    dist_util.barrier()
+    torch.manual_seed(args.seed)
+
+    # data
+    records, skipped = load_records(args)
+    domains = sorted({r.domain for r in records})
+    roles = {d: "target" if any(r.domain == d and not r.labelled for r in records) else "source"
+             for d in domains}
+    train_recs, eval_recs = hold_out(records, args.eval_per_domain, args.seed)
+    log(f"data: {len(train_recs)} training / {len(eval_recs)} held-out records; domains "
+        + ", ".join(f"{d} ({roles[d]})" for d in domains)
+        + (f"; {skipped} bad records skipped" if skipped else ""))
+
+    # models
+    student, tok = load_causal_lm(args.student, attn=args.attn, seed=args.seed)
+    domain_ids = {d: i for i, d in enumerate(domains)}
+    train_ex, n_trunc = encode_all(train_recs, tok, args, domain_ids)
+    eval_ex, _ = encode_all(eval_recs, tok, args, domain_ids)
+    collate = Collator(tok.pad_token_id)
+    model = PradaModel(student, len(domains), args.prompt_len, args.domain_head,
+                       args.mlp_hidden, args.loss_impl)
+    teacher = resolve_teacher(args, tok, train_ex, collate)
+    if teacher is not None:
+        check_same_vocab(student, teacher)
+
+    acc_before = dom_before = None
+    if eval_recs and rank == 0:
+        log("evaluating before training ...")
+        acc_before, dom_before = evaluate(model, tok, eval_recs, eval_ex, collate, args)
+    dist_util.barrier()
+
+    # engines: the student trains, the teacher is sharded the same way with no optimizer
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_cfg)
+    t_engine = None
+    if teacher is not None:
+        t_engine, *_ = deepspeed.initialize(model=teacher, config=inference_config(ds_cfg))
+        t_engine.eval()
+    batches = StepBatches(train_ex, collate, global_batch=ds_cfg["train_batch_size"],
+                          micro_batch=ds_cfg["train_micro_batch_size_per_gpu"],
+                          world_size=world, rank=rank, seed=args.seed)
+
+    ckpt_dir = out / "checkpoints"
+    start = 0
+    if args.resume and (ckpt_dir / "latest").is_file():
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        start = int(client["step"])
+        log(f"resumed from {ckpt_dir} at step {start}")
+
+    from prada_fast.trainloop import train_steps
+    stats = train_steps(engine, t_engine, batches, args, start=start, out=out,
+                        ckpt_dir=ckpt_dir, log=log)
+
+    meta = {"domains": domains, "roles": roles, "n_prompt": args.prompt_len,
+            "domain_head": args.domain_head, "mlp_hidden": args.mlp_hidden}
+    export_final(engine.module, tok, out / "final", meta)
+
+    summary = {"steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"],
+               "final_loss": stats["final_loss"], "domain_classifier_accuracy": None,
+               "domains": {}, "truncated_sequences": n_trunc, "skipped_records": skipped,
+               "world_size": world, "wall_seconds": None}
+    if rank == 0:
+        acc_after = dom_after = None
+        if eval_recs:
+            log("evaluating the saved model ...")
+            final_model, final_tok, _ = PradaModel.from_final(out / "final", attn=args.attn)
+            acc_after, dom_after = evaluate(final_model, final_tok, eval_recs, eval_ex, collate, args)
+        summary["domain_classifier_accuracy"] = dom_after
+        summary["domain_classifier_accuracy_before"] = dom_before
+        for d in domains:
+            summary["domains"][d] = {
+                "role": roles[d],
+                "accuracy_before": (acc_before or {}).get(d),
+                "accuracy_after": (acc_after or {}).get(d)}
+        summary["wall_seconds"] = round(time.time() - info.start_time, 1)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print_table(summary)
+    dist_util.barrier()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    code = 0
+    try:
+        code = run(args)
+    except (DataError, ModelError, ConfigError, RunDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    finally:
+        dist_util.teardown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
