@@ -1,7 +1,7 @@
 """The chunked implementation of `prada_loss` in plain PyTorch: the fused algorithm of
 `prada_fast.fused` with the row and domain steps written as tensor operations. It never
 builds an N x V tensor and computes the gradients in the forward pass; the trainer uses
-it on the CPU. Products run in fp32 (CPU bf16 matrix products are slow and imprecise)."""
+it on the CPU. Products run in fp32 (CPU bf16 matrix products are slow and imprecise), fp64 for fp64."""
 from __future__ import annotations
 
 import torch
@@ -41,24 +41,26 @@ def torch_domain(hidden, mask, weight, bias, labels, grl_lambda):
     """Masked-mean pooling, linear domain head, CE and accuracy, and the gradients (see
     prada_fast.fused for gf)."""
     B = hidden.shape[0]
-    m = mask.to(torch.float32)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    m = mask.to(acc)
     msum = m.sum(1).clamp_min(1)
-    f = torch.einsum("bt,bth->bh", m, hidden.to(torch.float32)) / msum[:, None]
-    wf = weight.to(torch.float32)
+    f = torch.einsum("bt,bth->bh", m, hidden.to(acc)) / msum[:, None]
+    wf = weight.to(acc)
     c = f @ wf.t()
     if bias is not None:
-        c = c + bias.to(torch.float32)
+        c = c + bias.to(acc)
     logp = torch.log_softmax(c, 1)
     dom = -logp.gather(1, labels[:, None]).mean()
-    acc = (c.argmax(1) == labels).to(torch.float32).mean()
+    hit = (c.argmax(1) == labels).to(acc).mean()
     dc = logp.exp()
     dc[torch.arange(B, device=c.device), labels] -= 1
     dc /= B
     gf = (-grl_lambda) * (dc @ wf) / msum[:, None]
-    return dom, acc, gf, dc.t() @ f, dc.sum(0)
+    return dom, hit, gf, dc.t() @ f, dc.sum(0)
 
 
 def chunked_prada_loss(hidden, lm_weight, targets, *, chunk_rows=None, **kw):
     """prada_loss(impl="chunked"): see prada_fast.loss.prada_loss for the arguments."""
     return fused_prada_loss(hidden, lm_weight, targets, rows_fn=torch_rows, domain_fn=torch_domain,
-                            chunk_rows=chunk_rows, compute_dtype=torch.float32, **kw)
+                            chunk_rows=chunk_rows,
+                            compute_dtype=torch.promote_types(hidden.dtype, torch.float32), **kw)

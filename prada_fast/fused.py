@@ -36,18 +36,18 @@ def default_chunk_rows(n_rows: int, vocab: int, budget_elems: int = 1 << 22) -> 
     return min(n_rows, rows) if n_rows > 0 else 1
 
 
-_NO_OUT_DTYPE: set[str] = set()  # device types whose mm lacks out_dtype=float32 for bf16/fp16
+_NO_OUT_DTYPE: set[str] = set()  # device types whose addmm lacks out_dtype=fp32 for bf16/fp16
 
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b, with fp32 accumulation and no low-precision temporary where the
-    backend allows (CUDA: mm with out_dtype)."""
+    """acc (fp32) += a @ b with fp32 accumulation, in place where the backend allows (CUDA:
+    addmm with out_dtype writes into acc; elsewhere a temporary of acc's shape)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
     if acc.device.type not in _NO_OUT_DTYPE:
         try:
-            acc += torch.mm(a, b, out_dtype=acc.dtype)
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
         except (TypeError, RuntimeError, NotImplementedError):
             _NO_OUT_DTYPE.add(acc.device.type)
@@ -67,6 +67,7 @@ def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden,
     N = B * T
     dev = hidden.device
     cdt = compute_dtype or hidden.dtype
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # accumulation: fp32 (fp64 for fp64)
     need_h, need_w, need_b, need_dw, need_db = needs_grad
     need_b = need_b and lm_bias is not None
 
@@ -81,51 +82,59 @@ def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden,
 
     n_tokens = (y != ignore_index).sum()
     n = n_tokens if num_valid_tokens is None else torch.as_tensor(num_valid_tokens, device=dev)
-    inv_n = 1.0 / n.to(torch.float32).clamp_min(1)
+    inv_n = 1.0 / n.to(acc).clamp_min(1)
 
     # Domain term first: its gradient seeds grad_h.
-    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    zero = torch.zeros((), dtype=acc, device=dev)
     dom = dom_acc = zero
     gf = gw_d = gb_d = None
     if domain_weight is not None:
         dom, dom_acc, gf, gw_d, gb_d = domain_fn(hidden, pool_mask, domain_weight, domain_bias,
                                                  domain_labels, grl_lambda)
-    m_flat = pool_mask.reshape(N).to(torch.float32)
+    # grad_h starts as the domain term's GRL-scaled gradient, broadcast through the mask
+    # (zero without a domain head); the LM gradient is then added onto it chunk by chunk.
+    grad_h = None
+    if need_h:
+        grad_h = torch.zeros(B, T, H, dtype=hidden.dtype, device=dev)
+        if gf is not None:
+            torch.mul(pool_mask.to(acc).unsqueeze(-1), gf.unsqueeze(1), out=grad_h)
+        grad_h = grad_h.view(N, H)
+    grad_w = torch.zeros(V, H, dtype=acc, device=dev) if need_w else None
+    grad_b = torch.zeros(V, dtype=acc, device=dev) if need_b else None
+    ce_sum = torch.zeros((), dtype=acc, device=dev)
+    kd_sum = torch.zeros((), dtype=acc, device=dev)
 
-    grad_h = torch.empty(N, H, dtype=hidden.dtype, device=dev) if need_h else None
-    grad_w = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_w else None
-    grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
-    ce_sum = torch.zeros((), dtype=torch.float32, device=dev)
-    kd_sum = torch.zeros((), dtype=torch.float32, device=dev)
-
-    C = chunk_rows or default_chunk_rows(N, V)
-    for s in range(0, N, C):
-        e = min(s + C, N)
-        h_c = h[s:e].to(cdt)
+    # Only rows with a target take part in the products: prompt, question, padding and
+    # target-domain rows are skipped (they can be half of a PRADA batch).
+    valid_rows = (y != ignore_index).nonzero().squeeze(1)
+    all_valid = valid_rows.numel() == N
+    M = valid_rows.numel()
+    C = chunk_rows or default_chunk_rows(M, V)
+    for s in range(0, M, C):
+        e = min(s + C, M)
+        r = slice(s, e) if all_valid else valid_rows[s:e]
+        h_c = h[r].to(cdt)
         z = torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t()
         z_t = None
         if u is not None:
-            z_t = u[s:e].to(cdt) @ wt.t()
+            z_t = u[r].to(cdt) @ wt.t()
         elif zt_all is not None:
-            z_t = zt_all[s:e]
-        scale = inv_n.expand(e - s)
-        ce_i, kd_i = rows_fn(z, z_t, y[s:e], scale, temperature=temperature,
+            z_t = zt_all[r]
+        ce_i, kd_i = rows_fn(z, z_t, y[r], inv_n.expand(e - s), temperature=temperature,
                              alpha=alpha, ignore_index=ignore_index)
         ce_sum += ce_i.sum()
         kd_sum += kd_i.sum()
         del z_t
-        dz = z  # now holds dL/dz for this chunk
+        dz = z.to(cdt)  # z now holds dL/dz for this chunk
         if need_h:
-            if gf is not None:
-                seq = torch.arange(s, e, device=dev) // T
-                seed = (m_flat[s:e, None] * gf[seq]).to(cdt)
-                grad_h[s:e] = torch.addmm(seed, dz.to(cdt), w)
+            if all_valid and grad_h.dtype == cdt:
+                grad_h[s:e].addmm_(dz, w)  # the GEMM adds onto the domain seed in its epilogue
             else:
-                grad_h[s:e] = dz.to(cdt) @ w
+                grad_h.index_add_(0, valid_rows[s:e], (dz @ w).to(grad_h.dtype))
         if need_w:
-            _accumulate_mm(grad_w, dz.t().to(cdt), h_c)
+            _accumulate_mm(grad_w, dz.t(), h_c)
         if need_b:
-            grad_b += dz.sum(0, dtype=torch.float32)
+            grad_b += z.sum(0, dtype=acc)
         del dz, z
 
     ce = ce_sum * inv_n
@@ -160,9 +169,13 @@ class FusedPradaLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("prada_loss: backward ran twice through the same loss; the fused op "
+                               "scales its stored gradients in place (recompute the loss instead)")
+        ctx.consumed = True
         out = []
         for g, has in zip(ctx.saved_tensors, ctx.has):
-            out.append(g * grad_loss.to(g.dtype) if has else None)
+            out.append(g.mul_(grad_loss.to(g.dtype)) if has else None)  # in place: no 2nd copy
         return (*out, None)
 
 

@@ -1,0 +1,145 @@
+"""The reference objective against a float64 computation written out by hand, token by
+token, from the equations of DESIGN.md; the GRL sign and scale; the normaliser under
+gradient accumulation; the lambda schedule."""
+import math
+
+import pytest
+import torch
+
+from prada_fast import dann_lambda, grad_reverse, lambda_at, prada_loss
+
+B, T, H, V, D, HT = 3, 7, 10, 23, 3, 6
+
+
+def hand_loss(h, W, b, y, u, Wt, tau, alpha, m, Wd, bd, d, n=None):
+    """L_task + L_dom in float64, one token and one sequence at a time."""
+    ce_sum = kd_sum = 0.0
+    valid = 0
+    for bi in range(h.shape[0]):
+        for t in range(h.shape[1]):
+            if y[bi, t] == -100:
+                continue
+            valid += 1
+            z = W @ h[bi, t] + b
+            ce_sum = ce_sum + torch.logsumexp(z, 0) - z[y[bi, t]]
+            if u is not None:
+                zt = Wt @ u[bi, t]
+                pt = torch.softmax(zt / tau, 0)
+                kd_sum = kd_sum + tau**2 * (pt * (torch.log(pt) - torch.log_softmax(z / tau, 0))).sum()
+    n = valid if n is None else n
+    a = alpha if u is not None else 1.0
+    task = (a * ce_sum + (1 - a) * kd_sum) / max(n, 1)
+    dom = 0.0
+    for bi in range(h.shape[0]):
+        f = (m[bi, :, None] * h[bi]).sum(0) / m[bi].sum()
+        c = Wd @ f + bd
+        dom = dom + (torch.logsumexp(c, 0) - c[d[bi]]) / h.shape[0]
+    return task, dom
+
+
+def inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[0, :3] = -100
+    y[2, 5:] = -100
+    m = (torch.rand(B, T, generator=g) > 0.3).double()
+    m[:, 0] = 1
+    return dict(h=r(B, T, H), W=r(V, H), b=r(V), y=y, u=r(B, T, HT), Wt=r(V, HT), m=m,
+                Wd=r(D, H), bd=r(D), d=torch.randint(0, D, (B,), generator=g))
+
+
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_reference_matches_hand_computation(with_teacher):
+    x = inputs(1 + with_teacher)
+    tau, alpha, lam = 1.7, 0.3, 0.6
+    leaves = {k: x[k].clone().requires_grad_() for k in ("h", "W", "b", "Wd", "bd")}
+    loss, parts = prada_loss(
+        leaves["h"], leaves["W"], x["y"], lm_bias=leaves["b"],
+        teacher_hidden=x["u"] if with_teacher else None,
+        teacher_weight=x["Wt"] if with_teacher else None, temperature=tau, alpha=alpha,
+        pool_mask=x["m"], domain_weight=leaves["Wd"], domain_bias=leaves["bd"],
+        domain_labels=x["d"], grl_lambda=lam, impl="reference")
+    loss.backward()
+
+    hand = {k: x[k].clone().requires_grad_() for k in ("h", "W", "b", "Wd", "bd")}
+    task, dom = hand_loss(hand["h"], hand["W"], hand["b"], x["y"], x["u"] if with_teacher else None,
+                          x["Wt"], tau, alpha, x["m"], hand["Wd"], hand["bd"], x["d"])
+    torch.testing.assert_close(loss.detach(), (task + dom).detach(), rtol=1e-12, atol=1e-12)
+    assert parts["n_tokens"] == int((x["y"] != -100).sum())
+    torch.testing.assert_close(parts["dom"], dom.detach(), rtol=1e-12, atol=1e-12)
+    # Gradients: task and domain parts separately, so the reversal's sign and scale show.
+    g_task = torch.autograd.grad(task, [hand["h"], hand["W"], hand["b"]], retain_graph=True)
+    g_dom = torch.autograd.grad(dom, [hand["h"], hand["Wd"], hand["bd"]])
+    torch.testing.assert_close(leaves["h"].grad, g_task[0] - lam * g_dom[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(leaves["W"].grad, g_task[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(leaves["b"].grad, g_task[2], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(leaves["Wd"].grad, g_dom[1], rtol=1e-10, atol=1e-12)  # not reversed
+    torch.testing.assert_close(leaves["bd"].grad, g_dom[2], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_normaliser_under_gradient_accumulation(impl):
+    """Two micro-batches with n = the valid tokens of both give the full batch's task loss
+    and gradients."""
+    x = inputs(7)
+    n_total = int((x["y"] != -100).sum())
+    W = x["W"].clone().requires_grad_()
+    full, _ = prada_loss(x["h"], W, x["y"], teacher_hidden=x["u"], teacher_weight=x["Wt"], impl=impl)
+    full.backward()
+    g_full = W.grad.clone()
+    W.grad = None
+    total = 0.0
+    for s in (slice(0, 1), slice(1, 3)):
+        part, _ = prada_loss(x["h"][s], W, x["y"][s], teacher_hidden=x["u"][s],
+                             teacher_weight=x["Wt"], num_valid_tokens=n_total, impl=impl)
+        part.backward()
+        total = total + part.detach()
+    torch.testing.assert_close(total, full.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(W.grad, g_full, rtol=1e-10, atol=1e-12)
+
+
+def test_alpha_ignored_without_teacher_and_parts():
+    x = inputs(3)
+    loss, parts = prada_loss(x["h"], x["W"], x["y"], alpha=0.2, impl="reference")
+    torch.testing.assert_close(loss, parts["ce"])
+    assert parts["kd"] == 0 and parts["dom"] == 0
+
+
+def test_all_ignored_batch_has_finite_zero_task_loss():
+    x = inputs(4)
+    y = torch.full_like(x["y"], -100)
+    h = x["h"].clone().requires_grad_()
+    loss, parts = prada_loss(h, x["W"], y, teacher_hidden=x["u"], teacher_weight=x["Wt"],
+                             domain_weight=x["Wd"], domain_labels=x["d"], impl="reference")
+    assert torch.isfinite(loss) and parts["ce"] == 0 and parts["kd"] == 0 and parts["dom"] > 0
+    loss.backward()
+    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0  # the domain term still acts
+
+
+def test_grad_reverse_sign_and_scale():
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64)
+    (grad_reverse(x, 0.37) * w).sum().backward()
+    torch.testing.assert_close(x.grad, -0.37 * w)
+
+
+def test_lambda_schedules():
+    assert dann_lambda(0, 100) == 0.0
+    for step in (1, 13, 50, 99):
+        p = step / 100
+        assert math.isclose(dann_lambda(step, 100, 0.8, 10.0), 0.8 * (2 / (1 + math.exp(-10 * p)) - 1))
+    assert math.isclose(lambda_at("dann", 100, 100), 2 / (1 + math.exp(-10)) - 1)
+    assert lambda_at("constant", 3, 100, 0.25) == 0.25
+    with pytest.raises(ValueError):
+        lambda_at("linear", 1, 10)
+
+
+def test_bad_arguments_name_the_argument():
+    x = inputs(5)
+    with pytest.raises(ValueError, match="teacher_weight"):
+        prada_loss(x["h"], x["W"], x["y"], teacher_hidden=x["u"], teacher_weight=x["Wt"][:-1])
+    with pytest.raises(ValueError, match="domain_labels"):
+        prada_loss(x["h"], x["W"], x["y"], domain_weight=x["Wd"])
+    with pytest.raises(ValueError, match="impl"):
+        prada_loss(x["h"], x["W"], x["y"], impl="cuda")
