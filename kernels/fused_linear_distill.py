@@ -1,0 +1,204 @@
+"""Fused linear + distillation loss (PRADA's task term) with Triton row kernels.
+
+The never-materialise algorithm is `prada_fast.fused.fused_loss_and_grads`: rows of the
+flattened batch go through in bounded chunks; for each chunk the student logits
+z = h W_s^T + b_s (and the teacher's z_t) are one cuBLAS product each, and
+`_distill_rows_kernel` turns them into the per-row losses and overwrites z with dL/dz,
+which two more products turn into grad_h and grad_W_s (Liger-Kernel's scheme). The domain
+term runs in `prada_kernels.grl_domain_head`.
+
+Per row (one program), the kernel walks the vocabulary in BLOCK_V tiles twice:
+  pass 1 (online max / sum-exp): lse(z), lse(z / tau) (sharing max z, as tau > 0) and
+      lse(z_t / tau); ce = lse(z) - z[y];
+  pass 2: kd = tau^2 * KL(p_t || p_s^tau) and, in place over z,
+      dL/dz = scale * (alpha * (softmax(z) - onehot(y)) + (1 - alpha) * tau * (softmax(z / tau) - p_t)).
+Ignored rows skip pass 1 and get ce = kd = 0 and dL/dz = 0. Inputs may be fp32, fp16 or
+bf16; the math is fp32 and dL/dz is stored in z's dtype.
+
+On a machine without a GPU the kernels run under the Triton interpreter
+(TRITON_INTERPRET=1, set before triton is imported); the trainer uses impl="chunked" there.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from prada_fast.fused import default_chunk_rows, fused_prada_loss
+from prada_kernels.grl_domain_head import _check_device, triton_domain_head
+
+
+@triton.jit
+def _distill_rows_kernel(
+    z_ptr, zt_ptr, y_ptr, scale_ptr, ce_ptr, kd_ptr,
+    V,
+    stride_zr, stride_zv, stride_tr, stride_tv, stride_y, stride_s,
+    inv_tau, tau, alpha, ignore_index,
+    HAS_TEACHER: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: C * V may pass 2^31
+    z_row = z_ptr + row * stride_zr
+    zt_row = zt_ptr + row * stride_tr
+    y = tl.load(y_ptr + row * stride_y)
+    valid = y != ignore_index
+    n_cols = tl.where(valid, V, 0)  # ignored rows skip the two passes over the vocabulary
+
+    # Pass 1: online max and sum-exp of z, z / tau (same max) and z_t / tau.
+    m = float("-inf")
+    s = 0.0
+    s_tau = 0.0
+    m_t = float("-inf")
+    s_t = 0.0
+    for v0 in range(0, n_cols, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        msk = offs < V
+        z = tl.load(z_row + offs * stride_zv, mask=msk, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        s_tau = s_tau * tl.exp((m - m_new) * inv_tau) + tl.sum(tl.exp((z - m_new) * inv_tau), axis=0)
+        m = m_new
+        if HAS_TEACHER:
+            zt = tl.load(zt_row + offs * stride_tv, mask=msk, other=float("-inf")).to(tl.float32)
+            zt = zt * inv_tau
+            m_t_new = tl.maximum(m_t, tl.max(zt, axis=0))
+            s_t = s_t * tl.exp(m_t - m_t_new) + tl.sum(tl.exp(zt - m_t_new), axis=0)
+            m_t = m_t_new
+    # On a valid row s >= 1 (the max term is exp(0)); ignored rows take log(1), never log(0).
+    lse = m + tl.log(tl.where(valid, s, 1.0))
+    lse_tau = m * inv_tau + tl.log(tl.where(valid, s_tau, 1.0))
+    if HAS_TEACHER:
+        lse_t = m_t + tl.log(tl.where(valid, s_t, 1.0))
+
+    yc = tl.where(valid, y, 0)
+    z_y = tl.load(z_row + yc * stride_zv, mask=valid, other=0.0).to(tl.float32)
+    w = tl.load(scale_ptr + row * stride_s).to(tl.float32)
+    g_ce = w * alpha
+    g_kd = w * (1.0 - alpha) * tau
+
+    # Pass 2: kd and dL/dz, written over z.
+    kd_acc = 0.0
+    for v0 in range(0, n_cols, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        msk = offs < V
+        z = tl.load(z_row + offs * stride_zv, mask=msk, other=0.0).to(tl.float32)
+        grad = g_ce * (tl.exp(z - lse) - (offs == yc).to(tl.float32))
+        if HAS_TEACHER:
+            log_pt = tl.load(zt_row + offs * stride_tv, mask=msk, other=0.0).to(tl.float32) * inv_tau
+            log_pt = log_pt - lse_t
+            p_t = tl.exp(log_pt)
+            log_ps = z * inv_tau - lse_tau
+            # p_t == 0 (a -inf teacher logit) adds 0, not 0 * -inf; a NaN still propagates.
+            kd_acc += tl.sum(tl.where(msk & (p_t != 0.0), p_t * (log_pt - log_ps), 0.0), axis=0)
+            grad += g_kd * (tl.exp(log_ps) - p_t)
+        tl.store(z_row + offs * stride_zv, grad.to(z_ptr.dtype.element_ty), mask=msk)
+    # Ignored rows: dL/dz = 0 (this loop is empty on valid rows).
+    for v0 in range(0, V - n_cols, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        zeros = tl.zeros((BLOCK_V,), dtype=z_ptr.dtype.element_ty)
+        tl.store(z_row + offs * stride_zv, zeros, mask=offs < V)
+
+    tl.store(ce_ptr + row, tl.where(valid, lse - z_y, 0.0))
+    tl.store(kd_ptr + row, tl.where(valid, tau * tau * kd_acc, 0.0))
+
+
+def _rows_config(V: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernel."""
+    if device.type != "cuda":
+        # Interpreter: 128-wide tiles, so that small test vocabularies walk several tiles
+        # and a remainder (the interpreter is slow; shapes there are tiny).
+        return 128, 4
+    # GPU: 4096-wide tiles over 8 warps = 16 fp32 per thread per live vector, which keeps the
+    # teacher pass (~6 live vectors) in registers while streaming the row at full width.
+    return min(4096, max(128, triton.next_power_of_2(V))), 8
+
+
+def triton_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index):
+    """Row op (see prada_fast.fused), a drop-in for prada_fast.chunked.torch_rows: per-row
+    (ce_i, kd_i) in fp32 (0 on ignored rows); z (C, V) is overwritten with dL/dz."""
+    C, V = z.shape
+    ce = torch.empty(C, dtype=torch.float32, device=z.device)
+    kd = torch.empty(C, dtype=torch.float32, device=z.device)
+    if C == 0:
+        return ce, kd
+    _check_device(z)
+    has_teacher = z_t is not None
+    if has_teacher and tuple(z_t.shape) != (C, V):
+        raise ValueError(f"triton_rows: z_t must be {(C, V)}, got {tuple(z_t.shape)}")
+    zt = z_t if has_teacher else z  # a dummy pointer when there is no teacher
+    block_v, num_warps = _rows_config(V, z.device)
+    tau = float(temperature)
+    _distill_rows_kernel[(C,)](
+        z, zt, y, scale, ce, kd,
+        V,
+        z.stride(0), z.stride(1), zt.stride(0), zt.stride(1), y.stride(0), scale.stride(0),
+        1.0 / tau, tau, float(alpha), int(ignore_index),
+        HAS_TEACHER=has_teacher, BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return ce, kd
+
+
+def triton_chunk_rows(n_rows: int, vocab: int, budget_elems: int = 1 << 26) -> int:
+    """Rows per chunk on a GPU: a multiple of 128 (GEMM tiles, and >= 128 row programs to
+    fill the SMs) in [128, 8192], so that one chunk buffer holds at most max(2^26, 128 * V)
+    logits: 128 MiB in bf16 for V <= 524288 (two such buffers with a teacher)."""
+    rows = min(8192, max(128, (budget_elems // max(vocab, 1)) // 128 * 128))
+    return max(1, min(n_rows, rows))
+
+
+def triton_prada_loss(hidden, lm_weight, targets, *, lm_bias=None, teacher_hidden=None,
+                      teacher_weight=None, teacher_logits=None, temperature=1.0, alpha=0.5,
+                      ignore_index=-100, num_valid_tokens=None, pool_mask=None,
+                      domain_weight=None, domain_bias=None, domain_labels=None, grl_lambda=1.0,
+                      chunk_rows=None):
+    """prada_loss(impl="triton"): see prada_fast.loss.prada_loss for the arguments (this entry
+    does not check them). Returns (loss, parts); gradients are computed in the forward pass."""
+    B, T, _ = hidden.shape
+    if teacher_hidden is None and teacher_logits is None:
+        alpha = 1.0
+    if pool_mask is None:
+        pool_mask = torch.ones(B, T, dtype=hidden.dtype, device=hidden.device)
+    if chunk_rows is None:
+        n, v = B * T, lm_weight.shape[0]
+        chunk_rows = triton_chunk_rows(n, v) if hidden.is_cuda else default_chunk_rows(n, v)
+    return fused_prada_loss(
+        hidden, lm_weight, targets, lm_bias=lm_bias, teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight, teacher_logits=teacher_logits,
+        temperature=float(temperature), alpha=float(alpha), ignore_index=ignore_index,
+        num_valid_tokens=num_valid_tokens, pool_mask=pool_mask, domain_weight=domain_weight,
+        domain_bias=domain_bias, domain_labels=domain_labels, grl_lambda=float(grl_lambda),
+        rows_fn=triton_rows, domain_fn=triton_domain_head, chunk_rows=chunk_rows,
+        compute_dtype=None,  # products in the input dtype (cuBLAS on CUDA), fp32 accumulation
+    )
+
+
+class PradaLoss(nn.Module):
+    """The PRADA loss as a module holding its hyper-parameters; forward runs the Triton op
+    through `prada_fast.prada_loss(..., impl="triton")` (argument checks included).
+    `grl_lambda` is a plain attribute: the trainer updates it with its schedule."""
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
+                 grl_lambda: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+        self.alpha = alpha
+        self.ignore_index = ignore_index
+        self.grl_lambda = grl_lambda
+
+    def forward(self, hidden, lm_weight, targets, *, lm_bias=None, teacher_hidden=None,
+                teacher_weight=None, teacher_logits=None, num_valid_tokens=None, pool_mask=None,
+                domain_weight=None, domain_bias=None, domain_labels=None):
+        from prada_fast.loss import prada_loss
+
+        return prada_loss(hidden, lm_weight, targets, lm_bias=lm_bias,
+                          teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                          teacher_logits=teacher_logits, temperature=self.temperature,
+                          alpha=self.alpha, ignore_index=self.ignore_index,
+                          num_valid_tokens=num_valid_tokens, pool_mask=pool_mask,
+                          domain_weight=domain_weight, domain_bias=domain_bias,
+                          domain_labels=domain_labels, grl_lambda=self.grl_lambda, impl="triton")
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, alpha={self.alpha}, "
+                f"ignore_index={self.ignore_index}, grl_lambda={self.grl_lambda}")

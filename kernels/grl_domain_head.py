@@ -1,0 +1,175 @@
+"""The fused gradient-reversal domain head of PRADA, in Triton.
+
+For each sequence b: masked-mean pooling f_b = sum_t m_bt h_bt / max(sum_t m_bt, 1), the
+linear domain logits c_b = W_d f_b + b_d, CE(c_b, d_b), accuracy (argmax c_b == d_b), and the
+gradients in the same pass: dc_b = (softmax(c_b) - onehot(d_b)) / B, the GRL-scaled
+gf_b = -lambda * (W_d^T dc_b) / sum_t m_bt (the driver adds m_bt * gf_b into grad_h[b, t]),
+grad W_d = sum_b dc_b f_b^T and grad b_d = sum_b dc_b.
+
+Two kernels: the pooling reads the whole B x T x H hidden tensor, so it runs on a
+(B, H-tiles) grid to fill the GPU even for small B; the head itself is tiny (B x D x H) and
+runs one program per sequence. The kernels write f_b and dc_b; the launcher's reduction of
+the per-sequence outer products dc_b f_b^T is one small deterministic GEMM (dc^T f), not a
+B x D x H buffer or atomics.
+
+`triton_domain_head` is a drop-in replacement for `prada_fast.chunked.torch_domain` (the
+"domain op" of `prada_fast.fused`). On a machine without a GPU it runs under the Triton
+interpreter (TRITON_INTERPRET=1, set before triton is imported).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _masked_pool_kernel(
+    h_ptr, m_ptr, f_ptr,
+    T, H,
+    stride_hb, stride_ht, stride_hh,
+    stride_mb, stride_mt,
+    stride_fb,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """f[b, tile] = sum_t m[b, t] * h[b, t, tile] / max(sum_t m[b, t], 1); grid (B, cdiv(H, BLOCK_H))."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    msum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_mask = offs_t < T
+        m = tl.load(m_ptr + b * stride_mb + offs_t * stride_mt, mask=t_mask, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + b * stride_hb + offs_t[:, None] * stride_ht + offs_h[None, :] * stride_hh,
+                    mask=t_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(m[:, None] * h, axis=0)
+        msum += m
+    denom = tl.maximum(tl.sum(msum, axis=0), 1.0)  # an empty mask row pools to 0
+    tl.store(f_ptr + b * stride_fb + offs_h, acc / denom, mask=h_mask)
+
+
+@triton.jit
+def _domain_head_kernel(
+    f_ptr, w_ptr, bias_ptr, lab_ptr, m_ptr,
+    loss_ptr, correct_ptr, dc_ptr, gf_ptr,
+    T, H, D, inv_B, grl_lambda,
+    stride_fb, stride_wd, stride_wh, stride_bias, stride_lab,
+    stride_mb, stride_mt, stride_dcb, stride_gfb,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program per sequence: logits, CE, correct flag, dc_b and gf_b."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+
+    # c_b = W_d f_b (+ b_d), walking H in tiles.
+    c = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        f = tl.load(f_ptr + b * stride_fb + offs_h, mask=h_mask, other=0.0)
+        w = tl.load(w_ptr + offs_d[:, None] * stride_wd + offs_h[None, :] * stride_wh,
+                    mask=d_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+        c += tl.sum(w * f[None, :], axis=1)
+    if HAS_BIAS:
+        c += tl.load(bias_ptr + offs_d * stride_bias, mask=d_mask, other=0.0).to(tl.float32)
+    c = tl.where(d_mask, c, float("-inf"))
+
+    # CE, accuracy, dc_b = (softmax(c_b) - onehot(d_b)) / B.
+    label = tl.load(lab_ptr + b * stride_lab)
+    is_label = offs_d == label
+    c_max = tl.max(c, axis=0)
+    e = tl.exp(c - c_max)  # 0 on padding lanes
+    se = tl.sum(e, axis=0)
+    lse = c_max + tl.log(se)
+    c_label = tl.sum(tl.where(is_label, c, 0.0), axis=0)
+    tl.store(loss_ptr + b, lse - c_label)
+    pred = tl.argmax(c, axis=0)  # first maximum, as torch.argmax
+    tl.store(correct_ptr + b, (pred == label).to(tl.float32))
+    dc = (e / se - is_label.to(tl.float32)) * inv_B
+    dc = tl.where(d_mask, dc, 0.0)
+    tl.store(dc_ptr + b * stride_dcb + offs_d, dc, mask=d_mask)
+
+    # gf_b = -lambda * W_d^T dc_b / sum_t m_bt (clamped to 1, as the pooling).
+    msum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        msum += tl.load(m_ptr + b * stride_mb + offs_t * stride_mt, mask=offs_t < T,
+                        other=0.0).to(tl.float32)
+    coef = -grl_lambda / tl.maximum(tl.sum(msum, axis=0), 1.0)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        w = tl.load(w_ptr + offs_d[:, None] * stride_wd + offs_h[None, :] * stride_wh,
+                    mask=d_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+        gf = tl.sum(w * dc[:, None], axis=0) * coef
+        tl.store(gf_ptr + b * stride_gfb + offs_h, gf, mask=h_mask)
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels through its interpreter (TRITON_INTERPRET=1)."""
+    try:
+        from triton import knobs  # triton >= 3.4
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    if not _interpreting() and any(t.device.type == "cpu" for t in tensors):
+        raise RuntimeError("prada_kernels: CPU tensors need the Triton interpreter; set "
+                           "TRITON_INTERPRET=1 before importing triton (or use impl='chunked')")
+
+
+def _block_sizes(device: torch.device, T: int, H: int, D: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_H for the pooling, BLOCK_H for the head, BLOCK_D)."""
+    block_d = max(2, triton.next_power_of_2(D))  # all D logits in one tile (D is small)
+    if device.type != "cuda":
+        # Interpreter: small tiles, so that tests walk several T and H tiles and remainders.
+        return 8, 32, 32, block_d
+    # GPU: 32 x 256 pooling tiles (8K elements, 4 warps, coalesced 256-wide rows); the head
+    # keeps a BLOCK_D x BLOCK_H weight tile of at most 8K elements in registers.
+    block_h_head = max(16, min(triton.next_power_of_2(H), 8192 // block_d))
+    return 32, min(256, triton.next_power_of_2(H)), block_h_head, block_d
+
+
+def triton_domain_head(hidden, mask, weight, bias, labels, grl_lambda):
+    """Domain op (see prada_fast.fused): (dom, dom_acc, gf (B, H), grad_weight (D, H),
+    grad_bias (D,)), all fp32, exactly as prada_fast.chunked.torch_domain."""
+    B, T, H = hidden.shape
+    D = weight.shape[0]
+    dev = hidden.device
+    _check_device(hidden, weight)
+    m = mask.to(torch.float32)  # B x T: small; bool/int masks too
+    f = torch.empty(B, H, dtype=torch.float32, device=dev)
+    loss = torch.empty(B, dtype=torch.float32, device=dev)
+    correct = torch.empty(B, dtype=torch.float32, device=dev)
+    dc = torch.empty(B, D, dtype=torch.float32, device=dev)
+    gf = torch.empty(B, H, dtype=torch.float32, device=dev)
+    if B == 0:
+        z = torch.zeros((), dtype=torch.float32, device=dev)
+        return z, z, gf, torch.zeros(D, H, dtype=torch.float32, device=dev), dc.sum(0)
+    block_t, block_h_pool, block_h_head, block_d = _block_sizes(dev, T, H, D)
+    _masked_pool_kernel[(B, triton.cdiv(H, block_h_pool))](
+        hidden, m, f, T, H,
+        hidden.stride(0), hidden.stride(1), hidden.stride(2),
+        m.stride(0), m.stride(1), f.stride(0),
+        BLOCK_T=block_t, BLOCK_H=block_h_pool, num_warps=4,
+    )
+    _domain_head_kernel[(B,)](
+        f, weight, bias if bias is not None else weight, labels, m,
+        loss, correct, dc, gf,
+        T, H, D, 1.0 / B, float(grl_lambda),
+        f.stride(0), weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0, labels.stride(0),
+        m.stride(0), m.stride(1), dc.stride(0), gf.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_D=block_d, BLOCK_H=block_h_head, BLOCK_T=block_t, num_warps=4,
+    )
+    grad_weight = dc.t() @ f  # sum_b dc_b f_b^T: one small deterministic GEMM
+    return loss.mean(), correct.mean(), gf, grad_weight, dc.sum(0)

@@ -1,0 +1,362 @@
+"""Parity tests of the Triton kernels (prada_kernels) and the chunked op against the float64
+reference, plus direct tests of the row and domain ops against their PyTorch twins.
+
+Without CUDA the kernels run under the Triton interpreter: TRITON_INTERPRET=1 must be set
+before triton (or prada_kernels) is imported, so it is done here, first thing. The kernels
+are never skipped: on CPU they run interpreted (slowly, so the shapes are small).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+from prada_fast import prada_loss  # noqa: E402
+from prada_fast.chunked import chunked_prada_loss, torch_domain, torch_rows  # noqa: E402
+from prada_kernels.fused_linear_distill import (  # noqa: E402
+    PradaLoss,
+    triton_prada_loss,
+    triton_rows,
+)
+from prada_kernels.grl_domain_head import _interpreting, triton_domain_head  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {  # DESIGN.md: relative error against float64 on upcast inputs
+    torch.float32: {"loss": 1e-5, "grad": 1e-4},
+    torch.bfloat16: {"loss": 1e-2, "grad": 2e-2},
+}
+GRAD_NAMES = ("hidden", "lm_weight", "lm_bias", "domain_weight", "domain_bias")
+
+
+def test_kernels_really_run():
+    """The kernels run here: compiled on CUDA, interpreted on CPU, never skipped."""
+    assert DEV.type == "cuda" or _interpreting()
+    assert DEV.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rel_err(x, ref):
+    """||x - ref|| / ||ref|| in float64; NaN (never a pass) if x is not finite."""
+    x = x.detach().to(torch.float64)
+    ref = ref.detach().to(torch.float64)
+    if not torch.isfinite(x).all():
+        return math.nan
+    den = ref.norm().item()
+    num = (x - ref).norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_close(x, ref, tol, what):
+    err = rel_err(x, ref)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"  # NaN fails too
+
+
+def make_batch(*, B=3, T=13, H=40, V=1003, D=3, Ht=56, dtype=torch.float32, teacher="none",
+               bias=False, domain=False, pool_mask=False, ignore_frac=0.3, seed=0):
+    """Random inputs; every tensor is a leaf, those with a gradient marked requires_grad."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
+
+    x = {"hidden": randn(B, T, H), "lm_weight": randn(V, H, scale=2 / H**0.5)}
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[torch.rand(B, T, generator=g) < ignore_frac] = -100
+    x["targets"] = y.to(DEV)
+    if bias:
+        x["lm_bias"] = randn(V, scale=0.5)
+    if teacher == "hidden":
+        x["teacher_hidden"] = randn(B, T, Ht)
+        x["teacher_weight"] = randn(V, Ht, scale=2 / Ht**0.5)
+    elif teacher == "logits":
+        x["teacher_logits"] = randn(B, T, V, scale=2.0)
+    if domain:
+        x["domain_weight"] = randn(D, H, scale=1.0)
+        x["domain_bias"] = randn(D, scale=0.5)
+        x["domain_labels"] = torch.randint(0, D, (B,), generator=g).to(DEV)
+    if pool_mask:
+        m = (torch.rand(B, T, generator=g) < 0.7).to(dtype)
+        m[0, :2] = 1
+        if B > 2:
+            m[-1] = 0  # an empty mask row pools to 0
+        x["pool_mask"] = m.to(DEV)
+    for k in GRAD_NAMES:
+        if k in x:
+            x[k].requires_grad_(True)
+    return x
+
+
+HYPER = {"temperature": 2.0, "alpha": 0.3, "grl_lambda": 0.7}
+
+
+def run(x, impl, upcast=False, **kw):
+    """(loss, parts, grads dict) of prada_loss on the inputs x (float64 copies if upcast)."""
+    args = {}
+    for k, v in x.items():
+        if upcast and v.is_floating_point():
+            v = v.detach().to(torch.float64).requires_grad_(v.requires_grad)
+        else:
+            v = v.detach().requires_grad_(v.requires_grad) if v.is_floating_point() else v
+        args[k] = v
+    opts = {**HYPER, **kw}
+    loss, parts = _call(args, impl, opts)
+    loss.backward()
+    grads = {k: args[k].grad for k in GRAD_NAMES if k in args}
+    return loss, parts, grads, args
+
+
+def _call(args, impl, opts):
+    a = dict(args)
+    return prada_loss(a.pop("hidden"), a.pop("lm_weight"), a.pop("targets"), impl=impl, **a,
+                      **opts)
+
+
+def check_against_reference(x, impl, dtype, **kw):
+    loss_r, parts_r, grads_r, _ = run(x, "reference", upcast=True, **kw)
+    loss, parts, grads, args = run(x, impl, **kw)
+    tol = TOL[dtype]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_close(loss, loss_r, tol["loss"], "loss")
+    for k in ("ce", "kd", "dom"):
+        assert_close(parts[k], parts_r[k], tol["loss"], k)
+    assert parts["dom_acc"].item() == pytest.approx(parts_r["dom_acc"].item(), abs=1e-6)
+    assert int(parts["n_tokens"]) == int(parts_r["n_tokens"])
+    assert set(grads) == set(grads_r)
+    for k, g in grads.items():
+        assert g is not None, f"no gradient for {k}"
+        assert g.dtype == x[k].dtype and g.shape == x[k].shape, k
+        assert_close(g, grads_r[k], tol["grad"], f"grad {k}")
+    return loss, parts, grads, args
+
+
+CONFIGS = {  # (lm_bias, domain head, pool mask)
+    "plain": dict(bias=False, domain=False, pool_mask=False),
+    "bias_domain": dict(bias=True, domain=True, pool_mask=False),
+    "full": dict(bias=True, domain=True, pool_mask=True),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("teacher", ["none", "hidden", "logits"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_parity_with_reference(impl, dtype, teacher, config):
+    seed = hash((teacher, config, str(dtype))) % 1000
+    x = make_batch(dtype=dtype, teacher=teacher, seed=seed, **CONFIGS[config])
+    check_against_reference(x, impl, dtype)
+
+
+@pytest.mark.parametrize("V", [100, 261], ids=["V<block", "V=2*block+5"])
+def test_parity_vocab_vs_block(V):
+    x = make_batch(V=V, teacher="logits", bias=True, domain=True, pool_mask=True, seed=V)
+    check_against_reference(x, "triton", torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_several_chunks(impl):
+    """chunk_rows=16 over N=39 rows: three chunks, the last one partial."""
+    x = make_batch(teacher="hidden", bias=True, domain=True, pool_mask=True, seed=7)
+    ref = run(x, "reference", upcast=True)
+    args = {k: (v.detach().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+            for k, v in x.items()}
+    fn = triton_prada_loss if impl == "triton" else chunked_prada_loss
+    a = dict(args)
+    loss, parts = fn(a.pop("hidden"), a.pop("lm_weight"), a.pop("targets"), chunk_rows=16,
+                     **a, ignore_index=-100, num_valid_tokens=None, teacher_logits=None, **HYPER)
+    loss.backward()
+    assert_close(loss, ref[0], 1e-5, "loss")
+    for k in GRAD_NAMES:
+        assert_close(args[k].grad, ref[2][k], 1e-4, f"grad {k}")
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_gradient_scales_with_incoming_gradient(impl):
+    x = make_batch(teacher="hidden", bias=True, domain=True, seed=11)
+    _, _, g1, _ = run(x, impl)
+    args = {k: (v.detach().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+            for k, v in x.items()}
+    loss, _ = _call(args, impl, HYPER)
+    (2.5 * loss).backward()
+    for k in GRAD_NAMES:
+        torch.testing.assert_close(args[k].grad, 2.5 * g1[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_num_valid_tokens_gradient_accumulation(impl):
+    """Two half-batches normalised by the whole batch's token count sum to the full batch."""
+    x = make_batch(B=4, T=9, teacher="logits", bias=True, seed=5)
+    n = int((x["targets"] != -100).sum())
+    loss_f, parts_f, grads_f, _ = run(x, impl, num_valid_tokens=n)
+    loss_full_default, _, _, _ = run(x, impl)  # the default normaliser is the same n here
+    torch.testing.assert_close(loss_f, loss_full_default)
+    halves = []
+    for sl in (slice(0, 2), slice(2, 4)):
+        xh = {k: (v[sl] if k in ("hidden", "targets", "teacher_logits") else v)
+              for k, v in x.items()}
+        xh = {k: (v.detach().requires_grad_(x[k].requires_grad) if v.is_floating_point() else v)
+              for k, v in xh.items()}
+        halves.append(run(xh, impl, num_valid_tokens=n))
+    torch.testing.assert_close(halves[0][0] + halves[1][0], loss_f, rtol=1e-5, atol=1e-6)
+    for k in ("ce", "kd"):
+        torch.testing.assert_close(halves[0][1][k] + halves[1][1][k], parts_f[k],
+                                   rtol=1e-5, atol=1e-6)
+    for k in ("lm_weight", "lm_bias"):
+        torch.testing.assert_close(halves[0][2][k] + halves[1][2][k], grads_f[k],
+                                   rtol=1e-4, atol=1e-7)
+    gh = torch.cat([halves[0][2]["hidden"], halves[1][2]["hidden"]])
+    torch.testing.assert_close(gh, grads_f["hidden"], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("domain", [True, False], ids=["domain", "no_domain"])
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_all_targets_ignored(impl, domain):
+    """A batch of target-domain rows only: every target ignored. The task term is 0 with zero
+    LM gradients; the domain term (and its reversed gradient into hidden) is still there."""
+    x = make_batch(teacher="hidden", bias=True, domain=domain, pool_mask=True, seed=3,
+                   ignore_frac=1.0)
+    assert (x["targets"] == -100).all()
+    loss, parts, grads, _ = check_against_reference(x, impl, torch.float32)
+    assert torch.isfinite(loss)
+    assert parts["ce"].item() == 0 and parts["kd"].item() == 0
+    assert int(parts["n_tokens"]) == 0
+    assert (grads["lm_weight"] == 0).all() and (grads["lm_bias"] == 0).all()
+    if domain:
+        assert parts["dom"].item() > 0 and loss.item() == pytest.approx(parts["dom"].item())
+        assert grads["hidden"].abs().sum() > 0
+    else:
+        assert loss.item() == 0 and (grads["hidden"] == 0).all()
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_teacher_gets_no_gradient(impl, teacher):
+    x = make_batch(teacher=teacher, seed=13)
+    for k in ("teacher_hidden", "teacher_weight", "teacher_logits"):
+        if k in x:
+            x[k].requires_grad_(True)
+    _, _, _, args = run(x, impl)
+    for k in ("teacher_hidden", "teacher_weight", "teacher_logits"):
+        if k in args:
+            assert args[k].grad is None, k
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy NaN warnings of the interpreter
+@pytest.mark.parametrize("where", ["hidden", "teacher_logits"])
+@pytest.mark.parametrize("impl", ["triton", "chunked", "reference"])
+def test_nan_in_a_valid_row_propagates(impl, where):
+    x = make_batch(teacher="logits", seed=17)
+    b, t = [int(i) for i in (x["targets"] != -100).nonzero()[0]]
+    with torch.no_grad():
+        x[where][b, t, 3] = float("nan")
+    args = {k: (v.detach().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+            for k, v in x.items()}
+    loss, parts = _call(args, impl, HYPER)
+    assert torch.isnan(loss), f"{impl}: NaN input gave a finite loss {loss.item()}"
+    assert torch.isnan(parts["ce" if where == "hidden" else "kd"])
+
+
+def test_module_matches_op():
+    x = make_batch(teacher="hidden", bias=True, domain=True, pool_mask=True, seed=19)
+    mod = PradaLoss(**HYPER)
+    a = {k: v.detach() for k, v in x.items()}
+    loss_m, parts_m = mod(a.pop("hidden"), a.pop("lm_weight"), a.pop("targets"), **a)
+    loss_o, parts_o, _, _ = run(x, "triton")
+    torch.testing.assert_close(loss_m, loss_o.detach())
+    for k in parts_o:
+        torch.testing.assert_close(parts_m[k], parts_o[k])
+
+
+# ---------------------------------------------------------------- direct op tests
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled float tensors: an output element the kernels fail to
+    write shows up as NaN."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.mark.parametrize("V", [100, 1003])
+@pytest.mark.parametrize("teacher", [False, True], ids=["no_teacher", "teacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_rows_matches_torch_rows(dtype, teacher, V, poisoned_empty):
+    g = torch.Generator().manual_seed(V + teacher)
+    C = 9
+    z = (torch.randn(C, V, generator=g) * 3).to(dtype).to(DEV)
+    zt = (torch.randn(C, V, generator=g) * 3).to(dtype).to(DEV) if teacher else None
+    y = torch.randint(0, V, (C,), generator=g)
+    y[[1, 4]] = -100
+    y[5] = V - 1  # the last column, in the last (partial) tile
+    y = y.to(DEV)
+    scale = torch.full((C,), 1 / 7, dtype=torch.float32, device=DEV)
+    opts = dict(temperature=1.7, alpha=0.4, ignore_index=-100)
+    # torch_rows in fp32 on the same values is the twin (in bf16 it computes in bf16).
+    z_ref = z.float().clone()
+    ce_r, kd_r = torch_rows(z_ref, None if zt is None else zt.float(), y, scale, **opts)
+    z_tri = z.clone()
+    ce, kd = triton_rows(z_tri, zt, y, scale, **opts)
+    assert ce.dtype == kd.dtype == torch.float32 and z_tri.dtype == dtype
+    assert torch.isfinite(ce).all() and torch.isfinite(kd).all() and torch.isfinite(z_tri).all()
+    atol = 1e-5 if dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(ce, ce_r, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(kd, kd_r, rtol=1e-5, atol=atol)
+    assert (ce[[1, 4]] == 0).all() and (kd[[1, 4]] == 0).all()
+    assert (z_tri[[1, 4]] == 0).all(), "ignored rows must get dL/dz = 0"
+    dz_tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: dL/dz rounded to bf16 (2 ulps)
+    torch.testing.assert_close(z_tri.float(), z_ref, rtol=dz_tol, atol=1e-7)
+
+
+def test_triton_rows_strided_and_all_ignored(poisoned_empty):
+    """Non-contiguous chunks (a column slice of a wider buffer) and a chunk of ignored rows."""
+    C, V = 5, 300
+    base = torch.randn(C, V + 17, device=DEV)
+    z = base[:, 5:5 + V]
+    zt_base = torch.randn(V, C, device=DEV)
+    zt = zt_base.t()  # stride (1, C)
+    y = torch.tensor([3, -100, V - 1, 0, 150], device=DEV)
+    scale = torch.full((C,), 0.25, device=DEV)
+    opts = dict(temperature=0.8, alpha=0.6, ignore_index=-100)
+    z_ref = z.clone()
+    ce_r, kd_r = torch_rows(z_ref, zt, y, scale, **opts)
+    ce, kd = triton_rows(z, zt, y, scale, **opts)
+    torch.testing.assert_close(ce, ce_r)
+    torch.testing.assert_close(kd, kd_r)
+    torch.testing.assert_close(z, z_ref)
+    assert (base[:, :5] == base[:, :5]).all()  # untouched and finite outside the slice
+    y_all = torch.full((C,), -100, device=DEV)
+    z2 = torch.randn(C, V, device=DEV)
+    ce, kd = triton_rows(z2, zt, y_all, scale, **opts)
+    assert (ce == 0).all() and (kd == 0).all() and (z2 == 0).all()
+
+
+@pytest.mark.parametrize("D", [3, 5])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_domain_head_matches_torch_domain(dtype, with_bias, D, poisoned_empty):
+    g = torch.Generator().manual_seed(D)
+    B, T, H = 4, 13, 40
+    hidden = torch.randn(B, T, H, generator=g).to(dtype).to(DEV)
+    mask = (torch.rand(B, T, generator=g) < 0.6).to(DEV)  # bool mask
+    mask[0, 0] = True
+    mask[2] = False  # an empty row pools to 0
+    weight = torch.randn(D, H, generator=g).to(dtype).to(DEV)
+    bias = torch.randn(D, generator=g).to(dtype).to(DEV) if with_bias else None
+    labels = torch.randint(0, D, (B,), generator=g).to(DEV)
+    out = triton_domain_head(hidden, mask, weight, bias, labels, 0.7)
+    ref = torch_domain(hidden, mask, weight, bias, labels, 0.7)
+    for name, a, r in zip(("dom", "dom_acc", "gf", "grad_weight", "grad_bias"), out, ref):
+        assert a.dtype == torch.float32 and a.shape == r.shape, name
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6, msg=name)
