@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--overwrite", action="store_true",
                     help="delete an existing run in --output-dir and start afresh")
     io.add_argument("--max-steps", type=int, default=300, help="optimizer steps of the run")
+    io.add_argument("--stop-after", type=int, default=0, metavar="N",
+                    help="end this invocation after N optimizer steps, checkpointed, as if "
+                         "interrupted (the schedules still follow --max-steps); for time-sliced jobs")
     io.add_argument("--save-every", type=int, default=100, metavar="N",
                     help="steps between ZeRO checkpoints (0: only at the end)")
     io.add_argument("--log-every", type=int, default=10, metavar="N",

@@ -77,6 +77,27 @@ def all_mean(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def zero3_partition_stats(module) -> dict:
+    """How ZeRO-3 split `module`'s parameters: full element count, the elements each rank
+    holds, and how many tensors are partitioned (the rest persist whole on every rank)."""
+    full = local = parted = 0
+    params = list(module.parameters())
+    for p in params:
+        if hasattr(p, "ds_tensor"):
+            full += p.ds_numel
+            local += p.ds_tensor.numel()
+            parted += int(p.ds_tensor.numel() < p.ds_numel)
+        else:
+            full += p.numel()
+            local += p.numel()
+    per_rank = [local]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, local)
+    return {"full_numel": full, "local_numel": per_rank, "tensors": len(params),
+            "partitioned_tensors": parted}
+
+
 @contextlib.contextmanager
 def all_threads():
     """Use every core while only this rank works (teacher fit, evaluation on rank 0)."""

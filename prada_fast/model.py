@@ -180,11 +180,12 @@ class PradaModel(nn.Module):
             grl_lambda=grl_lambda, impl=self.loss_impl)
         if use_domain and not linear_dom:  # MLP head: plain PyTorch with the GRL function
             f = grad_reverse(masked_mean(hidden, mask), grl_lambda)
-            c = self.domain_head.out(self.domain_head.features(f)).float()
+            c = self.domain_head.out(self.domain_head.features(f))
+            c = c.to(torch.promote_types(c.dtype, torch.float32))
             dom = nn.functional.cross_entropy(c, domain_labels)
             loss = loss + dom
             parts["dom"] = dom.detach()
-            parts["dom_acc"] = (c.argmax(-1) == domain_labels).float().mean()
+            parts["dom_acc"] = (c.argmax(-1) == domain_labels).to(c.dtype).mean()
         return loss, parts
 
     @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -48,7 +49,9 @@ def fit_teacher(preset: str, tokenizer, examples: list[dict], collate, *, steps:
     model, _ = load_causal_lm(preset, tokenizer=tokenizer, seed=seed + 1)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
+        0.55 + 0.45 * math.cos(math.pi * min(i, steps) / steps)))  # warm-up, cosine to 0.1
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     bar = tqdm(range(steps), desc="fit teacher", disable=not show_progress, dynamic_ncols=True)

@@ -21,8 +21,12 @@ import os
 import random
 import shutil
 import time
+import warnings
 
 import torch
+
+# torch.distributed deprecation notices that DeepSpeed triggers on every step
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 from prada_fast import distributed as dist_util
 from prada_fast.batching import StepBatches
@@ -203,10 +207,20 @@ def run(args) -> int:
         _, client = engine.load_checkpoint(str(ckpt_dir))
         start = int(client["step"])
         log(f"resumed from {ckpt_dir} at step {start}")
+    elif args.resume:
+        log(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
+    sharding = dist_util.zero3_partition_stats(engine.module)
+    log(f"ZeRO-3: rank 0 holds {sharding['local_numel'][0]:,} of {sharding['full_numel']:,} "
+        f"parameter elements ({sharding['partitioned_tensors']} of {sharding['tensors']} "
+        "tensors partitioned)")
 
     from prada_fast.trainloop import train_steps
     stats = train_steps(engine, t_engine, batches, args, start=start, out=out,
                         ckpt_dir=ckpt_dir, log=log)
+    if stats["steps"] < args.max_steps:
+        log(f"stopped after step {stats['steps']} of {args.max_steps} (--stop-after); "
+            "continue with --resume")
+        return 0
 
     meta = {"domains": domains, "roles": roles, "n_prompt": args.prompt_len,
             "domain_head": args.domain_head, "mlp_hidden": args.mlp_hidden}
@@ -215,7 +229,7 @@ def run(args) -> int:
     summary = {"steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"],
                "final_loss": stats["final_loss"], "domain_classifier_accuracy": None,
                "domains": {}, "truncated_sequences": n_trunc, "skipped_records": skipped,
-               "world_size": world, "wall_seconds": None}
+               "world_size": world, "zero3": sharding, "wall_seconds": None}
     if rank == 0:
         acc_after = dom_after = None
         if eval_recs:

@@ -33,9 +33,10 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log) -
     metrics = open(out / "metrics.jsonl", "a") if rank0 else None
     bar = tqdm(total=args.max_steps, initial=start, desc="train", dynamic_ncols=True,
                disable=not rank0 or args.no_progress)
-    t_start, tokens_total, last = time.time(), 0, {}
+    t_start, tokens_total, last, end = time.time(), 0, {}, start
     try:
-        for step in range(start, args.max_steps):
+        end = args.max_steps if not args.stop_after else min(args.max_steps, start + args.stop_after)
+        for step in range(start, end):
             t0 = time.time()
             lam = 0.0 if args.no_domain_loss else lambda_at(
                 args.grl_schedule, step, args.max_steps, args.lambda_max, args.grl_gamma)
@@ -70,16 +71,15 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log) -
                            "tokens_per_s": round(tokens / max(dt, 1e-9), 1)}
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
-            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end:
                 engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
                                        client_state={"step": step + 1})
-        if start < args.max_steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{args.max_steps}",
-                                   client_state={"step": args.max_steps})
+        if start < end:
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{end}", client_state={"step": end})
     finally:
         bar.close()
         if metrics:
             metrics.close()
     elapsed = time.time() - t_start
-    return {"steps": args.max_steps, "final_loss": last.get("loss", float("nan")),
+    return {"steps": end, "final_loss": last.get("loss", float("nan")),
             "tokens_per_s": tokens_total / max(elapsed, 1e-9)}
