@@ -28,11 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the run in --output-dir from its latest checkpoint")
     io.add_argument("--overwrite", action="store_true",
                     help="delete an existing run in --output-dir and start afresh")
-    io.add_argument("--max-steps", type=int, default=300, help="optimizer steps of the run")
+    io.add_argument("--max-steps", type=int, default=1000, help="optimizer steps of the run")
     io.add_argument("--stop-after", type=int, default=0, metavar="N",
                     help="end this invocation after N optimizer steps, checkpointed, as if "
                          "interrupted (the schedules still follow --max-steps); for time-sliced jobs")
-    io.add_argument("--save-every", type=int, default=100, metavar="N",
+    io.add_argument("--save-every", type=int, default=250, metavar="N",
                     help="steps between ZeRO checkpoints (0: only at the end)")
     io.add_argument("--log-every", type=int, default=10, metavar="N",
                     help="steps between lines of metrics.jsonl")
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--teacher", default="auto", metavar="auto|none|NAME|DIR",
                        help="frozen teacher of the same vocabulary; 'auto': with a preset student, "
                             "fit the 'tiny-teacher' preset on the rationales first (cached)")
-    model.add_argument("--teacher-steps", type=int, default=500, help="steps of the auto teacher fit")
+    model.add_argument("--teacher-steps", type=int, default=300, help="steps of the auto teacher fit")
     model.add_argument("--teacher-lr", type=float, default=3e-3, help="lr of the auto teacher fit")
     model.add_argument("--teacher-cache", metavar="DIR",
                        help="cache of fitted teachers (default: $PRADA_FAST_CACHE/teachers or "

@@ -32,12 +32,16 @@ def completion_text(record: Record) -> str:
 
 
 def extract_answer(text: str) -> str | None:
-    """The text after the first "The answer is " up to the sentence's final "." or newline.
+    """The text after the last "The answer is " of the first answer, up to the sentence's
+    final "." or newline.
 
-    A "." ends the answer only where whitespace or the end follows it, so ``3.5`` stays
+    The first answer ends where a generation starts a new question ("\nQ:"); within it the
+    last marker counts, since real rationales (AQuA) may say "The answer is" on the way. A
+    "." ends the answer only where whitespace or the end follows it, so ``3.5`` stays
     whole. ``None`` when the marker is absent or nothing follows it.
     """
-    start = text.find(ANSWER_MARKER)
+    text = text.split("\nQ:", 1)[0]
+    start = text.rfind(ANSWER_MARKER)
     if start < 0:
         return None
     rest = text[start + len(ANSWER_MARKER):].split("\n", 1)[0]
