@@ -38,8 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="steps between lines of metrics.jsonl")
     io.add_argument("--seed", type=int, default=0, help="seed of data order, init and synthetic data")
     io.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    io.add_argument("--dist-timeout", type=float, default=10.0, metavar="MIN",
-                    help="process-group timeout in minutes (a dead rank ends the job after this)")
+    io.add_argument("--dist-timeout", type=float, default=5.0, metavar="MIN",
+                    help="process-group timeout in minutes: a rank that hangs in a collective ends "
+                         "the job after this (a rank that dies ends it at once)")
+    io.add_argument("--max-bad-steps", type=int, default=5, metavar="K",
+                    help="stop (with a checkpoint of the last good state) after K optimizer steps "
+                         "in a row with a non-finite loss or gradient; such steps are skipped")
+    io.add_argument("--inject-nan", default="", metavar="STEPS",
+                    help="fault injection for tests: make the loss NaN at these 1-based steps (e.g. 3,4)")
     io.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                     help="set by the deepspeed launcher; ignore")
 

@@ -60,12 +60,86 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+def wait_for_rank0(key: str, value=None, poll_s: float = 0.5):
+    """Rank 0 publishes `value` under `key`; the other ranks wait for it without a
+    collective, so that rank-0-only work (teacher fit, evaluation) may take longer than the
+    process-group timeout, and a rank 0 that dies ends the wait with an error at once."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    import pickle
+
+    store = dist.distributed_c10d._get_default_store()
+    key = f"prada/{key}"
+    if dist.get_rank() == 0:
+        store.set(key, pickle.dumps(value))
+        return value
+    while True:
+        try:
+            if store.check([key]):
+                return pickle.loads(store.get(key))
+        except RuntimeError as e:  # the store lives in rank 0's process
+            raise RankFailure(f"lost rank 0 while waiting for {key!r}: {e}") from e
+        time.sleep(poll_s)
+
+
+class RankFailure(RuntimeError):
+    """Another rank of the job died or stopped answering."""
+
+
+DistError = getattr(dist, "DistError", RuntimeError)
+_PEER_HINTS = ("Connection reset by peer", "Connection closed by peer", "timed out", "Timeout",
+               "Broken pipe", "NCCL communicator was aborted", "DistNetworkError")
+
+
+def register_pid() -> None:
+    """Record host and pid of every rank in the store, to name a rank that dies."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"prada/pid/{dist.get_rank()}", f"{socket.gethostname()}:{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a killed child stays a zombie until its launcher reaps it
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _dead_ranks() -> list[str]:
+    """Ranks on this host whose process is gone (others: unknown from here)."""
+    dead = []
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        for r in range(dist.get_world_size()):
+            host, pid = store.get(f"prada/pid/{r}").decode().rsplit(":", 1)
+            if host == socket.gethostname() and not _alive(int(pid)):
+                dead.append(f"rank {r} (pid {pid})")
+    except Exception:  # the store itself may be gone with rank 0
+        pass
+    return dead
+
+
+def raise_if_peer_failed(err: BaseException, where: str) -> None:
+    """Turn a collective that failed because a peer died or hung into a RankFailure whose
+    message names the dead rank where it can tell."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    text = str(err)
+    if not any(h in text for h in _PEER_HINTS):
+        return
+    deadline = time.time() + 3.0  # the peer's socket closes a moment before it is gone
+    dead = _dead_ranks()
+    while not dead and time.time() < deadline:
+        time.sleep(0.2)
+        dead = _dead_ranks()
+    who = ", ".join(dead) + " died" if dead else "a peer rank died or stopped answering"
+    raise RankFailure(f"{where}: {who} ({text.splitlines()[0][:160]}). Restart the job with "
+                      "--resume to continue from the last checkpoint") from err
 
 
 def all_mean(values: list[float], device) -> list[float]:
@@ -83,10 +157,13 @@ def zero3_partition_stats(module) -> dict:
     full = local = parted = 0
     params = list(module.parameters())
     for p in params:
-        if hasattr(p, "ds_tensor"):
+        if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False):
             full += p.ds_numel
             local += p.ds_tensor.numel()
             parted += int(p.ds_tensor.numel() < p.ds_numel)
+        elif hasattr(p, "ds_numel"):  # persistent: below the threshold, kept whole everywhere
+            full += p.ds_numel
+            local += p.ds_numel
         else:
             full += p.numel()
             local += p.numel()

@@ -16,7 +16,8 @@ when the inputs are low precision.
 A row op has the signature
     rows_fn(z, z_t, y, scale, *, temperature, alpha, ignore_index) -> (ce_i, kd_i)
 z (C, V) student logits, overwritten in place with
-    dL/dz = scale_i * (alpha * (softmax(z) - onehot(y)) + (1 - alpha) * tau * (softmax(z/tau) - softmax(z_t/tau)))
+    dL/dz = scale_i * (alpha * (softmax(z) - onehot(y))
+                       + (1 - alpha) * tau * (softmax(z/tau) - softmax(z_t/tau)))
 (zero on ignored rows); z_t (C, V) teacher logits or None; y (C,) targets; scale (C,) fp32 =
 1/n on every row (the op masks ignored rows itself). ce_i, kd_i: (C,) fp32, 0 on ignored rows.
 

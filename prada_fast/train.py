@@ -28,14 +28,16 @@ import torch
 # torch.distributed deprecation notices that DeepSpeed triggers on every step
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
+from prada_fast import checkpoint
 from prada_fast import distributed as dist_util
 from prada_fast.batching import StepBatches
 from prada_fast.cli import parse_args
 from prada_fast.data import Collator, DataError, encode, load_spec, split_domains
 from prada_fast.dsconfig import ConfigError, inference_config, load_ds_config
 from prada_fast.model import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
-from prada_fast.report import RunDirError, prepare_output_dir, print_table
+from prada_fast.report import RunDirError, check_output_dir, prepare_output_dir, print_table
 from prada_fast.teacher import default_cache_dir, fit_teacher
+from prada_fast.trainloop import BadNumerics, train_steps
 
 SYNTHETIC_TARGET = "sorting"
 
@@ -102,7 +104,7 @@ def resolve_teacher(args, tok, train_examples, collate):
                                    steps=args.teacher_steps, lr=args.teacher_lr, batch=32,
                                    seed=args.seed, cache_dir=cache,
                                    show_progress=not args.no_progress, log=log)
-        choice = str(dist_util.broadcast_object(path))
+        choice = str(dist_util.wait_for_rank0("teacher", path))
     teacher, _ = load_causal_lm(choice, tokenizer=tok, attn=args.attn, seed=args.seed + 7)
     teacher.requires_grad_(False)
     teacher.eval()
@@ -146,7 +148,17 @@ def export_final(model: PradaModel, tok, out_dir: Path, meta: dict) -> None:
         model.save_heads(tmp, {"soft_prompt": prompt, "domain_head": heads_sd}, meta)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
-    dist_util.barrier()
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop the metrics of steps after the checkpoint: they are recomputed."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def run(args) -> int:
@@ -156,9 +168,8 @@ def run(args) -> int:
     out = Path(args.output_dir)
     ds_cfg = load_ds_config(args.ds, world_size=world, device=info.device,
                             max_steps=args.max_steps, lr=args.lr)
-    if rank == 0:
-        prepare_output_dir(out, args)
-    dist_util.barrier()
+    check_output_dir(out, args)  # every rank, before any work: a refused run writes nothing
+    dist_util.register_pid()
     torch.manual_seed(args.seed)
 
     # data
@@ -184,10 +195,12 @@ def run(args) -> int:
         check_same_vocab(student, teacher)
 
     acc_before = dom_before = None
-    if eval_recs and rank == 0:
-        log("evaluating before training ...")
-        acc_before, dom_before = evaluate(model, tok, eval_recs, eval_ex, collate, args)
-    dist_util.barrier()
+    if rank == 0:
+        prepare_output_dir(out, args)  # inputs are valid: now the run may claim the directory
+        if eval_recs:
+            log("evaluating before training ...")
+            acc_before, dom_before = evaluate(model, tok, eval_recs, eval_ex, collate, args)
+    dist_util.wait_for_rank0("before-eval", (acc_before, dom_before))
 
     # engines: the student trains, the teacher is sharded the same way with no optimizer
     engine, _, _, _ = deepspeed.initialize(
@@ -203,10 +216,10 @@ def run(args) -> int:
 
     ckpt_dir = out / "checkpoints"
     start = 0
-    if args.resume and (ckpt_dir / "latest").is_file():
-        _, client = engine.load_checkpoint(str(ckpt_dir))
+    client = checkpoint.load(engine, ckpt_dir) if args.resume else None
+    if client is not None:
         start = int(client["step"])
-        log(f"resumed from {ckpt_dir} at step {start}")
+        log(f"resumed from {ckpt_dir / checkpoint.latest_tag(ckpt_dir)} at step {start}")
     elif args.resume:
         log(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
     sharding = dist_util.zero3_partition_stats(engine.module)
@@ -214,9 +227,10 @@ def run(args) -> int:
         f"parameter elements ({sharding['partitioned_tensors']} of {sharding['tensors']} "
         "tensors partitioned)")
 
-    from prada_fast.trainloop import train_steps
+    if rank == 0:
+        trim_metrics(out / "metrics.jsonl", start)
     stats = train_steps(engine, t_engine, batches, args, start=start, out=out,
-                        ckpt_dir=ckpt_dir, log=log)
+                        ckpt_dir=ckpt_dir, log=log, skipped=int((client or {}).get("skipped_steps", 0)))
     if stats["steps"] < args.max_steps:
         log(f"stopped after step {stats['steps']} of {args.max_steps} (--stop-after); "
             "continue with --resume")
@@ -229,6 +243,7 @@ def run(args) -> int:
     summary = {"steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"],
                "final_loss": stats["final_loss"], "domain_classifier_accuracy": None,
                "domains": {}, "truncated_sequences": n_trunc, "skipped_records": skipped,
+               "skipped_steps": stats["skipped_steps"],
                "world_size": world, "zero3": sharding, "wall_seconds": None}
     if rank == 0:
         acc_after = dom_after = None
@@ -246,7 +261,6 @@ def run(args) -> int:
         summary["wall_seconds"] = round(time.time() - info.start_time, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_table(summary)
-    dist_util.barrier()
     return 0
 
 
@@ -258,6 +272,12 @@ def main(argv=None) -> int:
     except (DataError, ModelError, ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except BadNumerics as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 3
+    except dist_util.RankFailure as e:
+        print(f"error: rank {dist_util.rank()}: {e}", file=sys.stderr)
+        code = 4
     finally:
         dist_util.teardown()
     return code

@@ -1,18 +1,30 @@
 """The optimisation loop: one optimizer step per global batch, with gradient accumulation
-over micro-batches, the GRL schedule, metrics.jsonl and periodic ZeRO checkpoints."""
+over micro-batches, the GRL schedule, metrics.jsonl and periodic ZeRO checkpoints.
+
+Bad numerics: a step whose loss or gradient is not finite never reaches the weights.
+DeepSpeed's ZeRO-3 optimizer already discards a step whose global gradient norm is not
+finite (it zeroes the gradients and counts the step in `engine.skipped_steps`); the loop
+counts such steps, logs them, and after `--max-bad-steps` of them in a row stops with a
+checkpoint of the last good state."""
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import torch
 from deepspeed import zero
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from . import distributed as dist_util
 from .grl import lambda_at
 
 PARTS = ("loss", "ce", "kd", "dom", "dom_acc")
+
+
+class BadNumerics(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 def _teacher_hidden(t_engine, mb, device):
@@ -26,14 +38,38 @@ def _teacher_hidden(t_engine, mb, device):
     return th.last_hidden_state, teacher.get_output_embeddings().weight
 
 
-def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log) -> dict:
+def _optimizer_step(engine, t_engine, micro, *, norm, lam, args, inject_nan: bool):
+    """Forward/backward of every micro-batch and the optimizer step; returns the summed
+    parts and input tokens of this rank."""
     device = engine.device
+    sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64)
+    for i, mb in enumerate(micro):
+        th, tw = _teacher_hidden(t_engine, mb, device)
+        with zero.GatheredParameters([tw] if tw is not None else [], modifier_rank=None):
+            loss, parts = engine(
+                mb["input_ids"].to(device), mb["attention_mask"].to(device),
+                mb["labels"].to(device), mb["domain_labels"].to(device),
+                teacher_hidden=th, teacher_weight=tw, grl_lambda=lam,
+                num_valid_tokens=max(norm, 1e-9), temperature=args.temperature,
+                alpha=args.alpha, use_domain=not args.no_domain_loss)
+        if inject_nan and i == 0:
+            loss = loss * float("nan")  # fault injection (--inject-nan)
+        engine.backward(loss)
+        engine.step()
+        vals = [loss.item()] + [float(parts[k]) for k in PARTS[1:]]
+        sums += torch.tensor(vals + [float(mb["attention_mask"].sum())], dtype=torch.float64)
+    return sums
+
+
+def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, skipped=0) -> dict:
     world = batches.world_size
     rank0 = dist_util.rank() == 0
-    metrics = open(out / "metrics.jsonl", "a") if rank0 else None
+    metrics = open(out / "metrics.jsonl", "a") if rank0 else None  # noqa: SIM115
     bar = tqdm(total=args.max_steps, initial=start, desc="train", dynamic_ncols=True,
                disable=not rank0 or args.no_progress)
+    inject = {int(s) for s in args.inject_nan.split(",") if s} if args.inject_nan else set()
     t_start, tokens_total, last, end = time.time(), 0, {}, start
+    bad_in_row = 0
     try:
         end = args.max_steps if not args.stop_after else min(args.max_steps, start + args.stop_after)
         for step in range(start, end):
@@ -42,21 +78,17 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log) -
                 args.grl_schedule, step, args.max_steps, args.lambda_max, args.grl_gamma)
             micro, n_valid = batches.step(step)
             norm = n_valid / (world * batches.accum)  # DeepSpeed averages over ranks and micro-steps
-            sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64)
-            for mb in micro:
-                th, tw = _teacher_hidden(t_engine, mb, device)
-                with zero.GatheredParameters([tw] if tw is not None else [], modifier_rank=None):
-                    loss, parts = engine(
-                        mb["input_ids"].to(device), mb["attention_mask"].to(device),
-                        mb["labels"].to(device), mb["domain_labels"].to(device),
-                        teacher_hidden=th, teacher_weight=tw, grl_lambda=lam,
-                        num_valid_tokens=max(norm, 1e-9), temperature=args.temperature,
-                        alpha=args.alpha, use_domain=not args.no_domain_loss)
-                engine.backward(loss)
-                engine.step()
-                vals = [loss.item()] + [float(parts[k]) for k in PARTS[1:]]
-                sums += torch.tensor(vals + [float(mb["attention_mask"].sum())], dtype=torch.float64)
+            skipped_before = engine.skipped_steps
+            try:
+                sums = _optimizer_step(engine, t_engine, micro, norm=norm, lam=lam, args=args,
+                                       inject_nan=rank0 and step + 1 in inject)
+            except (RuntimeError, dist_util.DistError) as e:
+                dist_util.raise_if_peer_failed(e, f"step {step + 1}")
+                raise
             means = dist_util.all_mean((sums[:-1] / len(micro)).tolist(), "cpu")
+            bad = engine.skipped_steps > skipped_before or not all(map(math.isfinite, means[:4]))
+            skipped += bad
+            bad_in_row = bad_in_row + 1 if bad else 0
             tokens = int(sums[-1]) * world
             tokens_total += tokens
             dt = time.time() - t0
@@ -64,22 +96,32 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log) -
             if rank0:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", dom_acc=f"{last['dom_acc']:.2f}",
-                                lam=f"{lam:.2f}")
-                if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+                                lam=f"{lam:.2f}", skipped=skipped)
+                if bad:
+                    log(f"step {step + 1}: non-finite loss or gradient; step skipped, weights "
+                        f"unchanged ({bad_in_row} in a row, {skipped} in all)")
+                if bad or (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
                     row = {"step": step + 1, **{k: round(v, 6) for k, v in last.items()},
                            "grl_lambda": round(lam, 6), "lr": engine.get_lr()[0],
                            "tokens_per_s": round(tokens / max(dt, 1e-9), 1)}
+                    if bad:
+                        row["skipped"] = True
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
+            if bad_in_row >= args.max_bad_steps:
+                checkpoint.save(engine, ckpt_dir, step + 1, {"skipped_steps": skipped})
+                raise BadNumerics(
+                    f"{bad_in_row} steps in a row (up to step {step + 1}) had a non-finite loss or "
+                    f"gradient; stopped. The weights are those of the last good step, saved in "
+                    f"{ckpt_dir / f'step{step + 1}'} (lower --lr, check the data, then --resume)")
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end:
-                engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
-                                       client_state={"step": step + 1})
+                checkpoint.save(engine, ckpt_dir, step + 1, {"skipped_steps": skipped})
         if start < end:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{end}", client_state={"step": end})
+            checkpoint.save(engine, ckpt_dir, end, {"skipped_steps": skipped})
     finally:
         bar.close()
         if metrics:
             metrics.close()
     elapsed = time.time() - t_start
-    return {"steps": end, "final_loss": last.get("loss", float("nan")),
+    return {"steps": end, "final_loss": last.get("loss", float("nan")), "skipped_steps": skipped,
             "tokens_per_s": tokens_total / max(elapsed, 1e-9)}

@@ -1,0 +1,659 @@
+"""PRADA against plain chain-of-thought distillation: same steps, data and seeds.
+
+    python -m prada_fast.experiments.compare                     # synthetic, CPU, ~17 min on 2 cores
+    python -m prada_fast.experiments.compare --targets all       # rotate the held-out domain (x4)
+    python -m prada_fast.experiments.compare --data ../shared/data/gsm8k_train.jsonl#400 \\
+        --data ../shared/data/strategyqa_train.json#400 --data ../shared/data/aqua_dev.json \\
+        --targets aqua --extra "--max-len 512"
+
+Three variants are trained by `prada_fast/train.py`, one subprocess per (target, variant,
+seed), leave-one-domain-out (the target domain is unlabelled, every other domain is a
+labelled source):
+
+  cot    (a) plain CoT distillation:  --prompt-len 0 --no-domain-loss
+  adv    (b) domain-adversarial only: --prompt-len 0
+  prada  (c) full PRADA:              --prompt-len 8 (soft prompt + domain-adversarial)
+
+Runs of the same seed share one teacher cache, so a seed's teacher is fitted once and every
+variant of that seed distils from the same teacher, in the same data order. Finished runs
+(summary.json present) are reused: rerunning the same command continues an interrupted
+experiment. The report goes to OUTPUT_DIR/report.md and report.json, with PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .analysis import aggregate, load_metrics, mean_curves, pca_2d, pooled_features, probe_accuracy
+
+SYNTHETIC_TARGET = "sorting"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    short: str
+    flags: tuple[str, ...]
+    trains_domain_head: bool
+
+
+def variants(prompt_len: int) -> dict[str, Variant]:
+    return {
+        "cot": Variant("cot", "(a) plain CoT distillation", "(a) CoT-KD",
+                       ("--prompt-len", "0", "--no-domain-loss"), False),
+        "adv": Variant("adv", "(b) domain-adversarial only", "(b) adversarial",
+                       ("--prompt-len", "0"), True),
+        "prada": Variant("prada", f"(c) PRADA (soft prompt K={prompt_len} + domain-adversarial)",
+                         "(c) PRADA", ("--prompt-len", str(prompt_len)), True),
+    }
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m prada_fast.experiments.compare",
+        description="Train (a) plain CoT distillation, (b) domain-adversarial distillation and "
+                    "(c) full PRADA with the same steps, data and seeds, leave-one-domain-out, "
+                    "and write a report (report.md, report.json, PNG plots) under --output-dir. "
+                    "Default: the built-in synthetic domains on the CPU, 3 variants x 3 seeds, "
+                    "target 'sorting': about 17 minutes on 2 idle CPU cores.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = p.add_argument_group("experiment")
+    e.add_argument("--output-dir", default="runs/compare", metavar="DIR",
+                   help="runs/<target>/<variant>/seed<S>/ (one trainer run each), logs/, "
+                        "teachers/, report.md, report.json and the PNG plots")
+    e.add_argument("--seeds", default="0,1,2", metavar="S,S,...",
+                   help="seeds; each seed fixes the data, the data order, the initialisation "
+                        "and the auto teacher, shared by every variant")
+    e.add_argument("--targets", metavar="DOM,...|all",
+                   help="held-out (unlabelled) target domain(s), one leave-one-domain-out "
+                        "experiment each; 'all' rotates over every domain of the data (cost: "
+                        "x number of domains). Default: 'sorting' for the synthetic data; "
+                        "required with other data")
+    e.add_argument("--variants", default="cot,adv,prada", metavar="V,...",
+                   help="which of cot (a), adv (b), prada (c) to train")
+    e.add_argument("--prompt-len", type=int, default=8, metavar="K",
+                   help="soft-prompt length of variant (c); (a) and (b) use 0")
+    e.add_argument("--report-only", action="store_true",
+                   help="train nothing: build the report from the finished runs in --output-dir")
+    e.add_argument("--dry-run", action="store_true",
+                   help="print the trainer command lines and exit")
+    e.add_argument("--verbose", action="store_true",
+                   help="show the trainer's output (always written to logs/)")
+    e.add_argument("--probe-folds", type=int, default=5, metavar="K",
+                   help="folds of the cross-validated domain probes on pooled features")
+
+    t = p.add_argument_group("training budget and data (passed to prada_fast/train.py)")
+    t.add_argument("--max-steps", type=int, default=400, help="optimizer steps of every run")
+    t.add_argument("--teacher-steps", type=int, default=200,
+                   help="steps of the auto teacher fit (once per seed and target)")
+    t.add_argument("--eval-per-domain", type=int, default=48, metavar="N",
+                   help="held-out records per domain: answer accuracy, PCA and probes")
+    t.add_argument("--log-every", type=int, default=10, metavar="N",
+                   help="steps between loss-curve points (metrics.jsonl)")
+    t.add_argument("--data", action="append", metavar="SPEC",
+                   help="trainer data spec, repeatable (default: synthetic), e.g. "
+                        "../shared/data/gsm8k_train.jsonl#400; see train.py --help")
+    t.add_argument("--student", default="tiny", metavar="NAME|DIR", help="student preset or HF dir")
+    t.add_argument("--teacher", default="auto", metavar="auto|none|NAME|DIR",
+                   help="teacher; auto fits the tiny teacher for a preset student")
+    t.add_argument("--teacher-cache", metavar="DIR",
+                   help="cache of fitted teachers (default: OUTPUT_DIR/teachers)")
+    t.add_argument("--ds", metavar="JSON", help="DeepSpeed config (default: the trainer's zero3.json)")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes per run: 1 runs `python prada_fast/train.py`; N > 1 the "
+                        "deepspeed launcher with --num_gpus N (GPUs, or CPU ranks)")
+    t.add_argument("--threads", type=int, metavar="N",
+                   help="OMP_NUM_THREADS for the trainer (default: unset, so one process "
+                        "uses every core)")
+    t.add_argument("--extra", default="", metavar="'FLAGS'",
+                   help="more trainer flags, one quoted string, e.g. \"--max-len 512 --lr 1e-3\"")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.data = args.data or ["synthetic"]
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        p.error("--seeds: give distinct seeds")
+    known = variants(args.prompt_len)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in known]
+    if bad or not args.variants:
+        p.error(f"--variants: unknown {bad}; choose from {', '.join(known)}")
+    args.variants = [v for v in known if v in args.variants]  # canonical order
+    for flag in ("max_steps", "teacher_steps", "log_every", "nproc", "probe_folds"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.eval_per_domain < 2:
+        p.error("--eval-per-domain must be at least 2 (accuracy, PCA and probes use them)")
+    if args.prompt_len <= 0 and "prada" in args.variants:
+        p.error("--prompt-len must be positive: it is what makes variant (c) differ from (b)")
+    try:
+        args.extra = shlex.split(args.extra)
+    except ValueError as e:
+        p.error(f"--extra: {e}")
+    owned = {"--output-dir", "--seed", "--max-steps", "--teacher-steps", "--target-domains",
+             "--prompt-len", "--no-domain-loss", "--overwrite", "--resume", "--teacher-cache"}
+    clash = sorted({f.split("=")[0] for f in args.extra} & owned)
+    if clash:
+        p.error(f"--extra must not set {', '.join(clash)}: the comparison sets them")
+    args.targets = resolve_targets(args, p)
+    args.output_dir = Path(args.output_dir).resolve()
+    args.teacher_cache = Path(args.teacher_cache).resolve() if args.teacher_cache else \
+        args.output_dir / "teachers"
+    return args
+
+
+def data_domains(specs: list[str]) -> list[str]:
+    """The domains the data specs hold (as the trainer will load them)."""
+    from prada_fast.data import domains_of, load_spec
+    records = []
+    for spec in specs:
+        records += load_spec(spec, skip_bad=True, seed=0)[0]
+    return domains_of(records)
+
+
+def resolve_targets(args, parser) -> list[str]:
+    synthetic = all(s.startswith("synthetic") for s in args.data)
+    if args.targets is None:
+        if not synthetic:
+            parser.error("--targets is required with non-synthetic --data (e.g. --targets aqua)")
+        return [SYNTHETIC_TARGET]
+    names = list(dict.fromkeys(t.strip() for t in args.targets.split(",") if t.strip()))
+    if not names:
+        parser.error("--targets: name at least one domain, or 'all'")
+    if names == ["all"]:
+        try:
+            return data_domains(args.data)
+        except Exception as e:  # DataError, a missing file ...
+            parser.error(f"--data: {e}")
+    return names  # the trainer checks that they are in the data
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_dir(args, target: str, variant: str, seed: int) -> Path:
+    return args.output_dir / "runs" / target / variant / f"seed{seed}"
+
+
+def trainer_args(args, target: str, v: Variant, seed: int) -> list[str]:
+    """The trainer flags of one run (without the launcher and script)."""
+    a = ["--output-dir", str(run_dir(args, target, v.key, seed)), "--seed", str(seed),
+         "--max-steps", str(args.max_steps), "--teacher-steps", str(args.teacher_steps),
+         "--eval-per-domain", str(args.eval_per_domain), "--log-every", str(args.log_every),
+         "--target-domains", target, "--student", args.student, "--teacher", args.teacher,
+         "--teacher-cache", str(args.teacher_cache), "--save-every", "0", "--no-progress"]
+    if args.ds:
+        a += ["--ds", args.ds]
+    for spec in args.data:
+        a += ["--data", spec]
+    return a + list(v.flags) + list(args.extra)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(args) -> list[str]:
+    if args.nproc == 1:
+        return [sys.executable, str(TRAIN_SCRIPT)]
+    ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    return [ds, "--num_gpus", str(args.nproc), "--master_port", str(_free_port()), str(TRAIN_SCRIPT)]
+
+
+def trainer_env(args) -> dict:
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+SIDECAR = "compare_run.json"
+FEATURES = "pooled_features.pt"
+
+
+def finished(d: Path) -> bool:
+    return (d / "summary.json").is_file() and (d / "final" / "prada_config.json").is_file()
+
+
+def _comparable(argv: list[str]) -> list[str]:
+    """Trainer flags without the paths (so that a moved experiment directory still matches)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--output-dir", "--teacher-cache"):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def check_reusable(d: Path, argv: list[str]) -> None:
+    side = d / SIDECAR
+    if side.is_file():
+        old = json.loads(side.read_text()).get("trainer_args")
+        if old is not None and _comparable(old) != _comparable(argv):
+            raise SystemExit(
+                f"error: {d} holds a finished run made with other trainer flags:\n  {shlex.join(old)}\n"
+                f"this experiment wants:\n  {shlex.join(argv)}\n"
+                "use another --output-dir, or delete that run directory to redo it")
+
+
+def log(msg: str) -> None:
+    print(f"[compare] {msg}", flush=True)
+
+
+def train_one(args, argv: list[str], log_path: Path) -> float:
+    cmd = launcher(args) + argv + ["--overwrite"]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "w") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=trainer_env(args), text=True, bufsize=1)
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                if args.verbose:
+                    sys.stdout.write(line)
+            code = proc.wait()
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    if code != 0:
+        tail = log_path.read_text().splitlines()[-25:]
+        raise SystemExit(f"error: the trainer exited with {code}; its log: {log_path}\n"
+                         + "\n".join(tail))
+    return time.time() - t0
+
+
+def features_of(d: Path) -> dict:
+    """The run's pooled held-out features, computed once and cached in the run directory."""
+    path = d / FEATURES
+    if path.is_file() and path.stat().st_mtime >= (d / "summary.json").stat().st_mtime:
+        return torch.load(path)
+    feats, labels, domains, roles = pooled_features(d)
+    out = {"features": feats, "labels": labels, "domains": domains, "roles": roles}
+    torch.save(out, path)
+    return out
+
+
+def collect_run(args, target: str, v: Variant, seed: int, status: str, wall: float | None) -> dict:
+    d = run_dir(args, target, v.key, seed)
+    summary = json.loads((d / "summary.json").read_text())
+    rows = load_metrics(d)
+    last = rows[-1] if rows else {}
+    side = d / SIDECAR
+    if wall is None and side.is_file():
+        wall = json.loads(side.read_text()).get("wall_seconds")
+    feats = features_of(d)
+    x, y = feats["features"], feats["labels"]
+    return {
+        "target": target, "variant": v.key, "seed": seed,
+        "dir": str(d.relative_to(args.output_dir)), "status": status,
+        "wall_seconds": wall if wall is not None else summary.get("wall_seconds"),
+        "trainer_wall_seconds": summary.get("wall_seconds"),
+        "steps": summary.get("steps"), "tokens_per_s": summary.get("tokens_per_s"),
+        "roles": {k: s["role"] for k, s in summary["domains"].items()},
+        "accuracy_after": {k: s["accuracy_after"] for k, s in summary["domains"].items()},
+        "accuracy_before": {k: s["accuracy_before"] for k, s in summary["domains"].items()},
+        "domain_classifier_accuracy": summary.get("domain_classifier_accuracy"),
+        "domain_classifier_accuracy_before": summary.get("domain_classifier_accuracy_before"),
+        "final_loss": summary.get("final_loss"),
+        "final": {k: last.get(k) for k in ("ce", "kd", "dom", "dom_acc", "grl_lambda")},
+        "probe_accuracy": probe_accuracy(x, y, kind="logistic", folds=args.probe_folds),
+        "ncm_accuracy": probe_accuracy(x, y, kind="ncm", folds=args.probe_folds),
+        "n_probe": int(len(y)),
+    }
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarise(runs: list[dict], v: Variant) -> dict:
+    """One variant of one target over its seeds."""
+    roles = runs[0]["roles"]
+    out = {"label": v.label, "seeds": [r["seed"] for r in runs], "domains": {},
+           "domain_head_trained": v.trains_domain_head}
+    for d, role in roles.items():
+        out["domains"][d] = {
+            "role": role,
+            "accuracy_after": aggregate(r["accuracy_after"].get(d) for r in runs),
+            "accuracy_before": aggregate(r["accuracy_before"].get(d) for r in runs)}
+    src = [d for d, role in roles.items() if role == "source"]
+    tgt = [d for d, role in roles.items() if role == "target"]
+    out["source_accuracy_after"] = aggregate(_mean([r["accuracy_after"][d] for d in src]) for r in runs)
+    out["target_accuracy_after"] = aggregate(_mean([r["accuracy_after"][d] for d in tgt]) for r in runs)
+    out["all_accuracy_before"] = aggregate(_mean(list(r["accuracy_before"].values())) for r in runs)
+    for key in ("domain_classifier_accuracy", "probe_accuracy", "ncm_accuracy", "final_loss",
+                "wall_seconds", "tokens_per_s"):
+        out[key] = aggregate(r[key] for r in runs)
+    for key in ("ce", "kd", "dom", "dom_acc"):
+        out[f"final_{key}"] = aggregate(r["final"].get(key) for r in runs)
+    return out
+
+
+def paired_differences(by_variant: dict[str, list[dict]], base: str = "cot") -> dict:
+    """Per seed, variant minus the base variant (same seed = same teacher, data and order)."""
+    if base not in by_variant:
+        return {}
+    base_runs = {r["seed"]: r for r in by_variant[base]}
+    out = {}
+    for key, runs in by_variant.items():
+        if key == base:
+            continue
+        diffs = {"source_accuracy_after": [], "target_accuracy_after": [], "probe_accuracy": []}
+        for r in runs:
+            b = base_runs.get(r["seed"])
+            if b is None:
+                continue
+            for name, fn in (("source_accuracy_after", lambda x: _mean(
+                                 [x["accuracy_after"][d] for d, ro in x["roles"].items() if ro == "source"])),
+                             ("target_accuracy_after", lambda x: _mean(
+                                 [x["accuracy_after"][d] for d, ro in x["roles"].items() if ro == "target"])),
+                             ("probe_accuracy", lambda x: x["probe_accuracy"])):
+                a, c = fn(r), fn(b)
+                if a is not None and c is not None:
+                    diffs[name].append(a - c)
+        out[key] = {k: aggregate(v) for k, v in diffs.items()}
+    return out
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    def ver(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for name in ("prada-fast", "torch", "transformers", "deepspeed", "numpy", "matplotlib"):
+        info[name] = ver(name)
+    return info
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt(a: dict | None, digits: int = 3) -> str:
+    if not a or a.get("mean") is None:
+        return "–"
+    if a["n"] == 1:
+        return f"{a['mean']:.{digits}f}"
+    return f"{a['mean']:.{digits}f} ± {a['std']:.{digits}f}"
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    cfg = report["config"]
+    L = ["# PRADA vs plain CoT distillation", "",
+         f"Generated by `prada_fast.experiments.compare` on {report['finished_at']} "
+         f"({report['versions']['cpu_count']} CPU cores"
+         + (f", {report['versions']['cuda']}" if report["versions"]["cuda"] else "") + ").", "",
+         "```bash", report["command"], "```", "",
+         f"- data: {', '.join(cfg['data'])}; student `{cfg['student']}`, teacher `{cfg['teacher']}`",
+         f"- budget per run: {cfg['max_steps']} optimizer steps, auto-teacher fit "
+         f"{cfg['teacher_steps']} steps (once per seed and target), "
+         f"{cfg['eval_per_domain']} held-out records per domain",
+         f"- seeds: {', '.join(map(str, cfg['seeds']))}; mean ± sample std (n − 1) over seeds",
+         f"- runs: {report['n_runs_done']} of {report['n_runs_planned']} finished "
+         f"({report['n_runs_trained']} trained in this invocation); wall time of this "
+         f"invocation {report['wall_seconds'] / 60:.1f} min, summed run time "
+         f"{report['run_seconds_total'] / 60:.1f} min", ""]
+    if report["n_runs_done"] < report["n_runs_planned"]:
+        L += ["**Incomplete: rerun the same command to finish the missing runs.**", ""]
+    for target, res in report["results"].items():
+        vs = res["variants"]
+        keys = list(vs)
+        if not keys:
+            continue
+        D = res["n_domains"]
+        first = vs[keys[0]]
+        sources = [d for d, x in first["domains"].items() if x["role"] == "source"]
+        L += [f"## Target domain `{target}` (unlabelled); sources: {', '.join(sources)}", "",
+              "### Answer accuracy after training (held-out, greedy decoding)", "",
+              "| domain | role | " + " | ".join(vs[k]["label"] for k in keys) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+        for d, x in first["domains"].items():
+            L.append(f"| {d} | {x['role']} | "
+                     + " | ".join(fmt(vs[k]["domains"][d]["accuracy_after"]) for k in keys) + " |")
+        L.append("| **sources (mean)** | source | "
+                 + " | ".join(fmt(vs[k]["source_accuracy_after"]) for k in keys) + " |")
+        L.append(f"| **target** `{target}` | target | "
+                 + " | ".join(fmt(vs[k]["target_accuracy_after"]) for k in keys) + " |")
+        L.append("| all domains, before training | | "
+                 + " | ".join(fmt(vs[k]["all_accuracy_before"]) for k in keys) + " |")
+        L.append("")
+        if res.get("paired_vs_cot"):
+            L += ["Paired per-seed differences against (a) (same seed: same teacher, data and order):", "",
+                  "| variant | Δ target acc | Δ source acc | Δ probe acc |", "| --- | --- | --- | --- |"]
+            for k, dd in res["paired_vs_cot"].items():
+                L.append(f"| {vs[k]['label']} | {fmt(dd['target_accuracy_after'])} | "
+                         f"{fmt(dd['source_accuracy_after'])} | {fmt(dd['probe_accuracy'])} |")
+            L.append("")
+        L += [f"### Domain separability of the pooled student features (D = {D}, chance {1 / D:.3f})", "",
+              "| variant | domain head acc | fresh logistic probe acc | nearest-mean probe acc "
+              f"| final L_dom (ln D = {math.log(D):.3f}) | final CE | final KD | final loss | run wall (s) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for k in keys:
+            x = vs[k]
+            head = fmt(x["domain_classifier_accuracy"]) if x["domain_head_trained"] else \
+                f"({fmt(x['domain_classifier_accuracy'])}, head untrained)"
+            dom = fmt(x["final_dom"]) if x["domain_head_trained"] else "– (no domain loss)"
+            L.append(f"| {x['label']} | {head} | {fmt(x['probe_accuracy'])} | {fmt(x['ncm_accuracy'])} "
+                     f"| {dom} | {fmt(x['final_ce'])} | {fmt(x['final_kd'])} | {fmt(x['final_loss'])} "
+                     f"| {fmt(x['wall_seconds'], 0)} |")
+        L.append("")
+        plots = report["plots"].get(target, {})
+        if plots.get("pca"):
+            L += [f"### Pooled student features, PCA (seed {plots['pca_seed']}, held-out records)", "",
+                  f"![PCA of pooled features]({plots['pca']})", ""]
+        if plots.get("loss_curves"):
+            L += ["### Loss curves (mean over seeds, band ±1 std)", "",
+                  f"![loss curves]({plots['loss_curves']})", ""]
+    L += ["## How to read these numbers", "",
+          "- Accuracy: fraction of the held-out records of a domain whose greedy completion states "
+          "the gold answer after \"The answer is\"; with N held-out records per domain its "
+          "resolution is 1/N.",
+          "- Domain head acc: the run's own domain classifier (summary.json) on the held-out "
+          "records. Under the gradient reversal the student is trained to *fool* it, so a value at "
+          "or below chance does not by itself mean domain-invariant features: the head may be "
+          "confidently wrong on features that still separate the domains. Variant (a) never "
+          "trains its head (no domain loss): its value is that of a random head.",
+          "- Fresh probes: a logistic-regression and a nearest-class-mean classifier fitted on "
+          "the pooled features of the held-out records (stratified cross-validation). They measure "
+          "how much domain information the features still carry, whatever the head learned. "
+          "Source-domain records are encoded with their rationale and answer and target-domain "
+          "records without (as in training), which by itself makes the target easy to tell apart.",
+          "- final L_dom compared with ln D: the domain cross-entropy at chance; far above it means "
+          "the head is confidently wrong, not confused.", ""]
+    path.write_text("\n".join(L))
+
+
+def make_plots(args, report: dict, runs: list[dict], V: dict[str, Variant]) -> None:
+    from .plots import plot_losses, plot_pca
+    for target in args.targets:
+        entry = report["plots"].setdefault(target, {})
+        mine = [r for r in runs if r["target"] == target]
+        if not mine:
+            continue
+        D = len(mine[0]["roles"])
+        curves = {}
+        for k in args.variants:
+            rows = [load_metrics(args.output_dir / r["dir"]) for r in mine if r["variant"] == k]
+            rows = [x for x in rows if x]
+            if rows:
+                curves[V[k].label] = mean_curves(rows)
+        if curves:
+            name = f"loss_curves_{target}.png"
+            plot_losses(curves, args.output_dir / name,
+                        f"target {target}: loss curves, mean over seeds", D)
+            entry["loss_curves"] = name
+        pca_variants = [k for k in ("cot", "prada") if k in args.variants] or args.variants[:1]
+        for seed in args.seeds:
+            chosen = [next((r for r in mine if r["variant"] == k and r["seed"] == seed), None)
+                      for k in pca_variants]
+            if all(chosen):
+                break
+        else:
+            continue
+        panels = []
+        for k, r in zip(pca_variants, chosen):
+            f = features_of(args.output_dir / r["dir"])
+            coords, _, ratio = pca_2d(f["features"])
+            probe = r["probe_accuracy"]
+            panels.append({"title": f"{V[k].label}\nprobe acc {probe:.2f}" if probe is not None
+                           else V[k].label, "coords": coords.numpy(), "labels": f["labels"].numpy(),
+                           "domains": f["domains"], "roles": f["roles"], "ratio": ratio.tolist()})
+            entry.setdefault("pca_explained_variance", {})[k] = ratio.tolist()
+        name = f"pca_{target}.png"
+        plot_pca(panels, args.output_dir / name,
+                 f"pooled student features of held-out records, target {target}, seed {seed} "
+                 f"(chance {1 / D:.2f})")
+        entry["pca"], entry["pca_seed"] = name, seed
+
+
+def build_report(args, argv: list[str], runs: list[dict], n_trained: int, t0: float) -> dict:
+    V = variants(args.prompt_len)
+    report = {
+        "command": "python -m prada_fast.experiments.compare" + (" " + shlex.join(argv) if argv else ""),
+        "argv": argv,
+        "config": {"seeds": args.seeds, "targets": args.targets, "variants": args.variants,
+                   "max_steps": args.max_steps, "teacher_steps": args.teacher_steps,
+                   "eval_per_domain": args.eval_per_domain, "log_every": args.log_every,
+                   "data": args.data, "student": args.student, "teacher": args.teacher,
+                   "ds": args.ds, "nproc": args.nproc, "threads": args.threads,
+                   "extra": args.extra, "prompt_len": args.prompt_len,
+                   "probe_folds": args.probe_folds, "teacher_cache": str(args.teacher_cache)},
+        "variants": {k: {"label": V[k].label, "trainer_flags": list(V[k].flags)} for k in args.variants},
+        "versions": versions(),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "wall_seconds": round(time.time() - t0, 1),
+        "run_seconds_total": round(sum(r["wall_seconds"] or 0 for r in runs), 1),
+        "n_runs_planned": len(args.targets) * len(args.seeds) * len(args.variants),
+        "n_runs_done": len(runs), "n_runs_trained": n_trained,
+        "results": {}, "plots": {}, "runs": runs,
+    }
+    for target in args.targets:
+        mine = [r for r in runs if r["target"] == target]
+        by_variant = {k: sorted([r for r in mine if r["variant"] == k], key=lambda r: r["seed"])
+                      for k in args.variants}
+        by_variant = {k: v for k, v in by_variant.items() if v}
+        D = len(mine[0]["roles"]) if mine else None
+        report["results"][target] = {
+            "n_domains": D, "chance": 1 / D if D else None,
+            "variants": {k: summarise(v, V[k]) for k, v in by_variant.items()},
+            "paired_vs_cot": paired_differences(by_variant)}
+    make_plots(args, report, runs, V)
+    return report
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    t0 = time.time()
+    V = variants(args.prompt_len)
+    plan = [(t, s, V[k]) for t in args.targets for s in args.seeds for k in args.variants]
+    if args.dry_run:
+        for t, s, v in plan:
+            print(shlex.join(launcher(args) + trainer_args(args, t, v, s) + ["--overwrite"]))
+        return 0
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    log(f"{len(plan)} runs ({len(args.targets)} target(s) x {len(args.seeds)} seeds x "
+        f"{len(args.variants)} variants) in {args.output_dir}")
+    runs, trained_walls = [], []
+    try:
+        for i, (t, s, v) in enumerate(plan, 1):
+            d = run_dir(args, t, v.key, s)
+            targs = trainer_args(args, t, v, s)
+            tag = f"[{i}/{len(plan)}] target={t} {v.key} seed={s}"
+            status, wall = "reused", None
+            if finished(d):
+                check_reusable(d, targs)
+                log(f"{tag}: finished run found, reused")
+            elif args.report_only:
+                log(f"{tag}: missing, skipped (--report-only)")
+                continue
+            else:
+                left = len(plan) - i + 1
+                eta = (f", about {left * _mean(trained_walls) / 60:.0f} min left"
+                       if trained_walls else "")
+                log(f"{tag}: training{eta} (log: {d.relative_to(args.output_dir)}.log)")
+                wall = train_one(args, targs, d.with_name(d.name + ".log"))
+                trained_walls.append(wall)
+                (d / SIDECAR).write_text(json.dumps(
+                    {"trainer_args": targs, "wall_seconds": round(wall, 1)}, indent=2) + "\n")
+                status = "trained"
+            r = collect_run(args, t, v, s, status, wall)
+            src = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "source"])
+            tgt = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "target"])
+            log(f"{tag}: {'done in %.0f s; ' % wall if wall else ''}acc source "
+                f"{_f(src)} target {_f(tgt)}, domain head {_f(r['domain_classifier_accuracy'])}, "
+                f"probe {_f(r['probe_accuracy'])}")
+            runs.append(r)
+    except KeyboardInterrupt:
+        log("interrupted: rerun the same command to continue (finished runs are kept)")
+        return 130
+    if not runs:
+        log("no finished runs: nothing to report")
+        return 1
+    report = build_report(args, argv, runs, len(trained_walls), t0)
+    (args.output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report, args.output_dir / "report.md")
+    log(f"report: {args.output_dir / 'report.md'} (and report.json, "
+        + ", ".join(p for e in report["plots"].values() for k, p in e.items()
+                    if isinstance(p, str) and p.endswith(".png")) + f"); wall {report['wall_seconds'] / 60:.1f} min")
+    return 0
+
+
+def _f(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
