@@ -98,6 +98,15 @@ def register_pid() -> None:
         store.set(f"prada/pid/{dist.get_rank()}", f"{socket.gethostname()}:{os.getpid()}")
 
 
+def rank_pids() -> dict[str, int]:
+    """{rank: pid} of every rank (as registered by register_pid; this process alone otherwise)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {"0": os.getpid()}
+    store = dist.distributed_c10d._get_default_store()
+    return {str(r): int(store.get(f"prada/pid/{r}").decode().rsplit(":", 1)[1])
+            for r in range(dist.get_world_size())}
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -197,6 +197,7 @@ def run(args) -> int:
     acc_before = dom_before = None
     if rank == 0:
         prepare_output_dir(out, args)  # inputs are valid: now the run may claim the directory
+        (out / "ranks.json").write_text(json.dumps(dist_util.rank_pids()) + "\n")
         if eval_recs:
             log("evaluating before training ...")
             acc_before, dom_before = evaluate(model, tok, eval_recs, eval_ex, collate, args)

@@ -78,7 +78,7 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
                 args.grl_schedule, step, args.max_steps, args.lambda_max, args.grl_gamma)
             micro, n_valid = batches.step(step)
             norm = n_valid / (world * batches.accum)  # DeepSpeed averages over ranks and micro-steps
-            skipped_before = engine.skipped_steps
+            skipped_before, lr = engine.skipped_steps, engine.get_lr()[0]  # the lr this step uses
             try:
                 sums = _optimizer_step(engine, t_engine, micro, norm=norm, lam=lam, args=args,
                                        inject_nan=rank0 and step + 1 in inject)
@@ -102,7 +102,7 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
                         f"unchanged ({bad_in_row} in a row, {skipped} in all)")
                 if bad or (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
                     row = {"step": step + 1, **{k: round(v, 6) for k, v in last.items()},
-                           "grl_lambda": round(lam, 6), "lr": engine.get_lr()[0],
+                           "grl_lambda": round(lam, 6), "lr": lr,
                            "tokens_per_s": round(tokens / max(dt, 1e-9), 1)}
                     if bad:
                         row["skipped"] = True

@@ -1,0 +1,48 @@
+"""Running prada_fast/train.py as a user would: a subprocess, one process or the deepspeed
+launcher with N ranks on the CPU."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Small and quick: tiny synthetic data, short generations, a metrics line every step.
+FAST = ["--data", "synthetic:48", "--eval-per-domain", "4", "--max-new-tokens", "24",
+        "--no-progress", "--log-every", "1", "--max-len", "128"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(args, nproc=1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "prada_fast/train.py", *args]
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    return [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()),
+            "prada_fast/train.py", *args]
+
+
+def train_env(cache) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1", "PRADA_FAST_CACHE": str(cache)}
+
+
+def train(args, cache, nproc=1, check=True, timeout=900):
+    cmd = train_cmd(args, nproc)
+    proc = subprocess.run(cmd, cwd=REPO, env=train_env(cache), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

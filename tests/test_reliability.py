@@ -1,0 +1,187 @@
+"""Faults a long run meets: a rank killed mid-training, a crash during a checkpoint save,
+bad input, non-finite losses; and bit-exact determinism. Each fault has a test that fails
+if the behaviour regresses."""
+import json
+import subprocess
+import time
+
+import pytest
+import torch
+from runner import FAST, REPO, free_port, metrics, train, train_cmd, train_env
+
+from prada_fast import checkpoint
+
+pytestmark = pytest.mark.slow
+NO_DATA = FAST[2:]  # FAST without its --data
+assert FAST[0] == "--data"
+COMPARED = ("loss", "ce", "kd", "dom", "dom_acc", "grl_lambda", "lr")
+
+
+def test_killed_rank_fails_fast_and_resume_matches_uninterrupted_run(tmp_path, cache, ds_config):
+    args = [*FAST, "--ds", str(ds_config), "--max-steps", "24", "--save-every", "4",
+            "--eval-per-domain", "0", "--teacher-steps", "10", "--seed", "2"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train([*args, "--output-dir", str(full)], cache, nproc=2)
+
+    proc = subprocess.Popen(train_cmd([*args, "--output-dir", str(cut)], nproc=2), cwd=REPO,
+                            env=train_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    pids = {}
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait for step 9, then kill rank 1
+        if (cut / "metrics.jsonl").is_file() and len(metrics(cut)) >= 9 and (cut / "ranks.json").is_file():
+            pids = json.loads((cut / "ranks.json").read_text())
+            break
+        time.sleep(0.05)
+    assert pids, "the run ended before rank 1 could be killed"
+    import os
+    import signal
+    os.kill(pids["1"], signal.SIGKILL)
+    t_kill = time.time()
+    out, _ = proc.communicate(timeout=120)
+    assert time.time() - t_kill < 120  # no hang
+    assert proc.returncode != 0
+    assert f"rank 1 (pid {pids['1']}) died" in out or "--local_rank=1" in out, out[-3000:]
+
+    before = metrics(cut)  # the steps logged before the kill: same seed, same losses, bit for bit
+    for ra, rb in zip(metrics(full), before):
+        assert all(ra[k] == rb[k] for k in COMPARED), (ra, rb)
+
+    train([*args, "--output-dir", str(cut), "--resume"], cache, nproc=2)
+    a, b = metrics(full), metrics(cut)
+    assert [r["step"] for r in b] == list(range(1, 25))
+    for ra, rb in zip(a, b, strict=True):
+        assert all(ra[k] == rb[k] for k in COMPARED), (ra, rb)
+
+
+class _FakeEngine:
+    """save_checkpoint writes a shard, then dies (like a kill in the middle of a save)."""
+
+    def __init__(self, die: bool):
+        self.die = die
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert save_latest is False
+        d = __import__("pathlib").Path(save_dir) / tag
+        d.mkdir(parents=True)
+        (d / "shard.pt").write_bytes(b"half a shard")
+        if self.die:
+            raise KeyboardInterrupt("killed while writing")
+
+
+def test_crash_during_save_leaves_previous_checkpoint_latest(tmp_path):
+    checkpoint.save(_FakeEngine(die=False), tmp_path, 4)
+    assert checkpoint.latest_tag(tmp_path) == "step4"
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(_FakeEngine(die=True), tmp_path, 8)
+    assert (tmp_path / "latest").read_text() == "step4"
+    assert checkpoint.latest_tag(tmp_path) == "step4" and not (tmp_path / "step8").exists()
+    checkpoint.save(_FakeEngine(die=False), tmp_path, 8)  # a later save clears the partial one
+    assert checkpoint.latest_tag(tmp_path) == "step8" and not (tmp_path / "step8.partial").exists()
+
+
+def test_nan_steps_are_skipped_and_k_in_a_row_stop_the_run(tmp_path, cache):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    out = tmp_path / "nan"
+    proc = train([*FAST, "--output-dir", str(out), "--max-steps", "10", "--save-every", "1",
+                  "--teacher-steps", "10", "--eval-per-domain", "0", "--inject-nan", "4,6,7,8",
+                  "--max-bad-steps", "3"], cache, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "3 steps in a row" in proc.stderr and "step8" in proc.stderr
+    rows = {r["step"]: r for r in metrics(out)}
+    assert [s for s, r in rows.items() if r.get("skipped")] == [4, 6, 7, 8]
+    assert checkpoint.latest_tag(out / "checkpoints") == "step8"
+
+    def weights(tag):
+        return get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=tag)
+
+    w3, w4, w5, w8 = (weights(f"step{i}") for i in (3, 4, 5, 8))
+    for k in w3:
+        assert torch.isfinite(w8[k]).all()
+        assert torch.equal(w3[k], w4[k]), k  # the NaN step 4 left the weights alone
+        assert torch.equal(w5[k], w8[k]), k  # so did steps 6-8
+    assert any(not torch.equal(w4[k], w5[k]) for k in w3)  # step 5 was a real step
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Call prada_fast.train.main in this process, a world of one."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(free_port()), "PRADA_FAST_CACHE": "/nonexistent"}.items():
+        monkeypatch.setenv(k, v)
+    from prada_fast.train import main
+    return main
+
+
+def _bad_ds(tmp_path):
+    cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    cfg.update(train_batch_size=8, train_micro_batch_size_per_gpu=3, gradient_accumulation_steps=1)
+    path = tmp_path / "contradict.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _other_vocab_teacher(tmp_path):
+    from prada_fast.model import load_causal_lm
+    model, tok = load_causal_lm("tiny")
+    model.resize_token_embeddings(300)
+    path = tmp_path / "teacher300"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+BAD_INPUTS = {
+    # name: (files to write {name: text}, extra args (TMP = tmp_path), words the message must hold)
+    "malformed json line": ({"q.jsonl": '{"question": "a", "answer": "1"}\n{"question": \n'},
+                            ["--data", "jsonl:TMP/q.jsonl?domain=x"], ["q.jsonl:2", "JSON"]),
+    "missing field": ({"q.jsonl": '{"question": "a", "answer": "1"}\n{"answer": "2"}\n'},
+                      ["--data", "jsonl:TMP/q.jsonl?domain=x"], ["q.jsonl:2", "question"]),
+    "empty after split": ({"e.jsonl": ""}, ["--data", "jsonl:TMP/e.jsonl?domain=x"], ["no records"]),
+    "domain not in data": ({}, ["--data", "synthetic:8", "--target-domains", "geometry"],
+                           ["geometry", "arithmetic"]),
+    "model path missing": ({}, ["--data", "synthetic:8", "--student", "TMP/no-model"], ["no-model"]),
+    "ds config not json": ({"ds.json": '{"train_batch_size": 8,\n "zero": {"stage": 3,}}'},
+                           ["--data", "synthetic:8", "--ds", "TMP/ds.json"], ["ds.json:2", "JSON"]),
+    "sequence too long": ({}, ["--data", "synthetic:8", "--max-len", "20", "--on-long", "refuse"],
+                          ["max_len", "synthetic"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, in_process, capsys):
+    files, extra, words = BAD_INPUTS[case]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "run"
+    argv = [*NO_DATA, "--output-dir", str(out), "--teacher", "none", "--max-steps", "2",
+            *[a.replace("TMP", str(tmp_path)) for a in extra]]
+    assert in_process(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for w in words:
+        assert w.lower() in err[0].lower(), (w, err[0])
+    assert not out.exists()
+
+
+def test_contradicting_batch_sizes_and_teacher_vocabulary(tmp_path, in_process, capsys):
+    out = tmp_path / "run"
+    assert in_process([*FAST, "--output-dir", str(out), "--ds", str(_bad_ds(tmp_path)),
+                       "--max-steps", "2"]) == 2
+    assert "contradict" in capsys.readouterr().err
+    teacher = _other_vocab_teacher(tmp_path)
+    assert in_process([*FAST, "--output-dir", str(out), "--teacher", str(teacher),
+                       "--max-steps", "2"]) == 2
+    assert "vocabulary" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_existing_run_is_refused_and_left_alone(tmp_path, in_process, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert in_process([*FAST, "--output-dir", str(out), "--teacher", "none", "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
