@@ -18,8 +18,6 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import json
 import os
-import random
-import shutil
 import time
 import warnings
 
@@ -32,59 +30,18 @@ from prada_fast import checkpoint
 from prada_fast import distributed as dist_util
 from prada_fast.batching import StepBatches
 from prada_fast.cli import parse_args
-from prada_fast.data import Collator, DataError, encode, load_spec, split_domains
+from prada_fast.data import Collator, DataError
+from prada_fast.data.prepare import encode_all, hold_out, load_records
+from prada_fast.export import export_final
 from prada_fast.dsconfig import ConfigError, inference_config, load_ds_config
 from prada_fast.model import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
 from prada_fast.report import RunDirError, check_output_dir, prepare_output_dir, print_table
 from prada_fast.teacher import default_cache_dir, fit_teacher
 from prada_fast.trainloop import BadNumerics, train_steps
 
-SYNTHETIC_TARGET = "sorting"
-
-
 def log(msg: str) -> None:
     if dist_util.rank() == 0:
         print(f"[prada] {msg}", flush=True)
-
-
-def load_records(args):
-    records, skipped = [], 0
-    for spec in args.data:
-        recs, n_bad = load_spec(spec, skip_bad=args.skip_bad, seed=args.seed)
-        records += recs
-        skipped += n_bad
-    sources = args.source_domains.split(",") if args.source_domains else None
-    targets = args.target_domains.split(",") if args.target_domains else None
-    if targets is None and sources is None and all(s.startswith("synthetic") for s in args.data):
-        if any(r.domain == SYNTHETIC_TARGET for r in records):
-            targets = [SYNTHETIC_TARGET]
-    records = split_domains(records, sources, targets)
-    return records, skipped
-
-
-def hold_out(records, per_domain: int, seed: int):
-    """Split each domain into (train, eval): `per_domain` shuffled records are held out."""
-    by_dom: dict[str, list] = {}
-    for r in records:
-        by_dom.setdefault(r.domain, []).append(r)
-    train, evaluation = [], []
-    for d in sorted(by_dom):
-        recs = by_dom[d][:]
-        random.Random(f"{seed}:{d}").shuffle(recs)
-        k = min(per_domain, len(recs) // 2)
-        evaluation += recs[:k]
-        train += recs[k:]
-    return train, evaluation
-
-
-def encode_all(records, tok, args, domain_ids):
-    examples, truncated = [], 0
-    for r in records:
-        ex = encode(r, tok, args.max_len, domain_ids[r.domain], truncate=args.on_long == "truncate")
-        ex["n_labels"] = sum(1 for x in ex["labels"][1:] if x != -100)
-        truncated += ex["truncated"]
-        examples.append(ex)
-    return examples, truncated
 
 
 def resolve_teacher(args, tok, train_examples, collate):
@@ -119,35 +76,6 @@ def evaluate(model, tok, eval_records, eval_examples, collate, args):
         batches = [collate(eval_examples[i:i + 64]) for i in range(0, len(eval_examples), 64)]
         dom = domain_accuracy(model, batches)
     return acc, dom
-
-
-def gather_state(module, rank0: bool) -> dict:
-    """Full tensors of `module`'s parameters, gathered one at a time (ZeRO-3), on rank 0."""
-    from deepspeed import zero
-    out = {}
-    for name, p in module.named_parameters():
-        with zero.GatheredParameters([p], modifier_rank=None):
-            if rank0:
-                out[name] = p.detach().to("cpu", copy=True)
-    return out
-
-
-def export_final(model: PradaModel, tok, out_dir: Path, meta: dict) -> None:
-    """DIR/final: the student as a Hugging Face model directory plus soft prompt and head."""
-    rank0 = dist_util.rank() == 0
-    student_sd = gather_state(model.student, rank0)
-    heads_sd = gather_state(model.domain_head, rank0)
-    prompt = None
-    if model.soft_prompt is not None:
-        prompt = gather_state(torch.nn.ParameterDict({"p": model.soft_prompt}), rank0).get("p")
-    if rank0:
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.student.save_pretrained(tmp, state_dict=student_sd)
-        tok.save_pretrained(tmp)
-        model.save_heads(tmp, {"soft_prompt": prompt, "domain_head": heads_sd}, meta)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,41 @@
+"""DIR/final: the trained student as a Hugging Face model directory, plus the soft prompt
+and the domain head, gathered from ZeRO-3 partitions one parameter at a time."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import distributed as dist_util
+from .model import PradaModel
+
+
+def gather_state(module, rank0: bool) -> dict:
+    """Full tensors of `module`'s parameters, gathered one at a time (ZeRO-3), on rank 0."""
+    from deepspeed import zero
+    out = {}
+    for name, p in module.named_parameters():
+        with zero.GatheredParameters([p], modifier_rank=None):
+            if rank0:
+                out[name] = p.detach().to("cpu", copy=True)
+    return out
+
+
+def export_final(model: PradaModel, tok, out_dir: Path, meta: dict) -> None:
+    """DIR/final: the student as a Hugging Face model directory plus soft prompt and head."""
+    rank0 = dist_util.rank() == 0
+    student_sd = gather_state(model.student, rank0)
+    heads_sd = gather_state(model.domain_head, rank0)
+    prompt = None
+    if model.soft_prompt is not None:
+        prompt = gather_state(torch.nn.ParameterDict({"p": model.soft_prompt}), rank0).get("p")
+    if rank0:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.student.save_pretrained(tmp, state_dict=student_sd)
+        tok.save_pretrained(tmp)
+        model.save_heads(tmp, {"soft_prompt": prompt, "domain_head": heads_sd}, meta)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
