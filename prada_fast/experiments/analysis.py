@@ -3,11 +3,34 @@ features of a finished run, their PCA and a domain probe on them, and the loss c
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 from pathlib import Path
 
 import torch
+
+
+def _one_thread(fn):
+    """Run `fn` on one intra-op thread: its matrices are tiny, and on a busy machine the
+    OpenMP hand-offs of several threads make them 100x slower (seconds instead of ms)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _threads(1):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 # ----------------------------------------------------------------------------- aggregation
 
@@ -27,6 +50,7 @@ def aggregate(values) -> dict:
 # ----------------------------------------------------------------------------- PCA
 
 
+@_one_thread
 def pca_2d(x: torch.Tensor, k: int = 2):
     """Principal components of the rows of `x` (n x H) by SVD of the centred data, in float64.
 
@@ -90,6 +114,7 @@ def _ncm_predict(xtr, ytr, xte, n_classes: int) -> torch.Tensor:
     return torch.cdist(xte, means).argmin(1)
 
 
+@_one_thread
 def probe_accuracy(features, labels, *, kind: str = "logistic", folds: int = 5, l2: float = 1e-2,
                    seed: int = 0) -> float | None:
     """Cross-validated accuracy of a fresh domain probe on pooled features (chance 1/D).
@@ -168,6 +193,8 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
     from prada_fast.reference import masked_mean
     from prada_fast.train import encode_all
 
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "run_config.json").read_text())
     records, domains, args = held_out_records(config)
@@ -181,9 +208,11 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
     examples, _ = encode_all(records, tok, args, {d: i for i, d in enumerate(domains)})
     collate = Collator(tok.pad_token_id)
     feats, labels = [], []
-    for s in range(0, len(examples), batch_size):
-        b = collate(examples[s:s + batch_size])
-        hidden, mask = model.hidden_states(b["input_ids"].to(dev), b["attention_mask"].to(dev))
-        feats.append(masked_mean(hidden.float(), mask).cpu())
-        labels.append(b["domain_labels"])
+    # on the CPU one thread: robust on cores shared with other jobs (see _one_thread)
+    with _threads(1) if dev.type == "cpu" else contextlib.nullcontext():
+        for s in range(0, len(examples), batch_size):
+            b = collate(examples[s:s + batch_size])
+            hidden, mask = model.hidden_states(b["input_ids"].to(dev), b["attention_mask"].to(dev))
+            feats.append(masked_mean(hidden.float(), mask).cpu())
+            labels.append(b["domain_labels"])
     return torch.cat(feats), torch.cat(labels), domains, meta.get("roles", {})

@@ -1,6 +1,6 @@
 """PRADA against plain chain-of-thought distillation: same steps, data and seeds.
 
-    python -m prada_fast.experiments.compare                     # synthetic, CPU, ~17 min on 2 cores
+    python -m prada_fast.experiments.compare                     # synthetic, CPU, ~15-20 min on 2 cores
     python -m prada_fast.experiments.compare --targets all       # rotate the held-out domain (x4)
     python -m prada_fast.experiments.compare --data ../shared/data/gsm8k_train.jsonl#400 \\
         --data ../shared/data/strategyqa_train.json#400 --data ../shared/data/aqua_dev.json \\
@@ -66,6 +66,44 @@ def variants(prompt_len: int) -> dict[str, Variant]:
 # ----------------------------------------------------------------------------- flags
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it has one worth showing."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, "") or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+EPILOG = """\
+layout of --output-dir:
+  runs/<target>/<variant>/seed<S>/   one trainer run (metrics.jsonl, summary.json, final/,
+                                     pooled_features.pt, compare_run.json)
+  runs/<target>/<variant>/seed<S>.log  its console output
+  teachers/                          the auto teachers, one per (seed, target), shared by variants
+  report.md, report.json, pca_<target>.png, loss_curves_<target>.png
+
+cost (tiny student, batch 16, 2 CPU cores): idle cores ~6.5 optimizer steps/s, teacher fit
+~3.5 steps/s, ~15 s per run for start-up, evaluation before/after, export and features:
+default (1 target x 3 seeds x 3 variants, 400 steps; 3 teacher fits of 200 steps)
+9 x (62 + 15) s + 3 x 57 s = ~15 min. Measured with another job using ~1.6 of the 2 cores:
+4.7 steps/s, teacher 1.9 steps/s, ~10 s per run: 9 x (85 + 10) s + 3 x 105 s = ~20 min.
+--targets all: x4. Interrupted? Run the same command again: finished runs are reused.
+Quote --extra values that start with "--": --extra="--lr 1e-3".
+
+examples:
+  # real data: GSM8K + StrategyQA labelled sources, AQuA the unlabelled target
+  python -m prada_fast.experiments.compare --targets aqua \\
+      --data ../shared/data/gsm8k_train.jsonl#400 --data ../shared/data/strategyqa_train.json#400 \\
+      --data ../shared/data/aqua_dev.json --extra "--max-len 512"
+  # bigger models on GPUs (ZeRO-3 over 8 ranks per run)
+  python -m prada_fast.experiments.compare --nproc 8 --ds ds_configs/zero3.json \\
+      --student /models/qwen2.5-0.5b --teacher /models/qwen2.5-7b --max-steps 2000 ...
+  # rebuild the report from finished runs only
+  python -m prada_fast.experiments.compare --report-only
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m prada_fast.experiments.compare",
@@ -73,12 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(c) full PRADA with the same steps, data and seeds, leave-one-domain-out, "
                     "and write a report (report.md, report.json, PNG plots) under --output-dir. "
                     "Default: the built-in synthetic domains on the CPU, 3 variants x 3 seeds, "
-                    "target 'sorting': about 17 minutes on 2 idle CPU cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "target 'sorting': about 15 minutes on 2 idle CPU cores, 20 when shared.",
+        epilog=EPILOG, formatter_class=_Help)
     e = p.add_argument_group("experiment")
     e.add_argument("--output-dir", default="runs/compare", metavar="DIR",
-                   help="runs/<target>/<variant>/seed<S>/ (one trainer run each), logs/, "
-                        "teachers/, report.md, report.json and the PNG plots")
+                   help="where the runs, teachers, report and plots go (layout below)")
     e.add_argument("--seeds", default="0,1,2", metavar="S,S,...",
                    help="seeds; each seed fixes the data, the data order, the initialisation "
                         "and the auto teacher, shared by every variant")
@@ -96,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dry-run", action="store_true",
                    help="print the trainer command lines and exit")
     e.add_argument("--verbose", action="store_true",
-                   help="show the trainer's output (always written to logs/)")
+                   help="show the trainer's output (always written to runs/.../seed<S>.log)")
     e.add_argument("--probe-folds", type=int, default=5, metavar="K",
                    help="folds of the cross-validated domain probes on pooled features")
 
@@ -122,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "deepspeed launcher with --num_gpus N (GPUs, or CPU ranks)")
     t.add_argument("--threads", type=int, metavar="N",
                    help="OMP_NUM_THREADS for the trainer (default: unset, so one process "
-                        "uses every core)")
+                        "uses every core). The trainer also gets OMP_WAIT_POLICY=PASSIVE unless "
+                        "it is set in the environment")
     t.add_argument("--extra", default="", metavar="'FLAGS'",
                    help="more trainer flags, one quoted string, e.g. \"--max-len 512 --lr 1e-3\"")
     return p
@@ -232,6 +270,10 @@ def trainer_env(args) -> dict:
     env.pop("OMP_NUM_THREADS", None)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    # Idle OpenMP threads sleep instead of spinning: on cores shared with other jobs, spinning
+    # made the tiny models' steps ~10x slower (measured: 5.5 s vs 0.49 s per teacher step).
+    # Export OMP_WAIT_POLICY yourself to override.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -441,7 +483,8 @@ def write_markdown(report: dict, path: Path) -> None:
          f"- runs: {report['n_runs_done']} of {report['n_runs_planned']} finished "
          f"({report['n_runs_trained']} trained in this invocation); wall time of this "
          f"invocation {report['wall_seconds'] / 60:.1f} min, summed run time "
-         f"{report['run_seconds_total'] / 60:.1f} min", ""]
+         f"{report['run_seconds_total'] / 60:.1f} min (teacher fits included: "
+         + (", ".join(f"{t['seconds']:.0f} s" for t in report["teacher_fits"]) or "none") + ")", ""]
     if report["n_runs_done"] < report["n_runs_planned"]:
         L += ["**Incomplete: rerun the same command to finish the missing runs.**", ""]
     for target, res in report["results"].items():
@@ -475,7 +518,8 @@ def write_markdown(report: dict, path: Path) -> None:
             L.append("")
         L += [f"### Domain separability of the pooled student features (D = {D}, chance {1 / D:.3f})", "",
               "| variant | domain head acc | fresh logistic probe acc | nearest-mean probe acc "
-              f"| final L_dom (ln D = {math.log(D):.3f}) | final CE | final KD | final loss | run wall (s) |",
+              f"| final L_dom (ln D = {math.log(D):.3f}) | final CE | final KD | final loss "
+              "| run wall (s)¹ |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for k in keys:
             x = vs[k]
@@ -485,7 +529,8 @@ def write_markdown(report: dict, path: Path) -> None:
             L.append(f"| {x['label']} | {head} | {fmt(x['probe_accuracy'])} | {fmt(x['ncm_accuracy'])} "
                      f"| {dom} | {fmt(x['final_ce'])} | {fmt(x['final_kd'])} | {fmt(x['final_loss'])} "
                      f"| {fmt(x['wall_seconds'], 0)} |")
-        L.append("")
+        L += ["", f"¹ the first variant of each seed ({vs[keys[0]]['label']}) also fits that seed's "
+              "teacher.", ""]
         plots = report["plots"].get(target, {})
         if plots.get("pca"):
             L += [f"### Pooled student features, PCA (seed {plots['pca_seed']}, held-out records)", "",
@@ -507,6 +552,8 @@ def write_markdown(report: dict, path: Path) -> None:
           "how much domain information the features still carry, whatever the head learned. "
           "Source-domain records are encoded with their rationale and answer and target-domain "
           "records without (as in training), which by itself makes the target easy to tell apart.",
+          "- final loss is the task loss plus L_dom, and (a) has no L_dom: compare the variants' "
+          "task fit by final CE and KD.",
           "- final L_dom compared with ln D: the domain cross-entropy at chance; far above it means "
           "the head is confidently wrong, not confused.", ""]
     path.write_text("\n".join(L))
@@ -525,7 +572,8 @@ def make_plots(args, report: dict, runs: list[dict], V: dict[str, Variant]) -> N
             rows = [load_metrics(args.output_dir / r["dir"]) for r in mine if r["variant"] == k]
             rows = [x for x in rows if x]
             if rows:
-                curves[V[k].label] = mean_curves(rows)
+                keys = ("ce", "kd", "dom", "dom_acc") if V[k].trains_domain_head else ("ce", "kd")
+                curves[V[k].label] = mean_curves(rows, keys)
         if curves:
             name = f"loss_curves_{target}.png"
             plot_losses(curves, args.output_dir / name,
@@ -555,10 +603,22 @@ def make_plots(args, report: dict, runs: list[dict], V: dict[str, Variant]) -> N
         entry["pca"], entry["pca_seed"] = name, seed
 
 
+def teacher_fits(cache: Path) -> list[dict]:
+    """The auto-teacher fits in the cache (seconds and final loss of each)."""
+    fits = []
+    for f in sorted(Path(cache).glob("*/prada_teacher_fit.json")):
+        info = json.loads(f.read_text())
+        fits.append({"dir": f.parent.name, **{k: info.get(k) for k in
+                                               ("seed", "steps", "seconds", "final_loss")}})
+    return fits
+
+
 def build_report(args, argv: list[str], runs: list[dict], n_trained: int, t0: float) -> dict:
     V = variants(args.prompt_len)
     report = {
-        "command": "python -m prada_fast.experiments.compare" + (" " + shlex.join(argv) if argv else ""),
+        # the command that produces these runs (a --report-only rebuild shows the training command)
+        "command": "python -m prada_fast.experiments.compare" + "".join(
+            " " + shlex.quote(a) for a in argv if a != "--report-only"),
         "argv": argv,
         "config": {"seeds": args.seeds, "targets": args.targets, "variants": args.variants,
                    "max_steps": args.max_steps, "teacher_steps": args.teacher_steps,
@@ -566,6 +626,8 @@ def build_report(args, argv: list[str], runs: list[dict], n_trained: int, t0: fl
                    "data": args.data, "student": args.student, "teacher": args.teacher,
                    "ds": args.ds, "nproc": args.nproc, "threads": args.threads,
                    "extra": args.extra, "prompt_len": args.prompt_len,
+                   "trainer_env": {k: trainer_env(args).get(k) for k in
+                                   ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
                    "probe_folds": args.probe_folds, "teacher_cache": str(args.teacher_cache)},
         "variants": {k: {"label": V[k].label, "trainer_flags": list(V[k].flags)} for k in args.variants},
         "versions": versions(),
@@ -574,6 +636,7 @@ def build_report(args, argv: list[str], runs: list[dict], n_trained: int, t0: fl
         "run_seconds_total": round(sum(r["wall_seconds"] or 0 for r in runs), 1),
         "n_runs_planned": len(args.targets) * len(args.seeds) * len(args.variants),
         "n_runs_done": len(runs), "n_runs_trained": n_trained,
+        "teacher_fits": teacher_fits(args.teacher_cache),
         "results": {}, "plots": {}, "runs": runs,
     }
     for target in args.targets:
@@ -603,7 +666,17 @@ def main(argv=None) -> int:
         for t, s, v in plan:
             print(shlex.join(launcher(args) + trainer_args(args, t, v, s) + ["--overwrite"]))
         return 0
+    try:
+        import matplotlib  # noqa: F401  (fail now, not after the training)
+    except ImportError:
+        print("error: the report's plots need matplotlib: pip install matplotlib "
+              "(or pip install -e '.[bench]')", file=sys.stderr)
+        return 2
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(args.output_dir)
+    if lock is None:
+        print(f"error: another comparison is running in {args.output_dir}", file=sys.stderr)
+        return 2
     log(f"{len(plan)} runs ({len(args.targets)} target(s) x {len(args.seeds)} seeds x "
         f"{len(args.variants)} variants) in {args.output_dir}")
     runs, trained_walls = [], []
@@ -632,9 +705,9 @@ def main(argv=None) -> int:
             r = collect_run(args, t, v, s, status, wall)
             src = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "source"])
             tgt = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "target"])
+            head = _f(r["domain_classifier_accuracy"]) if v.trains_domain_head else "untrained"
             log(f"{tag}: {'done in %.0f s; ' % wall if wall else ''}acc source "
-                f"{_f(src)} target {_f(tgt)}, domain head {_f(r['domain_classifier_accuracy'])}, "
-                f"probe {_f(r['probe_accuracy'])}")
+                f"{_f(src)} target {_f(tgt)}, domain head {head}, probe {_f(r['probe_accuracy'])}")
             runs.append(r)
     except KeyboardInterrupt:
         log("interrupted: rerun the same command to continue (finished runs are kept)")
@@ -645,10 +718,27 @@ def main(argv=None) -> int:
     report = build_report(args, argv, runs, len(trained_walls), t0)
     (args.output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(report, args.output_dir / "report.md")
-    log(f"report: {args.output_dir / 'report.md'} (and report.json, "
-        + ", ".join(p for e in report["plots"].values() for k, p in e.items()
-                    if isinstance(p, str) and p.endswith(".png")) + f"); wall {report['wall_seconds'] / 60:.1f} min")
+    pngs = [p for e in report["plots"].values() for p in e.values()
+            if isinstance(p, str) and p.endswith(".png")]
+    log(f"report: {args.output_dir / 'report.md'} (and report.json, {', '.join(pngs)}); "
+        f"wall {report['wall_seconds'] / 60:.1f} min")
     return 0
+
+
+def _lock(out: Path):
+    """An exclusive lock on OUTPUT_DIR/.lock for this process (None: held by another), so that
+    two invocations never train into the same run directories."""
+    import fcntl
+    fh = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        return None
+    fh.truncate(0)
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 def _f(x) -> str:

@@ -51,14 +51,16 @@ def plot_pca(panels: list[dict], path: str | Path, title: str) -> Path:
 
 
 def plot_losses(curves: dict, path: str | Path, title: str, n_domains: int,
-                keys=("ce", "kd", "dom")) -> Path:
-    """Loss curves, mean over seeds with a +-1 std band, one line per variant.
-
-    curves: {variant label: mean_curves(...) output}."""
+                keys=("ce", "kd", "dom", "dom_acc")) -> Path:
+    """Loss curves, mean over seeds with a +-1 std band, one line per variant, one shared
+    legend. curves: {variant label: mean_curves(...) output}; a variant without a key (no
+    domain loss: no dom, dom_acc) is left out of that panel."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.9), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    names = {"ce": "hard CE (task)", "kd": "KD (teacher)", "dom": "domain CE (L_dom)"}
+    names = {"ce": "hard CE (task)", "kd": "KD to the teacher", "dom": "domain CE (L_dom)",
+             "dom_acc": "domain head accuracy (train batch)"}
+    handles = {}
     for ax, key in zip(axes[0], keys):
         for i, (label, c) in enumerate(curves.items()):
             if not c or key not in c:
@@ -66,18 +68,22 @@ def plot_losses(curves: dict, path: str | Path, title: str, n_domains: int,
             steps = c["step"]
             mean = [float("nan") if v is None else v for v in c[key]["mean"]]
             std = [0.0 if v is None else v for v in c[key]["std"]]
-            ax.plot(steps, mean, color=cmap(i), label=label, lw=1.6)
+            (line,) = ax.plot(steps, mean, color=cmap(i), label=label, lw=1.6)
+            handles[label] = line
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
                             [m + s for m, s in zip(mean, std)], color=cmap(i), alpha=0.18, lw=0)
         if key == "dom" and n_domains > 1:
-            ax.axhline(math.log(n_domains), color="gray", ls="--", lw=1,
-                       label=f"ln D = {math.log(n_domains):.2f} (chance)")
+            ref = ax.axhline(math.log(n_domains), color="gray", ls="--", lw=1)
+            handles[f"chance: ln D = {math.log(n_domains):.2f}, 1/D = {1 / n_domains:.2f}"] = ref
+        if key == "dom_acc" and n_domains > 1:
+            ax.axhline(1 / n_domains, color="gray", ls="--", lw=1)
         ax.set_xlabel("optimizer step")
         ax.set_title(names.get(key, key), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 4),
+               fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -1,0 +1,210 @@
+"""The comparison experiment (`python -m prada_fast.experiments.compare`): its numbers
+(aggregation over seeds, PCA, domain probes), the trainer commands it builds, and a tiny
+end-to-end run of 3 variants x 2 seeds that must leave a complete report."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prada_fast.experiments.analysis import aggregate, mean_curves, pca_2d, probe_accuracy
+from prada_fast.experiments.compare import parse_args, trainer_args, variants
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def test_aggregate_mean_and_sample_std():
+    a = aggregate([0.25, 0.5, None, 0.75, 1.0])
+    assert a["n"] == 4 and a["values"] == [0.25, 0.5, 0.75, 1.0]
+    assert a["mean"] == pytest.approx(0.625)
+    assert a["std"] == pytest.approx(float(np.std([0.25, 0.5, 0.75, 1.0], ddof=1)))
+    assert a["std"] == pytest.approx(math.sqrt(0.3125 / 3))
+    one = aggregate([0.4])
+    assert one["mean"] == pytest.approx(0.4) and one["std"] == 0.0 and one["n"] == 1
+    none = aggregate([None, None])
+    assert none == {"mean": None, "std": None, "n": 0, "values": []}
+
+
+def test_mean_curves_over_seeds_keep_common_steps():
+    a = [{"step": 10, "ce": 2.0, "kd": 1.0, "dom": 1.0}, {"step": 20, "ce": 1.0, "kd": 0.5, "dom": 2.0}]
+    b = [{"step": 10, "ce": 4.0, "kd": 3.0, "dom": 1.0}, {"step": 20, "ce": 3.0, "kd": 0.5, "dom": 2.0},
+         {"step": 30, "ce": 9.0, "kd": 9.0, "dom": 9.0}]
+    c = mean_curves([a, b])
+    assert c["step"] == [10, 20]
+    assert c["ce"]["mean"] == pytest.approx([3.0, 2.0])
+    assert c["ce"]["std"] == pytest.approx([math.sqrt(2), math.sqrt(2)])
+    assert c["kd"]["std"][1] == 0.0
+
+
+# ----------------------------------------------------------------------------- PCA
+
+
+def test_pca_matches_numpy_svd_and_finds_the_dominant_direction():
+    rng = np.random.default_rng(1234)
+    n, h = 300, 16
+    u = rng.normal(size=h)
+    u /= np.linalg.norm(u)
+    v = rng.normal(size=h)
+    v -= (v @ u) * u
+    v /= np.linalg.norm(v)
+    x = (rng.normal(size=(n, 1)) * 10.0) * u + (rng.normal(size=(n, 1)) * 3.0) * v \
+        + rng.normal(size=(n, h)) * 0.3 + 5.0  # an offset: PCA must centre
+    coords, comps, ratio = pca_2d(torch.from_numpy(x))
+
+    # independent computation: eigen-decomposition of the covariance matrix
+    xc = x - x.mean(0)
+    evals, evecs = np.linalg.eigh(np.cov(xc, rowvar=False))
+    order = np.argsort(evals)[::-1]
+    evals, evecs = evals[order], evecs[:, order]
+    for k in range(2):
+        assert abs(abs(float(comps[k].numpy() @ evecs[:, k])) - 1) < 1e-8
+        ref = xc @ evecs[:, k]
+        sign = np.sign(ref @ coords[:, k].numpy())
+        np.testing.assert_allclose(coords[:, k].numpy(), sign * ref, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(ratio.numpy(), evals[:2] / evals.sum(), rtol=1e-8)
+    # the planted directions are found (up to sign)
+    assert abs(float(comps[0].numpy() @ u)) > 0.999
+    assert abs(float(comps[1].numpy() @ v)) > 0.99
+    assert ratio[0] > 0.85
+    # deterministic sign: the largest-magnitude loading of each component is positive
+    for k in range(2):
+        assert comps[k][comps[k].abs().argmax()] > 0
+    np.testing.assert_allclose(np.linalg.norm(comps.numpy(), axis=1), 1.0, rtol=1e-10)
+
+
+def test_pca_rejects_too_few_rows():
+    with pytest.raises(ValueError):
+        pca_2d(torch.zeros(1, 4))
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def test_probes_separate_clusters_and_stay_near_chance_on_noise():
+    g = torch.Generator().manual_seed(0)
+    D, per, H = 4, 30, 12
+    labels = torch.arange(D).repeat_interleave(per)
+    centres = torch.randn(D, H, generator=g) * 6
+    separable = centres[labels] + torch.randn(D * per, H, generator=g)
+    noise = torch.randn(D * per, H, generator=g)
+    for kind in ("logistic", "ncm"):
+        assert probe_accuracy(separable, labels, kind=kind) == 1.0
+        assert probe_accuracy(noise, labels, kind=kind) < 0.5  # chance 0.25
+    assert probe_accuracy(separable, torch.zeros(D * per, dtype=torch.long)) is None  # one class
+    assert probe_accuracy(separable[:5], labels[:5]) is None  # fewer than 2 rows per class
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def test_trainer_commands_differ_only_in_the_variant_flags(tmp_path):
+    args = parse_args(["--output-dir", str(tmp_path), "--seeds", "0,1,2", "--extra", "--max-len 128"])
+    assert args.targets == ["sorting"] and args.variants == ["cot", "adv", "prada"]
+    V = variants(args.prompt_len)
+    for seed in args.seeds:
+        cmds = {k: trainer_args(args, "sorting", V[k], seed) for k in args.variants}
+        for k, cmd in cmds.items():
+            out = cmd[cmd.index("--output-dir") + 1]
+            assert out == str(tmp_path / "runs" / "sorting" / k / f"seed{seed}")
+            # one teacher cache for every variant: a seed's teacher is fitted once
+            assert cmd[cmd.index("--teacher-cache") + 1] == str(tmp_path / "teachers")
+            assert cmd[cmd.index("--seed") + 1] == str(seed)
+            assert cmd[cmd.index("--target-domains") + 1] == "sorting"
+            assert cmd[-2:] == ["--max-len", "128"]
+        assert "--no-domain-loss" in cmds["cot"] and "--no-domain-loss" not in cmds["adv"]
+        pl = {k: c[c.index("--prompt-len") + 1] for k, c in cmds.items()}
+        assert pl == {"cot": "0", "adv": "0", "prada": "8"}
+
+        def common(c):
+            c = list(c)
+            i = c.index("--output-dir")
+            del c[i:i + 2]
+            i = c.index("--prompt-len")
+            del c[i:i + 2]
+            return [x for x in c if x != "--no-domain-loss"]
+        assert common(cmds["cot"]) == common(cmds["adv"]) == common(cmds["prada"])
+
+
+def test_bad_flags_are_refused(tmp_path, capsys):
+    for bad in (["--extra", "--seed 3"], ["--seeds", "0,0"], ["--variants", "cot,foo"],
+                ["--data", "../shared/data/aqua_dev.json"], ["--eval-per-domain", "1"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--output-dir", str(tmp_path), *bad])
+        assert e.value.code == 2, bad
+
+
+# ----------------------------------------------------------------------------- end to end
+
+TINY = ["--seeds", "0,1", "--max-steps", "3", "--teacher-steps", "3", "--data", "synthetic:24",
+        "--eval-per-domain", "2", "--log-every", "1", "--extra", "--max-new-tokens 8 --max-len 96"]
+
+
+def compare(out: Path, *extra):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "prada_fast.experiments.compare", *TINY, "--output-dir", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_three_variants_two_seeds_end_to_end(tmp_path):
+    out = tmp_path / "cmp"
+    compare(out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_runs_done"] == report["n_runs_planned"] == 6
+    assert report["command"].startswith("python -m prada_fast.experiments.compare")
+    res = report["results"]["sorting"]
+    assert res["n_domains"] == 4 and res["chance"] == 0.25
+    assert set(res["variants"]) == {"cot", "adv", "prada"}
+    for k, v in res["variants"].items():
+        assert v["seeds"] == [0, 1]
+        assert set(v["domains"]) == {"arithmetic", "coinflip", "lastletter", "sorting"}
+        assert v["domains"]["sorting"]["role"] == "target"
+        for key in ("target_accuracy_after", "source_accuracy_after", "probe_accuracy",
+                    "ncm_accuracy", "domain_classifier_accuracy", "final_loss", "final_ce"):
+            a = v[key]
+            assert a["n"] == 2 and a["mean"] is not None and a["std"] is not None, (k, key)
+            assert a["mean"] == pytest.approx(sum(a["values"]) / 2)
+        acc = v["domains"]["arithmetic"]["accuracy_after"]
+        assert acc["n"] == 2 and 0 <= acc["mean"] <= 1
+    assert res["variants"]["cot"]["domain_head_trained"] is False
+    assert res["variants"]["adv"]["final_dom"]["mean"] > 0
+    assert res["variants"]["cot"]["final_dom"]["mean"] == 0  # no domain loss in (a)
+    assert set(res["paired_vs_cot"]) == {"adv", "prada"}
+    # the same seed distils from one teacher: one fit per seed in the shared cache
+    assert len([p for p in (out / "teachers").iterdir() if p.is_dir()]) == 2
+
+    plots = report["plots"]["sorting"]
+    for name in (plots["pca"], plots["loss_curves"]):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert set(plots["pca_explained_variance"]) == {"cot", "prada"}
+    md = (out / "report.md").read_text()
+    for text in ("(a) plain CoT distillation", "(b) domain-adversarial only", "(c) PRADA", " ± ",
+                 plots["pca"], plots["loss_curves"], report["command"]):
+        assert text in md
+    # every run left its own directory, metrics and pooled features
+    for v in ("cot", "adv", "prada"):
+        for s in (0, 1):
+            d = out / "runs" / "sorting" / v / f"seed{s}"
+            assert (d / "summary.json").is_file() and (d / "pooled_features.pt").is_file()
+
+    # resumable: the same command again reuses every finished run and trains nothing
+    stamp = (out / "runs" / "sorting" / "prada" / "seed1" / "summary.json").stat().st_mtime
+    proc = compare(out)
+    again = json.loads((out / "report.json").read_text())
+    assert again["n_runs_trained"] == 0 and again["n_runs_done"] == 6
+    assert {r["status"] for r in again["runs"]} == {"reused"}
+    assert (out / "runs" / "sorting" / "prada" / "seed1" / "summary.json").stat().st_mtime == stamp
+    assert "reused" in proc.stdout
+    assert again["results"]["sorting"]["variants"]["prada"]["target_accuracy_after"] == \
+        res["variants"]["prada"]["target_accuracy_after"]
