@@ -114,7 +114,7 @@ def _rows_config(V: int, device: torch.device) -> tuple[int, int]:
     return min(4096, max(128, triton.next_power_of_2(V))), 8
 
 
-def triton_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index):
+def triton_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=None):
     """Row op (see prada_fast.fused), a drop-in for prada_fast.chunked.torch_rows: per-row
     (ce_i, kd_i) in fp32 (0 on ignored rows); z (C, V) is overwritten with dL/dz."""
     C, V = z.shape

@@ -9,31 +9,70 @@ import torch
 from .fused import fused_prada_loss
 
 
-def torch_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index):
-    """Per-row ce and kd of one chunk; overwrites z with dL/dz (see prada_fast.fused)."""
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[r, v] * b[r, v] per row, as a batched mat-vec (no C x V temporary)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _scratch(workspace: dict | None, name: str, like: torch.Tensor) -> torch.Tensor:
+    """A C x V buffer reused across the chunks of one call: freeing and re-allocating it per
+    chunk costs page faults (glibc returns large blocks to the OS)."""
+    if workspace is None:
+        return torch.empty_like(like)
+    buf = workspace.get(name)
+    if buf is None or buf.shape[1] != like.shape[1] or buf.shape[0] < like.shape[0] \
+            or buf.dtype != like.dtype:
+        buf = workspace[name] = torch.empty_like(like)
+    return buf[: like.shape[0]]
+
+
+def torch_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=None):
+    """Per-row ce and kd of one chunk; overwrites z with dL/dz and uses z_t as scratch (see
+    prada_fast.fused). Every pass over the chunk is in place or into a reused buffer:
+    shifted logits, their exponentials, and row sums; the softmaxes are never normalised
+    as tensors, their normalisers are folded into the final scaling of the gradient."""
     valid = y != ignore_index
     yc = torch.where(valid, y, 0).unsqueeze(1)
-    w = torch.where(valid, scale, 0).unsqueeze(1).to(z.dtype)  # 0 on ignored rows
-    lse = torch.logsumexp(z, 1, keepdim=True)
-    ce = torch.where(valid, (lse - z.gather(1, yc)).squeeze(1), 0)
-    kd = torch.zeros_like(ce)
+    w = torch.where(valid, scale, 0).to(z.dtype)  # 0 on ignored rows
+    tau, a = float(temperature), float(alpha)
+    z.sub_(z.amax(1, keepdim=True))  # z := z - max z (the shift cancels in every term)
+    z_y = z.gather(1, yc).squeeze(1)
+    kd = torch.zeros_like(w)
     if z_t is not None:
-        tau = temperature
-        log_pt = torch.log_softmax(z_t.to(z.dtype) / tau, 1)
-        log_ps = z / tau
-        log_ps -= torch.logsumexp(log_ps, 1, keepdim=True)
-        p_t = log_pt.exp()
-        kd = torch.where(valid, tau * tau * (p_t * (log_pt - log_ps)).sum(1), 0)
-        # (1 - alpha) * tau * (softmax(z/tau) - p_t), built in the teacher's buffer
-        kd_grad = log_ps.exp_().sub_(p_t).mul_((1 - alpha) * tau)
-        del log_pt, p_t
-    z.sub_(lse).exp_()  # softmax(z)
-    if alpha != 1.0:
-        z.mul_(alpha)
-    z.scatter_add_(1, yc, torch.full_like(lse, -alpha))  # - alpha * onehot(y)
-    if z_t is not None:
-        z.add_(kd_grad)
-    z.mul_(w)
+        # teacher: z_t := log p_t, e_t := exp(z_t / tau - max) = p_t * s_t
+        if tau != 1.0:
+            z_t.mul_(1.0 / tau)
+        z_t.sub_(z_t.amax(1, keepdim=True)).clamp_(min=-1e30)  # -inf logit: p_t = 0, no 0 * -inf
+        e_t = torch.exp(z_t, out=_scratch(workspace, "e_t", z))
+        s_t = e_t.sum(1)
+        z_t.sub_(s_t.log().unsqueeze(1))
+        # KL(p_t || p_s^tau) = sum p_t log p_t - sum p_t (z/tau - lse(z/tau))
+        if tau != 1.0:
+            e_s = torch.mul(z, 1.0 / tau, out=_scratch(workspace, "e_s", z))
+            cross = _rowdot(e_t, e_s) / s_t  # sum p_t * (z - max) / tau
+            e_s.exp_()
+            s_tau = e_s.sum(1)
+            lse_tau = s_tau.log()
+        else:
+            cross = _rowdot(e_t, z) / s_t
+        ent = _rowdot(e_t, z_t) / s_t  # sum p_t log p_t
+    z.exp_()
+    s = z.sum(1)
+    lse = s.log()
+    ce = torch.where(valid, lse - z_y, 0)
+    if z_t is None:
+        z.mul_((w * a / s).unsqueeze(1))  # alpha * w * softmax(z)
+    elif tau == 1.0:
+        kd = torch.where(valid, ent - cross + lse, 0)
+        z.mul_((w / s).unsqueeze(1))  # (alpha + 1 - alpha) * w * softmax(z)
+        z.addcmul_(e_t, ((1 - a) * w / s_t).unsqueeze(1), value=-1.0)  # - (1-alpha) w p_t
+    else:
+        kd = torch.where(valid, tau * tau * (ent - cross + lse_tau), 0)
+        z.mul_((w * a / s).unsqueeze(1))
+        g = (1 - a) * tau * w  # (1-alpha) tau w (softmax(z/tau) - p_t)
+        z.addcmul_(e_s, (g / s_tau).unsqueeze(1))
+        z.addcmul_(e_t, (g / s_t).unsqueeze(1), value=-1.0)
+    z.scatter_add_(1, yc, (-a * w).unsqueeze(1))  # - alpha * w * onehot(y)
     return ce, kd
 
 

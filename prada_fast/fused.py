@@ -14,11 +14,12 @@ teacher, and a temporary in the PyTorch row op), plus fp32 accumulators of W_s's
 when the inputs are low precision.
 
 A row op has the signature
-    rows_fn(z, z_t, y, scale, *, temperature, alpha, ignore_index) -> (ce_i, kd_i)
+    rows_fn(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace) -> (ce_i, kd_i)
 z (C, V) student logits, overwritten in place with
     dL/dz = scale_i * (alpha * (softmax(z) - onehot(y))
                        + (1 - alpha) * tau * (softmax(z/tau) - softmax(z_t/tau)))
-(zero on ignored rows); z_t (C, V) teacher logits or None; y (C,) targets; scale (C,) fp32 =
+(zero on ignored rows); z_t (C, V) teacher logits (scratch: the op may overwrite them) or
+None; y (C,) targets; workspace: a dict kept across the chunks of one call; scale (C,) fp32 =
 1/n on every row (the op masks ignored rows itself). ce_i, kd_i: (C,) fp32, 0 on ignored rows.
 
 A domain op has the signature
@@ -31,8 +32,8 @@ from __future__ import annotations
 import torch
 
 
-def default_chunk_rows(n_rows: int, vocab: int, budget_elems: int = 1 << 22) -> int:
-    """Rows per chunk so that one chunk buffer holds about `budget_elems` logits (16 MiB fp32)."""
+def default_chunk_rows(n_rows: int, vocab: int, budget_elems: int = 1 << 23) -> int:
+    """Rows per chunk so that one chunk buffer holds about `budget_elems` logits (32 MiB fp32)."""
     rows = max(16, min(4096, budget_elems // max(vocab, 1)))
     return min(n_rows, rows) if n_rows > 0 else 1
 
@@ -111,18 +112,25 @@ def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden,
     all_valid = valid_rows.numel() == N
     M = valid_rows.numel()
     C = chunk_rows or default_chunk_rows(M, V)
+    zbuf = ztbuf = None  # chunk buffers, allocated once and reused by every chunk
+    workspace: dict = {}  # the row op's own reusable buffers
     for s in range(0, M, C):
         e = min(s + C, M)
         r = slice(s, e) if all_valid else valid_rows[s:e]
         h_c = h[r].to(cdt)
-        z = torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t()
+        if zbuf is None:
+            zbuf = torch.empty(min(C, M), V, dtype=cdt, device=dev)
+        z = zbuf[: e - s]
+        torch.addmm(b, h_c, w.t(), out=z) if b is not None else torch.mm(h_c, w.t(), out=z)
         z_t = None
         if u is not None:
-            z_t = u[r].to(cdt) @ wt.t()
-        elif zt_all is not None:
-            z_t = zt_all[r]
+            if ztbuf is None:
+                ztbuf = torch.empty(min(C, M), V, dtype=cdt, device=dev)
+            z_t = torch.mm(u[r].to(cdt), wt.t(), out=ztbuf[: e - s])
+        elif zt_all is not None:  # the row op may overwrite z_t: never hand it the caller's logits
+            z_t = zt_all[r].to(cdt, copy=True) if all_valid else zt_all[r].to(cdt)
         ce_i, kd_i = rows_fn(z, z_t, y[r], inv_n.expand(e - s), temperature=temperature,
-                             alpha=alpha, ignore_index=ignore_index)
+                             alpha=alpha, ignore_index=ignore_index, workspace=workspace)
         ce_sum += ce_i.sum()
         kd_sum += kd_i.sum()
         del z_t

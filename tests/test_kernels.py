@@ -304,7 +304,7 @@ def test_triton_rows_matches_torch_rows(dtype, teacher, V, poisoned_empty):
     opts = dict(temperature=1.7, alpha=0.4, ignore_index=-100)
     # torch_rows in fp32 on the same values is the twin (in bf16 it computes in bf16).
     z_ref = z.float().clone()
-    ce_r, kd_r = torch_rows(z_ref, None if zt is None else zt.float(), y, scale, **opts)
+    ce_r, kd_r = torch_rows(z_ref, None if zt is None else zt.float().clone(), y, scale, **opts)
     z_tri = z.clone()
     ce, kd = triton_rows(z_tri, zt, y, scale, **opts)
     assert ce.dtype == kd.dtype == torch.float32 and z_tri.dtype == dtype
@@ -329,7 +329,7 @@ def test_triton_rows_strided_and_all_ignored(poisoned_empty):
     scale = torch.full((C,), 0.25, device=DEV)
     opts = dict(temperature=0.8, alpha=0.6, ignore_index=-100)
     z_ref = z.clone()
-    ce_r, kd_r = torch_rows(z_ref, zt, y, scale, **opts)
+    ce_r, kd_r = torch_rows(z_ref, zt.clone(), y, scale, **opts)  # torch_rows uses z_t as scratch
     ce, kd = triton_rows(z, zt, y, scale, **opts)
     torch.testing.assert_close(ce, ce_r)
     torch.testing.assert_close(kd, kd_r)
