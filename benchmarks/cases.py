@@ -21,8 +21,10 @@ None of them has the domain term; ours are compared with "full" = task + dom.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+from pathlib import Path
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -482,3 +484,23 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _jsonable(obj):
+    """JSON-safe copy: non-finite floats become strings ("nan", "inf")."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def emit_result(res: dict, path: str | None) -> None:
+    """A case's result, with the versions, as JSON: to `path`, or to stdout."""
+    text = json.dumps(_jsonable({**res, "versions": versions()}), indent=1)
+    if path:
+        Path(path).write_text(text)
+    else:
+        print(text)

@@ -32,7 +32,6 @@ import argparse
 import ctypes
 import gc
 import json
-import math
 import os
 import statistics
 import sys
@@ -46,6 +45,7 @@ from benchmarks.cases import (
     Case,
     build_step,
     clear_grads,
+    emit_result,
     expected,
     gemm_ceiling,
     grad_names_of,
@@ -56,7 +56,6 @@ from benchmarks.cases import (
     oracle_pieces,
     parity_errors,
     rows_case,
-    versions,
 )
 
 
@@ -234,16 +233,6 @@ def _case_from_args(a) -> Case:
                      ignore_frac=a.ignore_frac, bias=a.bias)
 
 
-def _jsonable(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_case", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -291,12 +280,7 @@ def main(argv=None) -> int:
             else [_case_from_args(a)]
         res = run_parity(a.impl, cases, a.device)
     res["wall_s"] = time.perf_counter() - t0
-    res["versions"] = versions()
-    text = json.dumps(_jsonable(res), indent=1)
-    if a.json:
-        Path(a.json).write_text(text)
-    else:
-        print(text)
+    emit_result(res, a.json)
     return 0
 
 

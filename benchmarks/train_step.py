@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -54,24 +52,26 @@ def main(argv=None) -> int:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    losses, warm = [], []
-    for _ in range(a.warmup):
-        t0 = time.perf_counter()
-        loss, tokens = step()
-        sync()
-        warm.append(time.perf_counter() - t0)
-        losses.append(loss)
+    losses = []
+
+    def timed_steps(n: int) -> list[float]:
+        nonlocal tokens
+        seconds = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            loss, tokens = step()
+            sync()
+            seconds.append(time.perf_counter() - t0)
+            losses.append(loss)
+        return seconds
+
+    tokens = None
+    warm = timed_steps(a.warmup)
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
-    times = []
-    for _ in range(a.steps):
-        t0 = time.perf_counter()
-        loss, tokens = step()
-        sync()
-        times.append(time.perf_counter() - t0)
-        losses.append(loss)
+    times = timed_steps(a.steps)
     if dev.type == "cuda":
         peak_total = torch.cuda.max_memory_allocated(dev)
         method = "cuda max_memory_allocated over the timed steps"
@@ -87,13 +87,8 @@ def main(argv=None) -> int:
            "mem_baseline_bytes": int(base), "mem_method": method,
            "setup_s": setup_s, "threads": torch.get_num_threads()}
     dist_util.teardown()
-    from benchmarks.cases import versions
-    res["versions"] = versions()
-    text = json.dumps(res, indent=1)
-    if a.json:
-        Path(a.json).write_text(text)
-    else:
-        print(text)
+    from benchmarks.cases import emit_result
+    emit_result(res, a.json)
     return 0
 
 

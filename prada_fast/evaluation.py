@@ -48,8 +48,7 @@ def domain_accuracy(model, batches) -> float:
     right = total = 0
     for b in batches:
         hidden, mask = model.hidden_states(b["input_ids"].to(device), b["attention_mask"].to(device))
-        head = model.domain_head
-        c = head.out(head.features(masked_mean(hidden, mask)))
+        c = model.domain_head(masked_mean(hidden, mask))
         right += int((c.argmax(-1).cpu() == b["domain_labels"]).sum())
         total += len(b["domain_labels"])
     model.train(was_training)

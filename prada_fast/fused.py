@@ -134,7 +134,7 @@ def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden,
         ce_sum += ce_i.sum()
         kd_sum += kd_i.sum()
         del z_t
-        dz = z.to(cdt)  # z now holds dL/dz for this chunk
+        dz = z  # the row op overwrote z with dL/dz (compute dtype: zbuf is allocated in it)
         if need_h:
             if all_valid and grad_h.dtype == cdt:
                 grad_h[s:e].addmm_(dz, w)  # the GEMM adds onto the domain seed in its epilogue

@@ -84,13 +84,14 @@ def load_causal_lm(name_or_path: str, *, tokenizer=None, attn: str = "auto", dty
     return model, tok
 
 
+def _vocab_size(model) -> int:
+    """Rows of the output head (its full shape under ZeRO-3, where `shape` is a partition's)."""
+    w = model.get_output_embeddings().weight
+    return (getattr(w, "ds_shape", None) or w.shape)[0]
+
+
 def check_same_vocab(student, teacher) -> None:
-    vs = student.get_output_embeddings().weight.shape[0]
-    vt = teacher.get_output_embeddings().weight.shape[0]
-    if getattr(student.get_output_embeddings().weight, "ds_shape", None) is not None:
-        vs = student.get_output_embeddings().weight.ds_shape[0]
-    if getattr(teacher.get_output_embeddings().weight, "ds_shape", None) is not None:
-        vt = teacher.get_output_embeddings().weight.ds_shape[0]
+    vs, vt = _vocab_size(student), _vocab_size(teacher)
     if vs != vt:
         raise ModelError(f"teacher vocabulary ({vt} ids) differs from the student's ({vs} ids): "
                          "distillation needs the same tokenizer")
@@ -110,8 +111,9 @@ class DomainHead(nn.Module):
         else:
             raise ModelError(f"domain head {kind!r}: expected 'linear' or 'mlp'")
 
-    def features(self, f: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.inner(f)) if self.kind == "mlp" else f
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        """Domain logits of pooled features f (B, H)."""
+        return self.out(torch.relu(self.inner(f)) if self.kind == "mlp" else f)
 
 
 class PradaModel(nn.Module):
@@ -180,7 +182,7 @@ class PradaModel(nn.Module):
             grl_lambda=grl_lambda, impl=self.loss_impl)
         if use_domain and not linear_dom:  # MLP head: plain PyTorch with the GRL function
             f = grad_reverse(masked_mean(hidden, mask), grl_lambda)
-            c = self.domain_head.out(self.domain_head.features(f))
+            c = self.domain_head(f)
             c = c.to(torch.promote_types(c.dtype, torch.float32))
             dom = nn.functional.cross_entropy(c, domain_labels)
             loss = loss + dom
@@ -202,10 +204,9 @@ class PradaModel(nn.Module):
                                      pad_token_id=pad_token_id)
 
     # -- persistence of what is ours (the student itself is saved by save_pretrained) --
-    def heads_state(self) -> dict:
-        return {"soft_prompt": self.soft_prompt, "domain_head": self.domain_head.state_dict()}
-
-    def save_heads(self, out_dir: str | os.PathLike, state: dict, meta: dict) -> None:
+    @staticmethod
+    def save_heads(out_dir: str | os.PathLike, state: dict, meta: dict) -> None:
+        """Write what `from_final` reads besides the Hugging Face student."""
         torch.save(state, Path(out_dir) / HEADS_FILE)
         (Path(out_dir) / META_FILE).write_text(json.dumps(meta, indent=2))
 
