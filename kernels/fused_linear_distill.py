@@ -103,20 +103,32 @@ def _distill_rows_kernel(
     tl.store(kd_ptr + row, tl.where(valid, tau * tau * kd_acc, 0.0))
 
 
-def _rows_config(V: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) of the row kernel."""
-    if device.type != "cuda":
-        # Interpreter: 128-wide tiles, so that small test vocabularies walk several tiles
-        # and a remainder (the interpreter is slow; shapes there are tiny).
-        return 128, 4
-    # GPU: 4096-wide tiles over 8 warps = 16 fp32 per thread per live vector, which keeps the
-    # teacher pass (~6 live vectors) in registers while streaming the row at full width.
-    return min(4096, max(128, triton.next_power_of_2(V))), 8
+# Interpreter (CPU): 128-wide tiles, so that small test vocabularies walk several tiles and a
+# remainder (the interpreter is slow; shapes there are tiny).
+INTERPRETER_CONFIG = dict(BLOCK_V=128, num_warps=4)
+
+# GPU: autotuned per (V, teacher or not) over tiles of 1024-8192 ids and 4-16 warps. The row
+# is streamed twice (read z, z_t; then read z, z_t and write dL/dz): memory-bound, so a tile
+# must give each thread at least 8 ids (16-byte bf16 loads, several in flight) and at most 32
+# (the teacher pass keeps ~6 fp32 vectors live: 6 x 32 registers, short of spilling).
+GPU_CONFIGS = [triton.Config({"BLOCK_V": bv}, num_warps=nw)
+               for bv in (1024, 2048, 4096, 8192) for nw in (4, 8, 16) if 8 <= bv // (32 * nw) <= 32]
 
 
-def triton_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=None):
+def autotuned(kernel, configs=GPU_CONFIGS, **kw):
+    """`kernel` autotuned over `configs`, keyed on the vocabulary and the teacher flag. The
+    kernel overwrites z in place, so every timed trial restores it (restore_value)."""
+    return triton.autotune(configs=configs, key=["V", "HAS_TEACHER"], restore_value=["z_ptr"],
+                           **kw)(kernel)
+
+
+_distill_rows_tuned = autotuned(_distill_rows_kernel)
+
+
+def triton_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=None, kernel=None):
     """Row op (see prada_fast.fused), a drop-in for prada_fast.chunked.torch_rows: per-row
-    (ce_i, kd_i) in fp32 (0 on ignored rows); z (C, V) is overwritten with dL/dz."""
+    (ce_i, kd_i) in fp32 (0 on ignored rows); z (C, V) is overwritten with dL/dz. `kernel`:
+    the autotuned kernel on CUDA, the fixed interpreter configuration elsewhere (default)."""
     C, V = z.shape
     ce = torch.empty(C, dtype=torch.float32, device=z.device)
     kd = torch.empty(C, dtype=torch.float32, device=z.device)
@@ -127,23 +139,30 @@ def triton_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace
     if has_teacher and tuple(z_t.shape) != (C, V):
         raise ValueError(f"triton_rows: z_t must be {(C, V)}, got {tuple(z_t.shape)}")
     zt = z_t if has_teacher else z  # a dummy pointer when there is no teacher
-    block_v, num_warps = _rows_config(V, z.device)
     tau = float(temperature)
-    _distill_rows_kernel[(C,)](
+    if kernel is None:
+        kernel = _distill_rows_tuned if z.is_cuda else _distill_rows_kernel
+    meta = INTERPRETER_CONFIG if kernel is _distill_rows_kernel else {}
+    kernel[(C,)](
         z, zt, y, scale, ce, kd,
         V,
         z.stride(0), z.stride(1), zt.stride(0), zt.stride(1), y.stride(0), scale.stride(0),
         1.0 / tau, tau, float(alpha), int(ignore_index),
-        HAS_TEACHER=has_teacher, BLOCK_V=block_v, num_warps=num_warps,
+        HAS_TEACHER=has_teacher, **meta,
     )
     return ce, kd
 
 
-def triton_chunk_rows(n_rows: int, vocab: int, budget_elems: int = 1 << 26) -> int:
-    """Rows per chunk on a GPU: a multiple of 128 (GEMM tiles, and >= 128 row programs to
-    fill the SMs) in [128, 8192], so that one chunk buffer holds at most max(2^26, 128 * V)
-    logits: 128 MiB in bf16 for V <= 524288 (two such buffers with a teacher)."""
-    rows = min(8192, max(128, (budget_elems // max(vocab, 1)) // 128 * 128))
+def triton_chunk_rows(n_rows: int, vocab: int, *, n_buffers: int = 2, elem_bytes: int = 2,
+                      budget_bytes: int = 1 << 30) -> int:
+    """Rows per chunk on a GPU: the most whose `n_buffers` logit buffers (student, teacher) fit
+    in `budget_bytes` (1 GiB: 2048 rows at V = 128256 in bf16), a multiple of 256 in
+    [256, 8192]. Many rows per chunk matter for the grad_W product, whose inner dimension is
+    the chunk: its flops per byte are about rows * H / (2 H + rows) (a bf16 accumulator read
+    and written once per chunk), over the H100's ~270 flop/B ridge from ~700 rows at H = 4096;
+    at 512 rows it is memory-bound (benchmarks/NOTES.md)."""
+    per_row = n_buffers * vocab * elem_bytes
+    rows = min(8192, max(256, budget_bytes // max(per_row, 1) // 256 * 256))
     return max(1, min(n_rows, rows))
 
 
@@ -161,7 +180,9 @@ def triton_prada_loss(hidden, lm_weight, targets, *, lm_bias=None, teacher_hidde
         pool_mask = torch.ones(B, T, dtype=hidden.dtype, device=hidden.device)
     if chunk_rows is None:
         n, v = B * T, lm_weight.shape[0]
-        chunk_rows = triton_chunk_rows(n, v) if hidden.is_cuda else default_chunk_rows(n, v)
+        has_teacher = teacher_hidden is not None or teacher_logits is not None
+        chunk_rows = (triton_chunk_rows(n, v, n_buffers=1 + has_teacher, elem_bytes=hidden.element_size())
+                      if hidden.is_cuda else default_chunk_rows(n, v))
     return fused_prada_loss(
         hidden, lm_weight, targets, lm_bias=lm_bias, teacher_hidden=teacher_hidden,
         teacher_weight=teacher_weight, teacher_logits=teacher_logits,

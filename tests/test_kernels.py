@@ -173,6 +173,45 @@ def test_several_chunks(impl):
         assert_close(args[k].grad, ref[2][k], 1e-4, f"grad {k}")
 
 
+@pytest.mark.parametrize("chunk_rows", [16, 2], ids=["3_chunks_bf16_grad_W", "20_chunks_fp32_grad_W"])
+def test_bf16_grad_w_accumulation_over_chunks(chunk_rows):
+    """bf16 inputs: grad_W adds up in bf16 over few chunks, in an fp32 accumulator over many
+    (prada_fast.fused.LOW_PRECISION_GRAD_W_CHUNKS); both within DESIGN.md's bf16 tolerance."""
+    from prada_fast.fused import LOW_PRECISION_GRAD_W_CHUNKS
+
+    x = make_batch(dtype=torch.bfloat16, teacher="hidden", bias=True, domain=True, ignore_frac=0.0,
+                   seed=21)
+    n_chunks = -(-39 // chunk_rows)
+    assert (n_chunks <= LOW_PRECISION_GRAD_W_CHUNKS) == (chunk_rows == 16)
+    ref = run(x, "reference", upcast=True)
+    args = {k: (v.detach().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+            for k, v in x.items()}
+    a = dict(args)
+    loss, _ = triton_prada_loss(a.pop("hidden"), a.pop("lm_weight"), a.pop("targets"),
+                                chunk_rows=chunk_rows, **a, **HYPER)
+    loss.backward()
+    assert_close(loss, ref[0], TOL[torch.bfloat16]["loss"], "loss")
+    for k in GRAD_NAMES:
+        assert args[k].grad.dtype == torch.bfloat16
+        assert_close(args[k].grad, ref[2][k], TOL[torch.bfloat16]["grad"], f"grad {k}")
+
+
+def test_gpu_chunk_rows_rule():
+    """Chunks of the GPU path: the most rows whose logit buffers fit 1 GiB, in 256-row steps."""
+    from prada_kernels.fused_linear_distill import triton_chunk_rows
+
+    assert triton_chunk_rows(8192, 128256) == 2048            # 2 x 2048 x 128256 x 2 B = 1.0 GiB
+    assert triton_chunk_rows(65536, 262144) == 1024
+    assert triton_chunk_rows(65536, 151936, n_buffers=1) == 3328
+    assert triton_chunk_rows(100_000, 32000) == 8192          # capped
+    assert triton_chunk_rows(100_000, 4_000_000) == 256       # floored
+    assert triton_chunk_rows(300, 128256) == 300              # one chunk of every row
+    for V in (1003, 32000, 50257, 128256, 151936, 262144):
+        for nb in (1, 2):
+            c = triton_chunk_rows(10**6, V, n_buffers=nb)
+            assert c % 256 == 0 and (c == 256 or c * nb * V * 2 <= 1 << 30)
+
+
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
 def test_gradient_scales_with_incoming_gradient(impl):
     x = make_batch(teacher="hidden", bias=True, domain=True, seed=11)
@@ -316,6 +355,48 @@ def test_triton_rows_matches_torch_rows(dtype, teacher, V, poisoned_empty):
     assert (z_tri[[1, 4]] == 0).all(), "ignored rows must get dL/dz = 0"
     dz_tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: dL/dz rounded to bf16 (2 ulps)
     torch.testing.assert_close(z_tri.float(), z_ref, rtol=dz_tol, atol=1e-7)
+
+
+def _cpu_bench(fn, quantiles=None):
+    """A do_bench for the autotuner under the interpreter (Triton's own needs a GPU driver)."""
+    import time
+
+    fn()  # each timed call restores z first (restore_value)
+    t0 = time.perf_counter()
+    fn()
+    t = time.perf_counter() - t0
+    return [t, t, t] if quantiles else t
+
+
+def test_autotuned_row_kernel_restores_z(poisoned_empty):
+    """The row kernel overwrites z in place, and the autotuner runs it once per config and
+    timing before the real call: each trial must start from the original logits. On CUDA the
+    trainer's autotuned kernel runs (GPU_CONFIGS); under the interpreter the same wrapper over
+    two small configs, timed on the CPU."""
+    import triton
+
+    from prada_kernels import fused_linear_distill as fld
+
+    if DEV.type == "cuda":
+        kernel = fld._distill_rows_tuned
+    else:
+        configs = [triton.Config({"BLOCK_V": 64}, num_warps=4), triton.Config({"BLOCK_V": 128}, num_warps=4)]
+        kernel = fld.autotuned(fld._distill_rows_kernel, configs=configs, do_bench=_cpu_bench)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))  # fresh inputs
+    C, V = 6, 515
+    z = (torch.randn(C, V, generator=g) * 2).to(DEV)
+    zt = (torch.randn(C, V, generator=g) * 2).to(DEV)
+    y = torch.randint(0, V, (C,), generator=g).to(DEV)
+    y[2] = -100
+    scale = torch.full((C,), 0.2, device=DEV)
+    opts = dict(temperature=1.3, alpha=0.4, ignore_index=-100)
+    z_ref = z.clone()
+    ce_r, kd_r = torch_rows(z_ref, zt.clone(), y, scale, **opts)
+    ce, kd = triton_rows(z, zt, y, scale, kernel=kernel, **opts)
+    assert len(kernel.configs) >= 2 and kernel.best_config is not None  # it did tune
+    torch.testing.assert_close(ce, ce_r)
+    torch.testing.assert_close(kd, kd_r)
+    torch.testing.assert_close(z, z_ref)
 
 
 def test_triton_rows_strided_and_all_ignored(poisoned_empty):
