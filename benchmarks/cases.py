@@ -226,15 +226,16 @@ def unavailable_reason(impl: str, case: Case, device: str, *, mode: str) -> str 
     return None
 
 
-def build_step(impl: str, case: Case):
+def build_step(impl: str, case: Case, chunk_rows: int | None = None):
     """A function step(x) -> loss that runs forward + backward of `impl` on the inputs x
     (gradients land in x[...].grad). Built once per process (compiled variants compile on
-    their first call)."""
+    their first call). chunk_rows: for "chunked" and "triton" (None: their default)."""
     from prada_fast import prada_loss
 
     if impl in ("reference", "chunked", "triton", "reference_compiled"):
         name = "reference" if impl == "reference_compiled" else impl
-        fn = functools.partial(prada_loss, impl=name)
+        extra = {"chunk_rows": chunk_rows} if impl in ("chunked", "triton") else {}
+        fn = functools.partial(prada_loss, impl=name, **extra)
         if impl == "reference_compiled":
             fn = torch.compile(fn, dynamic=False)
 

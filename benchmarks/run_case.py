@@ -139,11 +139,11 @@ def _sync(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- modes
 def run_op(impl: str, case: Case, device: str, *, warmup: int, repeats: int,
-           oracle_path: str | None) -> dict:
+           oracle_path: str | None, chunk_rows: int | None = None) -> dict:
     dev = torch.device(device)
     torch.manual_seed(0)
     x = make_inputs(case, dev)
-    step = build_step(impl, case)
+    step = build_step(impl, case, chunk_rows)
     _sync(dev)
     warm = []
     for _ in range(warmup):
@@ -185,6 +185,7 @@ def run_op(impl: str, case: Case, device: str, *, warmup: int, repeats: int,
         "peak_extra_bytes": int(peak), "mem_method": method,
         "flops": matmul_flops(case, IMPLS[impl].piece), "threads": torch.get_num_threads(),
         "loss": float(loss.detach().float()) if loss is not None else None,
+        "chunk_rows": chunk_rows,
     }
     res["tflops"] = res["flops"] / res["median_s"] / 1e12
     if oracle_path:
@@ -253,6 +254,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunk-rows", type=int, default=None,
+                   help="op: rows per chunk of chunked/triton (default: theirs)")
     p.add_argument("--oracle", help="op: the oracle file to check parity against")
     p.add_argument("--pieces", default="", help="oracle: comma-separated pieces (default: what "
                                                 "every implementation needs)")
@@ -265,7 +268,7 @@ def main(argv=None) -> int:
         case = _case_from_args(a)
         try:
             res = run_op(a.impl, case, a.device, warmup=a.warmup, repeats=a.repeats,
-                         oracle_path=a.oracle)
+                         oracle_path=a.oracle, chunk_rows=a.chunk_rows)
         except torch.OutOfMemoryError as e:  # CUDA: recorded, not a crash
             res = {"mode": "op", "impl": a.impl, "case": case.to_dict(), "case_id": case.id,
                    "device": a.device, "oom": True, "error": str(e)[:500]}

@@ -9,7 +9,8 @@ with --loss-impl) and teacher pass, on a fixed random batch.
 second (input tokens of the batch / median step time), and the peak memory of a step above
 the state after warm-up (weights, optimizer state, ZeRO buffers) and in total, measured as
 in benchmarks.run_case (CUDA: max_memory_allocated over the timed steps; CPU: the resident
-set over one more, untimed step with glibc in exact mode).
+set over one more, untimed step with glibc in exact mode). Running out of CUDA memory is a
+result, not a crash: {"oom": true, ...} (benchmarks.max_batch searches on it).
 """
 from __future__ import annotations
 
@@ -38,7 +39,18 @@ def main(argv=None) -> int:
     p.add_argument("--ds", default=None, help="DeepSpeed config (default: ds_configs/zero3.json)")
     p.add_argument("--json", help="write the result here (default: stdout)")
     a = p.parse_args(argv)
+    from benchmarks.cases import emit_result
 
+    try:
+        res = measure(a)
+    except torch.OutOfMemoryError as e:  # CUDA: recorded, not a crash
+        res = {"mode": "train_step", "oom": True, "loss_impl": a.loss_impl, "student": a.student,
+               "teacher": a.teacher, "batch": a.batch, "seq": a.seq, "error": str(e)[:500]}
+    emit_result(res, a.json)
+    return 0
+
+
+def measure(a) -> dict:
     from prada_fast import distributed as dist_util
     from prada_fast.profile import build_train_step
 
@@ -85,11 +97,9 @@ def main(argv=None) -> int:
            "tokens_per_s": desc["tokens_per_step"] / med, "losses": losses,
            "peak_extra_bytes": int(peak_total - base), "peak_total_bytes": int(peak_total),
            "mem_baseline_bytes": int(base), "mem_method": method,
-           "setup_s": setup_s, "threads": torch.get_num_threads()}
+           "setup_s": setup_s, "threads": torch.get_num_threads(), "oom": False}
     dist_util.teardown()
-    from benchmarks.cases import emit_result
-    emit_result(res, a.json)
-    return 0
+    return res
 
 
 if __name__ == "__main__":

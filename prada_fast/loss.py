@@ -24,7 +24,7 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
 def prada_loss(hidden, lm_weight, targets, *, lm_bias=None, teacher_hidden=None,
                teacher_weight=None, teacher_logits=None, temperature=1.0, alpha=0.5,
                ignore_index=-100, num_valid_tokens=None, pool_mask=None, domain_weight=None,
-               domain_bias=None, domain_labels=None, grl_lambda=1.0, impl="auto"):
+               domain_bias=None, domain_labels=None, grl_lambda=1.0, impl="auto", chunk_rows=None):
     """PRADA loss: alpha * ce + (1 - alpha) * kd + dom, and its parts (see DESIGN.md).
 
     hidden (B, T, H) student final hidden states; lm_weight (V, H); targets (B, T) int64
@@ -33,6 +33,9 @@ def prada_loss(hidden, lm_weight, targets, *, lm_bias=None, teacher_hidden=None,
     domain_weight (D, H) [+ domain_bias (D,)] and domain_labels (B,) add the domain term,
     whose gradient into `hidden` is multiplied by -grl_lambda (gradient reversal).
     Returns (loss, parts) with parts "ce", "kd", "dom", "dom_acc", "n_tokens" (detached).
+    chunk_rows: rows per chunk of the fused implementations ("chunked", "triton"): their
+    logit buffers hold chunk_rows x V; None picks it from V and the device (the reference
+    ignores it).
     """
     _check(hidden.dim() == 3, f"hidden must be (B, T, H), got shape {tuple(hidden.shape)}")
     B, T, H = hidden.shape
@@ -75,12 +78,13 @@ def prada_loss(hidden, lm_weight, targets, *, lm_bias=None, teacher_hidden=None,
               ignore_index=ignore_index, num_valid_tokens=num_valid_tokens, pool_mask=pool_mask,
               domain_weight=domain_weight, domain_bias=domain_bias, domain_labels=domain_labels,
               grl_lambda=float(grl_lambda))
+    _check(chunk_rows is None or int(chunk_rows) >= 1, f"chunk_rows must be >= 1, got {chunk_rows}")
     impl = _resolve_impl(impl, hidden.device)
     if impl == "reference":
         from .reference import reference_prada_loss
         return reference_prada_loss(hidden, lm_weight, targets, **kw)
     if impl == "chunked":
         from .chunked import chunked_prada_loss
-        return chunked_prada_loss(hidden, lm_weight, targets, **kw)
+        return chunked_prada_loss(hidden, lm_weight, targets, chunk_rows=chunk_rows, **kw)
     from prada_kernels.fused_linear_distill import triton_prada_loss
-    return triton_prada_loss(hidden, lm_weight, targets, **kw)
+    return triton_prada_loss(hidden, lm_weight, targets, chunk_rows=chunk_rows, **kw)

@@ -148,7 +148,8 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
             "tokens_per_step": tokens, "loss_rows_per_step": n_valid, "loss_impl": loss_impl,
             "device": str(dev), "bf16": bool(cfg.get("bf16", {}).get("enabled")),
             "zero_stage": cfg.get("zero_optimization", {}).get("stage"),
-            "student_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
+            "student_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+            "attn": getattr(s_model.config, "_attn_implementation", None)}
     return step, desc
 
 
