@@ -23,6 +23,12 @@ tolerances).
 
 `ceiling`: TFLOP/s of a plain matrix product on the device (benchmarks.cases.gemm_ceiling).
 
+`rows`: the row op alone on one chunk of logits (--C rows x --V, --dtype, with a teacher
+unless --Ht 0): median time of the Triton kernel (autotuned; its choice is reported) and of
+the PyTorch twin, and the bandwidth that means: the kernel reads z and z_t twice and writes
+dL/dz once, 5 C V elements (3 without a teacher). Timed with CUDA events (the host clock
+on a CPU, where the kernel is interpreted: plumbing only).
+
 `parity`: for each case in the list, the oracle and one call of the implementation, in
 this process (small shapes); the Triton implementations need TRITON_INTERPRET=1 on a CPU.
 """
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -187,6 +194,9 @@ def run_op(impl: str, case: Case, device: str, *, warmup: int, repeats: int,
         "loss": float(loss.detach().float()) if loss is not None else None,
         "chunk_rows": chunk_rows,
     }
+    if impl == "triton" and dev.type == "cuda":
+        from prada_kernels import fused_linear_distill as fld
+        res["row_kernel_configs"] = {str(k): str(v) for k, v in fld._distill_rows_tuned.cache.items()}
     res["tflops"] = res["flops"] / res["median_s"] / 1e12
     if oracle_path:
         # memory-mapped: only the pieces this implementation is compared with are read
@@ -194,6 +204,53 @@ def run_op(impl: str, case: Case, device: str, *, warmup: int, repeats: int,
         exp = expected(orc, IMPLS[impl].piece)
         res["errors"] = parity_errors(loss, grads_of(x), exp, grad_names_of(impl))
     return res
+
+
+def _timed(fn, dev: torch.device) -> float:
+    """Seconds of fn() on the device: CUDA events around it, else the host clock."""
+    if dev.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    fn()
+    t1.record()
+    t1.synchronize()
+    return t0.elapsed_time(t1) / 1e3
+
+
+def run_rows(C: int, V: int, dtype: str, teacher: bool, device: str, repeats: int = 20) -> dict:
+    from benchmarks.cases import DTYPES
+    from prada_fast.chunked import torch_rows
+    from prada_kernels import fused_linear_distill as fld
+
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    dt = DTYPES[dtype]
+    z0 = (torch.randn(C, V, generator=g, device=dev) * 3).to(dt)
+    zt0 = (torch.randn(C, V, generator=g, device=dev) * 3).to(dt) if teacher else None
+    y = torch.randint(0, V, (C,), generator=g, device=dev)
+    scale = torch.full((C,), 1.0 / C, device=dev)
+    opts = dict(temperature=1.0, alpha=0.5, ignore_index=-100)
+    n_bytes = (5 if teacher else 3) * C * V * z0.element_size()
+    out = {"mode": "rows", "C": C, "V": V, "dtype": dtype, "teacher": teacher, "bytes": n_bytes}
+    for name, fn in (("triton", fld.triton_rows), ("torch", torch_rows)):
+        z, zt = z0.clone(), (zt0.clone() if teacher else None)
+        ws: dict = {}
+        times = []
+        for i in range(repeats + 2):  # two warm-ups (the first autotunes)
+            z.copy_(z0)
+            if teacher:
+                zt.copy_(zt0)  # torch_rows uses z_t as scratch
+            sec = _timed(functools.partial(fn, z, zt, y, scale, workspace=ws, **opts), dev)
+            if i >= 2:
+                times.append(sec)
+        med = statistics.median(times)
+        out[name] = {"median_s": med, "tb_per_s": n_bytes / med / 1e12}
+    cache = getattr(fld._distill_rows_tuned, "cache", {})
+    out["triton"]["configs"] = {str(k): str(v) for k, v in cache.items()}
+    return out
 
 
 def run_oracle(case: Case, device: str, pieces, out: str) -> dict:
@@ -237,11 +294,12 @@ def _case_from_args(a) -> Case:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_case", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("op", "oracle", "parity", "ceiling"))
+    p.add_argument("mode", choices=("op", "oracle", "parity", "ceiling", "rows"))
     p.add_argument("--impl", choices=list(IMPLS), default="chunked")
     p.add_argument("--case", help="the case as JSON (benchmarks.cases.Case fields)")
     p.add_argument("--cases", help="parity: a JSON file with a list of cases")
     p.add_argument("--N", type=int)
+    p.add_argument("--C", type=int, default=2048, help="rows: rows of the chunk")
     p.add_argument("--H", type=int)
     p.add_argument("--V", type=int)
     p.add_argument("--Ht", type=int, default=0, help="teacher hidden size (0: no teacher)")
@@ -274,6 +332,8 @@ def main(argv=None) -> int:
                    "device": a.device, "oom": True, "error": str(e)[:500]}
     elif a.mode == "ceiling":
         res = {"mode": "ceiling", **gemm_ceiling(a.device, a.dtype)}
+    elif a.mode == "rows":
+        res = run_rows(a.C, a.V, a.dtype, bool(a.Ht), a.device)
     elif a.mode == "oracle":
         case = _case_from_args(a)
         pieces = tuple(s for s in a.pieces.split(",") if s) or oracle_pieces(case, list(IMPLS))

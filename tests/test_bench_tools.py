@@ -60,3 +60,30 @@ def test_max_batch_end_to_end_on_cpu(tmp_path):
     assert res["largest_fitting"] == 2 and res["smallest_failing"] is None
     assert [t["batch"] for t in res["trials"]] == [1, 2]
     assert all(t["fits"] and t["tokens_per_s"] > 0 for t in res["trials"])
+
+
+def test_gpu_session_smoke(tmp_path):
+    """Every stage of the GPU session script at tiny shapes on this machine (the Triton
+    implementations interpreted on a CPU): the plumbing that a GPU call must not waste time
+    on. Each stage writes its JSON, the parity checks inside pass, the report renders."""
+    from benchmarks import gpu_session
+
+    out = tmp_path / "gpu"
+    assert gpu_session.main(["smoke", "--out", str(out), "--deadline-s", "500"]) == 0
+    recs = gpu_session.load_records([out])
+    assert set(recs) == set(gpu_session.STAGES)
+    for name, rec in recs.items():
+        assert not rec["errors"], (name, rec["errors"])
+    ops = [r for n in ("op", "big", "tune", "compiled") for r in recs[n]["rows"] if "impl" in r]
+    assert {"triton", "reference", "chunked", "liger_jsd", "liger_flce"} <= {r["impl"] for r in ops}
+    for r in ops:
+        assert r["median_s"] > 0 and not r["oom"], r
+        if r["chunk_rows"] is None:  # the tuning runs have no oracle
+            assert r["parity_failures"] == [], r
+    assert [r["chunk_rows"] for r in recs["tune"]["rows"] if "impl" in r] == [16, 32]
+    train = {r["impl"]: r for r in recs["train"]["rows"]}
+    assert train["reference"]["losses"][0] == pytest.approx(train["chunked"]["losses"][0], rel=1e-5)
+    assert all(r["largest_fitting"] == 2 for r in recs["maxbatch"]["rows"])
+    text = gpu_session.render(recs)
+    for heading in ("### Device", "### op", "### train", "### maxbatch", "row kernel C=4 V=300"):
+        assert heading in text

@@ -1,0 +1,382 @@
+"""One script for a GPU session: checks and times what the GPU issue asks for, in stages
+that each fit one call of the device machine (< 10 minutes), writing logs and JSON under
+--out ($OUT there) and printing a short table last.
+
+    bash benchmarks/gpu_session.sh STAGE [STAGE ...]       # on the device machine
+    python -m benchmarks.gpu_session STAGE [STAGE ...] [--out DIR] [--deadline-s 540]
+    python -m benchmarks.gpu_session report DIR [DIR ...]  # markdown of the stages' JSON
+
+Stages, in the order worth running them (a stage stops starting new work at its deadline
+and records what it left out):
+  env       device, driver and versions; the bf16 matrix-product ceiling (8192^3 and the
+            LM-head shapes) and the copy bandwidth
+  correct   pytest tests/test_kernels.py on CUDA, then pytest benchmarks -m parity
+  op        the target case N=8192 H=4096 V=128256, teacher H_t=4096, bf16: triton,
+            reference, liger_jsd, chunked, each checked against float64; then CE only
+            (no teacher, no domain head): triton, liger_flce, cce
+  train     one ZeRO-3 step, Qwen2.5-0.5B-shaped student + 1.5B-shaped teacher, bf16, SDPA,
+            4 x 1024 tokens: tokens/s of reference and triton
+  maxbatch  the largest micro-batch of that step (sequences of 1024), reference and triton
+  big       N=65536 V=262144 H=H_t=4096 bf16: triton against float64 (no out-of-memory)
+  tune      the target case at 512-4096 rows per chunk; the row kernel alone (bandwidth,
+            the autotuner's choice) at V = 32000 / 128256 / 262144
+  compiled  reference under torch.compile and Liger's chunked JSD (slow to compile)
+  smoke     every stage's plumbing at tiny shapes, on whatever device is here (CI: CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.cases import check_errors, machine, rows_case, unavailable_reason, versions
+from benchmarks.harness import REPO, CaseFailed, run_module
+
+STAGES = ("env", "correct", "op", "train", "maxbatch", "big", "tune", "compiled")
+TARGETS = {"vs_liger_jsd": 0.9, "vs_reference_time": 0.5, "vs_reference_memory": 0.10,
+           "of_ceiling": 0.60, "train_tokens": 1.3, "train_batch": 1.5}
+
+
+def shapes(smoke: bool) -> dict:
+    """The cases of each stage: the issue's shapes, or tiny ones for the smoke run."""
+    if smoke:
+        return dict(target=rows_case(96, 32, 300, 24, "float32"),
+                    ce=rows_case(96, 32, 300, 0, "float32", D=0),
+                    big=rows_case(128, 32, 600, 32, "float32"), chunks=(16, 32), rows=[(4, 300)],
+                    train=dict(student="tiny", teacher="tiny-teacher", vocab=300, batch=2, seq=16),
+                    max_limit=2, dtype="float32")
+    return dict(target=rows_case(8192, 4096, 128256, 4096, "bfloat16"),
+                ce=rows_case(8192, 4096, 128256, 0, "bfloat16", D=0),
+                big=rows_case(65536, 4096, 262144, 4096, "bfloat16"),
+                chunks=(512, 1024, 2048, 4096), rows=[(2048, 32000), (2048, 128256), (1024, 262144)],
+                train=dict(student="qwen2.5-0.5b", teacher="qwen2.5-1.5b", vocab=0, batch=4, seq=1024),
+                max_limit=512, dtype="bfloat16")
+
+
+class Session:
+    def __init__(self, out: Path, deadline_s: float, smoke: bool):
+        self.out, self.smoke = out, smoke
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.end = time.monotonic() + deadline_s
+        self.shapes = shapes(smoke)
+        out.mkdir(parents=True, exist_ok=True)
+        # float64 oracles (GiBs at the issue's shapes): outside --out, which the device tool
+        # copies back; kept for the next call while the machine stays warm
+        self.oracles = Path(tempfile.gettempdir()) / ("prada-oracles-smoke" if smoke else "prada-oracles")
+        self.oracles.mkdir(parents=True, exist_ok=True)
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def log(self, stage: str, text: str) -> None:
+        with open(self.out / f"{stage}.log", "a") as f:
+            f.write(text.rstrip() + "\n")
+        print(text.rstrip().splitlines()[-1] if text.strip() else "", file=sys.stderr, flush=True)
+
+    def module(self, stage: str, rec: dict, what: str, module: str, args: list[str],
+               need_s: float = 30, interpret: bool = False) -> dict | None:
+        """Run `python -m module args` if the deadline allows; its JSON, or None (recorded)."""
+        if self.left() < need_s:
+            rec["not_run"].append(f"{what}: out of time ({self.left():.0f} s left, needs ~{need_s:.0f})")
+            return None
+        t0 = time.monotonic()
+        try:
+            res = run_module(module, args, timeout=max(10.0, self.left()), interpret_triton=interpret)
+        except CaseFailed as e:
+            rec["errors"].append(f"{what}: {str(e)[-1500:]}")
+            self.log(stage, f"[{what}] FAILED\n{e}")
+            return None
+        self.log(stage, f"[{what}] {time.monotonic() - t0:.0f} s: {json.dumps(res)[:3000]}")
+        return res
+
+    def pytest(self, stage: str, rec: dict, what: str, args: list[str]) -> None:
+        if self.left() < 60:
+            rec["not_run"].append(f"{what}: out of time")
+            return
+        cmd = [sys.executable, "-m", "pytest", *args, "-q", "-rs", "-p", "no:cacheprovider"]
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=path)
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=self.left())
+            rc, text = p.returncode, p.stdout + p.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, text = "timeout", f"{e.stdout or ''}{e.stderr or ''}"
+            text = text.decode() if isinstance(text, bytes) else text
+        summary = [ln for ln in text.splitlines() if " passed" in ln or " failed" in ln or " error" in ln]
+        rec["rows"].append({"check": what, "rc": rc, "summary": summary[-1] if summary else text[-300:],
+                            "seconds": time.monotonic() - t0})
+        self.log(stage, f"[{what}] {' '.join(cmd)}\n{text}")
+
+
+# ----------------------------------------------------------------------------- stages
+def stage_env(s: Session, rec: dict) -> None:
+    info = {"machine": machine(), "versions": versions(), "device": s.device}
+    if s.device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": p.name, "sms": p.multi_processor_count, "memory_gib": p.total_memory / 2**30,
+                       "l2_mib": getattr(p, "L2_cache_size", 0) / 2**20}
+        q = "name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit,temperature.gpu"
+        try:
+            info["nvidia_smi"] = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv"],
+                                                capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired) as e:
+            info["nvidia_smi"] = f"not available: {e}"
+    rec["info"] = info
+    dtype = s.shapes["dtype"]
+    gemms = [None] if s.smoke else [None, (2048, 4096, 128256), (128256, 2048, 4096), (2048, 128256, 4096)]
+    from benchmarks.cases import copy_bandwidth, gemm_ceiling
+    for shape in gemms:
+        r = gemm_ceiling(s.device, dtype, shape)
+        rec["rows"].append({"what": "matmul", **r})
+    if s.device == "cuda":
+        rec["rows"].append({"what": "copy", **copy_bandwidth(s.device)})
+
+
+def _op(s: Session, rec: dict, stage: str, case, impls, *, repeats: int, warmup: int = 2,
+        chunk_rows=None, oracle: bool = True) -> None:
+    if s.smoke:
+        repeats, warmup = 1, 1
+    oracle_path = s.oracles / f"oracle-{case.id}.pt"
+    args = ["--case", json.dumps(case.to_dict())]
+    if oracle and not oracle_path.exists():
+        s.module(stage, rec, f"oracle {case.id}", "benchmarks.run_case",
+                 ["oracle", *args, "--out", str(oracle_path)], need_s=60)
+    # smoke: the Triton implementations run interpreted on a CPU (plumbing, not timing)
+    interpret = s.smoke and s.device != "cuda"
+    for impl in impls:
+        why = unavailable_reason(impl, case, s.device, mode="parity" if interpret else "speed")
+        if why:
+            rec["not_run"].append(f"{impl} on {case.id}: {why}")
+            continue
+        extra = ["--chunk-rows", str(chunk_rows)] if chunk_rows else []
+        if oracle_path.exists():
+            extra += ["--oracle", str(oracle_path)]
+        res = s.module(stage, rec, f"{impl} {case.id}{f' chunk {chunk_rows}' if chunk_rows else ''}",
+                       "benchmarks.run_case", ["op", "--impl", impl, *args, "--warmup", str(warmup),
+                                               "--repeats", str(repeats), *extra],
+                       need_s=45, interpret=interpret)
+        if res is not None:
+            bad = check_errors(res["errors"], case.dtype) if "errors" in res else ["not checked"]
+            rec["rows"].append({"case": case.id, "impl": impl, "chunk_rows": chunk_rows,
+                                "median_s": res.get("median_s"),
+                                "peak_extra_bytes": res.get("peak_extra_bytes"),
+                                "tflops": res.get("tflops"), "oom": res.get("oom", False),
+                                "errors": res.get("errors"), "parity_failures": bad,
+                                "configs": res.get("row_kernel_configs")})
+
+
+def stage_correct(s: Session, rec: dict) -> None:
+    if s.smoke:
+        s.pytest("correct", rec, "kernel tests", ["tests/test_kernels.py", "-k", "really_run or autotuned"])
+        return
+    s.pytest("correct", rec, "kernel tests", ["tests/test_kernels.py"])
+    s.pytest("correct", rec, "parity benchmarks", ["benchmarks", "-m", "parity", "--benchmark-disable"])
+
+
+def stage_op(s: Session, rec: dict) -> None:
+    reps = 3 if s.smoke else 10
+    _op(s, rec, "op", s.shapes["target"], ["triton", "reference", "liger_jsd", "chunked"], repeats=reps)
+    _op(s, rec, "op", s.shapes["ce"], ["triton", "liger_flce", "cce"], repeats=reps)
+
+
+def stage_compiled(s: Session, rec: dict) -> None:
+    _op(s, rec, "compiled", s.shapes["target"], ["reference_compiled", "liger_jsd_chunked"],
+        repeats=3 if s.smoke else 10)
+
+
+def stage_big(s: Session, rec: dict) -> None:
+    _op(s, rec, "big", s.shapes["big"], ["triton"], repeats=2, warmup=1)
+
+
+def stage_tune(s: Session, rec: dict) -> None:
+    target = s.shapes["target"]
+    for c in s.shapes["chunks"]:
+        _op(s, rec, "tune", target, ["triton"], repeats=3 if s.smoke else 10, chunk_rows=c, oracle=False)
+    for C, V in s.shapes["rows"]:
+        res = s.module("tune", rec, f"rows C={C} V={V}", "benchmarks.run_case",
+                       ["rows", "--C", str(C), "--V", str(V), "--Ht", "1", "--dtype", s.shapes["dtype"],
+                        "--device", s.device], interpret=s.device != "cuda")
+        if res is not None:
+            rec["rows"].append({"rows": f"C={C} V={V}", **{k: res[k] for k in ("bytes", "triton", "torch")}})
+
+
+def _train_args(t: dict, impl: str) -> list[str]:
+    return ["--loss-impl", impl, "--student", t["student"], "--teacher", t["teacher"],
+            "--vocab", str(t["vocab"]), "--batch", str(t["batch"]), "--seq", str(t["seq"])]
+
+
+def stage_train(s: Session, rec: dict) -> None:
+    t = s.shapes["train"]
+    impls = ["reference", "triton"] if s.device == "cuda" else ["reference", "chunked"]
+    for impl in impls:
+        res = s.module("train", rec, f"train step {impl}", "benchmarks.train_step",
+                       [*_train_args(t, impl), "--warmup", "2", "--steps", "3" if s.smoke else "8"],
+                       need_s=90)
+        if res is not None:
+            rec["rows"].append({"impl": impl, **{k: res.get(k) for k in (
+                "tokens_per_s", "median_s", "peak_extra_bytes", "peak_total_bytes", "oom", "losses",
+                "attn", "bf16", "vocab", "batch", "seq", "student", "teacher")}})
+
+
+def stage_maxbatch(s: Session, rec: dict) -> None:
+    t = s.shapes["train"]
+    impls = ["reference", "triton"] if s.device == "cuda" else ["reference", "chunked"]
+    for impl in impls:
+        args = [*_train_args(t, impl)[:8], "--seq", str(t["seq"]), "--start", str(t["batch"]),
+                "--limit", str(s.shapes["max_limit"])]
+        res = s.module("maxbatch", rec, f"max batch {impl}", "benchmarks.max_batch", args, need_s=120)
+        if res is not None:
+            rec["rows"].append({"impl": impl, **{k: res[k] for k in ("largest_fitting", "smallest_failing",
+                                                                      "trials")}})
+
+
+RUNNERS = {"env": stage_env, "correct": stage_correct, "op": stage_op, "train": stage_train,
+           "maxbatch": stage_maxbatch, "big": stage_big, "tune": stage_tune, "compiled": stage_compiled}
+
+
+# ----------------------------------------------------------------------------- report
+def _ms(x):
+    return "–" if x is None else f"{x * 1e3:.1f} ms"
+
+
+def _gib(x):
+    return "–" if x is None else f"{x / 2**30:.2f} GiB"
+
+
+def _maxerr(errs):
+    return "–" if not errs else f"{max(float(v) for v in errs.values()):.1e}"
+
+
+def render(recs: dict) -> str:
+    """Markdown of the stages' results, with the issue's targets checked where measured."""
+    out = []
+    env = recs.get("env")
+    ceiling = None
+    if env:
+        info = env.get("info", {})
+        out += ["### Device", "", f"- date: {env['started']}",
+                f"- device: {info.get('gpu') or info.get('machine')}",
+                f"- nvidia-smi: `{info.get('nvidia_smi', '–')}`", f"- versions: {info.get('versions')}"]
+        for r in env["rows"]:
+            if r["what"] == "matmul":
+                out.append(f"- matrix product {r['shape']} {r['dtype']}: {r['tflops']:.3g} TFLOP/s")
+                ceiling = ceiling or r["tflops"]  # the first: 8192^3 (the square product)
+            else:
+                out.append(f"- device copy: {r['tb_per_s']:.2f} TB/s (read + write)")
+        out.append("")
+    for name in ("correct",):
+        if name in recs:
+            out += [f"### {name}", "", "| check | rc | summary | s |", "|---|---|---|---:|"]
+            out += [f"| {r['check']} | {r['rc']} | {r['summary']} | {r['seconds']:.0f} |"
+                    for r in recs[name]["rows"]]
+            out.append("")
+    for name in ("op", "compiled", "big", "tune"):
+        rows = [r for r in recs.get(name, {}).get("rows", []) if "impl" in r]
+        kernel_rows = [r for r in recs.get(name, {}).get("rows", []) if "rows" in r]
+        if not rows and not kernel_rows:
+            continue
+        ref = {r["case"]: r for r in rows if r["impl"] == "reference" and r.get("median_s")}
+        jsd = {r["case"]: r for r in rows if r["impl"] == "liger_jsd" and r.get("median_s")}
+        out += [f"### {name}", "", "| case | impl | chunk | time | extra memory | TFLOP/s | of ceiling "
+                "| time vs reference | memory vs reference | time vs Liger JSD | max rel. error |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            t, m = r.get("median_s"), r.get("peak_extra_bytes")
+            rr, jj = ref.get(r["case"]), jsd.get(r["case"])
+            of_c = f"{r['tflops'] / ceiling:.0%}" if (ceiling and r.get("tflops")) else "–"
+            vs_t = f"{t / rr['median_s']:.2f}" if (rr and t) else "–"
+            vs_m = f"{m / max(rr['peak_extra_bytes'], 1):.3f}" if (rr and m is not None) else "–"
+            vs_j = f"{t / jj['median_s']:.2f}" if (jj and t) else "–"
+            err = "OOM" if r.get("oom") else _maxerr(r.get("errors"))
+            if r.get("parity_failures") and r["parity_failures"] != ["not checked"]:
+                err += " FAIL"
+            tf = f"{r['tflops']:.0f}" if r.get("tflops") else "–"
+            out.append(f"| {r['case']} | {r['impl']} | {r.get('chunk_rows') or 'auto'} | {_ms(t)} "
+                       f"| {_gib(m)} | {tf} | {of_c} | {vs_t} | {vs_m} | {vs_j} | {err} |")
+        out.append("")
+        for r in kernel_rows:
+            out.append(f"- row kernel {r['rows']}: triton {_ms(r['triton']['median_s'])} "
+                       f"({r['triton']['tb_per_s']:.2f} TB/s), torch {_ms(r['torch']['median_s'])} "
+                       f"({r['torch']['tb_per_s']:.2f} TB/s); autotuned: {r['triton'].get('configs')}")
+    if "train" in recs:
+        rows = {r["impl"]: r for r in recs["train"]["rows"]}
+        out += ["### train", "",
+                "| impl | tokens/s | step | extra memory | total memory | first loss | attn |",
+                "|---|---:|---:|---:|---:|---:|---|"]
+        for k, r in rows.items():
+            tok = "OOM" if r.get("oom") else f"{r['tokens_per_s']:.0f}"
+            first = (r.get("losses") or ["–"])[0]
+            out.append(f"| {k} | {tok} | {_ms(r.get('median_s'))} | {_gib(r.get('peak_extra_bytes'))} | "
+                       f"{_gib(r.get('peak_total_bytes'))} | {first} | {r.get('attn')} |")
+        out.append("")
+    if "maxbatch" in recs:
+        out += ["### maxbatch", "", "| impl | largest micro-batch | smallest failing | trials |",
+                "|---|---:|---:|---|"]
+        for r in recs["maxbatch"]["rows"]:
+            tr = ", ".join(f"{t['batch']}{'' if t['fits'] else ' OOM'}" for t in r["trials"])
+            out.append(f"| {r['impl']} | {r['largest_fitting']} | {r['smallest_failing']} | {tr} |")
+        out.append("")
+    for name, rec in recs.items():
+        for k in ("not_run", "errors"):
+            out += [f"- {name} {k.replace('_', ' ')}: {x[:400]}" for x in rec.get(k, [])]
+    return "\n".join(out) + "\n"
+
+
+def load_records(dirs) -> dict:
+    recs = {}
+    for d in dirs:
+        for p in sorted(Path(d).glob("stage-*.json")):
+            rec = json.loads(p.read_text())
+            recs[rec["stage"]] = rec  # a later directory's run of a stage replaces an earlier one
+    return recs
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stages", nargs="+", help=f"{', '.join(STAGES)}, smoke, or 'report DIR...'")
+    p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "out" / "gpu"),
+                   help="where the logs and JSON go (default: $OUT, else benchmarks/out/gpu)")
+    p.add_argument("--deadline-s", type=float, default=540,
+                   help="stop starting new work after this many seconds (the device allows 600 per call)")
+    a = p.parse_args(argv)
+    if a.stages[0] == "report":
+        print(render(load_records(a.stages[1:] or [a.out])))
+        return 0
+    smoke = "smoke" in a.stages
+    stages = list(STAGES) if smoke else a.stages
+    bad = [x for x in stages if x not in STAGES]
+    if bad:
+        p.error(f"unknown stage(s) {bad}: expected {', '.join(STAGES)}, smoke or report")
+    s = Session(Path(a.out), a.deadline_s, smoke)
+    if s.device != "cuda" and not smoke:
+        p.error("no CUDA device here: the stages measure a GPU (run 'smoke' to check the plumbing)")
+    command = "python -m benchmarks.gpu_session " + " ".join(a.stages)
+    recs = {}
+    for name in stages:
+        rec = {"stage": name, "command": command, "started": dt.datetime.now(dt.timezone.utc).isoformat(
+            timespec="seconds"), "device": s.device, "rows": [], "not_run": [], "errors": []}
+        t0 = time.monotonic()
+        try:
+            RUNNERS[name](s, rec)
+        except Exception as e:  # a stage's bug must not lose the other stages' results
+            rec["errors"].append(f"{type(e).__name__}: {e}")
+        rec["seconds"] = time.monotonic() - t0
+        (s.out / f"stage-{name}.json").write_text(json.dumps(rec, indent=1, default=str))
+        recs[name] = rec
+    print(render(recs))
+    return 1 if any(r["errors"] for r in recs.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
