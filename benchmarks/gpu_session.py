@@ -62,8 +62,8 @@ def shapes(smoke: bool) -> dict:
 
 
 class Session:
-    def __init__(self, out: Path, deadline_s: float, smoke: bool):
-        self.out, self.smoke = out, smoke
+    def __init__(self, out: Path, deadline_s: float, smoke: bool, only: set[str] | None = None):
+        self.out, self.smoke, self.only = out, smoke, only
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.end = time.monotonic() + deadline_s
         self.shapes = shapes(smoke)
@@ -72,6 +72,10 @@ class Session:
         # copies back; kept for the next call while the machine stays warm
         self.oracles = Path(tempfile.gettempdir()) / ("prada-oracles-smoke" if smoke else "prada-oracles")
         self.oracles.mkdir(parents=True, exist_ok=True)
+
+    def pick(self, impls: list[str]) -> list[str]:
+        """The implementations a stage runs: all of them, or those of --only."""
+        return [i for i in impls if not self.only or i in self.only]
 
     def left(self) -> float:
         return self.end - time.monotonic()
@@ -152,7 +156,7 @@ def _op(s: Session, rec: dict, stage: str, case, impls, *, repeats: int, warmup:
                  ["oracle", *args, "--out", str(oracle_path)], need_s=60)
     # smoke: the Triton implementations run interpreted on a CPU (plumbing, not timing)
     interpret = s.smoke and s.device != "cuda"
-    for impl in impls:
+    for impl in s.pick(impls):
         why = unavailable_reason(impl, case, s.device, mode="parity" if interpret else "speed")
         if why:
             rec["not_run"].append(f"{impl} on {case.id}: {why}")
@@ -217,7 +221,7 @@ def _train_args(t: dict, impl: str) -> list[str]:
 def stage_train(s: Session, rec: dict) -> None:
     t = s.shapes["train"]
     impls = ["reference", "triton"] if s.device == "cuda" else ["reference", "chunked"]
-    for impl in impls:
+    for impl in s.pick(impls):
         res = s.module("train", rec, f"train step {impl}", "benchmarks.train_step",
                        [*_train_args(t, impl), "--warmup", "2", "--steps", "3" if s.smoke else "8"],
                        need_s=90)
@@ -230,7 +234,7 @@ def stage_train(s: Session, rec: dict) -> None:
 def stage_maxbatch(s: Session, rec: dict) -> None:
     t = s.shapes["train"]
     impls = ["reference", "triton"] if s.device == "cuda" else ["reference", "chunked"]
-    for impl in impls:
+    for impl in s.pick(impls):
         args = [*_train_args(t, impl)[:8], "--seq", str(t["seq"]), "--start", str(t["batch"]),
                 "--limit", str(s.shapes["max_limit"])]
         res = s.module("maxbatch", rec, f"max batch {impl}", "benchmarks.max_batch", args, need_s=120)
@@ -319,24 +323,89 @@ def render(recs: dict) -> str:
                        f"{_gib(r.get('peak_total_bytes'))} | {first} | {r.get('attn')} |")
         out.append("")
     if "maxbatch" in recs:
-        out += ["### maxbatch", "", "| impl | largest micro-batch | smallest failing | trials |",
-                "|---|---:|---:|---|"]
+        out += ["### maxbatch", "",
+                "| impl | largest micro-batch | smallest failing | tokens/s there (1 step) | trials |",
+                "|---|---:|---:|---:|---|"]
         for r in recs["maxbatch"]["rows"]:
             tr = ", ".join(f"{t['batch']}{'' if t['fits'] else ' OOM'}" for t in r["trials"])
-            out.append(f"| {r['impl']} | {r['largest_fitting']} | {r['smallest_failing']} | {tr} |")
+            at = [t for t in r["trials"] if t["fits"] and t["batch"] == r["largest_fitting"]]
+            tok = f"{at[0]['tokens_per_s']:.0f}" if at else "–"
+            out.append(f"| {r['impl']} | {r['largest_fitting']} | {r['smallest_failing']} | {tok} | {tr} |")
         out.append("")
+    out += targets(recs)
     for name, rec in recs.items():
         for k in ("not_run", "errors"):
             out += [f"- {name} {k.replace('_', ' ')}: {x[:400]}" for x in rec.get(k, [])]
     return "\n".join(out) + "\n"
 
 
+def _row_key(r: dict) -> tuple:
+    return tuple(str(r.get(k)) for k in ("what", "shape", "check", "case", "impl", "chunk_rows", "rows"))
+
+
+def targets(recs: dict) -> list[str]:
+    """The GPU issue's targets, each met / missed with its number, where measured."""
+    lines = []
+
+    def check(name, value, limit, *, most=True, fmt="{:.2f}"):
+        ok = value <= limit if most else value >= limit
+        rel = "<=" if most else ">="
+        lines.append(f"- {name}: {fmt.format(value)} (target {rel} {fmt.format(limit)}): "
+                     f"{'met' if ok else 'MISSED'}")
+
+    ceiling = next((r["tflops"] for r in recs.get("env", {}).get("rows", []) if r["what"] == "matmul"), None)
+    op = [r for r in recs.get("op", {}).get("rows", [])
+          if r.get("median_s") and "-noteacher" not in r["case"]]
+    by = {r["impl"]: r for r in op}
+    tri = by.get("triton")
+    if tri:
+        if "liger_jsd" in by:
+            check("op time vs Liger fused linear JSD", tri["median_s"] / by["liger_jsd"]["median_s"],
+                  TARGETS["vs_liger_jsd"])
+        if "reference" in by:
+            ref = by["reference"]
+            check("op time vs reference", tri["median_s"] / ref["median_s"], TARGETS["vs_reference_time"])
+            check("op extra memory vs reference", tri["peak_extra_bytes"] / max(ref["peak_extra_bytes"], 1),
+                  TARGETS["vs_reference_memory"], fmt="{:.3f}")
+        if ceiling:
+            check("op matrix rate vs the bf16 matrix-product ceiling", tri["tflops"] / ceiling,
+                  TARGETS["of_ceiling"], most=False)
+    for r in op:
+        if r.get("parity_failures") and r["parity_failures"] != ["not checked"]:
+            lines.append(f"- parity {r['impl']} {r['case']}: FAILED {r['parity_failures']}")
+    train = {r["impl"]: r for r in recs.get("train", {}).get("rows", []) if r.get("tokens_per_s")}
+    if "triton" in train and "reference" in train:
+        check("train step tokens/s vs reference", train["triton"]["tokens_per_s"] /
+              train["reference"]["tokens_per_s"], TARGETS["train_tokens"], most=False)
+    mb = {r["impl"]: r["largest_fitting"] for r in recs.get("maxbatch", {}).get("rows", [])}
+    if mb.get("triton") and mb.get("reference"):
+        check("largest micro-batch vs reference", mb["triton"] / mb["reference"], TARGETS["train_batch"],
+              most=False)
+    for r in recs.get("big", {}).get("rows", []):
+        ok = not r.get("oom") and r.get("median_s") and not r.get("parity_failures")
+        lines.append(f"- {r['impl']} at {r['case']}: {'ran, parity ok' if ok else 'FAILED'} "
+                     f"({_ms(r.get('median_s'))}, {_gib(r.get('peak_extra_bytes'))} extra)")
+    for r in recs.get("correct", {}).get("rows", []):
+        lines.append(f"- {r['check']}: {'passed' if r['rc'] == 0 else 'FAILED'} ({r['summary']})")
+    return ["### Targets", "", *lines, ""] if lines else []
+
+
 def load_records(dirs) -> dict:
+    """The stages' records found in `dirs` (stage-*.json), merged per stage: runs split over
+    calls (--only) add their rows; a row measured again replaces the earlier one."""
     recs = {}
-    for d in dirs:
-        for p in sorted(Path(d).glob("stage-*.json")):
-            rec = json.loads(p.read_text())
-            recs[rec["stage"]] = rec  # a later directory's run of a stage replaces an earlier one
+    files = [p for d in dirs for p in Path(d).glob("stage-*.json")]
+    for p in sorted(files, key=lambda p: json.loads(p.read_text())["started"]):
+        rec = json.loads(p.read_text())
+        have = recs.setdefault(rec["stage"], {**rec, "rows": [], "not_run": [], "errors": []})
+        rows = {_row_key(r): r for r in have["rows"]}
+        rows.update({_row_key(r): r for r in rec["rows"]})
+        have["rows"] = list(rows.values())
+        have["not_run"] += rec["not_run"]
+        have["errors"] += rec["errors"]
+        for k in ("info", "command"):
+            if k in rec:
+                have[k] = rec[k]
     return recs
 
 
@@ -349,6 +418,8 @@ def main(argv=None) -> int:
                    help="where the logs and JSON go (default: $OUT, else benchmarks/out/gpu)")
     p.add_argument("--deadline-s", type=float, default=540,
                    help="stop starting new work after this many seconds (the device allows 600 per call)")
+    p.add_argument("--only", default="", help="comma-separated implementations: run just these "
+                                              "(e.g. --only triton to split a stage over two calls)")
     a = p.parse_args(argv)
     if a.stages[0] == "report":
         print(render(load_records(a.stages[1:] or [a.out])))
@@ -358,10 +429,11 @@ def main(argv=None) -> int:
     bad = [x for x in stages if x not in STAGES]
     if bad:
         p.error(f"unknown stage(s) {bad}: expected {', '.join(STAGES)}, smoke or report")
-    s = Session(Path(a.out), a.deadline_s, smoke)
+    s = Session(Path(a.out), a.deadline_s, smoke, set(filter(None, a.only.split(","))) or None)
     if s.device != "cuda" and not smoke:
         p.error("no CUDA device here: the stages measure a GPU (run 'smoke' to check the plumbing)")
-    command = "python -m benchmarks.gpu_session " + " ".join(a.stages)
+    only = ["--only", a.only] if a.only else []
+    command = " ".join(["python -m benchmarks.gpu_session", *a.stages, *only])
     recs = {}
     for name in stages:
         rec = {"stage": name, "command": command, "started": dt.datetime.now(dt.timezone.utc).isoformat(
@@ -372,7 +444,8 @@ def main(argv=None) -> int:
         except Exception as e:  # a stage's bug must not lose the other stages' results
             rec["errors"].append(f"{type(e).__name__}: {e}")
         rec["seconds"] = time.monotonic() - t0
-        (s.out / f"stage-{name}.json").write_text(json.dumps(rec, indent=1, default=str))
+        suffix = f"-{a.only.replace(',', '+')}" if a.only else ""
+        (s.out / f"stage-{name}{suffix}.json").write_text(json.dumps(rec, indent=1, default=str))
         recs[name] = rec
     print(render(recs))
     return 1 if any(r["errors"] for r in recs.values()) else 0

@@ -23,10 +23,15 @@ PRESETS = {
                  num_attention_heads=4, num_key_value_heads=4),
     "tiny-teacher": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                          num_attention_heads=6, num_key_value_heads=6),
+    # the shapes of Qwen2.5-0.5B and -1.5B (random weights): tied embeddings, as theirs
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                         tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6,
+                         max_position_embeddings=32768),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                         tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6,
+                         max_position_embeddings=32768),
 }
 HEADS_FILE = "prada_heads.pt"
 META_FILE = "prada_config.json"
@@ -63,12 +68,11 @@ def load_causal_lm(name_or_path: str, *, tokenizer=None, attn: str = "auto", dty
     attn = pick_attention(attn)
     if name_or_path in PRESETS:
         tok = tokenizer or byte_tokenizer()
-        spec = dict(PRESETS[name_or_path])
-        spec.setdefault("vocab_size", len(tok))
-        cfg = AutoConfig.for_model(
-            "llama" if "qwen" not in name_or_path else "qwen2", max_position_embeddings=1024,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.eos_token_id, tie_word_embeddings=False, **spec)
+        spec = dict(max_position_embeddings=1024, tie_word_embeddings=False, vocab_size=len(tok),
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                    bos_token_id=tok.eos_token_id)
+        spec.update(PRESETS[name_or_path])
+        cfg = AutoConfig.for_model("qwen2" if "qwen" in name_or_path else "llama", **spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn,

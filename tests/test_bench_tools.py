@@ -85,5 +85,6 @@ def test_gpu_session_smoke(tmp_path):
     assert train["reference"]["losses"][0] == pytest.approx(train["chunked"]["losses"][0], rel=1e-5)
     assert all(r["largest_fitting"] == 2 for r in recs["maxbatch"]["rows"])
     text = gpu_session.render(recs)
-    for heading in ("### Device", "### op", "### train", "### maxbatch", "row kernel C=4 V=300"):
+    for heading in ("### Device", "### op", "### train", "### maxbatch", "row kernel C=4 V=300",
+                    "### Targets"):
         assert heading in text
