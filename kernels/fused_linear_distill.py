@@ -20,6 +20,8 @@ On a machine without a GPU the kernels run under the Triton interpreter
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -125,6 +127,22 @@ def autotuned(kernel, configs=GPU_CONFIGS, **kw):
 _distill_rows_tuned = autotuned(_distill_rows_kernel)
 
 
+def pinned_config() -> dict | None:
+    """PRADA_ROWS_CONFIG="BLOCK_V,num_warps" (e.g. "4096,8") pins the GPU row kernel's
+    configuration instead of autotuning it: for profilers, which should see no trial
+    launches, and for timing one configuration inside the whole op."""
+    spec = os.environ.get("PRADA_ROWS_CONFIG", "").strip()
+    if not spec:
+        return None
+    try:
+        block_v, num_warps = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"PRADA_ROWS_CONFIG={spec!r}: expected 'BLOCK_V,num_warps', e.g. '4096,8'") from None
+    if block_v & (block_v - 1) or num_warps & (num_warps - 1):
+        raise ValueError(f"PRADA_ROWS_CONFIG={spec!r}: BLOCK_V and num_warps must be powers of 2")
+    return dict(BLOCK_V=block_v, num_warps=num_warps)
+
+
 def triton_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=None, kernel=None):
     """Row op (see prada_fast.fused), a drop-in for prada_fast.chunked.torch_rows: per-row
     (ce_i, kd_i) in fp32 (0 on ignored rows); z (C, V) is overwritten with dL/dz. `kernel`:
@@ -140,9 +158,15 @@ def triton_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace
         raise ValueError(f"triton_rows: z_t must be {(C, V)}, got {tuple(z_t.shape)}")
     zt = z_t if has_teacher else z  # a dummy pointer when there is no teacher
     tau = float(temperature)
+    meta = {}
     if kernel is None:
-        kernel = _distill_rows_tuned if z.is_cuda else _distill_rows_kernel
-    meta = INTERPRETER_CONFIG if kernel is _distill_rows_kernel else {}
+        pinned = pinned_config()
+        if not z.is_cuda or pinned:
+            kernel, meta = _distill_rows_kernel, pinned or INTERPRETER_CONFIG
+        else:
+            kernel = _distill_rows_tuned
+    elif kernel is _distill_rows_kernel:
+        meta = INTERPRETER_CONFIG
     kernel[(C,)](
         z, zt, y, scale, ce, kd,
         V,

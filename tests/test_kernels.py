@@ -399,6 +399,28 @@ def test_autotuned_row_kernel_restores_z(poisoned_empty):
     torch.testing.assert_close(z, z_ref)
 
 
+@pytest.mark.parametrize("spec", ["64,4", "256,2"])
+def test_pinned_row_kernel_config(monkeypatch, spec, poisoned_empty):
+    """PRADA_ROWS_CONFIG pins the row kernel's tile and warps (no autotuning): same results."""
+    monkeypatch.setenv("PRADA_ROWS_CONFIG", spec)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    C, V = 5, 300
+    z = torch.randn(C, V, generator=g).to(DEV)
+    zt = torch.randn(C, V, generator=g).to(DEV)
+    y = torch.tensor([3, -100, V - 1, 0, 150], device=DEV)
+    scale = torch.full((C,), 0.25, device=DEV)
+    opts = dict(temperature=0.8, alpha=0.6, ignore_index=-100)
+    z_ref = z.clone()
+    ce_r, kd_r = torch_rows(z_ref, zt.clone(), y, scale, **opts)
+    ce, kd = triton_rows(z, zt, y, scale, **opts)
+    torch.testing.assert_close(ce, ce_r)
+    torch.testing.assert_close(kd, kd_r)
+    torch.testing.assert_close(z, z_ref)
+    monkeypatch.setenv("PRADA_ROWS_CONFIG", "4096")
+    with pytest.raises(ValueError, match="BLOCK_V,num_warps"):
+        triton_rows(z, zt, y, scale, **opts)
+
+
 def test_triton_rows_strided_and_all_ignored(poisoned_empty):
     """Non-contiguous chunks (a column slice of a wider buffer) and a chunk of ignored rows."""
     C, V = 5, 300
