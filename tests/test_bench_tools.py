@@ -88,3 +88,29 @@ def test_gpu_session_smoke(tmp_path):
     for heading in ("### Device", "### op", "### train", "### maxbatch", "row kernel C=4 V=300",
                     "### Targets"):
         assert heading in text
+
+
+def test_kernels_compile_for_hopper_without_spills(tmp_path):
+    """The Triton kernels compiled (not interpreted) for sm_90 with Triton's own ptxas, in a
+    process without TRITON_INTERPRET: every configuration the autotuner may pick, and the
+    domain kernels, compile with no spills, and the row kernel reads the logits with 16-byte
+    loads. Catches compiled-mode-only errors and register blow-ups without a GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "compile.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--json", str(out)], cwd=repo, env=env,
+                   check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())
+    from prada_kernels.fused_linear_distill import GPU_CONFIGS
+    row_kernel = [r for r in rows if r["kernel"] == "_distill_rows_kernel"]
+    assert len(row_kernel) == 4 * len(GPU_CONFIGS) and len(rows) == len(row_kernel) + 4
+    for r in rows:
+        assert r["local"] == 0 and r["stack"] == 0, r  # no spills
+        assert 0 < r["reg"] <= 255, r
+    for r in row_kernel:
+        assert r["loads_by_bits"].get("128", 0) >= (4 if r["teacher"] else 2), r  # z (and z_t), twice
