@@ -211,6 +211,8 @@ def unavailable_reason(impl: str, case: Case, device: str, *, mode: str) -> str 
         return "liger-kernel is not installed (pip install liger-kernel)"
     if impl in ("liger_jsd",) and case.bias:
         return "LigerFusedLinearJSD takes no LM-head bias"
+    if impl == "cce" and case.bias:
+        return "cut_cross_entropy.linear_cross_entropy takes no LM-head bias"
     if info.kind == "peer" and case.ignore_frac >= 1.0:
         return "every target ignored: a peer's mean over 0 rows is not defined"
     if impl == "liger_jsd_chunked" and case.dtype != "float32" and dev != "cuda" and mode == "speed":
@@ -288,7 +290,7 @@ def build_step(impl: str, case: Case, chunk_rows: int | None = None):
 
         def step(x):
             loss = linear_cross_entropy(x["hidden"].view(N, H), x["lm_weight"], x["targets"].view(N),
-                                        bias=x.get("lm_bias"), ignore_index=-100, reduction="mean")
+                                        ignore_index=-100, reduction="mean")
             loss.backward()
             return loss
         return step
@@ -301,12 +303,15 @@ def grad_names_of(impl: str) -> tuple:
 
 
 # ----------------------------------------------------------------------------- oracle
-def oracle(x: dict, case: Case, pieces=("task", "dom"), block_elems: int | None = None) -> dict:
+def oracle(x: dict, case: Case, pieces=("task", "dom"), block_elems: int | None = None,
+           grads_to: tuple | None = None) -> dict:
     """The reference path in float64 on upcast inputs, split into pieces: "task"
     (alpha * ce + (1 - alpha) * kd), "ce" (no teacher), "kd" (alpha = 0), "dom" (the domain
     term through the GRL). The task pieces run over blocks of rows with the normaliser n of
     the whole batch (as under gradient accumulation), so the float64 logits never exceed
-    `block_elems` elements per buffer. Returns {piece: {"loss": float, "grads": {name: t}}}."""
+    `block_elems` elements per buffer. Returns {piece: {"loss": float, "grads": {name: t}}};
+    `grads_to` (e.g. (torch.float32, "cpu")) moves each piece's gradients as soon as it is done,
+    so that big cases do not hold several pieces' float64 gradients on the device."""
     from prada_fast import prada_loss
 
     f64 = {k: (v.detach().to(torch.float64) if v.is_floating_point() else v) for k, v in x.items()}
@@ -321,9 +326,9 @@ def oracle(x: dict, case: Case, pieces=("task", "dom"), block_elems: int | None 
         if piece == "dom":
             if "domain_weight" not in f64:
                 continue
-            h = f64["hidden"].clone().requires_grad_()
-            wd = f64["domain_weight"].clone().requires_grad_()
-            bd = f64["domain_bias"].clone().requires_grad_()
+            h = f64["hidden"].detach().requires_grad_()  # fresh leaves over the float64 copies
+            wd = f64["domain_weight"].detach().requires_grad_()
+            bd = f64["domain_bias"].detach().requires_grad_()
             # a one-id vocabulary and every target ignored: the task term is exactly 0
             loss, _ = prada_loss(h, h.new_zeros(1, H), torch.full_like(f64["targets"], -100),
                                  pool_mask=f64.get("pool_mask"), domain_weight=wd, domain_bias=bd,
@@ -332,14 +337,15 @@ def oracle(x: dict, case: Case, pieces=("task", "dom"), block_elems: int | None 
             loss.backward()
             out[piece] = {"loss": loss.item(), "grads": {"hidden": h.grad, "domain_weight": wd.grad,
                                                          "domain_bias": bd.grad}}
+            _move_grads(out[piece], grads_to)
             continue
         teacher = piece in ("task", "kd")
         if teacher and "teacher_hidden" not in f64:
             continue
         alpha = {"task": case.alpha, "ce": 1.0, "kd": 0.0}[piece]
-        h = f64["hidden"].reshape(N, H).clone().requires_grad_()
-        w = f64["lm_weight"].clone().requires_grad_()
-        b = f64["lm_bias"].clone().requires_grad_() if "lm_bias" in f64 else None
+        h = f64["hidden"].reshape(N, H).detach().requires_grad_()
+        w = f64["lm_weight"].detach().requires_grad_()
+        b = f64["lm_bias"].detach().requires_grad_() if "lm_bias" in f64 else None
         u = f64["teacher_hidden"].reshape(N, -1) if teacher else None
         rows = max(1, block_elems // case.V)
         total = 0.0
@@ -356,7 +362,14 @@ def oracle(x: dict, case: Case, pieces=("task", "dom"), block_elems: int | None 
         if b is not None:
             grads["lm_bias"] = b.grad
         out[piece] = {"loss": total, "grads": grads}
+        _move_grads(out[piece], grads_to)
+        del h, w, b, grads
     return out
+
+
+def _move_grads(piece: dict, to: tuple | None) -> None:
+    if to is not None:
+        piece["grads"] = {k: g.to(to[1]).to(to[0]) for k, g in piece["grads"].items()}
 
 
 def expected(orc: dict, piece: str) -> dict:

@@ -1,17 +1,22 @@
 #!/bin/bash
 # On the device machine (it reaches no package registry): install the wheels carried in
-# .whl/ (made here by `bash benchmarks/gpu_wheels.sh`) into /tmp/site, then run the stages.
+# .whl/ (made here by `bash benchmarks/gpu_wheels.sh`) into /tmp/site, make the checkout
+# importable as installed (kernels/ is the package prada_kernels), then run the stages.
 #   bash benchmarks/gpu_session.sh env correct      # see python -m benchmarks.gpu_session --help
+# PYTHON=... picks the interpreter (default python3, the one holding PyTorch there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p /tmp/site
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl 2>&1 | tail -3
-  export PYTHONPATH=$PWD:/tmp/site
 else
   echo "no .whl/: deepspeed, liger-kernel, cut-cross-entropy and pytest-benchmark may be missing" >&2
-  export PYTHONPATH=$PWD
 fi
+ln -sfn "$PWD/kernels" /tmp/site/prada_kernels  # what `pip install -e .` maps; no install needed
+export PYTHONPATH=$PWD:/tmp/site
 export TOKENIZERS_PARALLELISM=false
+export TRITON_CACHE_AUTOTUNING=1  # one autotuning per configuration key, not one per process
+"${PYTHON:-python3}" -c "import prada_kernels.fused_linear_distill, prada_fast" || { echo "cannot import the project" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>/dev/null
-exec python3 -m benchmarks.gpu_session "$@"
+exec "${PYTHON:-python3}" -m benchmarks.gpu_session "$@"

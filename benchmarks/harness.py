@@ -102,6 +102,8 @@ def run_module(module: str, args: list[str], *, env: dict | None = None, timeout
     implementations on a CPU)."""
     full_env = dict(os.environ)
     full_env.pop("TRITON_INTERPRET", None)
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        full_env.pop(k, None)  # each case is a world of its own (a parent's port may be taken)
     if interpret_triton:
         full_env["TRITON_INTERPRET"] = "1"
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH")) if p)
@@ -110,16 +112,29 @@ def run_module(module: str, args: list[str], *, env: dict | None = None, timeout
     with tempfile.TemporaryDirectory(prefix="prada-bench-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", module, *args, "--json", str(out)]
-        try:
-            proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise CaseFailed(f"{' '.join(cmd)}: no result after {timeout:.0f} s") from e
-        if proc.returncode != 0 or not out.exists():
-            why = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
-            raise CaseFailed(f"{' '.join(cmd)} exited {proc.returncode}{why}\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        rc, stdout, stderr = run_group(cmd, env=full_env, timeout=timeout)
+        if rc is None:
+            raise CaseFailed(f"{' '.join(cmd)}: no result after {timeout:.0f} s\n{stderr[-3000:]}")
+        if rc != 0 or not out.exists():
+            why = " (killed: out of memory?)" if rc in (-9, 137) else ""
+            raise CaseFailed(f"{' '.join(cmd)} exited {rc}{why}\n{stdout[-3000:]}\n{stderr[-6000:]}")
         return json.loads(out.read_text())
+
+
+def run_group(cmd: list[str], *, env: dict, timeout: float) -> tuple[int | None, str, str]:
+    """Run cmd from the repository root in its own process group; on timeout kill the whole
+    group (its own subprocesses too, which may hold GPU memory) and return rc None."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return proc.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return None, stdout, stderr
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark

@@ -1,59 +1,44 @@
 """The largest micro-batch of a training step that fits in device memory.
 
     python -m benchmarks.max_batch --loss-impl triton [--student qwen2.5-0.5b
-        --teacher qwen2.5-1.5b --seq 1024 --start 4 --limit 512 --rel-resolution 0.0625]
+        --teacher qwen2.5-1.5b --seq 1024 --start 4 --limit 512 --factor 1.125]
         [--json out.json]
 
-Each trial is one `python -m benchmarks.train_step` in a fresh process (running out of
-memory leaves nothing behind) with one warm-up and one timed step. The batch doubles from
---start until a trial runs out of memory (or --limit is reached), then bisects between the
-largest batch that fitted and the smallest that did not, until they are within
---rel-resolution of each other. The result: both bounds and every trial (batch, fits, peak
-memory, tokens/s, seconds).
+One process builds the student and teacher engines once (as benchmarks.train_step does),
+runs a step at --start (the optimizer state is allocated there), then steps on batches
+growing by --factor (4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 18, 20, ...) until one runs out
+of device memory or --limit is reached: ZeRO-3 does not fix the batch size, so no trial
+needs a fresh process, and the search takes one model set-up instead of one per trial.
+Cached allocator blocks are released before each trial. The result: the largest batch that
+ran and the first that did not (so the answer is within one factor step), and every trial
+(batch, seconds, tokens/s, peak memory). The JSON is rewritten after each trial, so a run
+cut short keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from typing import Callable
 
-from benchmarks.harness import run_module
+import torch
 
 
-def largest_fitting(fits: Callable[[int], bool], start: int, limit: int, *,
-                    rel_resolution: float = 0.0625) -> tuple[int, int | None, list[int]]:
-    """(largest batch b <= limit with fits(b), smallest tried batch that did not fit or None,
-    the batches tried in order). Assumes fitting is monotone in the batch; 0 when even
-    `start` does not fit. The gap between the two bounds ends <= max(1, rel_resolution * best)."""
-    if start < 1 or limit < start:
-        raise ValueError(f"need 1 <= start <= limit, got start={start}, limit={limit}")
-    tried = []
+def batch_sizes(start: int, limit: int, factor: float) -> list[int]:
+    """start, then each size times `factor` (at least one more), ending with `limit`."""
+    if start < 1 or limit < start or factor <= 1:
+        raise ValueError(f"need 1 <= start <= limit and factor > 1, got {start}, {limit}, {factor}")
+    out = [start]
+    while out[-1] < limit:
+        out.append(min(limit, max(out[-1] + 1, round(out[-1] * factor))))
+    return out
 
-    def trial(b: int) -> bool:
-        tried.append(b)
-        return fits(b)
 
-    best, bad = 0, None
-    b = start
-    while True:  # doubling
-        if trial(b):
-            best = b
-            if b == limit:
-                return best, None, tried
-            b = min(2 * b, limit)
-        else:
-            bad = b
-            break
-    while bad - best > max(1, int(rel_resolution * best)):  # bisection
-        mid = (best + bad) // 2
-        if mid <= best:
-            break
-        if trial(mid):
-            best = mid
-        else:
-            bad = mid
-    return best, bad, tried
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA out of memory, also when it surfaces through cuBLAS or another library."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "ALLOC_FAILED" in msg)
 
 
 def main(argv=None) -> int:
@@ -64,37 +49,63 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default="qwen2.5-1.5b", help="teacher preset or local model dir")
     p.add_argument("--vocab", type=int, default=0, help="vocabulary of the presets (0: theirs)")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
-    p.add_argument("--start", type=int, default=4, help="first micro-batch tried (sequences)")
+    p.add_argument("--start", type=int, default=4, help="first micro-batch (sequences); must fit")
     p.add_argument("--limit", type=int, default=512, help="largest micro-batch tried")
-    p.add_argument("--rel-resolution", type=float, default=0.0625,
-                   help="stop bisecting when the bounds are within this fraction of the best")
-    p.add_argument("--trial-timeout", type=float, default=600, help="seconds per trial")
-    p.add_argument("--json", help="write the result here (default: stdout)")
+    p.add_argument("--factor", type=float, default=1.125, help="growth from one trial to the next")
+    p.add_argument("--ds", default=None, help="DeepSpeed config (default: ds_configs/zero3.json)")
+    p.add_argument("--json", help="write the result here (default: stdout at the end)")
     a = p.parse_args(argv)
 
-    trials = []
-
-    def fits(batch: int) -> bool:
-        args = ["--loss-impl", a.loss_impl, "--student", a.student, "--teacher", a.teacher,
-                "--vocab", str(a.vocab), "--batch", str(batch), "--seq", str(a.seq),
-                "--warmup", "1", "--steps", "1"]
-        t0 = time.perf_counter()
-        res = run_module("benchmarks.train_step", args, timeout=a.trial_timeout)
-        row = {"batch": batch, "fits": not res.get("oom"), "seconds": time.perf_counter() - t0}
-        if row["fits"]:
-            row.update(tokens_per_s=res["tokens_per_s"], peak_total_bytes=res["peak_total_bytes"],
-                       peak_extra_bytes=res["peak_extra_bytes"])
-        trials.append(row)
-        print(f"max_batch {a.loss_impl}: batch {batch}: {'fits' if row['fits'] else 'out of memory'} "
-              f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
-        return row["fits"]
-
-    best, bad, _ = largest_fitting(fits, a.start, a.limit, rel_resolution=a.rel_resolution)
-    res = {"mode": "max_batch", "loss_impl": a.loss_impl, "student": a.student, "teacher": a.teacher,
-           "seq": a.seq, "largest_fitting": best, "smallest_failing": bad, "limit": a.limit,
-           "trials": trials}
     from benchmarks.cases import emit_result
+    from prada_fast import distributed as dist_util
+    from prada_fast.profile import build_train_step
+
+    sizes = batch_sizes(a.start, a.limit, a.factor)
+    t0 = time.perf_counter()
+    step, desc = build_train_step(student=a.student, teacher=a.teacher, vocab=a.vocab, batch=a.start,
+                                  seq=a.seq, loss_impl=a.loss_impl, ds_config=a.ds)
+    dev = torch.device(desc["device"])
+    cuda = dev.type == "cuda"
+    res = {"mode": "max_batch", "loss_impl": a.loss_impl, "student": a.student, "teacher": a.teacher,
+           "seq": a.seq, "vocab": desc["vocab"], "attn": desc.get("attn"), "bf16": desc["bf16"],
+           "setup_s": time.perf_counter() - t0, "largest_fitting": 0, "smallest_failing": None,
+           "limit": a.limit, "factor": a.factor, "trials": [], "complete": False}
+    if cuda:
+        res["device_memory_bytes"] = torch.cuda.get_device_properties(dev).total_memory
+    step()  # the first step allocates the optimizer state; it must fit
+    for b in sizes:
+        trial = {"batch": b}
+        try:
+            s = step.for_batch(b)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+            t = time.perf_counter()
+            s()
+            if cuda:
+                torch.cuda.synchronize(dev)
+                trial["peak_total_bytes"] = torch.cuda.max_memory_allocated(dev)
+            sec = time.perf_counter() - t
+            trial.update(fits=True, seconds=sec, tokens_per_s=s.tokens / sec)
+            res["largest_fitting"] = b
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            trial.update(fits=False, error=str(e)[:300])
+            res["smallest_failing"] = b
+        res["trials"].append(trial)
+        print(f"max_batch {a.loss_impl}: batch {b}: {'fits' if trial['fits'] else 'out of memory'}",
+              file=sys.stderr, flush=True)
+        if a.json:
+            emit_result(res, a.json)  # kept if the run is cut short
+        if not trial["fits"]:
+            break  # the engines' state after an out-of-memory error is not to be trusted
+    res["complete"] = True
     emit_result(res, a.json)
+    try:
+        dist_util.teardown()
+    except Exception:  # after an out-of-memory error; the result is already written
+        pass
     return 0
 
 

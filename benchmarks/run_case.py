@@ -195,8 +195,10 @@ def run_op(impl: str, case: Case, device: str, *, warmup: int, repeats: int,
         "chunk_rows": chunk_rows,
     }
     if impl == "triton" and dev.type == "cuda":
+        from prada_fast.fused import accumulate_path
         from prada_kernels import fused_linear_distill as fld
         res["row_kernel_configs"] = {str(k): str(v) for k, v in fld._distill_rows_tuned.cache.items()}
+        res["fp32_accumulation"] = accumulate_path(dev.type)  # used when grad_W needs > 16 chunks
     res["tflops"] = res["flops"] / res["median_s"] / 1e12
     if oracle_path:
         # memory-mapped: only the pieces this implementation is compared with are read
@@ -257,10 +259,10 @@ def run_oracle(case: Case, device: str, pieces, out: str) -> dict:
     dev = torch.device(device)
     x = make_inputs(case, dev)
     t0 = time.perf_counter()
-    orc = oracle(x, case, pieces)
-    for p in orc.values():
-        p["grads"] = {k: g.to(torch.float32) for k, g in p["grads"].items()}
-    torch.save(orc, out)
+    orc = oracle(x, case, pieces, grads_to=(torch.float32, "cpu"))
+    tmp = f"{out}.partial"  # a run killed mid-save leaves no truncated oracle behind
+    torch.save(orc, tmp)
+    os.replace(tmp, out)
     return {"mode": "oracle", "case_id": case.id, "pieces": list(orc), "seconds": time.perf_counter() - t0}
 
 

@@ -46,6 +46,10 @@ def _distill_rows_kernel(
     y = tl.load(y_ptr + row * stride_y)
     valid = y != ignore_index
     n_cols = tl.where(valid, V, 0)  # ignored rows skip the two passes over the vocabulary
+    # z[y] is read before pass 1: pass 2 overwrites z in place, and without a teacher it has no
+    # block-wide reduction (barrier) that would order this read before other warps' stores.
+    yc = tl.where(valid, y, 0)
+    z_y = tl.load(z_row + yc * stride_zv, mask=valid, other=0.0).to(tl.float32)
 
     # Pass 1: online max and sum-exp of z, z / tau (same max) and z_t / tau.
     m = float("-inf")
@@ -73,8 +77,6 @@ def _distill_rows_kernel(
     if HAS_TEACHER:
         lse_t = m_t + tl.log(tl.where(valid, s_t, 1.0))
 
-    yc = tl.where(valid, y, 0)
-    z_y = tl.load(z_row + yc * stride_zv, mask=valid, other=0.0).to(tl.float32)
     w = tl.load(scale_ptr + row * stride_s).to(tl.float32)
     g_ce = w * alpha
     g_kd = w * (1.0 - alpha) * tau

@@ -50,7 +50,7 @@ _NO_OUT_DTYPE: set[str] = set()  # device types whose addmm lacks out_dtype=fp32
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b with fp32 accumulation, in place where the backend allows (CUDA:
-    addmm with out_dtype writes into acc; elsewhere a temporary of acc's shape)."""
+    addmm with out_dtype writes into acc; elsewhere an fp32 temporary of acc's shape)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
@@ -58,9 +58,21 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
+        except torch.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError, NotImplementedError):
             _NO_OUT_DTYPE.add(acc.device.type)
-    acc += (a @ b).to(acc.dtype)
+    try:  # the product in fp32 straight from the low-precision operands, then one add
+        acc += torch.mm(a, b, out_dtype=acc.dtype)
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, RuntimeError, NotImplementedError):
+        acc += (a @ b).to(acc.dtype)
+
+
+def accumulate_path(device_type: str) -> str:
+    """How _accumulate_mm adds low-precision products into fp32 on this device type."""
+    return "temporary" if device_type in _NO_OUT_DTYPE else "addmm(out_dtype) in place"
 
 
 def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden, teacher_weight,

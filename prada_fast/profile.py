@@ -72,7 +72,8 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
                      n_domains: int = 4, prompt_len: int = 8, target_frac: float = 0.25,
                      seed: int = 0):
     """A function step() -> (loss, tokens) running one ZeRO-3 optimizer step of student +
-    teacher on a fixed random batch, and a dict describing the set-up.
+    teacher on a fixed random batch, and a dict describing the set-up. step.for_batch(b)
+    gives the same step on a batch of b sequences.
 
     student / teacher: presets (random weights from their configs) or local model
     directories; vocab > 0 replaces a preset's vocabulary (the byte vocabulary of the tiny
@@ -119,30 +120,41 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
         t_engine, *_ = deepspeed.initialize(model=t_model, config=inference_config(cfg))
         t_engine.eval()
 
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, V, (batch, seq), generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    labels = ids.clone()
-    labels[:, : seq // 4] = -100                       # the question: no target
-    n_target = int(round(batch * target_frac))
-    if n_target:
-        labels[batch - n_target:] = -100               # unlabelled target-domain sequences
-    doms = torch.arange(batch) % n_domains
     dev = engine.device
-    mb = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev),
-          "domain_labels": doms.to(dev)}
-    n_valid = int((labels[:, 1:] != -100).sum())
-    tokens = int(mask.sum())
 
-    def step():
-        th, tw = _teacher_hidden(t_engine, mb, dev)
-        with zero.GatheredParameters([tw] if tw is not None else [], modifier_rank=None):
-            loss, _ = engine(mb["input_ids"], mb["attention_mask"], mb["labels"], mb["domain_labels"],
-                             teacher_hidden=th, teacher_weight=tw, grl_lambda=0.5,
-                             num_valid_tokens=max(n_valid, 1), temperature=1.0, alpha=0.5)
-        engine.backward(loss)
-        engine.step()
-        return float(loss.detach()), tokens
+    def for_batch(b: int):
+        """A step() on a fixed random batch of b sequences (same engines: ZeRO-3 does not
+        fix the batch size, so a search for the largest batch needs no new process)."""
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, V, (b, seq), generator=g)
+        mask = torch.ones(b, seq, dtype=torch.long)
+        labels = ids.clone()
+        labels[:, : seq // 4] = -100                       # the question: no target
+        n_target = int(round(b * target_frac))
+        if n_target:
+            labels[b - n_target:] = -100                   # unlabelled target-domain sequences
+        doms = torch.arange(b) % n_domains
+        mb = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev),
+              "domain_labels": doms.to(dev)}
+        n_valid = int((labels[:, 1:] != -100).sum())
+        tokens = int(mask.sum())
+
+        def step():
+            th, tw = _teacher_hidden(t_engine, mb, dev)
+            with zero.GatheredParameters([tw] if tw is not None else [], modifier_rank=None):
+                loss, _ = engine(mb["input_ids"], mb["attention_mask"], mb["labels"], mb["domain_labels"],
+                                 teacher_hidden=th, teacher_weight=tw, grl_lambda=0.5,
+                                 num_valid_tokens=max(n_valid, 1), temperature=1.0, alpha=0.5)
+            engine.backward(loss)
+            engine.step()
+            return float(loss.detach()), tokens
+
+        step.n_valid, step.tokens = n_valid, tokens
+        return step
+
+    step = for_batch(batch)
+    step.for_batch = for_batch
+    n_valid, tokens = step.n_valid, step.tokens
 
     desc = {"student": student, "teacher": teacher, "vocab": V, "batch": batch, "seq": seq,
             "tokens_per_step": tokens, "loss_rows_per_step": n_valid, "loss_impl": loss_impl,

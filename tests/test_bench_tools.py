@@ -1,39 +1,33 @@
 """The benchmark tools that decide what a GPU session measures: the micro-batch search, the
-out-of-memory result of a training-step trial, and the GPU session script's plumbing."""
+out-of-memory result of a training-step trial, the GPU session script's plumbing, and the
+kernels compiled for Hopper."""
 import json
-import math
-import random
 
 import pytest
 import torch
 
-from benchmarks import max_batch, train_step
-from benchmarks.max_batch import largest_fitting
+from benchmarks import train_step
+from benchmarks.max_batch import batch_sizes, is_out_of_memory
 
 
-@pytest.mark.parametrize("threshold", [1, 3, 4, 5, 17, 24, 100, 511, 512, 1000])
-def test_largest_fitting_finds_the_boundary(threshold):
-    """fits(b) = b <= threshold: the search ends with bounds within the resolution around it."""
-    best, bad, tried = largest_fitting(lambda b: b <= threshold, 4, 512, rel_resolution=0.0625)
-    true_best = min(threshold, 512)
-    assert best <= true_best and all(b <= threshold for b in tried if b <= best)
-    if threshold >= 512:
-        assert best == 512 and bad is None
-        return
-    assert bad is not None and bad > threshold
-    assert bad - best <= max(1, int(0.0625 * best))
-    assert true_best - best <= max(1, int(0.0625 * best))
-    assert len(tried) <= 2 * math.ceil(math.log2(512)) + 2  # logarithmic, not linear
-    assert len(set(tried)) == len(tried)  # no batch tried twice
-
-
-def test_largest_fitting_exact_resolution_and_nothing_fits():
-    thr = random.randint(5, 300)
-    best, bad, _ = largest_fitting(lambda b: b <= thr, 1, 1024, rel_resolution=0.0)
-    assert (best, bad) == (thr, thr + 1)
-    assert largest_fitting(lambda b: False, 4, 64)[:2] == (0, 1)
+def test_batch_sizes_grow_geometrically_and_end_at_the_limit():
+    assert batch_sizes(4, 20, 1.125) == [4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 18, 20]
+    assert batch_sizes(1, 3, 1.5) == [1, 2, 3]
+    assert batch_sizes(5, 5, 2.0) == [5]
+    sizes = batch_sizes(4, 512, 1.125)
+    assert sizes[-1] == 512 and all(b < c <= max(b + 1, round(b * 1.125)) for b, c in zip(sizes, sizes[1:]))
+    assert len(sizes) < 45  # ~log(128) / log(1.125) steps, not 508
     with pytest.raises(ValueError):
-        largest_fitting(lambda b: True, 8, 4)
+        batch_sizes(8, 4, 1.5)
+    with pytest.raises(ValueError):
+        batch_sizes(1, 4, 1.0)
+
+
+def test_out_of_memory_is_recognised_through_libraries():
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))
 
 
 def test_train_step_reports_out_of_memory(monkeypatch, tmp_path):
@@ -48,17 +42,16 @@ def test_train_step_reports_out_of_memory(monkeypatch, tmp_path):
     assert res["oom"] is True and res["batch"] == 64 and "out of memory" in res["error"]
 
 
-def test_max_batch_end_to_end_on_cpu(tmp_path):
-    """The search through real train_step trials (tiny presets; nothing runs out of memory on
-    the CPU, so it stops at --limit)."""
-    out = tmp_path / "mb.json"
-    rc = max_batch.main(["--loss-impl", "chunked", "--student", "tiny", "--teacher", "tiny-teacher",
-                         "--vocab", "300", "--seq", "16", "--start", "1", "--limit", "2",
-                         "--json", str(out)])
-    assert rc == 0
-    res = json.loads(out.read_text())
-    assert res["largest_fitting"] == 2 and res["smallest_failing"] is None
-    assert [t["batch"] for t in res["trials"]] == [1, 2]
+def test_max_batch_end_to_end_on_cpu():
+    """The search through real training steps of one set of engines (tiny presets; nothing
+    runs out of memory on the CPU, so it stops at --limit), and its JSON."""
+    from benchmarks.harness import run_module
+
+    res = run_module("benchmarks.max_batch", ["--loss-impl", "chunked", "--student", "tiny", "--teacher",
+                                              "tiny-teacher", "--vocab", "300", "--seq", "16", "--start", "1",
+                                              "--limit", "3", "--factor", "1.5"], timeout=600)
+    assert res["complete"] and res["largest_fitting"] == 3 and res["smallest_failing"] is None
+    assert [t["batch"] for t in res["trials"]] == [1, 2, 3]
     assert all(t["fits"] and t["tokens_per_s"] > 0 for t in res["trials"])
 
 
