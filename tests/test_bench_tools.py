@@ -107,3 +107,30 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
         assert 0 < r["reg"] <= 255, r
     for r in row_kernel:
         assert r["loads_by_bits"].get("128", 0) >= (4 if r["teacher"] else 2), r  # z (and z_t), twice
+
+
+def test_run_group_kills_the_whole_group_on_timeout(tmp_path):
+    """A benchmark process that overruns is killed with its own children (which may hold GPU
+    memory into the next stage otherwise)."""
+    import os
+    import sys
+    import time
+
+    from benchmarks.harness import run_group
+
+    pidfile = tmp_path / "child.pid"
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+            f"time.sleep(60)']); open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    t0 = time.monotonic()
+    rc, _, _ = run_group([sys.executable, "-c", code], env=dict(os.environ), timeout=3)
+    assert rc is None and time.monotonic() - t0 < 30
+    child = int(pidfile.read_text())
+    for _ in range(50):  # the grandchild is gone (reaped by init) within moments
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        with open(f"/proc/{child}/stat") as f:
+            assert f.read().split()[2] == "Z", "the grandchild survived the timeout"
