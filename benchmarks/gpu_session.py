@@ -4,7 +4,7 @@ that each fit one call of the device machine (< 10 minutes), writing logs and JS
 
     bash benchmarks/gpu_session.sh STAGE [STAGE ...]       # on the device machine
     python -m benchmarks.gpu_session STAGE [STAGE ...] [--out DIR] [--deadline-s 540]
-    python -m benchmarks.gpu_session report DIR [DIR ...]  # markdown of the stages' JSON
+    python -m benchmarks.gpu_session report DIR [DIR ...] [--update-results benchmarks/RESULTS.md]
 
 Stages, in the order worth running them (a stage stops starting new work at its deadline
 and records what it left out):
@@ -333,6 +333,12 @@ def render(recs: dict) -> str:
             out.append(f"| {r['impl']} | {r['largest_fitting']} | {r['smallest_failing']} | {tok} | {tr} |")
         out.append("")
     out += targets(recs)
+    commands = [c for rec in recs.values() for c in rec.get("commands", [rec.get("command")]) if c]
+    if commands:
+        out += ["Commands (each run through `bash benchmarks/gpu_session.sh` on the device machine, which",
+                "installs the carried wheels first):", ""]
+        out += [f"- `{c}`" for c in dict.fromkeys(commands)]
+        out.append("")
     for name, rec in recs.items():
         for k in ("not_run", "errors"):
             out += [f"- {name} {k.replace('_', ' ')}: {x[:400]}" for x in rec.get(k, [])]
@@ -403,9 +409,11 @@ def load_records(dirs) -> dict:
         have["rows"] = list(rows.values())
         have["not_run"] += rec["not_run"]
         have["errors"] += rec["errors"]
-        for k in ("info", "command"):
-            if k in rec:
-                have[k] = rec[k]
+        have.setdefault("commands", [])
+        if rec["command"] not in have["commands"]:
+            have["commands"].append(rec["command"])
+        if "info" in rec:
+            have["info"] = rec["info"]
     return recs
 
 
@@ -418,11 +426,18 @@ def main(argv=None) -> int:
                    help="where the logs and JSON go (default: $OUT, else benchmarks/out/gpu)")
     p.add_argument("--deadline-s", type=float, default=540,
                    help="stop starting new work after this many seconds (the device allows 600 per call)")
+    p.add_argument("--update-results", metavar="RESULTS_MD",
+                   help="report: also put the markdown into this file's gpu-session block")
     p.add_argument("--only", default="", help="comma-separated implementations: run just these "
                                               "(e.g. --only triton to split a stage over two calls)")
     a = p.parse_args(argv)
     if a.stages[0] == "report":
-        print(render(load_records(a.stages[1:] or [a.out])))
+        text = render(load_records(a.stages[1:] or [a.out]))
+        if a.update_results:
+            from benchmarks.report import update_results
+            update_results(Path(a.update_results),
+                           f"<!-- results:gpu-session -->\n{text}<!-- /results:gpu-session -->")
+        print(text)
         return 0
     smoke = "smoke" in a.stages
     stages = list(STAGES) if smoke else a.stages

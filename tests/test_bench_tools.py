@@ -59,6 +59,8 @@ def test_gpu_session_smoke(tmp_path):
     """Every stage of the GPU session script at tiny shapes on this machine (the Triton
     implementations interpreted on a CPU): the plumbing that a GPU call must not waste time
     on. Each stage writes its JSON, the parity checks inside pass, the report renders."""
+    from pathlib import Path
+
     from benchmarks import gpu_session
 
     out = tmp_path / "gpu"
@@ -77,6 +79,14 @@ def test_gpu_session_smoke(tmp_path):
     train = {r["impl"]: r for r in recs["train"]["rows"]}
     assert train["reference"]["losses"][0] == pytest.approx(train["chunked"]["losses"][0], rel=1e-5)
     assert all(r["largest_fitting"] == 2 for r in recs["maxbatch"]["rows"])
+    results = tmp_path / "RESULTS.md"  # the report fills RESULTS.md's gpu-session block, nothing else
+    original = (Path(gpu_session.REPO) / "benchmarks" / "RESULTS.md").read_text()
+    results.write_text(original)
+    assert gpu_session.main(["report", str(out), "--update-results", str(results)]) == 0
+    updated = results.read_text()
+    head = original.split("<!-- results:gpu-session -->")[0]
+    tail = original.split("<!-- /results:gpu-session -->")[1]
+    assert updated.startswith(head) and updated.endswith(tail) and "### Targets" in updated
     text = gpu_session.render(recs)
     for heading in ("### Device", "### op", "### train", "### maxbatch", "row kernel C=4 V=300",
                     "### Targets"):
