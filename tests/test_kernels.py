@@ -357,6 +357,41 @@ def test_triton_rows_matches_torch_rows(dtype, teacher, V, poisoned_empty):
     torch.testing.assert_close(z_tri.float(), z_ref, rtol=dz_tol, atol=1e-7)
 
 
+# On a GPU the rows span many autotuned tiles (V = 50257 also starts rows off 16-byte
+# alignment); interpreted on a CPU, the shapes stay small.
+ROW_SHAPES = [(64, 50257), (48, 128256)] if DEV.type == "cuda" else [(6, 300)]
+
+
+@pytest.mark.parametrize("C,V", ROW_SHAPES)
+@pytest.mark.parametrize("teacher", [False, True], ids=["no_teacher", "teacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_row_kernel_full_vocabulary_and_repeatable(C, V, teacher, dtype, poisoned_empty):
+    """Vocabulary-sized rows against the PyTorch twin, and the same bits on every run (a
+    result that moves between runs is a race between warps)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    z0 = (torch.randn(C, V, generator=g) * 4).to(dtype).to(DEV)
+    zt = (torch.randn(C, V, generator=g) * 4).to(dtype).to(DEV) if teacher else None
+    y = torch.randint(0, V, (C,), generator=g)
+    y[::5] = -100
+    y[1] = V - 1
+    y = y.to(DEV)
+    scale = torch.full((C,), 1.0 / C, device=DEV)
+    opts = dict(temperature=1.5, alpha=0.3, ignore_index=-100)
+    z_ref = z0.float().clone()
+    ce_r, kd_r = torch_rows(z_ref, None if zt is None else zt.float().clone(), y, scale, **opts)
+    runs = []
+    for _ in range(3):
+        z = z0.clone()
+        ce, kd = triton_rows(z, zt, y, scale, **opts)
+        runs.append((ce, kd, z))
+    torch.testing.assert_close(runs[0][0], ce_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[0][1], kd_r, rtol=1e-5, atol=1e-5)
+    dz_tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(runs[0][2].float(), z_ref, rtol=dz_tol, atol=1e-7)
+    for ce, kd, z in runs[1:]:
+        assert torch.equal(ce, runs[0][0]) and torch.equal(kd, runs[0][1]) and torch.equal(z, runs[0][2])
+
+
 def _cpu_bench(fn, quantiles=None):
     """A do_bench for the autotuner under the interpreter (Triton's own needs a GPU driver)."""
     import time
