@@ -114,7 +114,8 @@ INTERPRETER_CONFIG = dict(BLOCK_V=128, num_warps=4)
 # GPU: autotuned per (V, teacher or not) over tiles of 1024-8192 ids and 4-16 warps. The row
 # is streamed twice (read z, z_t; then read z, z_t and write dL/dz): memory-bound, so a tile
 # must give each thread at least 8 ids (16-byte bf16 loads, several in flight) and at most 32
-# (the teacher pass keeps ~6 fp32 vectors live: 6 x 32 registers, short of spilling).
+# (the teacher pass keeps ~6 fp32 vectors live; compiled for sm_90: 105-108 registers at 32
+# ids per thread and no spills, python -m benchmarks.compile_report).
 GPU_CONFIGS = [triton.Config({"BLOCK_V": bv}, num_warps=nw)
                for bv in (1024, 2048, 4096, 8192) for nw in (4, 8, 16) if 8 <= bv // (32 * nw) <= 32]
 
@@ -185,7 +186,7 @@ def triton_chunk_rows(n_rows: int, vocab: int, *, n_buffers: int = 2, elem_bytes
     in `budget_bytes` (1 GiB: 2048 rows at V = 128256 in bf16), a multiple of 256 in
     [256, 8192]. Many rows per chunk matter for the grad_W product, whose inner dimension is
     the chunk: its flops per byte are about rows * H / (2 H + rows) (a bf16 accumulator read
-    and written once per chunk), over the H100's ~270 flop/B ridge from ~700 rows at H = 4096;
+    and written once per chunk), over the H100's ~270 flop/B ridge from ~600 rows at H = 4096;
     at 512 rows it is memory-bound (benchmarks/NOTES.md)."""
     per_row = n_buffers * vocab * elem_bytes
     rows = min(8192, max(256, budget_bytes // max(per_row, 1) // 256 * 256))
