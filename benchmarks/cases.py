@@ -439,7 +439,7 @@ def check_errors(errs: dict, dtype: str) -> list[str]:
 def gemm_ceiling(device: str = "cpu", dtype: str = "float32", shape=None) -> dict:
     """Achieved TFLOP/s of a plain matrix product (m, k) @ (k, n) in `dtype` on `device`, on
     random data: the ceiling that the op's matrix products are compared with. CUDA: median
-    of 30 products timed with events after 5 warm-ups (8192^3 unless `shape`); CPU: best of 3
+    of 30 products timed with events after ~1 s of warm-up (8192^3 unless `shape`); CPU: best of 3
     by the host clock (an LM-head-shaped 1024 x 512 x 32000)."""
     dev = torch.device(device)
     dt = DTYPES[dtype]
@@ -449,8 +449,11 @@ def gemm_ceiling(device: str = "cpu", dtype: str = "float32", shape=None) -> dic
     b = torch.randn(k, n, device=dev).to(dt)
     flops = 2.0 * m * k * n
     if on_gpu:
-        for _ in range(5):
+        import time
+        t_end = time.perf_counter() + 1.0  # about a second of products first: clocks ramp up
+        while time.perf_counter() < t_end:
             a @ b
+            torch.cuda.synchronize(dev)
         times = []
         for _ in range(30):
             t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

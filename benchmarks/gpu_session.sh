@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh env correct      # see python -m benchmarks.gpu_session --help
 # PYTHON=... picks the interpreter (default python3, the one holding PyTorch there).
 set -uo pipefail
+export GPU_SESSION_T0=${GPU_SESSION_T0:-$(date +%s)}  # the stages' deadline counts from here
 cd "$(dirname "$0")/.."
 mkdir -p /tmp/site
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -16,7 +17,6 @@ fi
 ln -sfn "$PWD/kernels" /tmp/site/prada_kernels  # what `pip install -e .` maps; no install needed
 export PYTHONPATH=$PWD:/tmp/site
 export TOKENIZERS_PARALLELISM=false
-export TRITON_CACHE_AUTOTUNING=1  # one autotuning per configuration key, not one per process
 "${PYTHON:-python3}" -c "import prada_kernels.fused_linear_distill, prada_fast" || { echo "cannot import the project" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>/dev/null
 exec "${PYTHON:-python3}" -m benchmarks.gpu_session "$@"

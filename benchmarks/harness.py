@@ -113,6 +113,11 @@ def run_module(module: str, args: list[str], *, env: dict | None = None, timeout
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", module, *args, "--json", str(out)]
         rc, stdout, stderr = run_group(cmd, env=full_env, timeout=timeout)
+        if rc != 0 and out.exists():  # a tool that writes as it goes (max_batch) keeps its trials
+            partial = json.loads(out.read_text())
+            if partial.get("complete") is False:
+                partial["cut_short"] = "timeout" if rc is None else f"exit {rc}: {stderr[-500:]}"
+                return partial
         if rc is None:
             raise CaseFailed(f"{' '.join(cmd)}: no result after {timeout:.0f} s\n{stderr[-3000:]}")
         if rc != 0 or not out.exists():
@@ -121,13 +126,23 @@ def run_module(module: str, args: list[str], *, env: dict | None = None, timeout
         return json.loads(out.read_text())
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGKILL when the parent dies, so that a killed run
+    leaves no orphan holding the GPU (the child has its own session, out of the parent's group)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except OSError:
+        pass
+
+
 def run_group(cmd: list[str], *, env: dict, timeout: float) -> tuple[int | None, str, str]:
     """Run cmd from the repository root in its own process group; on timeout kill the whole
     group (its own subprocesses too, which may hold GPU memory) and return rc None."""
     import signal
 
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_die_with_parent)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
         return proc.returncode, stdout, stderr

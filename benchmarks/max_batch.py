@@ -17,6 +17,7 @@ cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--start", type=int, default=4, help="first micro-batch (sequences); must fit")
     p.add_argument("--limit", type=int, default=512, help="largest micro-batch tried")
     p.add_argument("--factor", type=float, default=1.125, help="growth from one trial to the next")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no trial after this many seconds (the result says it was cut short)")
     p.add_argument("--ds", default=None, help="DeepSpeed config (default: ds_configs/zero3.json)")
     p.add_argument("--json", help="write the result here (default: stdout at the end)")
     a = p.parse_args(argv)
@@ -74,6 +77,9 @@ def main(argv=None) -> int:
         res["device_memory_bytes"] = torch.cuda.get_device_properties(dev).total_memory
     step()  # the first step allocates the optimizer state; it must fit
     for b in sizes:
+        if a.deadline_s and time.perf_counter() - t0 > a.deadline_s:
+            res["cut_short"] = f"deadline of {a.deadline_s:.0f} s before batch {b}"
+            break
         trial = {"batch": b}
         try:
             s = step.for_batch(b)
@@ -102,10 +108,12 @@ def main(argv=None) -> int:
             break  # the engines' state after an out-of-memory error is not to be trusted
     res["complete"] = True
     emit_result(res, a.json)
-    try:
-        dist_util.teardown()
-    except Exception:  # after an out-of-memory error; the result is already written
-        pass
+    if res["smallest_failing"] and cuda:
+        # after an out-of-memory error the process group's teardown may hang: leave at once
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    dist_util.teardown()
     return 0
 
 

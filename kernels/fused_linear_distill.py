@@ -121,8 +121,10 @@ GPU_CONFIGS = [triton.Config({"BLOCK_V": bv}, num_warps=nw)
 
 
 def autotuned(kernel, configs=GPU_CONFIGS, **kw):
-    """`kernel` autotuned over `configs`, keyed on the vocabulary and the teacher flag. The
-    kernel overwrites z in place, so every timed trial restores it (restore_value)."""
+    """`kernel` autotuned over `configs`, keyed on the vocabulary and the teacher flag (and
+    the dtypes): the first call of a process with a key decides, which in the trainer is a
+    full chunk. The kernel overwrites z in place, so every timed trial restores it
+    (restore_value)."""
     return triton.autotune(configs=configs, key=["V", "HAS_TEACHER"], restore_value=["z_ptr"],
                            **kw)(kernel)
 

@@ -144,3 +144,24 @@ def test_run_group_kills_the_whole_group_on_timeout(tmp_path):
     else:
         with open(f"/proc/{child}/stat") as f:
             assert f.read().split()[2] == "Z", "the grandchild survived the timeout"
+
+
+def test_run_module_keeps_the_partial_result_of_a_tool_cut_short(tmp_path):
+    """A tool that rewrites its JSON as it goes (max_batch: "complete": false until the end)
+    keeps what it measured when it dies or times out; any other failure stays a failure."""
+    from benchmarks.harness import REPO, CaseFailed, run_module
+
+    (tmp_path / "cut_short_tool.py").write_text(
+        "import json, sys\n"
+        "path = sys.argv[sys.argv.index('--json') + 1]\n"
+        "json.dump({'complete': False, 'trials': [4, 5]}, open(path, 'w'))\n"
+        "sys.exit(3)\n")
+    env = {"PYTHONPATH": f"{REPO}:{tmp_path}"}
+    res = run_module("cut_short_tool", ["partial"], env=env, timeout=60)
+    assert res["trials"] == [4, 5] and res["cut_short"].startswith("exit 3")
+    (tmp_path / "cut_short_tool.py").write_text(
+        "import json, sys\n"
+        "json.dump({'trials': [4]}, open(sys.argv[sys.argv.index('--json') + 1], 'w'))\n"
+        "sys.exit(3)\n")
+    with pytest.raises(CaseFailed, match="exited 3"):
+        run_module("cut_short_tool", ["other"], env=env, timeout=60)
