@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -436,11 +437,27 @@ def check_errors(errs: dict, dtype: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- machine
+def device_seconds(fn, device: torch.device) -> float:
+    """Seconds of one fn() on the device: CUDA events around it, else the host clock."""
+    import time
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    fn()
+    t1.record()
+    t1.synchronize()
+    return t0.elapsed_time(t1) / 1e3
+
+
 def gemm_ceiling(device: str = "cpu", dtype: str = "float32", shape=None) -> dict:
     """Achieved TFLOP/s of a plain matrix product (m, k) @ (k, n) in `dtype` on `device`, on
     random data: the ceiling that the op's matrix products are compared with. CUDA: median
     of 30 products timed with events after ~1 s of warm-up (8192^3 unless `shape`); CPU: best of 3
     by the host clock (an LM-head-shaped 1024 x 512 x 32000)."""
+    import time
     dev = torch.device(device)
     dt = DTYPES[dtype]
     on_gpu = dev.type == "cuda"
@@ -449,28 +466,14 @@ def gemm_ceiling(device: str = "cpu", dtype: str = "float32", shape=None) -> dic
     b = torch.randn(k, n, device=dev).to(dt)
     flops = 2.0 * m * k * n
     if on_gpu:
-        import time
         t_end = time.perf_counter() + 1.0  # about a second of products first: clocks ramp up
         while time.perf_counter() < t_end:
             a @ b
             torch.cuda.synchronize(dev)
-        times = []
-        for _ in range(30):
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            a @ b
-            t1.record()
-            t1.synchronize()
-            times.append(t0.elapsed_time(t1) / 1e3)
-        sec = sorted(times)[len(times) // 2]
+        sec = statistics.median(device_seconds(lambda: a @ b, dev) for _ in range(30))
     else:
-        import time
-        sec = math.inf
-        for i in range(4):
-            t0 = time.perf_counter()
-            _ = a @ b
-            if i:  # the first is a warm-up
-                sec = min(sec, time.perf_counter() - t0)
+        a @ b  # warm-up
+        sec = min(device_seconds(lambda: a @ b, dev) for _ in range(3))
     return {"tflops": flops / sec / 1e12, "shape": [m, k, n], "dtype": dtype, "device": dev.type}
 
 
@@ -482,15 +485,7 @@ def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 31) -> dict:
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    times = []
-    for _ in range(20):
-        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0.record()
-        dst.copy_(src)
-        t1.record()
-        t1.synchronize()
-        times.append(t0.elapsed_time(t1) / 1e3)
-    sec = sorted(times)[len(times) // 2]
+    sec = statistics.median(device_seconds(lambda: dst.copy_(src), dev) for _ in range(20))
     return {"tb_per_s": 2 * nbytes / sec / 1e12, "bytes": nbytes, "device": dev.type}
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.cases import check_errors, machine, oracle_pieces, rows_case, unavailable_reason, versions
-from benchmarks.harness import REPO, CaseFailed, run_group, run_module
+from benchmarks.harness import REPO, CaseFailed, child_env, run_group, run_module
 
 STAGES = ("env", "correct", "op", "train", "maxbatch", "big", "tune", "compiled")
 TARGETS = {"vs_liger_jsd": 0.9, "vs_reference_time": 0.5, "vs_reference_memory": 0.10,
@@ -110,10 +110,8 @@ class Session:
             rec["not_run"].append(f"{what}: out of time")
             return
         cmd = [sys.executable, "-m", "pytest", *args, "-q", "-rs", "-p", "no:cacheprovider"]
-        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        env = dict(os.environ, PYTHONPATH=path)
         t0 = time.monotonic()
-        rc, out, err = run_group(cmd, env=env, timeout=self.left())
+        rc, out, err = run_group(cmd, env=child_env(), timeout=self.left())
         rc, text = ("timeout" if rc is None else rc), out + err
         summary = [ln for ln in text.splitlines() if " passed" in ln or " failed" in ln or " error" in ln]
         rec["rows"].append({"check": what, "rc": rc, "summary": summary[-1] if summary else text[-300:],
@@ -233,17 +231,22 @@ def stage_tune(s: Session, rec: dict) -> None:
             rec["rows"].append({"rows": f"C={C} V={V}", **{k: res[k] for k in ("bytes", "triton", "torch")}})
 
 
-def _train_args(t: dict, impl: str) -> list[str]:
+def _model_args(t: dict, impl: str) -> list[str]:
+    """The loss path, models and sequence length of the training-step stages."""
     return ["--loss-impl", impl, "--student", t["student"], "--teacher", t["teacher"],
-            "--vocab", str(t["vocab"]), "--batch", str(t["batch"]), "--seq", str(t["seq"])]
+            "--vocab", str(t["vocab"]), "--seq", str(t["seq"])]
+
+
+def _train_impls(s: Session) -> list[str]:
+    return s.pick(["reference", "triton"] if s.device == "cuda" else ["reference", "chunked"])
 
 
 def stage_train(s: Session, rec: dict) -> None:
     t = s.shapes["train"]
-    impls = ["reference", "triton"] if s.device == "cuda" else ["reference", "chunked"]
-    for impl in s.pick(impls):
+    for impl in _train_impls(s):
         res = s.module("train", rec, f"train step {impl}", "benchmarks.train_step",
-                       [*_train_args(t, impl), "--warmup", "2", "--steps", "3" if s.smoke else "8"],
+                       [*_model_args(t, impl), "--batch", str(t["batch"]), "--warmup", "2",
+                        "--steps", "3" if s.smoke else "8"],
                        need_s=90)
         if res is not None:
             rec["rows"].append({"impl": impl, **{k: res.get(k) for k in (
@@ -253,13 +256,12 @@ def stage_train(s: Session, rec: dict) -> None:
 
 def stage_maxbatch(s: Session, rec: dict) -> None:
     t = s.shapes["train"]
-    impls = ["reference", "triton"] if s.device == "cuda" else ["reference", "chunked"]
-    for impl in s.pick(impls):
-        args = [*_train_args(t, impl)[:8], "--seq", str(t["seq"]), "--start", str(t["batch"]),
-                "--limit", str(s.shapes["max_limit"])]
+    impls = _train_impls(s)
+    for i, impl in enumerate(impls):
+        args = [*_model_args(t, impl), "--start", str(t["batch"]), "--limit", str(s.shapes["max_limit"])]
         # leave the other implementation its share of the call; expandable segments: fragmentation
         # must not decide the answer (for both implementations alike)
-        share = s.left() / (len(s.pick(impls)) - s.pick(impls).index(impl))
+        share = s.left() / (len(impls) - i)
         args += ["--deadline-s", str(max(60, int(share - 30)))]
         res = s.module("maxbatch", rec, f"max batch {impl}", "benchmarks.max_batch", args, need_s=120,
                        env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})

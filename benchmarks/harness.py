@@ -95,20 +95,27 @@ class CaseFailed(AssertionError):
     pass
 
 
+def child_env(interpret_triton: bool = False, extra: dict | None = None) -> dict:
+    """The environment of a benchmark subprocess: the repository importable, a world of its
+    own (no inherited rank or port: a parent's port may be taken), TRITON_INTERPRET only when
+    asked (parity of the Triton implementations on a CPU), then `extra`."""
+    env = dict(os.environ)
+    for k in ("TRITON_INTERPRET", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+              "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    if interpret_triton:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(extra or {})
+    return env
+
+
 def run_module(module: str, args: list[str], *, env: dict | None = None, timeout: float = 1800,
                interpret_triton: bool = False) -> dict:
     """`python -m module *args --json TMP` in a fresh process from the repository root;
-    returns the JSON it wrote. TRITON_INTERPRET is set only when asked (parity of the Triton
-    implementations on a CPU)."""
-    full_env = dict(os.environ)
-    full_env.pop("TRITON_INTERPRET", None)
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        full_env.pop(k, None)  # each case is a world of its own (a parent's port may be taken)
-    if interpret_triton:
-        full_env["TRITON_INTERPRET"] = "1"
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH")) if p)
-    full_env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    full_env.update(env or {})
+    returns the JSON it wrote (environment: child_env)."""
+    full_env = child_env(interpret_triton, env)
     with tempfile.TemporaryDirectory(prefix="prada-bench-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", module, *args, "--json", str(out)]

@@ -52,6 +52,7 @@ from benchmarks.cases import (
     Case,
     build_step,
     clear_grads,
+    device_seconds,
     emit_result,
     expected,
     gemm_ceiling,
@@ -197,7 +198,7 @@ def run_op(impl: str, case: Case, device: str, *, warmup: int, repeats: int,
     if impl == "triton" and dev.type == "cuda":
         from prada_fast.fused import accumulate_path
         from prada_kernels import fused_linear_distill as fld
-        res["row_kernel_configs"] = {str(k): str(v) for k, v in fld._distill_rows_tuned.cache.items()}
+        res["row_kernel_configs"] = fld.autotuned_choices()
         res["fp32_accumulation"] = accumulate_path(dev.type)  # used when grad_W needs > 16 chunks
     res["tflops"] = res["flops"] / res["median_s"] / 1e12
     if oracle_path:
@@ -206,20 +207,6 @@ def run_op(impl: str, case: Case, device: str, *, warmup: int, repeats: int,
         exp = expected(orc, IMPLS[impl].piece)
         res["errors"] = parity_errors(loss, grads_of(x), exp, grad_names_of(impl))
     return res
-
-
-def _timed(fn, dev: torch.device) -> float:
-    """Seconds of fn() on the device: CUDA events around it, else the host clock."""
-    if dev.type != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0.record()
-    fn()
-    t1.record()
-    t1.synchronize()
-    return t0.elapsed_time(t1) / 1e3
 
 
 def run_rows(C: int, V: int, dtype: str, teacher: bool, device: str, repeats: int = 20) -> dict:
@@ -245,13 +232,12 @@ def run_rows(C: int, V: int, dtype: str, teacher: bool, device: str, repeats: in
             z.copy_(z0)
             if teacher:
                 zt.copy_(zt0)  # torch_rows uses z_t as scratch
-            sec = _timed(functools.partial(fn, z, zt, y, scale, workspace=ws, **opts), dev)
+            sec = device_seconds(functools.partial(fn, z, zt, y, scale, workspace=ws, **opts), dev)
             if i >= 2:
                 times.append(sec)
         med = statistics.median(times)
         out[name] = {"median_s": med, "tb_per_s": n_bytes / med / 1e12}
-    cache = getattr(fld._distill_rows_tuned, "cache", {})
-    out["triton"]["configs"] = {str(k): str(v) for k, v in cache.items()}
+    out["triton"]["configs"] = fld.autotuned_choices()
     return out
 
 

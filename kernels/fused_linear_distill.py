@@ -132,6 +132,11 @@ def autotuned(kernel, configs=GPU_CONFIGS, **kw):
 _distill_rows_tuned = autotuned(_distill_rows_kernel)
 
 
+def autotuned_choices() -> dict:
+    """The configuration the autotuner chose for each key seen in this process."""
+    return {str(k): str(v) for k, v in _distill_rows_tuned.cache.items()}
+
+
 def pinned_config() -> dict | None:
     """PRADA_ROWS_CONFIG="BLOCK_V,num_warps" (e.g. "4096,8") pins the GPU row kernel's
     configuration instead of autotuning it: for profilers, which should see no trial
@@ -150,8 +155,9 @@ def pinned_config() -> dict | None:
 
 def triton_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=None, kernel=None):
     """Row op (see prada_fast.fused), a drop-in for prada_fast.chunked.torch_rows: per-row
-    (ce_i, kd_i) in fp32 (0 on ignored rows); z (C, V) is overwritten with dL/dz. `kernel`:
-    the autotuned kernel on CUDA, the fixed interpreter configuration elsewhere (default)."""
+    (ce_i, kd_i) in fp32 (0 on ignored rows); z (C, V) is overwritten with dL/dz. `kernel`: an
+    autotuned kernel (`autotuned`) to use instead of the default, which is the autotuned one
+    on CUDA and the fixed interpreter configuration elsewhere."""
     C, V = z.shape
     ce = torch.empty(C, dtype=torch.float32, device=z.device)
     kd = torch.empty(C, dtype=torch.float32, device=z.device)
@@ -170,8 +176,6 @@ def triton_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace
             kernel, meta = _distill_rows_kernel, pinned or INTERPRETER_CONFIG
         else:
             kernel = _distill_rows_tuned
-    elif kernel is _distill_rows_kernel:
-        meta = INTERPRETER_CONFIG
     kernel[(C,)](
         z, zt, y, scale, ce, kd,
         V,

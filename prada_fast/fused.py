@@ -45,7 +45,10 @@ def default_chunk_rows(n_rows: int, vocab: int, budget_elems: int = 1 << 23) -> 
 # this many chunks; beyond it in fp32 (see the module docstring).
 LOW_PRECISION_GRAD_W_CHUNKS = 16
 
-_NO_OUT_DTYPE: set[str] = set()  # device types whose addmm lacks out_dtype=fp32 for bf16/fp16
+# How _accumulate_mm adds low-precision products into fp32, per device type: the first path
+# that works is remembered, so a backend without out_dtype fails once, not once per chunk.
+_ACCUMULATE_PATHS = ("addmm(out_dtype) in place", "mm(out_dtype) temporary", "low-precision temporary")
+_ACCUMULATE_PATH: dict[str, int] = {}
 
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -54,25 +57,28 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if acc.device.type not in _NO_OUT_DTYPE:
+    dev = acc.device.type
+    for i in range(_ACCUMULATE_PATH.get(dev, 0), len(_ACCUMULATE_PATHS)):
         try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
+            if i == 0:
+                torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            elif i == 1:
+                acc += torch.mm(a, b, out_dtype=acc.dtype)
+            else:
+                acc += (a @ b).to(acc.dtype)
         except torch.OutOfMemoryError:
             raise
         except (TypeError, RuntimeError, NotImplementedError):
-            _NO_OUT_DTYPE.add(acc.device.type)
-    try:  # the product in fp32 straight from the low-precision operands, then one add
-        acc += torch.mm(a, b, out_dtype=acc.dtype)
-    except torch.OutOfMemoryError:
-        raise
-    except (TypeError, RuntimeError, NotImplementedError):
-        acc += (a @ b).to(acc.dtype)
+            if i == len(_ACCUMULATE_PATHS) - 1:
+                raise
+            continue
+        _ACCUMULATE_PATH[dev] = i
+        return
 
 
 def accumulate_path(device_type: str) -> str:
     """How _accumulate_mm adds low-precision products into fp32 on this device type."""
-    return "temporary" if device_type in _NO_OUT_DTYPE else "addmm(out_dtype) in place"
+    return _ACCUMULATE_PATHS[_ACCUMULATE_PATH.get(device_type, 0)]
 
 
 def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden, teacher_weight,

@@ -180,7 +180,7 @@ def test_bf16_grad_w_accumulation_over_chunks(chunk_rows):
     from prada_fast.fused import LOW_PRECISION_GRAD_W_CHUNKS
 
     x = make_batch(dtype=torch.bfloat16, teacher="hidden", bias=True, domain=True, ignore_frac=0.0,
-                   seed=21)
+                   seed=int(torch.randint(0, 2**31, ())))  # fresh inputs
     n_chunks = -(-39 // chunk_rows)
     assert (n_chunks <= LOW_PRECISION_GRAD_W_CHUNKS) == (chunk_rows == 16)
     ref = run(x, "reference", upcast=True)
