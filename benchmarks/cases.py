@@ -4,7 +4,7 @@ implementations under test (ours and the peers), the float64 oracle and the pari
 Used by the pytest suite (benchmarks/test_*.py, in the pytest process: nothing heavy) and by
 the one-case subprocess entry point `python -m benchmarks.run_case` (everything heavy).
 
-Parity follows DESIGN.md: relative error ||x - x_ref|| / ||x_ref|| of the loss and of every
+Parity follows docs/design.md: relative error ||x - x_ref|| / ||x_ref|| of the loss and of every
 gradient against the reference path run in float64 on upcast inputs (the "oracle"); fp32
 inputs: loss <= 1e-5, gradients <= 1e-4; bf16: loss <= 1e-2, gradients <= 2e-2; NaN fails.
 
@@ -30,9 +30,8 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-GRAD_NAMES = ("hidden", "lm_weight", "lm_bias", "domain_weight", "domain_bias")
-TOL = {"float32": {"loss": 1e-5, "grad": 1e-4}, "bfloat16": {"loss": 1e-2, "grad": 2e-2}}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from prada_fast.envinfo import versions
+from prada_fast.op.testing import DTYPES, GRAD_NAMES, random_inputs, rel_err, tolerance  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- cases
@@ -103,39 +102,9 @@ def matmul_flops(case: Case, piece: str) -> float:
 def make_inputs(case: Case, device: str | torch.device = "cpu") -> dict:
     """Deterministic random inputs (a function of the case and the device type). Leaves with
     a gradient (hidden, lm_weight, lm_bias, domain_weight, domain_bias) require grad."""
-    device = torch.device(device)
-    g = torch.Generator(device=device).manual_seed(case.seed)
-    dt = DTYPES[case.dtype]
-    B, T, H, V = case.B, case.T, case.H, case.V
-
-    def randn(*shape, scale=1.0):
-        t = torch.randn(*shape, generator=g, device=device)
-        if scale != 1.0:
-            t.mul_(scale)
-        return t.to(dt)
-
-    x = {"hidden": randn(B, T, H), "lm_weight": randn(V, H, scale=2 / math.sqrt(H))}
-    y = torch.randint(0, V, (B, T), generator=g, device=device)
-    if case.ignore_frac:
-        y[torch.rand(B, T, generator=g, device=device) < case.ignore_frac] = -100
-    x["targets"] = y
-    if case.bias:
-        x["lm_bias"] = randn(V, scale=0.5)
-    if case.Ht:
-        x["teacher_hidden"] = randn(B, T, case.Ht)
-        x["teacher_weight"] = randn(V, case.Ht, scale=2 / math.sqrt(case.Ht))
-    if case.D:
-        x["domain_weight"] = randn(case.D, H, scale=1 / math.sqrt(H))
-        x["domain_bias"] = randn(case.D, scale=0.5)
-        x["domain_labels"] = torch.randint(0, case.D, (B,), generator=g, device=device)
-    if case.pool_mask:
-        m = (torch.rand(B, T, generator=g, device=device) < 0.7).to(dt)
-        m[:, 0] = 1
-        x["pool_mask"] = m
-    for k in GRAD_NAMES:
-        if k in x:
-            x[k].requires_grad_(True)
-    return x
+    return random_inputs(B=case.B, T=case.T, H=case.H, V=case.V, Ht=case.Ht, D=case.D,
+                         dtype=case.dtype, bias=case.bias, ignore_frac=case.ignore_frac,
+                         pool_mask=case.pool_mask, seed=case.seed, device=device)
 
 
 def clear_grads(x: dict) -> None:
@@ -400,20 +369,6 @@ def oracle_pieces(case: Case, impls) -> tuple:
     return tuple(p for p in order if p in need)
 
 
-def rel_err(x, ref) -> float:
-    """||x - ref|| / ||ref|| in float64; NaN (never a pass) if x is not finite."""
-    x = torch.as_tensor(x, dtype=None if torch.is_tensor(x) else torch.float64).detach()
-    if not torch.is_tensor(ref):
-        ref = torch.tensor(ref, dtype=torch.float64)  # a Python float: keep all its digits
-    ref = ref.detach().to(x.device, torch.float64)  # on x's device (GPU: big tensors)
-    x = x.to(torch.float64)
-    if not torch.isfinite(x).all():
-        return math.nan
-    den = ref.norm().item()
-    num = (x - ref).norm().item()
-    return num / den if den > 0 else num
-
-
 def parity_errors(loss, grads: dict, exp: dict, names) -> dict:
     """Relative errors of the loss and of each expected gradient; a missing gradient is NaN."""
     errs = {"loss": rel_err(loss, exp["loss"])}
@@ -425,11 +380,10 @@ def parity_errors(loss, grads: dict, exp: dict, names) -> dict:
 
 
 def check_errors(errs: dict, dtype: str) -> list[str]:
-    """Failures against DESIGN.md's tolerances (NaN fails)."""
-    tol = TOL.get(dtype, TOL["bfloat16"])
+    """Failures against docs/design.md's tolerances (NaN fails)."""
     bad = []
     for k, e in errs.items():
-        t = tol["loss"] if k == "loss" else tol["grad"]
+        t = tolerance(dtype, "loss" if k == "loss" else "grad")
         e = float(e)  # "nan" from JSON too
         if not (e <= t):
             bad.append(f"{k}: relative error {e:.3g} > {t:.0e}")
@@ -487,41 +441,6 @@ def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 31) -> dict:
         dst.copy_(src)
     sec = statistics.median(device_seconds(lambda: dst.copy_(src), dev) for _ in range(20))
     return {"tb_per_s": 2 * nbytes / sec / 1e12, "bytes": nbytes, "device": dev.type}
-
-
-def versions() -> dict:
-    import platform
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "transformers", "deepspeed", "liger_kernel", "cut_cross_entropy"):
-        try:
-            from importlib.metadata import version
-            dist = {"liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy"}.get(mod, mod)
-            out[mod] = version(dist)
-        except Exception:  # noqa: BLE001 - not installed
-            out[mod] = None
-    return out
-
-
-def machine() -> dict:
-    import platform
-
-    info = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                info["mem_gib"] = round(int(line.split()[1]) / 2**20, 1)
-                break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def _jsonable(obj):

@@ -38,8 +38,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cases import check_errors, machine, oracle_pieces, rows_case, unavailable_reason, versions
+from benchmarks.cases import check_errors, oracle_pieces, rows_case, unavailable_reason
 from benchmarks.harness import REPO, CaseFailed, child_env, run_group, run_module
+from benchmarks.report import MiB, fmt, md_table, op_table, train_table, update_results, versions_text
+from prada_fast.envinfo import machine, versions
 
 STAGES = ("env", "correct", "op", "train", "maxbatch", "big", "tune", "compiled")
 TARGETS = {"vs_liger_jsd": 0.9, "vs_reference_time": 0.5, "vs_reference_memory": 0.10,
@@ -276,18 +278,6 @@ RUNNERS = {"env": stage_env, "correct": stage_correct, "op": stage_op, "train": 
 
 
 # ----------------------------------------------------------------------------- report
-def _ms(x):
-    return "–" if x is None else f"{x * 1e3:.1f} ms"
-
-
-def _gib(x):
-    return "–" if x is None else f"{x / 2**30:.2f} GiB"
-
-
-def _maxerr(errs):
-    return "–" if not errs else f"{max(float(v) for v in errs.values()):.1e}"
-
-
 def render(recs: dict) -> str:
     """Markdown of the stages' results, with the issue's targets checked where measured."""
     out = []
@@ -297,7 +287,8 @@ def render(recs: dict) -> str:
         info = env.get("info", {})
         out += ["### Device", "", f"- date: {env['started']}",
                 f"- device: {info.get('gpu') or info.get('machine')}",
-                f"- nvidia-smi: `{info.get('nvidia_smi', '–')}`", f"- versions: {info.get('versions')}"]
+                f"- nvidia-smi: `{info.get('nvidia_smi', '–')}`",
+                f"- versions: {versions_text(info.get('versions') or {})}"]
         for r in env["rows"]:
             if r["what"] == "matmul":
                 out.append(f"- matrix product {r['shape']} {r['dtype']}: {r['tflops']:.3g} TFLOP/s")
@@ -305,61 +296,38 @@ def render(recs: dict) -> str:
             else:
                 out.append(f"- device copy: {r['tb_per_s']:.2f} TB/s (read + write)")
         out.append("")
-    for name in ("correct",):
-        if name in recs:
-            out += [f"### {name}", "", "| check | rc | summary | s |", "|---|---|---|---:|"]
-            out += [f"| {r['check']} | {r['rc']} | {r['summary']} | {r['seconds']:.0f} |"
-                    for r in recs[name]["rows"]]
-            out.append("")
+    if "correct" in recs:
+        out += ["### correct", "", md_table(["check", "rc", "summary", "s"], "lllr", (
+            [r["check"], r["rc"], r["summary"], f"{r['seconds']:.0f}"] for r in recs["correct"]["rows"])), ""]
     for name in ("op", "compiled", "big", "tune"):
         rows = [r for r in recs.get(name, {}).get("rows", []) if "impl" in r]
         kernel_rows = [r for r in recs.get(name, {}).get("rows", []) if "rows" in r]
         if not rows and not kernel_rows:
             continue
-        ref = {r["case"]: r for r in rows if r["impl"] == "reference" and r.get("median_s")}
-        jsd = {r["case"]: r for r in rows if r["impl"] == "liger_jsd" and r.get("median_s")}
-        out += [f"### {name}", "", "| case | impl | chunk | time | extra memory | TFLOP/s | of ceiling "
-                "| time vs reference | memory vs reference | time vs Liger JSD | max rel. error |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            t, m = r.get("median_s"), r.get("peak_extra_bytes")
-            rr, jj = ref.get(r["case"]), jsd.get(r["case"])
-            of_c = f"{r['tflops'] / ceiling:.0%}" if (ceiling and r.get("tflops")) else "–"
-            vs_t = f"{t / rr['median_s']:.2f}" if (rr and t) else "–"
-            vs_m = f"{m / max(rr['peak_extra_bytes'], 1):.3f}" if (rr and m is not None) else "–"
-            vs_j = f"{t / jj['median_s']:.2f}" if (jj and t) else "–"
-            err = "OOM" if r.get("oom") else _maxerr(r.get("errors"))
-            if r.get("parity_failures") and r["parity_failures"] != ["not checked"]:
-                err += " FAIL"
-            tf = f"{r['tflops']:.0f}" if r.get("tflops") else "–"
-            out.append(f"| {r['case']} | {r['impl']} | {r.get('chunk_rows') or 'auto'} | {_ms(t)} "
-                       f"| {_gib(m)} | {tf} | {of_c} | {vs_t} | {vs_m} | {vs_j} | {err} |")
-        out.append("")
+        out += [f"### {name}", ""]
+        if rows:
+            out += [op_table(rows, vs=("reference", "liger_jsd"), ceiling=ceiling, chunk=True), ""]
         for r in kernel_rows:
-            out.append(f"- row kernel {r['rows']}: triton {_ms(r['triton']['median_s'])} "
-                       f"({r['triton']['tb_per_s']:.2f} TB/s), torch {_ms(r['torch']['median_s'])} "
-                       f"({r['torch']['tb_per_s']:.2f} TB/s); autotuned: {r['triton'].get('configs')}")
+            tri, tor = r["triton"], r["torch"]
+            out.append(f"- row kernel {r['rows']}: triton {fmt(tri['median_s'], '.4g', unit=' s')} "
+                       f"({tri['tb_per_s']:.2f} TB/s), torch {fmt(tor['median_s'], '.4g', unit=' s')} "
+                       f"({tor['tb_per_s']:.2f} TB/s); autotuned: {tri.get('configs')}")
+        if kernel_rows:
+            out.append("")
     if "train" in recs:
-        rows = {r["impl"]: r for r in recs["train"]["rows"]}
-        out += ["### train", "",
-                "| impl | tokens/s | step | extra memory | total memory | first loss | attn |",
-                "|---|---:|---:|---:|---:|---:|---|"]
-        for k, r in rows.items():
-            tok = "OOM" if r.get("oom") else f"{r['tokens_per_s']:.0f}"
-            first = (r.get("losses") or ["–"])[0]
-            out.append(f"| {k} | {tok} | {_ms(r.get('median_s'))} | {_gib(r.get('peak_extra_bytes'))} | "
-                       f"{_gib(r.get('peak_total_bytes'))} | {first} | {r.get('attn')} |")
-        out.append("")
+        first_loss = ("first loss", lambda r: (r.get("losses") or ["–"])[0])
+        attn = ("attn", lambda r: r.get("attn"))
+        out += ["### train", "", train_table([{**r, "V": r.get("vocab")} for r in recs["train"]["rows"]],
+                                             extra=(first_loss, attn)), ""]
     if "maxbatch" in recs:
-        out += ["### maxbatch", "",
-                "| impl | largest micro-batch | smallest failing | tokens/s there (1 step) | trials |",
-                "|---|---:|---:|---:|---|"]
+        lines = []
         for r in recs["maxbatch"]["rows"]:
             tr = ", ".join(f"{t['batch']}{'' if t['fits'] else ' OOM'}" for t in r["trials"])
             at = [t for t in r["trials"] if t["fits"] and t["batch"] == r["largest_fitting"]]
-            tok = f"{at[0]['tokens_per_s']:.0f}" if at else "–"
-            out.append(f"| {r['impl']} | {r['largest_fitting']} | {r['smallest_failing']} | {tok} | {tr} |")
-        out.append("")
+            lines.append([r["impl"], r["largest_fitting"], r["smallest_failing"],
+                          fmt(at[0]["tokens_per_s"] if at else None, ".0f"), tr])
+        out += ["### maxbatch", "", md_table(["impl", "largest micro-batch", "smallest failing",
+                                              "tokens/s there (1 step)", "trials"], "lrrrl", lines), ""]
     out += targets(recs)
     commands = [c for rec in recs.values() for c in rec.get("commands", [rec.get("command")]) if c]
     if commands:
@@ -427,7 +395,8 @@ def targets(recs: dict) -> list[str]:
     for r in recs.get("big", {}).get("rows", []):
         ok = not r.get("oom") and r.get("median_s") and not r.get("parity_failures")
         lines.append(f"- {r['impl']} at {r['case']}: {'ran, parity ok' if ok else 'FAILED'} "
-                     f"({_ms(r.get('median_s'))}, {_gib(r.get('peak_extra_bytes'))} extra)")
+                     f"({fmt(r.get('median_s'), '.4g', unit=' s')}, "
+                     f"{fmt(r.get('peak_extra_bytes'), '.0f', scale=1 / MiB, unit=' MiB')} extra)")
     for r in recs.get("correct", {}).get("rows", []):
         lines.append(f"- {r['check']}: {'passed' if r['rc'] == 0 else 'FAILED'} ({r['summary']})")
     return ["### Targets", "", *lines, ""] if lines else []
@@ -471,7 +440,6 @@ def main(argv=None) -> int:
     if a.stages[0] == "report":
         text = render(load_records(a.stages[1:] or [a.out]))
         if a.update_results:
-            from benchmarks.report import update_results
             update_results(Path(a.update_results),
                            f"<!-- results:gpu-session -->\n{text}<!-- /results:gpu-session -->")
         print(text)

@@ -4,11 +4,12 @@
         --teacher qwen2.5-1.5b --seq 1024 --start 4 --limit 512 --factor 1.125]
         [--json out.json]
 
-One process builds the student and teacher engines once (as benchmarks.train_step does),
-runs a step at --start (the optimizer state is allocated there), then steps on batches
-growing by --factor (4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 18, 20, ...) until one runs out
-of device memory or --limit is reached: ZeRO-3 does not fix the batch size, so no trial
-needs a fresh process, and the search takes one model set-up instead of one per trial.
+One process builds the student and teacher engines once (benchmarks.train_step's
+`build_train_step`: the trainer's engines and micro-step), runs a step at --start (the
+optimizer state is allocated there), then steps on batches growing by --factor (4, 5, 6,
+7, 8, 9, 10, 11, 12, 14, 16, 18, 20, ...) until one runs out of device memory or --limit
+is reached: ZeRO-3 does not fix the batch size, so no trial needs a fresh process, and the
+search takes one model set-up instead of one per trial.
 Cached allocator blocks are released before each trial. The result: the largest batch that
 ran and the first that did not (so the answer is within one factor step), and every trial
 (batch, seconds, tokens/s, peak memory). The JSON is rewritten after each trial, so a run
@@ -60,8 +61,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from benchmarks.cases import emit_result
+    from benchmarks.train_step import build_train_step
     from prada_fast import distributed as dist_util
-    from prada_fast.profile import build_train_step
 
     sizes = batch_sizes(a.start, a.limit, a.factor)
     t0 = time.perf_counter()

@@ -36,64 +36,101 @@ def _entries(data: dict, kind: str) -> list[dict]:
     return rows
 
 
-def _fmt(v, spec=".2f", none="–"):
+def fmt(v, spec=".2f", none="–", *, scale=1.0, unit="") -> str:
+    """`v * scale` formatted with `spec`, then `unit`; `none` where v is missing or not finite."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return none
-    return format(v, spec)
+    return format(v * scale if scale != 1 else v, spec) + unit
 
 
-def _max_err(errs: dict | None) -> float | None:
+def max_err(errs: dict | None) -> float | None:
+    """The largest of a result's relative errors against the oracle (None: not checked)."""
     if not errs:
         return None
     vals = [float(v) for v in errs.values()]
     return max(vals) if vals else None
 
 
-def op_table(data: dict) -> str:
-    rows = _entries(data, "op")
-    if not rows:
-        return ""
+def _ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def md_table(header: list[str], align: str, rows) -> str:
+    """A markdown table; `align`: one letter per column, l(eft) or r(ight)."""
+    rule = "|" + "|".join("---:" if c == "r" else "---" for c in align) + "|"
+    return "\n".join(["| " + " | ".join(header) + " |", rule,
+                      *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)])
+
+
+def op_rows(data: dict) -> list[dict]:
+    """The op results of a benchmark JSON, by (dtype, H_t, H, N, V), each labelled `case`."""
     by_case: dict[str, list[dict]] = {}
-    for r in rows:
+    for r in _entries(data, "op"):
         by_case.setdefault(r["case_id"], []).append(r)
+
     def key(c):
         r = by_case[c][0]
         return (r["dtype"], r["Ht"], r["H"], r["N"], r["V"])
-    order = sorted(by_case, key=key)
-    out = ["| case (N x H x V, H_t) | impl | median s | time vs ref | peak extra MiB | memory vs ref "
-           "| TFLOP/s | % of matmul ceiling | max parity error |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for cid in order:
-        rs = by_case[cid]
-        ref = next((r for r in rs if r["impl"] == "reference"), None)
-        for r in rs:
-            t_ratio = r["median_s"] / ref["median_s"] if ref else None
-            m_ratio = r["peak_extra_bytes"] / max(ref["peak_extra_bytes"], 1) if ref else None
-            frac = r.get("frac_of_ceiling")
-            case = f"{r['N']} x {r['H']} x {r['V']}, {r['Ht'] or '-'} {r['dtype']}"
-            out.append(f"| {case} | {r['impl']} | {_fmt(r['median_s'], '.3f')} | {_fmt(t_ratio)} "
-                       f"| {_fmt(r['peak_extra_bytes'] / MiB, '.0f')} | {_fmt(m_ratio, '.3f')} "
-                       f"| {_fmt(r['tflops'], '.3g')} | {_fmt(frac * 100 if frac else None, '.0f')} "
-                       f"| {_fmt(_max_err(r.get('errors')), '.1e')} |")
-    return "\n".join(out)
+    return [{**r, "case": f"{r['N']} x {r['H']} x {r['V']}, {r['Ht'] or '-'} {r['dtype']}"}
+            for c in sorted(by_case, key=key) for r in by_case[c]]
 
 
-def train_table(data: dict) -> str:
-    rows = _entries(data, "train_step")
+def op_table(rows: list[dict], *, vs=("reference",), ceiling: float | None = None, chunk: bool = False,
+             case_header: str = "case") -> str:
+    """Markdown table of op results, a line per row in the given order. A row has case (a
+    label), impl, median_s, peak_extra_bytes, tflops; maybe frac_of_ceiling (else tflops /
+    `ceiling`), errors (relative errors against the oracle), oom, parity_failures and
+    chunk_rows (a column with `chunk`). Times are compared with each implementation of `vs`
+    on the same case, memory with the first of them."""
     if not rows:
         return ""
-    ref = next((r for r in rows if r["impl"] == "reference"), None)
-    out = ["| student + teacher | V | tokens/step | loss impl | tokens/s | vs ref | step s "
-           "| peak extra MiB | memory vs ref | peak total MiB |",
-           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+
+    def case(r):  # the case a row measures (its label may leave out some of the case's fields)
+        return r.get("case_id", r["case"])
+    base = {}
     for r in rows:
-        tr = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
-        mr = r["peak_extra_bytes"] / max(ref["peak_extra_bytes"], 1) if ref else None
-        out.append(f"| {r['student']} + {r['teacher']}{' (bf16)' if r.get('bf16') else ''} | {r['V']} "
-                   f"| {r['batch']} x {r['seq']} | {r['impl']} | {r['tokens_per_s']:.0f} | {_fmt(tr)} "
-                   f"| {r['median_s']:.3f} | {r['peak_extra_bytes'] / MiB:.0f} | {_fmt(mr, '.3f')} "
-                   f"| {r['peak_total_bytes'] / MiB:.0f} |")
-    return "\n".join(out)
+        if r["impl"] in vs and r.get("median_s"):
+            base.setdefault((case(r), r["impl"]), r)
+    header = [case_header, "impl", *(["rows per chunk"] if chunk else []), "median s",
+              *(f"time vs {v}" for v in vs), "peak extra MiB", f"memory vs {vs[0]}", "TFLOP/s",
+              "% of matmul ceiling", "max parity error"]
+    lines = []
+    for r in rows:
+        t, m = r.get("median_s"), r.get("peak_extra_bytes")
+        ref = base.get((case(r), vs[0]))
+        frac = r.get("frac_of_ceiling") or _ratio(r.get("tflops"), ceiling)
+        err = "OOM" if r.get("oom") else fmt(max_err(r.get("errors")), ".1e")
+        if r.get("parity_failures") and r["parity_failures"] != ["not checked"]:
+            err += " FAIL"
+        lines.append([r["case"], r["impl"], *([r.get("chunk_rows") or "auto"] if chunk else []),
+                      fmt(t, ".4g"),
+                      *(fmt(_ratio(t, (base.get((case(r), v)) or {}).get("median_s"))) for v in vs),
+                      fmt(m, ".0f", scale=1 / MiB),
+                      fmt(_ratio(m, ref and max(ref["peak_extra_bytes"], 1)), ".3f"),
+                      fmt(r.get("tflops"), ".3g"), fmt(frac, ".0f", scale=100), err])
+    return md_table(header, "ll" + "r" * (len(header) - 2), lines)
+
+
+def train_table(rows: list[dict], *, extra=()) -> str:
+    """Markdown table of training steps, a line per row: student, teacher, bf16, V, batch, seq,
+    impl, tokens_per_s, median_s, peak_extra_bytes, peak_total_bytes, maybe oom; rates and
+    memory compared with the reference row. `extra`: more columns, (header, row -> cell)."""
+    if not rows:
+        return ""
+    ref = next((r for r in rows if r["impl"] == "reference" and r.get("tokens_per_s")), None)
+    header = ["student + teacher", "V", "tokens/step", "loss impl", "tokens/s", "vs reference", "step s",
+              "peak extra MiB", "memory vs reference", "peak total MiB", *(h for h, _ in extra)]
+    lines = []
+    for r in rows:
+        tok, m = r.get("tokens_per_s"), r.get("peak_extra_bytes")
+        models = f"{r['student']} + {r['teacher']}{' (bf16)' if r.get('bf16') else ''}"
+        lines.append([models, fmt(r.get("V"), "d"), f"{r['batch']} x {r['seq']}", r["impl"],
+                      "OOM" if r.get("oom") else fmt(tok, ".0f"),
+                      fmt(_ratio(tok, ref and ref["tokens_per_s"])), fmt(r.get("median_s"), ".4g"),
+                      fmt(m, ".0f", scale=1 / MiB),
+                      fmt(_ratio(m, ref and max(ref["peak_extra_bytes"], 1)), ".3f"),
+                      fmt(r.get("peak_total_bytes"), ".0f", scale=1 / MiB), *(f(r) for _, f in extra)])
+    return md_table(header, "lrrlrrrrrr" + "l" * len(extra), lines)
 
 
 def plots(data: dict, out: Path) -> list[Path]:
@@ -146,12 +183,15 @@ def plots(data: dict, out: Path) -> list[Path]:
     return written
 
 
+def versions_text(v: dict) -> str:
+    """The versions of prada_fast.envinfo.versions() in a line (those installed)."""
+    return ", ".join(f"{k} {x}" for k, x in v.items() if x)
+
+
 def header(data: dict) -> list[str]:
     pr = data.get("prada") or {}
     v = pr.get("versions") or {}
     m = pr.get("machine") or {}
-    vers = ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "transformers", "deepspeed", "liger_kernel",
-                                              "cut_cross_entropy") if v.get(k))
     mach = m.get("gpu") or f"{m.get('cpu', 'CPU')}, {m.get('cpu_count')} cores, {m.get('mem_gib')} GiB"
     commit = (data.get("commit_info") or {}).get("id", "")
     ceil = next((r.get("ceiling_tflops") for r in _entries(data, "op") if r.get("ceiling_tflops")), None)
@@ -160,17 +200,23 @@ def header(data: dict) -> list[str]:
     ceil_line = ceil_line if ceil else []
     return [f"- date: {pr.get('date', data.get('datetime', ''))}",
             f"- machine: {mach} ({m.get('torch_threads')} torch threads)",
-            f"- versions: python {v.get('python')}, {vers}",
+            f"- versions: {versions_text(v)}",
             f"- commit: {commit[:12]}",
             f"- command: `{pr.get('command', '')}`",
             f"- suite wall time: {pr.get('wall_s', '?')} s", *ceil_line]
+
+
+def tables(data: dict) -> tuple[str, str]:
+    """The op table and the training-step table of a benchmark JSON ("" where it has none)."""
+    return (op_table(op_rows(data), case_header="case (N x H x V, H_t)"),
+            train_table(_entries(data, "train_step")))
 
 
 def results_section(data: dict) -> str:
     pr = data.get("prada") or {}
     dev = pr.get("device", "cpu")
     parts = [f"<!-- results:{dev} -->", *header(data), ""]
-    ot, tt = op_table(data), train_table(data)
+    ot, tt = tables(data)
     if ot:
         parts += ["Op: forward + backward of `prada_loss` (fresh process per case; peak memory above the "
                   "inputs; parity = max relative error against the float64 oracle):", "", ot, ""]
@@ -195,7 +241,7 @@ def write_report(json_path, out=None, results_md=None) -> list[Path]:
     data = _load(json_path)
     out = Path(out) if out else Path(json_path).parent
     out.mkdir(parents=True, exist_ok=True)
-    ot, tt = op_table(data), train_table(data)
+    ot, tt = tables(data)
     md = ["# prada_fast benchmarks", "", *header(data), ""]
     if ot:
         md += ["## Op: forward + backward", "", ot, ""]

@@ -15,7 +15,7 @@ the growth of the process's resident set over one more, untimed call, read from
 switched to exact mode first (every block >= 64 KiB its own mmap, unmapped when freed), so
 that the resident set follows the live allocations instead of whatever the allocator kept
 from earlier calls (the timed calls run with glibc's defaults). With --oracle the outputs
-of the last call are compared with the float64 oracle (relative errors, DESIGN.md).
+of the last call are compared with the float64 oracle (relative errors, docs/design.md).
 
 `oracle`: the float64 reference of a case (benchmarks.cases.oracle), saved for the `op`
 runs of every implementation of that case (gradients stored in fp32: rounding 6e-8 <<
@@ -196,7 +196,7 @@ def run_op(impl: str, case: Case, device: str, *, warmup: int, repeats: int,
         "chunk_rows": chunk_rows,
     }
     if impl == "triton" and dev.type == "cuda":
-        from prada_fast.fused import accumulate_path
+        from prada_fast.op.driver import accumulate_path
         from prada_kernels import fused_linear_distill as fld
         res["row_kernel_configs"] = fld.autotuned_choices()
         res["fp32_accumulation"] = accumulate_path(dev.type)  # used when grad_W needs > 16 chunks
@@ -211,7 +211,7 @@ def run_op(impl: str, case: Case, device: str, *, warmup: int, repeats: int,
 
 def run_rows(C: int, V: int, dtype: str, teacher: bool, device: str, repeats: int = 20) -> dict:
     from benchmarks.cases import DTYPES
-    from prada_fast.chunked import torch_rows
+    from prada_fast.op.torch_backend import torch_rows
     from prada_kernels import fused_linear_distill as fld
 
     dev = torch.device(device)

@@ -1,5 +1,5 @@
 """Parity of every implementation (ours and the peers) against the float64 oracle on small,
-odd cases, with DESIGN.md's tolerances. One subprocess per implementation runs all its
+odd cases, with docs/design.md's tolerances. One subprocess per implementation runs all its
 cases (the Triton ones under TRITON_INTERPRET=1 on a CPU). Fast: this is the CI subset,
 `pytest benchmarks -m parity --benchmark-disable`."""
 from __future__ import annotations

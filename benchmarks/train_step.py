@@ -11,6 +11,10 @@ the state after warm-up (weights, optimizer state, ZeRO buffers) and in total, m
 in benchmarks.run_case (CUDA: max_memory_allocated over the timed steps; CPU: the resident
 set over one more, untimed step with glibc in exact mode). Running out of CUDA memory is a
 result, not a crash: {"oom": true, ...} (benchmarks.max_batch searches on it).
+
+`build_train_step` is the step itself, also used by benchmarks.max_batch and
+benchmarks.profiler: the trainer's engines and micro-step (prada_fast.engines) on a fixed
+random batch.
 """
 from __future__ import annotations
 
@@ -23,6 +27,86 @@ import time
 import torch
 
 from benchmarks.run_case import hwm_bytes, measure_cpu_peak
+
+
+def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vocab: int = 32000,
+                     batch: int = 8, seq: int = 256, loss_impl: str = "auto", ds_config=None,
+                     n_domains: int = 4, prompt_len: int = 8, target_frac: float = 0.25,
+                     seed: int = 0):
+    """A function step() -> (loss, tokens) running one ZeRO-3 optimizer step of student +
+    teacher on a fixed random batch, and a dict describing the set-up. step.for_batch(b)
+    gives the same step on a batch of b sequences.
+
+    student / teacher: presets (random weights from their configs) or local model
+    directories; vocab > 0 replaces a preset's vocabulary (the byte vocabulary of the tiny
+    presets has 259 ids, too few for the loss to matter). The batch: `batch` sequences of
+    `seq` tokens; a quarter of each sequence is the question (no target) and `target_frac`
+    of the sequences are unlabelled target-domain rows (domain loss only), as in PRADA.
+    The engines and the micro-step are the trainer's (prada_fast.engines), in a world of
+    one: one micro-batch per optimizer step, GRL lambda 0.5, temperature 1, alpha 0.5."""
+    from prada_fast import distributed as dist_util
+    from prada_fast.cli import DEFAULT_DS
+    from prada_fast.dsconfig import load_ds_config
+    from prada_fast.engines import build_engines, micro_step
+    from prada_fast.model import PRESETS, PradaModel, check_same_vocab, load_causal_lm
+
+    info = dist_util.setup(10.0)
+    cfg = load_ds_config(ds_config or DEFAULT_DS, world_size=info.world_size, device=info.device,
+                         max_steps=1000)
+    cfg.update(train_batch_size=batch * info.world_size, train_micro_batch_size_per_gpu=batch,
+               gradient_accumulation_steps=1)
+
+    def load(name, s):
+        overrides = {"vocab_size": vocab} if vocab and name in PRESETS else None
+        return load_causal_lm(name, seed=s, config_overrides=overrides)[0]
+
+    torch.manual_seed(seed)
+    s_model = load(student, seed)
+    V = s_model.get_output_embeddings().weight.shape[0]
+    model = PradaModel(s_model, n_domains, prompt_len, "linear", 0, loss_impl)
+    t_model = None
+    if teacher and teacher != "none":
+        t_model = load(teacher, seed + 7)
+        check_same_vocab(s_model, t_model)
+    engine, t_engine = build_engines(model, t_model, cfg)
+    dev = engine.device
+
+    def for_batch(b: int):
+        """A step() on a fixed random batch of b sequences (same engines: ZeRO-3 does not
+        fix the batch size, so a search for the largest batch needs no new process)."""
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, V, (b, seq), generator=g)
+        mask = torch.ones(b, seq, dtype=torch.long)
+        labels = ids.clone()
+        labels[:, : seq // 4] = -100                       # the question: no target
+        n_target = int(round(b * target_frac))
+        if n_target:
+            labels[b - n_target:] = -100                   # unlabelled target-domain sequences
+        doms = torch.arange(b) % n_domains
+        mb = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev),
+              "domain_labels": doms.to(dev)}
+        n_valid = int((labels[:, 1:] != -100).sum())
+        tokens = int(mask.sum())
+
+        def step():
+            loss, _ = micro_step(engine, t_engine, mb, norm=max(n_valid, 1), lam=0.5,
+                                 temperature=1.0, alpha=0.5)
+            return float(loss.detach()), tokens
+
+        step.n_valid, step.tokens = n_valid, tokens
+        return step
+
+    step = for_batch(batch)
+    step.for_batch = for_batch
+    n_valid, tokens = step.n_valid, step.tokens
+
+    desc = {"student": student, "teacher": teacher, "vocab": V, "batch": batch, "seq": seq,
+            "tokens_per_step": tokens, "loss_rows_per_step": n_valid, "loss_impl": loss_impl,
+            "device": str(dev), "bf16": bool(cfg.get("bf16", {}).get("enabled")),
+            "zero_stage": cfg.get("zero_optimization", {}).get("stage"),
+            "student_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+            "attn": getattr(s_model.config, "_attn_implementation", None)}
+    return step, desc
 
 
 def main(argv=None) -> int:
@@ -52,7 +136,6 @@ def main(argv=None) -> int:
 
 def measure(a) -> dict:
     from prada_fast import distributed as dist_util
-    from prada_fast.profile import build_train_step
 
     t_setup = time.perf_counter()
     step, desc = build_train_step(student=a.student, teacher=a.teacher, vocab=a.vocab,

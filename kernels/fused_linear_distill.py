@@ -1,11 +1,12 @@
 """Fused linear + distillation loss (PRADA's task term) with Triton row kernels.
 
-The never-materialise algorithm is `prada_fast.fused.fused_loss_and_grads`: rows of the
-flattened batch go through in bounded chunks; for each chunk the student logits
-z = h W_s^T + b_s (and the teacher's z_t) are one cuBLAS product each, and
+This file is the row op of the never-materialise chunk driver (`prada_fast.op.driver`):
+rows of the flattened batch go through in bounded chunks; for each chunk the student
+logits z = h W_s^T + b_s (and the teacher's z_t) are one cuBLAS product each, and
 `_distill_rows_kernel` turns them into the per-row losses and overwrites z with dL/dz,
 which two more products turn into grad_h and grad_W_s (Liger-Kernel's scheme). The domain
-term runs in `prada_kernels.grl_domain_head`.
+term is the other kernel file, `grl_domain_head.py`; `prada_fast.op` plugs both into the
+driver (impl="triton").
 
 Per row (one program), the kernel walks the vocabulary in BLOCK_V tiles twice:
   pass 1 (online max / sum-exp): lse(z), lse(z / tau) (sharing max z, as tau > 0) and
@@ -25,10 +26,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 
-from prada_fast.fused import default_chunk_rows, fused_prada_loss
-from prada_kernels.grl_domain_head import _check_device, triton_domain_head
+from .runtime import check_device
 
 
 @triton.jit
@@ -154,7 +153,7 @@ def pinned_config() -> dict | None:
 
 
 def triton_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=None, kernel=None):
-    """Row op (see prada_fast.fused), a drop-in for prada_fast.chunked.torch_rows: per-row
+    """Row op (see prada_fast.op.driver), the twin of prada_fast.op.torch_backend.torch_rows: per-row
     (ce_i, kd_i) in fp32 (0 on ignored rows); z (C, V) is overwritten with dL/dz. `kernel`: an
     autotuned kernel (`autotuned`) to use instead of the default, which is the autotuned one
     on CUDA and the fixed interpreter configuration elsewhere."""
@@ -163,7 +162,7 @@ def triton_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace
     kd = torch.empty(C, dtype=torch.float32, device=z.device)
     if C == 0:
         return ce, kd
-    _check_device(z)
+    check_device(z)
     has_teacher = z_t is not None
     if has_teacher and tuple(z_t.shape) != (C, V):
         raise ValueError(f"triton_rows: z_t must be {(C, V)}, got {tuple(z_t.shape)}")
@@ -197,62 +196,3 @@ def triton_chunk_rows(n_rows: int, vocab: int, *, n_buffers: int = 2, elem_bytes
     per_row = n_buffers * vocab * elem_bytes
     rows = min(8192, max(256, budget_bytes // max(per_row, 1) // 256 * 256))
     return max(1, min(n_rows, rows))
-
-
-def triton_prada_loss(hidden, lm_weight, targets, *, lm_bias=None, teacher_hidden=None,
-                      teacher_weight=None, teacher_logits=None, temperature=1.0, alpha=0.5,
-                      ignore_index=-100, num_valid_tokens=None, pool_mask=None,
-                      domain_weight=None, domain_bias=None, domain_labels=None, grl_lambda=1.0,
-                      chunk_rows=None):
-    """prada_loss(impl="triton"): see prada_fast.loss.prada_loss for the arguments (this entry
-    does not check them). Returns (loss, parts); gradients are computed in the forward pass."""
-    B, T, _ = hidden.shape
-    if teacher_hidden is None and teacher_logits is None:
-        alpha = 1.0
-    if pool_mask is None:
-        pool_mask = torch.ones(B, T, dtype=hidden.dtype, device=hidden.device)
-    if chunk_rows is None:
-        n, v = B * T, lm_weight.shape[0]
-        has_teacher = teacher_hidden is not None or teacher_logits is not None
-        chunk_rows = (triton_chunk_rows(n, v, n_buffers=1 + has_teacher, elem_bytes=hidden.element_size())
-                      if hidden.is_cuda else default_chunk_rows(n, v))
-    return fused_prada_loss(
-        hidden, lm_weight, targets, lm_bias=lm_bias, teacher_hidden=teacher_hidden,
-        teacher_weight=teacher_weight, teacher_logits=teacher_logits,
-        temperature=float(temperature), alpha=float(alpha), ignore_index=ignore_index,
-        num_valid_tokens=num_valid_tokens, pool_mask=pool_mask, domain_weight=domain_weight,
-        domain_bias=domain_bias, domain_labels=domain_labels, grl_lambda=float(grl_lambda),
-        rows_fn=triton_rows, domain_fn=triton_domain_head, chunk_rows=chunk_rows,
-        compute_dtype=None,  # products in the input dtype (cuBLAS on CUDA), fp32 accumulation
-    )
-
-
-class PradaLoss(nn.Module):
-    """The PRADA loss as a module holding its hyper-parameters; forward runs the Triton op
-    through `prada_fast.prada_loss(..., impl="triton")` (argument checks included).
-    `grl_lambda` is a plain attribute: the trainer updates it with its schedule."""
-
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, ignore_index: int = -100,
-                 grl_lambda: float = 1.0):
-        super().__init__()
-        self.temperature = temperature
-        self.alpha = alpha
-        self.ignore_index = ignore_index
-        self.grl_lambda = grl_lambda
-
-    def forward(self, hidden, lm_weight, targets, *, lm_bias=None, teacher_hidden=None,
-                teacher_weight=None, teacher_logits=None, num_valid_tokens=None, pool_mask=None,
-                domain_weight=None, domain_bias=None, domain_labels=None):
-        from prada_fast.loss import prada_loss
-
-        return prada_loss(hidden, lm_weight, targets, lm_bias=lm_bias,
-                          teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                          teacher_logits=teacher_logits, temperature=self.temperature,
-                          alpha=self.alpha, ignore_index=self.ignore_index,
-                          num_valid_tokens=num_valid_tokens, pool_mask=pool_mask,
-                          domain_weight=domain_weight, domain_bias=domain_bias,
-                          domain_labels=domain_labels, grl_lambda=self.grl_lambda, impl="triton")
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, "
-                f"ignore_index={self.ignore_index}, grl_lambda={self.grl_lambda}")

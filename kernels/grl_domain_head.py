@@ -12,17 +12,17 @@ runs one program per sequence. The kernels write f_b and dc_b; the launcher's re
 the per-sequence outer products dc_b f_b^T is one small deterministic GEMM (dc^T f), not a
 B x D x H buffer or atomics.
 
-`triton_domain_head` is a drop-in replacement for `prada_fast.chunked.torch_domain` (the
-"domain op" of `prada_fast.fused`). On a machine without a GPU it runs under the Triton
-interpreter (TRITON_INTERPRET=1, set before triton is imported).
+`triton_domain_head` is the domain op of the chunk driver (`prada_fast.op.driver`), the
+twin of `prada_fast.op.torch_backend.torch_domain`. On a machine without a GPU it runs
+under the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .runtime import check_device
 
 
 @triton.jit
@@ -111,21 +111,6 @@ def _domain_head_kernel(
         tl.store(gf_ptr + b * stride_gfb + offs_h, gf, mask=h_mask)
 
 
-def _interpreting() -> bool:
-    """Whether Triton runs kernels through its interpreter (TRITON_INTERPRET=1)."""
-    try:
-        from triton import knobs  # triton >= 3.4
-    except ImportError:
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return bool(knobs.runtime.interpret)
-
-
-def _check_device(*tensors: torch.Tensor) -> None:
-    if not _interpreting() and any(t.device.type == "cpu" for t in tensors):
-        raise RuntimeError("prada_kernels: CPU tensors need the Triton interpreter; set "
-                           "TRITON_INTERPRET=1 before importing triton (or use impl='chunked')")
-
-
 def _block_sizes(device: torch.device, T: int, H: int, D: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_H for the pooling, BLOCK_H for the head, BLOCK_D)."""
     block_d = max(2, triton.next_power_of_2(D))  # all D logits in one tile (D is small)
@@ -139,12 +124,12 @@ def _block_sizes(device: torch.device, T: int, H: int, D: int) -> tuple[int, int
 
 
 def triton_domain_head(hidden, mask, weight, bias, labels, grl_lambda):
-    """Domain op (see prada_fast.fused): (dom, dom_acc, gf (B, H), grad_weight (D, H),
-    grad_bias (D,)), all fp32, exactly as prada_fast.chunked.torch_domain."""
+    """Domain op (see prada_fast.op.driver): (dom, dom_acc, gf (B, H), grad_weight (D, H),
+    grad_bias (D,)), all fp32, exactly as prada_fast.op.torch_backend.torch_domain."""
     B, T, H = hidden.shape
     D = weight.shape[0]
     dev = hidden.device
-    _check_device(hidden, weight)
+    check_device(hidden, weight)
     m = mask.to(torch.float32)  # B x T: small; bool/int masks too
     f = torch.empty(B, H, dtype=torch.float32, device=dev)
     loss = torch.empty(B, dtype=torch.float32, device=dev)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .data import SYNTHETIC_TARGET
 from .model import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="labelled domains (default: every domain not named as a target)")
     data.add_argument("--target-domains", metavar="C",
                       help="unlabelled domains: they feed the domain loss only (default: "
-                           "'sorting' for synthetic data, none otherwise)")
+                           f"'{SYNTHETIC_TARGET}' for synthetic data, none otherwise)")
     data.add_argument("--skip-bad", action="store_true",
                       help="skip malformed records (and report their count) instead of stopping")
     data.add_argument("--max-len", type=int, default=192, help="tokens per sequence")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,10 +25,20 @@ class DistInfo:
     start_time: float = field(default_factory=time.time)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on this host now (MASTER_PORT, the launcher's --master_port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_cmd(script, nproc: int = 1) -> list[str]:
+    """The command line that runs `script` in `nproc` processes: this python for one, else the
+    deepspeed launcher installed next to it, with --num_gpus nproc on a free port."""
+    if nproc == 1:
+        return [sys.executable, str(script)]
+    ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    return [ds, "--num_gpus", str(nproc), "--master_port", str(free_port()), str(script)]
 
 
 def setup(timeout_min: float) -> DistInfo:
@@ -35,7 +48,7 @@ def setup(timeout_min: float) -> DistInfo:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
     if torch.cuda.is_available():
@@ -185,14 +198,19 @@ def zero3_partition_stats(module) -> dict:
 
 
 @contextlib.contextmanager
-def all_threads():
-    """Use every core while only this rank works (teacher fit, evaluation on rank 0)."""
+def torch_threads(n: int):
+    """Run the block on `n` intra-op threads, then restore the previous number."""
     before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or before)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def all_threads():
+    """Use every core while only this rank works (teacher fit, evaluation on rank 0)."""
+    return torch_threads(os.cpu_count() or torch.get_num_threads())
 
 
 def teardown() -> None:

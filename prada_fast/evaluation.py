@@ -41,7 +41,7 @@ def answer_accuracy(model, tokenizer, records, *, max_new_tokens: int = 96,
 @torch.no_grad()
 def domain_accuracy(model, batches) -> float:
     """Accuracy of the domain head on pooled features over collated batches."""
-    from .reference import masked_mean
+    from .op import masked_mean
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .grl import grad_reverse
-from .loss import prada_loss
-from .reference import masked_mean
+from .op import grad_reverse, masked_mean, prada_loss
 
 # Llama-shaped presets small enough to train on a CPU in minutes. Vocabulary: bytes.
 PRESETS = {
@@ -61,9 +59,12 @@ def pick_attention(requested: str = "auto") -> str:
 
 
 def load_causal_lm(name_or_path: str, *, tokenizer=None, attn: str = "auto", dtype=None,
-                   seed: int = 0):
+                   seed: int = 0, config_overrides: dict | None = None):
     """A preset name (built from a config with random weights, seeded) or a local
-    Hugging Face model directory (`from_pretrained`). Returns (model, tokenizer)."""
+    Hugging Face model directory (`from_pretrained`). Returns (model, tokenizer).
+
+    config_overrides: fields set on top of a preset's config (e.g. {"vocab_size": 32000}:
+    the benchmarks' larger vocabulary for the byte-vocabulary presets); presets only."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     attn = pick_attention(attn)
     if name_or_path in PRESETS:
@@ -72,6 +73,7 @@ def load_causal_lm(name_or_path: str, *, tokenizer=None, attn: str = "auto", dty
                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                     bos_token_id=tok.eos_token_id)
         spec.update(PRESETS[name_or_path])
+        spec.update(config_overrides or {})
         cfg = AutoConfig.for_model("qwen2" if "qwen" in name_or_path else "llama", **spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -82,6 +84,8 @@ def load_causal_lm(name_or_path: str, *, tokenizer=None, attn: str = "auto", dty
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelError(f"model {name_or_path!r}: not a preset ({', '.join(PRESETS)}) and not a "
                          "local model directory with a config.json")
+    if config_overrides:
+        raise ModelError(f"model {name_or_path!r}: config overrides apply to presets only")
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn,
                                                  dtype=dtype or torch.float32)
     tok = tokenizer or AutoTokenizer.from_pretrained(path)

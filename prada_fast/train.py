@@ -4,22 +4,33 @@
     torchrun --nproc_per_node N prada_fast/train.py ...
     python prada_fast/train.py ...          (one process)
 
-See --help for every flag, and DESIGN.md for what a run leaves behind.
+See --help for every flag, and docs/design.md for what a run leaves behind.
+
+The recipe, one function per stage, in the order `main` and `run` call them:
+
+    parse_args       the arguments (cli.py)
+    setup            processes, DeepSpeed config, the output directory checked (nothing written)
+    load_data        records, domains and their roles, the held-out split
+    build_models     student + tokenizer, the encoded data, the PRADA model, the teacher
+    evaluate_before  rank 0 claims the output directory, then evaluates the untrained model
+    build_engines    DeepSpeed engines of student and teacher (prada_fast.engines), and the
+                     batches of each optimizer step (prada_fast.batching)
+    resume           the checkpoint to continue from, if any
+    log_sharding     how ZeRO-3 partitioned the student
+    train_steps      the optimisation loop (prada_fast.trainloop)
+    export           DIR/final: the trained model, gathered from the ZeRO-3 partitions
+    evaluate_after   rank 0 evaluates the exported model, reloaded
+    summarise        DIR/summary.json and the end-of-run table
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, Python puts this folder first on sys.path, where our module names could
-# shadow installed packages: import the installed `prada_fast` instead.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import json
 import os
+import sys
 import time
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -32,16 +43,104 @@ from prada_fast.batching import StepBatches
 from prada_fast.cli import parse_args
 from prada_fast.data import Collator, DataError
 from prada_fast.data.prepare import encode_all, hold_out, load_records
+from prada_fast.dsconfig import ConfigError, load_ds_config
+from prada_fast.engines import build_engines
 from prada_fast.export import export_final
-from prada_fast.dsconfig import ConfigError, inference_config, load_ds_config
 from prada_fast.model import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
 from prada_fast.report import RunDirError, check_output_dir, prepare_output_dir, print_table
 from prada_fast.teacher import default_cache_dir, fit_teacher
 from prada_fast.trainloop import BadNumerics, train_steps
 
+
 def log(msg: str) -> None:
     if dist_util.rank() == 0:
         print(f"[prada] {msg}", flush=True)
+
+
+@dataclass
+class Data:
+    """The run's records (split into training and held-out) and, once the student's
+    tokenizer is known (`build_models`), their encoded examples."""
+    domains: list
+    roles: dict           # domain -> "source" (labelled) | "target" (unlabelled records)
+    train_records: list
+    eval_records: list
+    skipped: int          # bad records skipped while loading
+    train: list | None = None       # encoded examples
+    eval: list | None = None
+    truncated: int = 0
+    collate: Collator | None = None
+
+
+# ----------------------------------------------------------------------------- the recipe
+def run(args) -> int:
+    """One training run, stage by stage (the module docstring lists them); 0 when done."""
+    info, ds_cfg, out = setup(args)
+    data = load_data(args)
+    model, teacher, tok = build_models(args, data)
+    before = evaluate_before(args, out, model, tok, data)
+    engine, t_engine = build_engines(model, teacher, ds_cfg)
+    batches = StepBatches(data.train, data.collate, global_batch=ds_cfg["train_batch_size"],
+                          micro_batch=ds_cfg["train_micro_batch_size_per_gpu"],
+                          world_size=info.world_size, rank=info.rank, seed=args.seed)
+    ckpt_dir = out / "checkpoints"
+    start, skipped = resume(args, engine, ckpt_dir, out / "metrics.jsonl")
+    sharding = log_sharding(engine)
+    stats = train_steps(engine, t_engine, batches, args, start=start, out=out,
+                        ckpt_dir=ckpt_dir, log=log, skipped=skipped)
+    if stats["steps"] < args.max_steps:
+        log(f"stopped after step {stats['steps']} of {args.max_steps} (--stop-after); "
+            "continue with --resume")
+        return 0
+    export(args, engine, tok, data, out)
+    after = evaluate_after(args, out, data)
+    summarise(args, out, info, data, stats, sharding, before, after)
+    return 0
+
+
+# ----------------------------------------------------------------------------- the stages
+def setup(args):
+    """The process group, the DeepSpeed config, and the output directory checked on every
+    rank before any work (a refused run writes nothing). Returns (dist info, config, out)."""
+    info = dist_util.setup(args.dist_timeout)
+    out = Path(args.output_dir)
+    ds_cfg = load_ds_config(args.ds, world_size=info.world_size, device=info.device,
+                            max_steps=args.max_steps, lr=args.lr)
+    check_output_dir(out, args)
+    dist_util.register_pid()
+    torch.manual_seed(args.seed)
+    return info, ds_cfg, out
+
+
+def load_data(args) -> Data:
+    """The records, their domains (a domain with unlabelled records is a target), and the
+    held-out split."""
+    records, skipped = load_records(args)
+    domains = sorted({r.domain for r in records})
+    roles = {d: "target" if any(r.domain == d and not r.labelled for r in records) else "source"
+             for d in domains}
+    train_recs, eval_recs = hold_out(records, args.eval_per_domain, args.seed)
+    log(f"data: {len(train_recs)} training / {len(eval_recs)} held-out records; domains "
+        + ", ".join(f"{d} ({roles[d]})" for d in domains)
+        + (f"; {skipped} bad records skipped" if skipped else ""))
+    return Data(domains, roles, train_recs, eval_recs, skipped)
+
+
+def build_models(args, data: Data):
+    """The student and its tokenizer, the data encoded with it (filled into `data`), the
+    PRADA model around the student, and the teacher (None without KD). Returns
+    (model, teacher, tokenizer)."""
+    student, tok = load_causal_lm(args.student, attn=args.attn, seed=args.seed)
+    domain_ids = {d: i for i, d in enumerate(data.domains)}
+    data.train, data.truncated = encode_all(data.train_records, tok, args, domain_ids)
+    data.eval, _ = encode_all(data.eval_records, tok, args, domain_ids)
+    data.collate = Collator(tok.pad_token_id)
+    model = PradaModel(student, len(data.domains), args.prompt_len, args.domain_head,
+                       args.mlp_hidden, args.loss_impl)
+    teacher = resolve_teacher(args, tok, data.train, data.collate)
+    if teacher is not None:
+        check_same_vocab(student, teacher)
+    return model, teacher, tok
 
 
 def resolve_teacher(args, tok, train_examples, collate):
@@ -63,19 +162,38 @@ def resolve_teacher(args, tok, train_examples, collate):
                                    show_progress=not args.no_progress, log=log)
         choice = str(dist_util.wait_for_rank0("teacher", path))
     teacher, _ = load_causal_lm(choice, tokenizer=tok, attn=args.attn, seed=args.seed + 7)
-    teacher.requires_grad_(False)
-    teacher.eval()
-    return teacher
+    return teacher  # frozen by build_engines
 
 
-def evaluate(model, tok, eval_records, eval_examples, collate, args):
-    from prada_fast.evaluation import answer_accuracy, domain_accuracy
-    with dist_util.all_threads():
-        acc = answer_accuracy(model, tok, eval_records, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.eval_batch_size)
-        batches = [collate(eval_examples[i:i + 64]) for i in range(0, len(eval_examples), 64)]
-        dom = domain_accuracy(model, batches)
+def evaluate_before(args, out: Path, model, tok, data: Data):
+    """Rank 0: the inputs are valid, so the run claims the output directory (run config,
+    ranks.json), then evaluates the untrained model on the held-out records; the other
+    ranks wait. Returns (answer accuracy by domain, domain accuracy), (None, None) off
+    rank 0 or without held-out records."""
+    acc = dom = None
+    if dist_util.rank() == 0:
+        prepare_output_dir(out, args)
+        (out / "ranks.json").write_text(json.dumps(dist_util.rank_pids()) + "\n")
+        if data.eval_records:
+            log("evaluating before training ...")
+            acc, dom = evaluate(model, tok, data.eval_records, data.eval, data.collate, args)
+    dist_util.wait_for_rank0("before-eval", (acc, dom))
     return acc, dom
+
+
+def resume(args, engine, ckpt_dir: Path, metrics: Path):
+    """(first step, steps skipped so far): from the latest checkpoint with --resume, else
+    (0, 0). On rank 0 the metrics of steps after the checkpoint are dropped (recomputed)."""
+    start = 0
+    client = checkpoint.load(engine, ckpt_dir) if args.resume else None
+    if client is not None:
+        start = int(client["step"])
+        log(f"resumed from {ckpt_dir / checkpoint.latest_tag(ckpt_dir)} at step {start}")
+    elif args.resume:
+        log(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
+    if dist_util.rank() == 0:
+        trim_metrics(metrics, start)
+    return start, int((client or {}).get("skipped_steps", 0))
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -89,108 +207,59 @@ def trim_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def run(args) -> int:
-    import deepspeed
-    info = dist_util.setup(args.dist_timeout)
-    world, rank = info.world_size, info.rank
-    out = Path(args.output_dir)
-    ds_cfg = load_ds_config(args.ds, world_size=world, device=info.device,
-                            max_steps=args.max_steps, lr=args.lr)
-    check_output_dir(out, args)  # every rank, before any work: a refused run writes nothing
-    dist_util.register_pid()
-    torch.manual_seed(args.seed)
-
-    # data
-    records, skipped = load_records(args)
-    domains = sorted({r.domain for r in records})
-    roles = {d: "target" if any(r.domain == d and not r.labelled for r in records) else "source"
-             for d in domains}
-    train_recs, eval_recs = hold_out(records, args.eval_per_domain, args.seed)
-    log(f"data: {len(train_recs)} training / {len(eval_recs)} held-out records; domains "
-        + ", ".join(f"{d} ({roles[d]})" for d in domains)
-        + (f"; {skipped} bad records skipped" if skipped else ""))
-
-    # models
-    student, tok = load_causal_lm(args.student, attn=args.attn, seed=args.seed)
-    domain_ids = {d: i for i, d in enumerate(domains)}
-    train_ex, n_trunc = encode_all(train_recs, tok, args, domain_ids)
-    eval_ex, _ = encode_all(eval_recs, tok, args, domain_ids)
-    collate = Collator(tok.pad_token_id)
-    model = PradaModel(student, len(domains), args.prompt_len, args.domain_head,
-                       args.mlp_hidden, args.loss_impl)
-    teacher = resolve_teacher(args, tok, train_ex, collate)
-    if teacher is not None:
-        check_same_vocab(student, teacher)
-
-    acc_before = dom_before = None
-    if rank == 0:
-        prepare_output_dir(out, args)  # inputs are valid: now the run may claim the directory
-        (out / "ranks.json").write_text(json.dumps(dist_util.rank_pids()) + "\n")
-        if eval_recs:
-            log("evaluating before training ...")
-            acc_before, dom_before = evaluate(model, tok, eval_recs, eval_ex, collate, args)
-    dist_util.wait_for_rank0("before-eval", (acc_before, dom_before))
-
-    # engines: the student trains, the teacher is sharded the same way with no optimizer
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_cfg)
-    t_engine = None
-    if teacher is not None:
-        t_engine, *_ = deepspeed.initialize(model=teacher, config=inference_config(ds_cfg))
-        t_engine.eval()
-    batches = StepBatches(train_ex, collate, global_batch=ds_cfg["train_batch_size"],
-                          micro_batch=ds_cfg["train_micro_batch_size_per_gpu"],
-                          world_size=world, rank=rank, seed=args.seed)
-
-    ckpt_dir = out / "checkpoints"
-    start = 0
-    client = checkpoint.load(engine, ckpt_dir) if args.resume else None
-    if client is not None:
-        start = int(client["step"])
-        log(f"resumed from {ckpt_dir / checkpoint.latest_tag(ckpt_dir)} at step {start}")
-    elif args.resume:
-        log(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
+def log_sharding(engine) -> dict:
+    """How ZeRO-3 partitioned the student (logged, and kept for the summary)."""
     sharding = dist_util.zero3_partition_stats(engine.module)
     log(f"ZeRO-3: rank 0 holds {sharding['local_numel'][0]:,} of {sharding['full_numel']:,} "
         f"parameter elements ({sharding['partitioned_tensors']} of {sharding['tensors']} "
         "tensors partitioned)")
+    return sharding
 
-    if rank == 0:
-        trim_metrics(out / "metrics.jsonl", start)
-    stats = train_steps(engine, t_engine, batches, args, start=start, out=out,
-                        ckpt_dir=ckpt_dir, log=log, skipped=int((client or {}).get("skipped_steps", 0)))
-    if stats["steps"] < args.max_steps:
-        log(f"stopped after step {stats['steps']} of {args.max_steps} (--stop-after); "
-            "continue with --resume")
-        return 0
 
-    meta = {"domains": domains, "roles": roles, "n_prompt": args.prompt_len,
+def export(args, engine, tok, data: Data, out: Path) -> None:
+    """DIR/final: the student as a Hugging Face model plus soft prompt and domain head."""
+    meta = {"domains": data.domains, "roles": data.roles, "n_prompt": args.prompt_len,
             "domain_head": args.domain_head, "mlp_hidden": args.mlp_hidden}
     export_final(engine.module, tok, out / "final", meta)
 
+
+def evaluate_after(args, out: Path, data: Data):
+    """Rank 0: the exported model, reloaded from DIR/final, on the held-out records.
+    Returns (answer accuracy by domain, domain accuracy), or (None, None)."""
+    if dist_util.rank() != 0 or not data.eval_records:
+        return None, None
+    log("evaluating the saved model ...")
+    final_model, final_tok, _ = PradaModel.from_final(out / "final", attn=args.attn)
+    return evaluate(final_model, final_tok, data.eval_records, data.eval, data.collate, args)
+
+
+def evaluate(model, tok, eval_records, eval_examples, collate, args):
+    """(answer accuracy by domain, domain-classifier accuracy) on the held-out records."""
+    from prada_fast.evaluation import answer_accuracy, domain_accuracy
+    with dist_util.all_threads():
+        acc = answer_accuracy(model, tok, eval_records, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.eval_batch_size)
+        batches = [collate(eval_examples[i:i + 64]) for i in range(0, len(eval_examples), 64)]
+        dom = domain_accuracy(model, batches)
+    return acc, dom
+
+
+def summarise(args, out: Path, info, data: Data, stats: dict, sharding: dict, before, after) -> None:
+    """Rank 0: DIR/summary.json and the end-of-run table."""
+    if dist_util.rank() != 0:
+        return
+    (acc_before, dom_before), (acc_after, dom_after) = before, after
+    domains = {d: {"role": data.roles[d], "accuracy_before": (acc_before or {}).get(d),
+                   "accuracy_after": (acc_after or {}).get(d)} for d in data.domains}
     summary = {"steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"],
-               "final_loss": stats["final_loss"], "domain_classifier_accuracy": None,
-               "domains": {}, "truncated_sequences": n_trunc, "skipped_records": skipped,
-               "skipped_steps": stats["skipped_steps"],
-               "world_size": world, "zero3": sharding, "wall_seconds": None}
-    if rank == 0:
-        acc_after = dom_after = None
-        if eval_recs:
-            log("evaluating the saved model ...")
-            final_model, final_tok, _ = PradaModel.from_final(out / "final", attn=args.attn)
-            acc_after, dom_after = evaluate(final_model, final_tok, eval_recs, eval_ex, collate, args)
-        summary["domain_classifier_accuracy"] = dom_after
-        summary["domain_classifier_accuracy_before"] = dom_before
-        for d in domains:
-            summary["domains"][d] = {
-                "role": roles[d],
-                "accuracy_before": (acc_before or {}).get(d),
-                "accuracy_after": (acc_after or {}).get(d)}
-        summary["wall_seconds"] = round(time.time() - info.start_time, 1)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print_table(summary)
-    return 0
+               "final_loss": stats["final_loss"], "domain_classifier_accuracy": dom_after,
+               "domains": domains, "truncated_sequences": data.truncated,
+               "skipped_records": data.skipped, "skipped_steps": stats["skipped_steps"],
+               "world_size": info.world_size, "zero3": sharding,
+               "wall_seconds": round(time.time() - info.start_time, 1),
+               "domain_classifier_accuracy_before": dom_before}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_table(summary)
 
 
 def main(argv=None) -> int:

@@ -13,12 +13,12 @@ import math
 import time
 
 import torch
-from deepspeed import zero
 from tqdm.auto import tqdm
 
 from . import checkpoint
 from . import distributed as dist_util
-from .grl import lambda_at
+from .engines import micro_step
+from .op import lambda_at
 
 PARTS = ("loss", "ce", "kd", "dom", "dom_acc")
 
@@ -27,35 +27,15 @@ class BadNumerics(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
-def _teacher_hidden(t_engine, mb, device):
-    if t_engine is None:
-        return None, None
-    teacher = t_engine.module
-    with torch.no_grad():
-        backbone = getattr(teacher, teacher.base_model_prefix)
-        th = backbone(input_ids=mb["input_ids"].to(device),
-                      attention_mask=mb["attention_mask"].to(device), use_cache=False)
-    return th.last_hidden_state, teacher.get_output_embeddings().weight
-
-
 def _optimizer_step(engine, t_engine, micro, *, norm, lam, args, inject_nan: bool):
     """Forward/backward of every micro-batch and the optimizer step; returns the summed
-    parts and input tokens of this rank."""
-    device = engine.device
+    parts and input tokens of this rank. inject_nan: a NaN loss in the first micro-batch."""
     sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64)
     for i, mb in enumerate(micro):
-        th, tw = _teacher_hidden(t_engine, mb, device)
-        with zero.GatheredParameters([tw] if tw is not None else [], modifier_rank=None):
-            loss, parts = engine(
-                mb["input_ids"].to(device), mb["attention_mask"].to(device),
-                mb["labels"].to(device), mb["domain_labels"].to(device),
-                teacher_hidden=th, teacher_weight=tw, grl_lambda=lam,
-                num_valid_tokens=max(norm, 1e-9), temperature=args.temperature,
-                alpha=args.alpha, use_domain=not args.no_domain_loss)
-        if inject_nan and i == 0:
-            loss = loss * float("nan")  # fault injection (--inject-nan)
-        engine.backward(loss)
-        engine.step()
+        loss, parts = micro_step(engine, t_engine, mb, norm=norm, lam=lam,
+                                 temperature=args.temperature, alpha=args.alpha,
+                                 use_domain=not args.no_domain_loss,
+                                 inject_nan=inject_nan and i == 0)
         vals = [loss.item()] + [float(parts[k]) for k in PARTS[1:]]
         sums += torch.tensor(vals + [float(mb["attention_mask"].sum())], dtype=torch.float64)
     return sums

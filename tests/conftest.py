@@ -1,5 +1,7 @@
 import json
 import os
+import random
+import zlib
 
 import torch
 
@@ -9,6 +11,40 @@ if not torch.cuda.is_available():  # the Triton kernels run under the interprete
 import pytest  # noqa: E402
 
 from runner import REPO
+
+
+def pytest_addoption(parser):
+    parser.addoption("--seed", type=int, default=None,
+                     help="the random seed of every test (default: one per test, from its id); "
+                          "a failing test prints its seed and the command that replays it")
+
+
+@pytest.fixture(autouse=True)
+def seed(request) -> int:
+    """This test's random seed: a hash of its id (fresh inputs across tests and parameters,
+    the same on every run), or --seed. Seeds torch's, numpy's and Python's global RNGs too;
+    tests draw their inputs from it, and a failure prints it."""
+    forced = request.config.getoption("--seed")
+    value = forced if forced is not None else zlib.crc32(request.node.nodeid.encode()) % 2**31
+    request.node.user_properties.append(("seed", value))
+    torch.manual_seed(value)
+    random.seed(value)
+    try:
+        import numpy as np
+        np.random.seed(value)
+    except ImportError:
+        pass
+    return value
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    seed_value = dict(item.user_properties).get("seed")
+    if report.failed and seed_value is not None:
+        report.sections.append(("random seed", f"seed {seed_value}; replay: python -m pytest "
+                                f"'{item.nodeid}' --seed {seed_value}"))
+    return report
 
 
 @pytest.fixture(scope="session")

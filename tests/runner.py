@@ -2,11 +2,10 @@
 launcher with N ranks on the CPU."""
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
+
+from prada_fast.distributed import launch_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick: tiny synthetic data, short generations, a metrics line every step.
@@ -14,18 +13,8 @@ FAST = ["--data", "synthetic:48", "--eval-per-domain", "4", "--max-new-tokens", 
         "--no-progress", "--log-every", "1", "--max-len", "128"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_cmd(args, nproc=1) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "prada_fast/train.py", *args]
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()),
-            "prada_fast/train.py", *args]
+    return [*launch_cmd("prada_fast/train.py", nproc), *args]
 
 
 def train_env(cache) -> dict:

@@ -12,42 +12,22 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import math  # noqa: E402
-
 import pytest  # noqa: E402
 
-from prada_fast import prada_loss  # noqa: E402
-from prada_fast.chunked import chunked_prada_loss, torch_domain, torch_rows  # noqa: E402
-from prada_kernels.fused_linear_distill import (  # noqa: E402
-    PradaLoss,
-    triton_prada_loss,
-    triton_rows,
-)
-from prada_kernels.grl_domain_head import _interpreting, triton_domain_head  # noqa: E402
+from prada_fast import PradaLoss, prada_loss  # noqa: E402
+from prada_fast.op.testing import GRAD_NAMES, random_inputs, rel_err, tolerance  # noqa: E402
+from prada_fast.op.torch_backend import torch_domain, torch_rows  # noqa: E402
+from prada_kernels.fused_linear_distill import triton_rows  # noqa: E402
+from prada_kernels.grl_domain_head import triton_domain_head  # noqa: E402
+from prada_kernels.runtime import interpreting  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOL = {  # DESIGN.md: relative error against float64 on upcast inputs
-    torch.float32: {"loss": 1e-5, "grad": 1e-4},
-    torch.bfloat16: {"loss": 1e-2, "grad": 2e-2},
-}
-GRAD_NAMES = ("hidden", "lm_weight", "lm_bias", "domain_weight", "domain_bias")
 
 
 def test_kernels_really_run():
     """The kernels run here: compiled on CUDA, interpreted on CPU, never skipped."""
-    assert DEV.type == "cuda" or _interpreting()
+    assert DEV.type == "cuda" or interpreting()
     assert DEV.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def rel_err(x, ref):
-    """||x - ref|| / ||ref|| in float64; NaN (never a pass) if x is not finite."""
-    x = x.detach().to(torch.float64)
-    ref = ref.detach().to(torch.float64)
-    if not torch.isfinite(x).all():
-        return math.nan
-    den = ref.norm().item()
-    num = (x - ref).norm().item()
-    return num / den if den > 0 else num
 
 
 def assert_close(x, ref, tol, what):
@@ -55,39 +35,14 @@ def assert_close(x, ref, tol, what):
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"  # NaN fails too
 
 
-def make_batch(*, B=3, T=13, H=40, V=1003, D=3, Ht=56, dtype=torch.float32, teacher="none",
-               bias=False, domain=False, pool_mask=False, ignore_frac=0.3, seed=0):
-    """Random inputs; every tensor is a leaf, those with a gradient marked requires_grad."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
-
-    x = {"hidden": randn(B, T, H), "lm_weight": randn(V, H, scale=2 / H**0.5)}
-    y = torch.randint(0, V, (B, T), generator=g)
-    y[torch.rand(B, T, generator=g) < ignore_frac] = -100
-    x["targets"] = y.to(DEV)
-    if bias:
-        x["lm_bias"] = randn(V, scale=0.5)
-    if teacher == "hidden":
-        x["teacher_hidden"] = randn(B, T, Ht)
-        x["teacher_weight"] = randn(V, Ht, scale=2 / Ht**0.5)
-    elif teacher == "logits":
-        x["teacher_logits"] = randn(B, T, V, scale=2.0)
-    if domain:
-        x["domain_weight"] = randn(D, H, scale=1.0)
-        x["domain_bias"] = randn(D, scale=0.5)
-        x["domain_labels"] = torch.randint(0, D, (B,), generator=g).to(DEV)
-    if pool_mask:
-        m = (torch.rand(B, T, generator=g) < 0.7).to(dtype)
-        m[0, :2] = 1
-        if B > 2:
-            m[-1] = 0  # an empty mask row pools to 0
-        x["pool_mask"] = m.to(DEV)
-    for k in GRAD_NAMES:
-        if k in x:
-            x[k].requires_grad_(True)
-    return x
+def make_batch(seed, *, B=3, T=13, H=40, V=1003, D=3, Ht=56, dtype=torch.float32, teacher="none",
+               bias=False, domain=False, pool_mask=False, ignore_frac=0.3):
+    """Random inputs at odd sizes (prada_fast.op.testing.random_inputs) on DEV; with a pool
+    mask, the last row's is empty (it pools to 0)."""
+    return random_inputs(B=B, T=T, H=H, V=V, Ht=Ht if teacher == "hidden" else 0,
+                         teacher_logits=teacher == "logits", D=D if domain else 0, dtype=dtype,
+                         bias=bias, ignore_frac=ignore_frac, pool_mask=pool_mask,
+                         empty_pool_row=pool_mask and B > 2, seed=seed, device=DEV)
 
 
 HYPER = {"temperature": 2.0, "alpha": 0.3, "grl_lambda": 0.7}
@@ -118,7 +73,7 @@ def _call(args, impl, opts):
 def check_against_reference(x, impl, dtype, **kw):
     loss_r, parts_r, grads_r, _ = run(x, "reference", upcast=True, **kw)
     loss, parts, grads, args = run(x, impl, **kw)
-    tol = TOL[dtype]
+    tol = {w: tolerance(dtype, w) for w in ("loss", "grad")}
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_close(loss, loss_r, tol["loss"], "loss")
     for k in ("ce", "kd", "dom"):
@@ -144,56 +99,37 @@ CONFIGS = {  # (lm_bias, domain head, pool mask)
 @pytest.mark.parametrize("teacher", ["none", "hidden", "logits"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
-def test_parity_with_reference(impl, dtype, teacher, config):
-    seed = hash((teacher, config, str(dtype))) % 1000
-    x = make_batch(dtype=dtype, teacher=teacher, seed=seed, **CONFIGS[config])
+def test_parity_with_reference(impl, dtype, teacher, config, seed):
+    x = make_batch(seed, dtype=dtype, teacher=teacher, **CONFIGS[config])
     check_against_reference(x, impl, dtype)
 
 
 @pytest.mark.parametrize("V", [100, 261], ids=["V<block", "V=2*block+5"])
-def test_parity_vocab_vs_block(V):
-    x = make_batch(V=V, teacher="logits", bias=True, domain=True, pool_mask=True, seed=V)
+def test_parity_vocab_vs_block(V, seed):
+    x = make_batch(seed, V=V, teacher="logits", bias=True, domain=True, pool_mask=True)
     check_against_reference(x, "triton", torch.float32)
 
 
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
-def test_several_chunks(impl):
-    """chunk_rows=16 over N=39 rows: three chunks, the last one partial."""
-    x = make_batch(teacher="hidden", bias=True, domain=True, pool_mask=True, seed=7)
-    ref = run(x, "reference", upcast=True)
-    args = {k: (v.detach().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
-            for k, v in x.items()}
-    fn = triton_prada_loss if impl == "triton" else chunked_prada_loss
-    a = dict(args)
-    loss, parts = fn(a.pop("hidden"), a.pop("lm_weight"), a.pop("targets"), chunk_rows=16,
-                     **a, ignore_index=-100, num_valid_tokens=None, teacher_logits=None, **HYPER)
-    loss.backward()
-    assert_close(loss, ref[0], 1e-5, "loss")
-    for k in GRAD_NAMES:
-        assert_close(args[k].grad, ref[2][k], 1e-4, f"grad {k}")
+def test_several_chunks(impl, seed):
+    """chunk_rows=7 over the ~27 valid rows of N=39: several chunks (the last one partial
+    unless the count is a multiple of 7)."""
+    x = make_batch(seed, teacher="hidden", bias=True, domain=True, pool_mask=True)
+    n_valid = int((x["targets"] != -100).sum())
+    assert n_valid > 14, f"{n_valid} valid rows: fewer chunks than meant"
+    check_against_reference(x, impl, torch.float32, chunk_rows=7)
 
 
 @pytest.mark.parametrize("chunk_rows", [16, 2], ids=["3_chunks_bf16_grad_W", "20_chunks_fp32_grad_W"])
-def test_bf16_grad_w_accumulation_over_chunks(chunk_rows):
+def test_bf16_grad_w_accumulation_over_chunks(chunk_rows, seed):
     """bf16 inputs: grad_W adds up in bf16 over few chunks, in an fp32 accumulator over many
-    (prada_fast.fused.LOW_PRECISION_GRAD_W_CHUNKS); both within DESIGN.md's bf16 tolerance."""
-    from prada_fast.fused import LOW_PRECISION_GRAD_W_CHUNKS
+    (prada_fast.op.driver.LOW_PRECISION_GRAD_W_CHUNKS); both within the bf16 tolerance."""
+    from prada_fast.op.driver import LOW_PRECISION_GRAD_W_CHUNKS
 
-    x = make_batch(dtype=torch.bfloat16, teacher="hidden", bias=True, domain=True, ignore_frac=0.0,
-                   seed=int(torch.randint(0, 2**31, ())))  # fresh inputs
+    x = make_batch(seed, dtype=torch.bfloat16, teacher="hidden", bias=True, domain=True, ignore_frac=0.0)
     n_chunks = -(-39 // chunk_rows)
     assert (n_chunks <= LOW_PRECISION_GRAD_W_CHUNKS) == (chunk_rows == 16)
-    ref = run(x, "reference", upcast=True)
-    args = {k: (v.detach().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
-            for k, v in x.items()}
-    a = dict(args)
-    loss, _ = triton_prada_loss(a.pop("hidden"), a.pop("lm_weight"), a.pop("targets"),
-                                chunk_rows=chunk_rows, **a, **HYPER)
-    loss.backward()
-    assert_close(loss, ref[0], TOL[torch.bfloat16]["loss"], "loss")
-    for k in GRAD_NAMES:
-        assert args[k].grad.dtype == torch.bfloat16
-        assert_close(args[k].grad, ref[2][k], TOL[torch.bfloat16]["grad"], f"grad {k}")
+    check_against_reference(x, "triton", torch.bfloat16, chunk_rows=chunk_rows)
 
 
 def test_gpu_chunk_rows_rule():
@@ -213,8 +149,8 @@ def test_gpu_chunk_rows_rule():
 
 
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
-def test_gradient_scales_with_incoming_gradient(impl):
-    x = make_batch(teacher="hidden", bias=True, domain=True, seed=11)
+def test_gradient_scales_with_incoming_gradient(impl, seed):
+    x = make_batch(seed, teacher="hidden", bias=True, domain=True)
     _, _, g1, _ = run(x, impl)
     args = {k: (v.detach().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
             for k, v in x.items()}
@@ -225,9 +161,9 @@ def test_gradient_scales_with_incoming_gradient(impl):
 
 
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
-def test_num_valid_tokens_gradient_accumulation(impl):
+def test_num_valid_tokens_gradient_accumulation(impl, seed):
     """Two half-batches normalised by the whole batch's token count sum to the full batch."""
-    x = make_batch(B=4, T=9, teacher="logits", bias=True, seed=5)
+    x = make_batch(seed, B=4, T=9, teacher="logits", bias=True)
     n = int((x["targets"] != -100).sum())
     loss_f, parts_f, grads_f, _ = run(x, impl, num_valid_tokens=n)
     loss_full_default, _, _, _ = run(x, impl)  # the default normaliser is the same n here
@@ -252,10 +188,10 @@ def test_num_valid_tokens_gradient_accumulation(impl):
 
 @pytest.mark.parametrize("domain", [True, False], ids=["domain", "no_domain"])
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
-def test_all_targets_ignored(impl, domain):
+def test_all_targets_ignored(impl, domain, seed):
     """A batch of target-domain rows only: every target ignored. The task term is 0 with zero
     LM gradients; the domain term (and its reversed gradient into hidden) is still there."""
-    x = make_batch(teacher="hidden", bias=True, domain=domain, pool_mask=True, seed=3,
+    x = make_batch(seed, teacher="hidden", bias=True, domain=domain, pool_mask=True,
                    ignore_frac=1.0)
     assert (x["targets"] == -100).all()
     loss, parts, grads, _ = check_against_reference(x, impl, torch.float32)
@@ -272,8 +208,8 @@ def test_all_targets_ignored(impl, domain):
 
 @pytest.mark.parametrize("teacher", ["hidden", "logits"])
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
-def test_teacher_gets_no_gradient(impl, teacher):
-    x = make_batch(teacher=teacher, seed=13)
+def test_teacher_gets_no_gradient(impl, teacher, seed):
+    x = make_batch(seed, teacher=teacher)
     for k in ("teacher_hidden", "teacher_weight", "teacher_logits"):
         if k in x:
             x[k].requires_grad_(True)
@@ -286,8 +222,8 @@ def test_teacher_gets_no_gradient(impl, teacher):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy NaN warnings of the interpreter
 @pytest.mark.parametrize("where", ["hidden", "teacher_logits"])
 @pytest.mark.parametrize("impl", ["triton", "chunked", "reference"])
-def test_nan_in_a_valid_row_propagates(impl, where):
-    x = make_batch(teacher="logits", seed=17)
+def test_nan_in_a_valid_row_propagates(impl, where, seed):
+    x = make_batch(seed, teacher="logits")
     b, t = [int(i) for i in (x["targets"] != -100).nonzero()[0]]
     with torch.no_grad():
         x[where][b, t, 3] = float("nan")
@@ -298,9 +234,10 @@ def test_nan_in_a_valid_row_propagates(impl, where):
     assert torch.isnan(parts["ce" if where == "hidden" else "kd"])
 
 
-def test_module_matches_op():
-    x = make_batch(teacher="hidden", bias=True, domain=True, pool_mask=True, seed=19)
-    mod = PradaLoss(**HYPER)
+def test_module_matches_op(seed):
+    x = make_batch(seed, teacher="hidden", bias=True, domain=True, pool_mask=True)
+    mod = PradaLoss(impl="triton", **{**HYPER, "grl_lambda": 0.2})
+    mod.set(grl_lambda=HYPER["grl_lambda"])  # as the trainer's schedule moves it
     a = {k: v.detach() for k, v in x.items()}
     loss_m, parts_m = mod(a.pop("hidden"), a.pop("lm_weight"), a.pop("targets"), **a)
     loss_o, parts_o, _, _ = run(x, "triton")
@@ -330,8 +267,8 @@ def poisoned_empty(monkeypatch):
 @pytest.mark.parametrize("V", [100, 1003])
 @pytest.mark.parametrize("teacher", [False, True], ids=["no_teacher", "teacher"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_rows_matches_torch_rows(dtype, teacher, V, poisoned_empty):
-    g = torch.Generator().manual_seed(V + teacher)
+def test_triton_rows_matches_torch_rows(dtype, teacher, V, poisoned_empty, seed):
+    g = torch.Generator().manual_seed(seed)
     C = 9
     z = (torch.randn(C, V, generator=g) * 3).to(dtype).to(DEV)
     zt = (torch.randn(C, V, generator=g) * 3).to(dtype).to(DEV) if teacher else None
@@ -365,10 +302,10 @@ ROW_SHAPES = [(64, 50257), (48, 128256)] if DEV.type == "cuda" else [(6, 300)]
 @pytest.mark.parametrize("C,V", ROW_SHAPES)
 @pytest.mark.parametrize("teacher", [False, True], ids=["no_teacher", "teacher"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_row_kernel_full_vocabulary_and_repeatable(C, V, teacher, dtype, poisoned_empty):
+def test_row_kernel_full_vocabulary_and_repeatable(C, V, teacher, dtype, poisoned_empty, seed):
     """Vocabulary-sized rows against the PyTorch twin, and the same bits on every run (a
     result that moves between runs is a race between warps)."""
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    g = torch.Generator().manual_seed(seed)
     z0 = (torch.randn(C, V, generator=g) * 4).to(dtype).to(DEV)
     zt = (torch.randn(C, V, generator=g) * 4).to(dtype).to(DEV) if teacher else None
     y = torch.randint(0, V, (C,), generator=g)
@@ -403,7 +340,7 @@ def _cpu_bench(fn, quantiles=None):
     return [t, t, t] if quantiles else t
 
 
-def test_autotuned_row_kernel_restores_z(poisoned_empty):
+def test_autotuned_row_kernel_restores_z(poisoned_empty, seed):
     """The row kernel overwrites z in place, and the autotuner runs it once per config and
     timing before the real call: each trial must start from the original logits. On CUDA the
     trainer's autotuned kernel runs (GPU_CONFIGS); under the interpreter the same wrapper over
@@ -417,7 +354,7 @@ def test_autotuned_row_kernel_restores_z(poisoned_empty):
     else:
         configs = [triton.Config({"BLOCK_V": 64}, num_warps=4), triton.Config({"BLOCK_V": 128}, num_warps=4)]
         kernel = fld.autotuned(fld._distill_rows_kernel, configs=configs, do_bench=_cpu_bench)
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))  # fresh inputs
+    g = torch.Generator().manual_seed(seed)
     C, V = 6, 515
     z = (torch.randn(C, V, generator=g) * 2).to(DEV)
     zt = (torch.randn(C, V, generator=g) * 2).to(DEV)
@@ -435,10 +372,10 @@ def test_autotuned_row_kernel_restores_z(poisoned_empty):
 
 
 @pytest.mark.parametrize("spec", ["64,4", "256,2"])
-def test_pinned_row_kernel_config(monkeypatch, spec, poisoned_empty):
+def test_pinned_row_kernel_config(monkeypatch, spec, poisoned_empty, seed):
     """PRADA_ROWS_CONFIG pins the row kernel's tile and warps (no autotuning): same results."""
     monkeypatch.setenv("PRADA_ROWS_CONFIG", spec)
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    g = torch.Generator().manual_seed(seed)
     C, V = 5, 300
     z = torch.randn(C, V, generator=g).to(DEV)
     zt = torch.randn(C, V, generator=g).to(DEV)
@@ -459,7 +396,8 @@ def test_pinned_row_kernel_config(monkeypatch, spec, poisoned_empty):
 def test_triton_rows_strided_and_all_ignored(poisoned_empty):
     """Non-contiguous chunks (a column slice of a wider buffer) and a chunk of ignored rows."""
     C, V = 5, 300
-    base = torch.randn(C, V + 17, device=DEV)
+    base = torch.randn(C, V + 17, device=DEV)  # the global RNG: seeded per test (conftest)
+    outside = (base[:, :5].clone(), base[:, 5 + V:].clone())
     z = base[:, 5:5 + V]
     zt_base = torch.randn(V, C, device=DEV)
     zt = zt_base.t()  # stride (1, C)
@@ -472,7 +410,8 @@ def test_triton_rows_strided_and_all_ignored(poisoned_empty):
     torch.testing.assert_close(ce, ce_r)
     torch.testing.assert_close(kd, kd_r)
     torch.testing.assert_close(z, z_ref)
-    assert (base[:, :5] == base[:, :5]).all()  # untouched and finite outside the slice
+    # the columns of the wider buffer outside the slice are untouched
+    assert torch.equal(base[:, :5], outside[0]) and torch.equal(base[:, 5 + V:], outside[1])
     y_all = torch.full((C,), -100, device=DEV)
     z2 = torch.randn(C, V, device=DEV)
     ce, kd = triton_rows(z2, zt, y_all, scale, **opts)
@@ -482,8 +421,8 @@ def test_triton_rows_strided_and_all_ignored(poisoned_empty):
 @pytest.mark.parametrize("D", [3, 5])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_domain_head_matches_torch_domain(dtype, with_bias, D, poisoned_empty):
-    g = torch.Generator().manual_seed(D)
+def test_triton_domain_head_matches_torch_domain(dtype, with_bias, D, poisoned_empty, seed):
+    g = torch.Generator().manual_seed(seed)
     B, T, H = 4, 13, 40
     hidden = torch.randn(B, T, H, generator=g).to(dtype).to(DEV)
     mask = (torch.rand(B, T, generator=g) < 0.6).to(DEV)  # bool mask

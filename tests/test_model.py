@@ -3,9 +3,8 @@ the soft prompt, the MLP domain head with its GRL, batched greedy decoding, and 
 import pytest
 import torch
 
-from prada_fast.grl import grad_reverse
 from prada_fast.model import ModelError, PradaModel, check_same_vocab, load_causal_lm, pick_attention
-from prada_fast.reference import masked_mean
+from prada_fast.op import grad_reverse, masked_mean
 
 
 @pytest.fixture(scope="module")

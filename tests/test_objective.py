@@ -1,5 +1,5 @@
 """The reference objective against a float64 computation written out by hand, token by
-token, from the equations of DESIGN.md; the GRL sign and scale; the normaliser under
+token, from the equations of docs/design.md; the GRL sign and scale; the normaliser under
 gradient accumulation; the lambda schedule."""
 import math
 
@@ -143,3 +143,23 @@ def test_bad_arguments_name_the_argument():
         prada_loss(x["h"], x["W"], x["y"], domain_weight=x["Wd"])
     with pytest.raises(ValueError, match="impl"):
         prada_loss(x["h"], x["W"], x["y"], impl="cuda")
+
+
+def test_keywords_are_one_options_object():
+    """prada_loss's keyword arguments are LossOptions' fields (plus impl), one definition; a
+    misspelt keyword is named in the error, a bad value names its argument."""
+    import inspect
+    from dataclasses import fields
+
+    from prada_fast import LossOptions
+
+    params = inspect.signature(prada_loss).parameters
+    assert list(params)[:3] == ["hidden", "lm_weight", "targets"]
+    assert list(params)[3:] == [f.name for f in fields(LossOptions)] + ["impl"]
+    h, w, y = torch.zeros(1, 2, 3), torch.zeros(4, 3), torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(TypeError, match="tempreature"):
+        prada_loss(h, w, y, tempreature=2.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        prada_loss(h, w, y, temperature=0.0)
+    with pytest.raises(ValueError, match="impl='fast'"):
+        prada_loss(h, w, y, impl="fast")

@@ -7,9 +7,10 @@ import time
 
 import pytest
 import torch
-from runner import FAST, REPO, free_port, metrics, train, train_cmd, train_env
+from runner import FAST, REPO, metrics, train, train_cmd, train_env
 
 from prada_fast import checkpoint
+from prada_fast.distributed import free_port
 
 pytestmark = pytest.mark.slow
 NO_DATA = FAST[2:]  # FAST without its --data

@@ -11,7 +11,7 @@ from .format import (
 from .loaders import load_aqua, load_gsm8k, load_hf, load_jsonl, load_spec, load_strategyqa
 from .records import DataError, Record
 from .split import domains_of, split_domains
-from .synthetic import DOMAINS, generate, generate_all
+from .synthetic import DOMAINS, SYNTHETIC_TARGET, generate, generate_all
 
 __all__ = [
     "DOMAINS",
@@ -19,6 +19,7 @@ __all__ = [
     "Collator",
     "DataError",
     "Record",
+    "SYNTHETIC_TARGET",
     "answer_correct",
     "completion_text",
     "domains_of",

@@ -7,8 +7,7 @@ import random
 from .format import encode
 from .loaders import load_spec
 from .split import split_domains
-
-SYNTHETIC_TARGET = "sorting"  # the default unlabelled domain of the synthetic data
+from .synthetic import SYNTHETIC_TARGET
 
 
 def load_records(args):

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from .records import DataError, Record
 
 DOMAINS = ("arithmetic", "coinflip", "lastletter", "sorting")
+SYNTHETIC_TARGET = "sorting"  # the default unlabelled (target) domain of the synthetic data
 
 WORDS = (
     "cat", "dog", "sun", "car", "bus", "map", "cup", "pen", "hat", "box",

@@ -11,25 +11,17 @@ from pathlib import Path
 
 import torch
 
+from prada_fast.distributed import torch_threads
+
 
 def _one_thread(fn):
     """Run `fn` on one intra-op thread: its matrices are tiny, and on a busy machine the
     OpenMP hand-offs of several threads make them 100x slower (seconds instead of ms)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _threads(1):
+        with torch_threads(1):
             return fn(*args, **kwargs)
     return wrapper
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -190,7 +182,7 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
     Returns (features float32 (n x H), domain ids (n,), domains, roles)."""
     from prada_fast.data import Collator
     from prada_fast.model import PradaModel
-    from prada_fast.reference import masked_mean
+    from prada_fast.op import masked_mean
     from prada_fast.train import encode_all
 
     from transformers.utils import logging as hf_logging
@@ -209,7 +201,7 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
     collate = Collator(tok.pad_token_id)
     feats, labels = [], []
     # on the CPU one thread: robust on cores shared with other jobs (see _one_thread)
-    with _threads(1) if dev.type == "cpu" else contextlib.nullcontext():
+    with torch_threads(1) if dev.type == "cpu" else contextlib.nullcontext():
         for s in range(0, len(examples), batch_size):
             b = collate(examples[s:s + batch_size])
             hidden, mask = model.hidden_states(b["input_ids"].to(dev), b["attention_mask"].to(dev))

@@ -2,8 +2,8 @@
 
     python -m prada_fast.experiments.compare                     # synthetic, CPU, ~15-20 min on 2 cores
     python -m prada_fast.experiments.compare --targets all       # rotate the held-out domain (x4)
-    python -m prada_fast.experiments.compare --data ../shared/data/gsm8k_train.jsonl#400 \\
-        --data ../shared/data/strategyqa_train.json#400 --data ../shared/data/aqua_dev.json \\
+    python -m prada_fast.experiments.compare --data data/gsm8k_train.jsonl#400 \\
+        --data data/strategyqa_train.json#400 --data data/aqua_dev.json \\
         --targets aqua --extra "--max-len 512"
 
 Three variants are trained by `prada_fast/train.py`, one subprocess per (target, variant,
@@ -25,10 +25,7 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,9 +34,12 @@ from pathlib import Path
 
 import torch
 
+from prada_fast.data import SYNTHETIC_TARGET
+from prada_fast.distributed import launch_cmd
+from prada_fast.envinfo import machine, versions
+
 from .analysis import aggregate, load_metrics, mean_curves, pca_2d, pooled_features, probe_accuracy
 
-SYNTHETIC_TARGET = "sorting"
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 
 
@@ -94,8 +94,8 @@ Quote --extra values that start with "--": --extra="--lr 1e-3".
 examples:
   # real data: GSM8K + StrategyQA labelled sources, AQuA the unlabelled target
   python -m prada_fast.experiments.compare --targets aqua \\
-      --data ../shared/data/gsm8k_train.jsonl#400 --data ../shared/data/strategyqa_train.json#400 \\
-      --data ../shared/data/aqua_dev.json --extra "--max-len 512"
+      --data data/gsm8k_train.jsonl#400 --data data/strategyqa_train.json#400 \\
+      --data data/aqua_dev.json --extra "--max-len 512"
   # bigger models on GPUs (ZeRO-3 over 8 ranks per run)
   python -m prada_fast.experiments.compare --nproc 8 --ds ds_configs/zero3.json \\
       --student /models/qwen2.5-0.5b --teacher /models/qwen2.5-7b --max-steps 2000 ...
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(c) full PRADA with the same steps, data and seeds, leave-one-domain-out, "
                     "and write a report (report.md, report.json, PNG plots) under --output-dir. "
                     "Default: the built-in synthetic domains on the CPU, 3 variants x 3 seeds, "
-                    "target 'sorting': about 15 minutes on 2 idle CPU cores, 20 when shared.",
+                    f"target '{SYNTHETIC_TARGET}': about 15 minutes on 2 idle CPU cores, 20 when shared.",
         epilog=EPILOG, formatter_class=_Help)
     e = p.add_argument_group("experiment")
     e.add_argument("--output-dir", default="runs/compare", metavar="DIR",
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--targets", metavar="DOM,...|all",
                    help="held-out (unlabelled) target domain(s), one leave-one-domain-out "
                         "experiment each; 'all' rotates over every domain of the data (cost: "
-                        "x number of domains). Default: 'sorting' for the synthetic data; "
+                        f"x number of domains). Default: '{SYNTHETIC_TARGET}' for the synthetic data; "
                         "required with other data")
     e.add_argument("--variants", default="cot,adv,prada", metavar="V,...",
                    help="which of cot (a), adv (b), prada (c) to train")
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between loss-curve points (metrics.jsonl)")
     t.add_argument("--data", action="append", metavar="SPEC",
                    help="trainer data spec, repeatable (default: synthetic), e.g. "
-                        "../shared/data/gsm8k_train.jsonl#400; see train.py --help")
+                        "data/gsm8k_train.jsonl#400; see train.py --help")
     t.add_argument("--student", default="tiny", metavar="NAME|DIR", help="student preset or HF dir")
     t.add_argument("--teacher", default="auto", metavar="auto|none|NAME|DIR",
                    help="teacher; auto fits the tiny teacher for a preset student")
@@ -252,17 +252,8 @@ def trainer_args(args, target: str, v: Variant, seed: int) -> list[str]:
     return a + list(v.flags) + list(args.extra)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher(args) -> list[str]:
-    if args.nproc == 1:
-        return [sys.executable, str(TRAIN_SCRIPT)]
-    ds = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [ds, "--num_gpus", str(args.nproc), "--master_port", str(_free_port()), str(TRAIN_SCRIPT)]
+    return launch_cmd(TRAIN_SCRIPT, args.nproc)
 
 
 def trainer_env(args) -> dict:
@@ -441,22 +432,6 @@ def paired_differences(by_variant: dict[str, list[dict]], base: str = "cot") -> 
     return out
 
 
-def versions() -> dict:
-    from importlib import metadata
-
-    def ver(name):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-    info = {"python": platform.python_version(), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    for name in ("prada-fast", "torch", "transformers", "deepspeed", "numpy", "matplotlib"):
-        info[name] = ver(name)
-    return info
-
-
 # ----------------------------------------------------------------------------- report
 
 
@@ -472,8 +447,8 @@ def write_markdown(report: dict, path: Path) -> None:
     cfg = report["config"]
     L = ["# PRADA vs plain CoT distillation", "",
          f"Generated by `prada_fast.experiments.compare` on {report['finished_at']} "
-         f"({report['versions']['cpu_count']} CPU cores"
-         + (f", {report['versions']['cuda']}" if report["versions"]["cuda"] else "") + ").", "",
+         f"({report['machine']['cpu_count']} CPU cores"
+         + (f", {report['machine']['gpu']}" if report["machine"]["gpu"] else "") + ").", "",
          "```bash", report["command"], "```", "",
          f"- data: {', '.join(cfg['data'])}; student `{cfg['student']}`, teacher `{cfg['teacher']}`",
          f"- budget per run: {cfg['max_steps']} optimizer steps, auto-teacher fit "
@@ -630,7 +605,7 @@ def build_report(args, argv: list[str], runs: list[dict], n_trained: int, t0: fl
                                    ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
                    "probe_folds": args.probe_folds, "teacher_cache": str(args.teacher_cache)},
         "variants": {k: {"label": V[k].label, "trainer_flags": list(V[k].flags)} for k in args.variants},
-        "versions": versions(),
+        "versions": versions(), "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "wall_seconds": round(time.time() - t0, 1),
         "run_seconds_total": round(sum(r["wall_seconds"] or 0 for r in runs), 1),

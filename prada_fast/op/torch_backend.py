@@ -1,12 +1,13 @@
-"""The chunked implementation of `prada_loss` in plain PyTorch: the fused algorithm of
-`prada_fast.fused` with the row and domain steps written as tensor operations. It never
-builds an N x V tensor and computes the gradients in the forward pass; the trainer uses
-it on the CPU. Products run in fp32 (CPU bf16 matrix products are slow and imprecise), fp64 for fp64."""
+"""The PyTorch backend of the chunk driver (`prada_loss(..., impl="chunked")`): the row op
+and the domain op of `prada_fast.op.driver` written as tensor operations, the twins of the
+Triton kernels in `kernels/`. With the driver it never builds an N x V tensor and computes
+the gradients in the forward pass; the trainer uses it on the CPU. Products run in fp32
+(CPU bf16 matrix products are slow and imprecise), fp64 for fp64."""
 from __future__ import annotations
 
 import torch
 
-from .fused import fused_prada_loss
+from .driver import RowBackend, default_chunk_rows
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def _scratch(workspace: dict | None, name: str, like: torch.Tensor) -> torch.Ten
 
 def torch_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=None):
     """Per-row ce and kd of one chunk; overwrites z with dL/dz and uses z_t as scratch (see
-    prada_fast.fused). Every pass over the chunk is in place or into a reused buffer:
+    prada_fast.op.driver). Every pass over the chunk is in place or into a reused buffer:
     shifted logits, their exponentials, and row sums; the softmaxes are never normalised
     as tensors, their normalisers are folded into the final scaling of the gradient."""
     valid = y != ignore_index
@@ -78,7 +79,7 @@ def torch_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=
 
 def torch_domain(hidden, mask, weight, bias, labels, grl_lambda):
     """Masked-mean pooling, linear domain head, CE and accuracy, and the gradients (see
-    prada_fast.fused for gf)."""
+    prada_fast.op.driver for gf)."""
     B = hidden.shape[0]
     acc = torch.promote_types(hidden.dtype, torch.float32)
     m = mask.to(acc)
@@ -98,8 +99,7 @@ def torch_domain(hidden, mask, weight, bias, labels, grl_lambda):
     return dom, hit, gf, dc.t() @ f, dc.sum(0)
 
 
-def chunked_prada_loss(hidden, lm_weight, targets, *, chunk_rows=None, **kw):
-    """prada_loss(impl="chunked"): see prada_fast.loss.prada_loss for the arguments."""
-    return fused_prada_loss(hidden, lm_weight, targets, rows_fn=torch_rows, domain_fn=torch_domain,
-                            chunk_rows=chunk_rows,
-                            compute_dtype=torch.promote_types(hidden.dtype, torch.float32), **kw)
+TORCH_BACKEND = RowBackend(
+    name="chunked", rows=torch_rows, domain=torch_domain,
+    compute_dtype=lambda dtype: torch.promote_types(dtype, torch.float32),
+    chunk_rows=lambda n_rows, vocab, hidden, has_teacher: default_chunk_rows(n_rows, vocab))

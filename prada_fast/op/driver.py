@@ -1,4 +1,6 @@
-"""The never-materialise algorithm shared by the chunked (PyTorch) and Triton paths.
+"""The never-materialise chunk driver, shared by the PyTorch backend ("chunked") and the
+Triton backend ("triton"): the algorithm lives here once, the backends supply a row op and
+a domain op (`RowBackend`).
 
 Rows of the flattened batch are processed in chunks of `chunk_rows`. For each chunk the
 student logits z_s = h W_s^T + b_s (and the teacher's z_t) exist only as a bounded
@@ -16,7 +18,8 @@ chunk's product is exact to fp32 inside the GEMM and rounded once when added: me
 relative error 0.26 % at 4 chunks and 0.48 % at 16 in bf16, against a 2 % tolerance), and in
 an fp32 accumulator of W_s's size beyond that (the error grows as sqrt(chunks)).
 
-A row op has the signature
+A backend (`RowBackend`) gives the driver a row op, a domain op, the dtype of the matrix
+products and the rule for the rows per chunk. A row op has the signature
     rows_fn(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace) -> (ce_i, kd_i)
 z (C, V) student logits, overwritten in place with
     dL/dz = scale_i * (alpha * (softmax(z) - onehot(y))
@@ -29,10 +32,33 @@ A domain op has the signature
     domain_fn(hidden, mask, weight, bias, labels, grl_lambda)
         -> (dom, dom_acc, gf (B, H) fp32, grad_weight, grad_bias)
 where gf_b = -grl_lambda * dL_dom/df_b / sum_t m_bt, so that grad_h[b, t] += m_bt * gf_b.
+
+Every argument of the op reaches the driver as one `LossOptions` (prada_fast.op.options),
+already checked by `prada_loss`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+
+from .options import LossOptions
+
+
+@dataclass(frozen=True)
+class RowBackend:
+    """What an implementation plugs into the driver (see the module docstring).
+
+    rows: the row op; domain: the domain op; compute_dtype(input dtype) -> dtype of the
+    matrix products; chunk_rows(n_rows, vocab, hidden, has_teacher) -> rows per chunk when
+    the caller gives none."""
+
+    name: str
+    rows: Callable
+    domain: Callable
+    compute_dtype: Callable[[torch.dtype], torch.dtype]
+    chunk_rows: Callable[[int, int, torch.Tensor, bool], int]
 
 
 def default_chunk_rows(n_rows: int, vocab: int, budget_elems: int = 1 << 23) -> int:
@@ -81,34 +107,33 @@ def accumulate_path(device_type: str) -> str:
     return _ACCUMULATE_PATHS[_ACCUMULATE_PATH.get(device_type, 0)]
 
 
-def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden, teacher_weight,
-                         teacher_logits, temperature, alpha, ignore_index, num_valid_tokens,
-                         pool_mask, domain_weight, domain_bias, domain_labels, grl_lambda,
-                         rows_fn, domain_fn, chunk_rows=None, compute_dtype=None,
-                         needs_grad=(True, True, True, True, True)):
+def loss_and_grads(hidden, lm_weight, targets, opts: LossOptions, backend: RowBackend,
+                   needs_grad=(True, True, True, True, True)):
     """Loss parts and the gradients of (hidden, lm_weight, lm_bias, domain_weight, domain_bias)
-    for an incoming gradient of 1. `compute_dtype`: dtype of the matrix products (default:
-    the input dtype); accumulation is fp32."""
+    for an incoming gradient of 1. Products run in backend.compute_dtype(hidden.dtype);
+    accumulation is fp32 (fp64 for fp64 inputs)."""
     B, T, H = hidden.shape
     V = lm_weight.shape[0]
     N = B * T
     dev = hidden.device
-    cdt = compute_dtype or hidden.dtype
+    cdt = backend.compute_dtype(hidden.dtype)
     acc = torch.promote_types(hidden.dtype, torch.float32)  # accumulation: fp32 (fp64 for fp64)
     need_h, need_w, need_b, need_dw, need_db = needs_grad
+    lm_bias, pool_mask, ignore_index = opts.lm_bias, opts.pool_mask, opts.ignore_index
+    teacher_hidden, teacher_logits = opts.teacher_hidden, opts.teacher_logits
+    domain_weight, domain_bias = opts.domain_weight, opts.domain_bias
     need_b = need_b and lm_bias is not None
 
     h = hidden.reshape(N, H)
     y = targets.reshape(N)
     w = lm_weight.to(cdt)
     b = None if lm_bias is None else lm_bias.to(cdt)
-    has_teacher = teacher_logits is not None or teacher_hidden is not None
     u = teacher_hidden.reshape(N, -1) if teacher_hidden is not None else None
-    wt = teacher_weight.to(cdt) if teacher_weight is not None else None
+    wt = opts.teacher_weight.to(cdt) if teacher_hidden is not None else None
     zt_all = teacher_logits.reshape(N, V) if teacher_logits is not None else None
 
     n_tokens = (y != ignore_index).sum()
-    n = n_tokens if num_valid_tokens is None else torch.as_tensor(num_valid_tokens, device=dev)
+    n = n_tokens if opts.num_valid_tokens is None else torch.as_tensor(opts.num_valid_tokens, device=dev)
     inv_n = 1.0 / n.to(acc).clamp_min(1)
 
     # Domain term first: its gradient seeds grad_h.
@@ -116,8 +141,8 @@ def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden,
     dom = dom_acc = zero
     gf = gw_d = gb_d = None
     if domain_weight is not None:
-        dom, dom_acc, gf, gw_d, gb_d = domain_fn(hidden, pool_mask, domain_weight, domain_bias,
-                                                 domain_labels, grl_lambda)
+        dom, dom_acc, gf, gw_d, gb_d = backend.domain(hidden, pool_mask, domain_weight, domain_bias,
+                                                      opts.domain_labels, opts.grl_lambda)
     # grad_h starts as the domain term's GRL-scaled gradient, broadcast through the mask
     # (zero without a domain head); the LM gradient is then added onto it chunk by chunk.
     grad_h = None
@@ -131,7 +156,7 @@ def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden,
     valid_rows = (y != ignore_index).nonzero().squeeze(1)
     all_valid = valid_rows.numel() == N
     M = valid_rows.numel()
-    C = chunk_rows or default_chunk_rows(M, V)
+    C = opts.chunk_rows or backend.chunk_rows(M, V, hidden, opts.has_teacher)
     few_chunks = -(-M // C) <= LOW_PRECISION_GRAD_W_CHUNKS
     gw_dtype = cdt if (cdt == lm_weight.dtype and few_chunks) else acc
     grad_w = torch.zeros(V, H, dtype=gw_dtype, device=dev) if need_w else None
@@ -155,8 +180,8 @@ def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden,
             z_t = torch.mm(u[r].to(cdt), wt.t(), out=ztbuf[: e - s])
         elif zt_all is not None:  # the row op may overwrite z_t: never hand it the caller's logits
             z_t = zt_all[r].to(cdt, copy=True) if all_valid else zt_all[r].to(cdt)
-        ce_i, kd_i = rows_fn(z, z_t, y[r], inv_n.expand(e - s), temperature=temperature,
-                             alpha=alpha, ignore_index=ignore_index, workspace=workspace)
+        ce_i, kd_i = backend.rows(z, z_t, y[r], inv_n.expand(e - s), temperature=opts.temperature,
+                                  alpha=opts.alpha, ignore_index=ignore_index, workspace=workspace)
         ce_sum += ce_i.sum()
         kd_sum += kd_i.sum()
         del z_t
@@ -175,9 +200,8 @@ def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden,
     workspace.clear()
 
     ce = ce_sum * inv_n
-    kd = kd_sum * inv_n if has_teacher else zero
-    a = alpha if has_teacher else 1.0
-    loss = a * ce + (1 - a) * kd + dom
+    kd = kd_sum * inv_n if opts.has_teacher else zero
+    loss = opts.alpha * ce + (1 - opts.alpha) * kd + dom  # alpha is 1 without a teacher
     grads = (
         grad_h.view(B, T, H) if need_h else None,
         grad_w.to(lm_weight.dtype) if need_w else None,
@@ -190,14 +214,14 @@ def fused_loss_and_grads(hidden, lm_weight, targets, *, lm_bias, teacher_hidden,
 
 
 class FusedPradaLoss(torch.autograd.Function):
-    """Gradients are computed in forward; backward scales them by the incoming gradient."""
+    """Gradients are computed in forward; backward scales them by the incoming gradient.
+    The differentiable tensors come positionally (autograd tracks them); they are the same
+    objects as the corresponding fields of `opts`."""
 
     @staticmethod
-    def forward(ctx, hidden, lm_weight, lm_bias, domain_weight, domain_bias, kw):
+    def forward(ctx, hidden, lm_weight, lm_bias, domain_weight, domain_bias, targets, opts, backend):
         needs = tuple(ctx.needs_input_grad[:5])
-        loss, parts, grads = fused_loss_and_grads(
-            hidden, lm_weight, kw.pop("targets"), lm_bias=lm_bias, domain_weight=domain_weight,
-            domain_bias=domain_bias, needs_grad=needs, **kw)
+        loss, parts, grads = loss_and_grads(hidden, lm_weight, targets, opts, backend, needs_grad=needs)
         ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
         ctx.has = tuple(g is not None for g in grads)
         detached = [parts[k].detach() for k in ("ce", "kd", "dom", "dom_acc", "n_tokens")]
@@ -213,12 +237,11 @@ class FusedPradaLoss(torch.autograd.Function):
         out = []
         for g, has in zip(ctx.saved_tensors, ctx.has):
             out.append(g.mul_(grad_loss.to(g.dtype)) if has else None)  # in place: no 2nd copy
-        return (*out, None)
+        return (*out, None, None, None)
 
 
-def fused_prada_loss(hidden, lm_weight, targets, *, lm_bias, domain_weight, domain_bias, **kw):
-    """Run FusedPradaLoss; kw holds the rest of prada_loss's arguments plus rows_fn/domain_fn."""
-    kw["targets"] = targets
+def fused_prada_loss(hidden, lm_weight, targets, opts: LossOptions, backend: RowBackend):
+    """The op through the chunk driver with `backend`: (loss, parts). `opts` is checked."""
     loss, ce, kd, dom, dom_acc, n_tokens = FusedPradaLoss.apply(
-        hidden, lm_weight, lm_bias, domain_weight, domain_bias, kw)
+        hidden, lm_weight, opts.lm_bias, opts.domain_weight, opts.domain_bias, targets, opts, backend)
     return loss, {"ce": ce, "kd": kd, "dom": dom, "dom_acc": dom_acc, "n_tokens": n_tokens}

@@ -1,0 +1,20 @@
+"""The PRADA loss op, apart from the trainer.
+
+- `options.py`: `LossOptions`, the op's keyword arguments as one frozen, checked object;
+- `api.py`: `prada_loss` (checks, dispatch) and `PradaLoss` (its `nn.Module`);
+- `reference.py`: the objective in plain PyTorch, materialising the logits (the oracle);
+- `driver.py`: the never-materialise chunk driver and `RowBackend`, its interface;
+- `torch_backend.py`: the driver's PyTorch backend (impl "chunked"); the Triton backend is
+  `kernels/` (`prada_kernels`);
+- `grl.py`: the gradient reversal layer and the lambda schedules;
+- `testing.py`: parity tolerances, `rel_err` and random inputs, for tests and benchmarks.
+
+docs/design.md states the objective and the contract that all of them implement.
+"""
+from .api import IMPLS, PradaLoss, prada_loss, resolve_impl
+from .grl import dann_lambda, grad_reverse, lambda_at
+from .options import LossOptions
+from .reference import masked_mean
+
+__all__ = ["IMPLS", "LossOptions", "PradaLoss", "dann_lambda", "grad_reverse", "lambda_at",
+           "masked_mean", "prada_loss", "resolve_impl"]

@@ -1,0 +1,120 @@
+"""The keyword arguments of `prada_loss`, as one frozen object.
+
+`LossOptions` is the single place where the op's keyword arguments are named, given their
+defaults and checked. `prada_loss` builds one from its keywords, `LossOptions.checked`
+validates it against the positional tensors and fills in the defaults that depend on them,
+and every implementation (the reference, the chunk driver and its backends) reads its
+arguments from that object. A new argument of the op is a new field here plus its check.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"prada_loss: {msg}")
+
+
+@dataclass(frozen=True, eq=False)
+class LossOptions:
+    """Everything `prada_loss` takes besides (hidden, lm_weight, targets) and `impl`.
+
+    Shapes: B sequences of T positions, H (H_t) student (teacher) hidden size, V vocabulary,
+    D domains. See docs/design.md for the objective these define.
+    """
+
+    lm_bias: Tensor | None = None            # (V,) student LM head bias
+    teacher_hidden: Tensor | None = None     # (B, T, H_t) } the frozen teacher: hidden states
+    teacher_weight: Tensor | None = None     # (V, H_t)    } and head weight,
+    teacher_logits: Tensor | None = None     # (B, T, V)   } or its logits
+    temperature: float = 1.0                 # distillation temperature tau > 0
+    alpha: float = 0.5                       # weight of hard CE vs KD (1 without a teacher)
+    ignore_index: int = -100                 # target id that means "no loss here"
+    num_valid_tokens: int | float | Tensor | None = None  # the normaliser n (default: counted)
+    pool_mask: Tensor | None = None          # (B, T) 0/1 pooling mask (default: all ones)
+    domain_weight: Tensor | None = None      # (D, H) linear domain head (None: no domain term)
+    domain_bias: Tensor | None = None        # (D,)
+    domain_labels: Tensor | None = None      # (B,) int64 domain ids
+    grl_lambda: float = 1.0                  # scale of the reversed domain gradient
+    chunk_rows: int | None = None            # rows per chunk of the fused paths (None: auto)
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher_logits is not None or self.teacher_hidden is not None
+
+    @property
+    def has_domain(self) -> bool:
+        return self.domain_weight is not None
+
+    def as_kwargs(self) -> dict:
+        """The options as prada_loss keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def checked(self, hidden: Tensor, lm_weight: Tensor, targets: Tensor) -> LossOptions:
+        """A copy validated against the positional tensors (ValueError naming the argument
+        otherwise), with the defaults that depend on them filled in: alpha = 1 without a
+        teacher, an all-ones pool_mask, floats for the scalars."""
+        _check(hidden.dim() == 3, f"hidden must be (B, T, H), got shape {tuple(hidden.shape)}")
+        B, T, H = hidden.shape
+        _check(lm_weight.dim() == 2 and lm_weight.shape[1] == H,
+               f"lm_weight must be (V, {H}), got {tuple(lm_weight.shape)}")
+        V = lm_weight.shape[0]
+        _check(tuple(targets.shape) == (B, T), f"targets must be ({B}, {T}), got {tuple(targets.shape)}")
+        _check(not targets.is_floating_point(), "targets must be an integer tensor")
+        _check(self.lm_bias is None or tuple(self.lm_bias.shape) == (V,), f"lm_bias must be ({V},)")
+        if self.teacher_logits is not None:
+            _check(self.teacher_hidden is None and self.teacher_weight is None,
+                   "give the teacher as teacher_logits or as teacher_hidden + teacher_weight, not both")
+            _check(tuple(self.teacher_logits.shape) == (B, T, V),
+                   f"teacher_logits must be ({B}, {T}, {V}), got {tuple(self.teacher_logits.shape)}")
+        if self.teacher_hidden is not None or self.teacher_weight is not None:
+            th, tw = self.teacher_hidden, self.teacher_weight
+            _check(th is not None and tw is not None, "teacher_hidden and teacher_weight go together")
+            _check(th.dim() == 3 and tuple(th.shape[:2]) == (B, T),
+                   f"teacher_hidden must be ({B}, {T}, H_t), got {tuple(th.shape)}")
+            _check(tuple(tw.shape) == (V, th.shape[2]),
+                   f"teacher_weight must be ({V}, {th.shape[2]}) (same vocabulary as the "
+                   f"student), got {tuple(tw.shape)}")
+        _check(float(self.temperature) > 0, f"temperature must be > 0, got {self.temperature}")
+        alpha = float(self.alpha) if self.has_teacher else 1.0
+        _check(0.0 <= alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        pool_mask = self.pool_mask
+        if pool_mask is None:
+            pool_mask = torch.ones(B, T, dtype=hidden.dtype, device=hidden.device)
+        _check(tuple(pool_mask.shape) == (B, T),
+               f"pool_mask must be ({B}, {T}), got {tuple(pool_mask.shape)}")
+        if self.has_domain:
+            dw = self.domain_weight
+            _check(dw.dim() == 2 and dw.shape[1] == H,
+                   f"domain_weight must be (D, {H}), got {tuple(dw.shape)}")
+            D = dw.shape[0]
+            _check(self.domain_bias is None or tuple(self.domain_bias.shape) == (D,),
+                   f"domain_bias must be ({D},)")
+            _check(self.domain_labels is not None and tuple(self.domain_labels.shape) == (B,),
+                   f"domain_labels must be ({B},) when domain_weight is given")
+        _check(self.chunk_rows is None or int(self.chunk_rows) >= 1,
+               f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        return replace(self, temperature=float(self.temperature), alpha=alpha, pool_mask=pool_mask,
+                       grl_lambda=float(self.grl_lambda))
+
+
+def options_from_kwargs(kwargs: dict) -> LossOptions:
+    """LossOptions(**kwargs), with an unknown keyword named as prada_loss's."""
+    names = {f.name for f in fields(LossOptions)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"prada_loss() got unexpected keyword argument(s) {', '.join(unknown)}; "
+                        f"expected some of: {', '.join(f.name for f in fields(LossOptions))}, impl")
+    return LossOptions(**kwargs)
+
+
+def keyword_parameters() -> list[inspect.Parameter]:
+    """LossOptions' fields as keyword-only parameters (for prada_loss's signature)."""
+    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                              annotation=f.type) for f in fields(LossOptions)]
