@@ -71,8 +71,9 @@ def compile_row_kernel(fld, *, dtype: str, teacher: bool, block_v: int, num_warp
     return _compile(fld._distill_rows_kernel, sig, consts, aligned, num_warps=num_warps, arch=arch)
 
 
-def compile_domain_kernels(*, dtype: str, H: int, D: int, arch: int) -> dict:
-    """The pooling and head kernels with the block sizes the launcher picks on a GPU."""
+def compile_domain_kernels(*, dtype: str, H: int, D: int, arch: int, confusion: bool = True) -> dict:
+    """The pooling and head kernels with the block sizes the launcher picks on a GPU (the
+    head with the confusion adversary, whose gradient keeps one more D-vector live)."""
     import torch
 
     from prada_kernels import grl_domain_head as gdh
@@ -93,10 +94,10 @@ def compile_domain_kernels(*, dtype: str, H: int, D: int, arch: int) -> dict:
                      "D": i32, "inv_B": "fp32", "grl_lambda": "fp32", "stride_fb": i32, "stride_wd": i32,
                      "stride_wh": "constexpr", "stride_bias": "constexpr", "stride_lab": "constexpr",
                      "stride_mb": i32, "stride_mt": "constexpr", "stride_dcb": i32, "stride_gfb": i32,
-                     "HAS_BIAS": "constexpr", "BLOCK_D": "constexpr", "BLOCK_H": "constexpr",
-                     "BLOCK_T": "constexpr"},
+                     "HAS_BIAS": "constexpr", "CONFUSION": "constexpr", "BLOCK_D": "constexpr",
+                     "BLOCK_H": "constexpr", "BLOCK_T": "constexpr"},
                     {"stride_wh": 1, "stride_bias": 1, "stride_lab": 1, "stride_mt": 1, "HAS_BIAS": True,
-                     "BLOCK_D": bd, "BLOCK_H": bh_head, "BLOCK_T": bt},
+                     "CONFUSION": confusion, "BLOCK_D": bd, "BLOCK_H": bh_head, "BLOCK_T": bt},
                     ("f_ptr", "w_ptr", "m_ptr", "gf_ptr", "H", "stride_fb", "stride_wd", "stride_gfb"),
                     num_warps=4, arch=arch)
     return {"pool": (f"BLOCK_T={bt} BLOCK_H={bh_pool}", pool),

@@ -2,9 +2,11 @@
 
 For each sequence b: masked-mean pooling f_b = sum_t m_bt h_bt / max(sum_t m_bt, 1), the
 linear domain logits c_b = W_d f_b + b_d, CE(c_b, d_b), accuracy (argmax c_b == d_b), and the
-gradients in the same pass: dc_b = (softmax(c_b) - onehot(d_b)) / B, the GRL-scaled
-gf_b = -lambda * (W_d^T dc_b) / sum_t m_bt (the driver adds m_bt * gf_b into grad_h[b, t]),
-grad W_d = sum_b dc_b f_b^T and grad b_d = sum_b dc_b.
+gradients in the same pass: dc_b = (softmax(c_b) - onehot(d_b)) / B, the adversarial
+gf_b = -lambda * (W_d^T dc_b) / sum_t m_bt (GRL) or +lambda * W_d^T (softmax(c_b) - 1/D) /
+(B sum_t m_bt) (domain confusion: towards a uniform head output); the driver adds m_bt * gf_b
+into grad_h[b, t]. The head learns from L_dom either way: grad W_d = sum_b dc_b f_b^T and
+grad b_d = sum_b dc_b.
 
 Two kernels: the pooling reads the whole B x T x H hidden tensor, so it runs on a
 (B, H-tiles) grid to fill the GPU even for small B; the head itself is tiny (B x D x H) and
@@ -59,7 +61,7 @@ def _domain_head_kernel(
     T, H, D, inv_B, grl_lambda,
     stride_fb, stride_wd, stride_wh, stride_bias, stride_lab,
     stride_mb, stride_mt, stride_dcb, stride_gfb,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CONFUSION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One program per sequence: logits, CE, correct flag, dc_b and gf_b."""
@@ -95,19 +97,24 @@ def _domain_head_kernel(
     dc = tl.where(d_mask, dc, 0.0)
     tl.store(dc_ptr + b * stride_dcb + offs_d, dc, mask=d_mask)
 
-    # gf_b = -lambda * W_d^T dc_b / sum_t m_bt (clamped to 1, as the pooling).
+    # gf_b = -lambda * W_d^T dc_b / sum_t m_bt (GRL), or, for domain confusion,
+    # +lambda * W_d^T (softmax(c_b) - 1/D) / (B sum_t m_bt); sums of m clamped to 1, as the pooling.
     msum = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         msum += tl.load(m_ptr + b * stride_mb + offs_t * stride_mt, mask=offs_t < T,
                         other=0.0).to(tl.float32)
-    coef = -grl_lambda / tl.maximum(tl.sum(msum, axis=0), 1.0)
+    coef = grl_lambda / tl.maximum(tl.sum(msum, axis=0), 1.0)
+    if CONFUSION:
+        g_c = tl.where(d_mask, (e / se - 1.0 / D) * inv_B, 0.0)
+    else:
+        g_c = -dc
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
         w = tl.load(w_ptr + offs_d[:, None] * stride_wd + offs_h[None, :] * stride_wh,
                     mask=d_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
-        gf = tl.sum(w * dc[:, None], axis=0) * coef
+        gf = tl.sum(w * g_c[:, None], axis=0) * coef
         tl.store(gf_ptr + b * stride_gfb + offs_h, gf, mask=h_mask)
 
 
@@ -123,7 +130,7 @@ def _block_sizes(device: torch.device, T: int, H: int, D: int) -> tuple[int, int
     return 32, min(256, triton.next_power_of_2(H)), block_h_head, block_d
 
 
-def triton_domain_head(hidden, mask, weight, bias, labels, grl_lambda):
+def triton_domain_head(hidden, mask, weight, bias, labels, grl_lambda, adversary="grl"):
     """Domain op (see prada_fast.op.driver): (dom, dom_acc, gf (B, H), grad_weight (D, H),
     grad_bias (D,)), all fp32, exactly as prada_fast.op.torch_backend.torch_domain."""
     B, T, H = hidden.shape
@@ -153,7 +160,7 @@ def triton_domain_head(hidden, mask, weight, bias, labels, grl_lambda):
         f.stride(0), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, labels.stride(0),
         m.stride(0), m.stride(1), dc.stride(0), gf.stride(0),
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None, CONFUSION=adversary == "confusion",
         BLOCK_D=block_d, BLOCK_H=block_h_head, BLOCK_T=block_t, num_warps=4,
     )
     grad_weight = dc.t() @ f  # sum_b dc_b f_b^T: one small deterministic GEMM

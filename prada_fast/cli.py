@@ -1,18 +1,35 @@
-"""Command-line flags of `prada_fast/train.py` (every flag is explained by --help)."""
+"""Command-line flags of `prada_fast/train.py` (every flag is explained by --help), and
+`validate`: every flag's range and every combination, checked before any work."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import os
+import sys
 from pathlib import Path
 
-from .data import SYNTHETIC_TARGET
-from .model import PRESETS
+from .data import SYNTHETIC_TARGET, DataError
+from .data.loaders import check_spec
+from .model import PRESETS, ModelError, check_model_dir
+from .report import RunDirError, check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DS = REPO / "ds_configs" / "zero3.json"
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported as one line on stderr (`error: ...`, exit 2);
+    under a launcher only rank 0 prints it (every rank exits 2)."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog="prada_fast/train.py",
         description="PRADA: prompt-assisted, domain-adversarial distillation of chain-of-thought "
                     "reasoning from a teacher into a student, under DeepSpeed ZeRO-3. Run with "
@@ -35,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "interrupted (the schedules still follow --max-steps); for time-sliced jobs")
     io.add_argument("--save-every", type=int, default=250, metavar="N",
                     help="steps between ZeRO checkpoints (0: only at the end)")
+    io.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
+                    help="keep only the newest N checkpoints (0: all); keep 2 or more so that "
+                         "--resume has a complete one to fall back on")
     io.add_argument("--log-every", type=int, default=10, metavar="N",
                     help="steps between lines of metrics.jsonl")
     io.add_argument("--seed", type=int, default=0, help="seed of data order, init and synthetic data")
@@ -66,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--skip-bad", action="store_true",
                       help="skip malformed records (and report their count) instead of stopping")
     data.add_argument("--max-len", type=int, default=192, help="tokens per sequence")
-    data.add_argument("--on-long", choices=("truncate", "refuse"), default="truncate",
-                      help="sequences over --max-len: cut them (counted in the summary) or stop")
+    data.add_argument("--on-long", choices=("truncate", "refuse"), default=None,
+                      help="training records over --max-len: 'truncate' cuts them, even to no "
+                           "labelled token; 'refuse' stops at the first. Default: cut them, but "
+                           "stop if a labelled record would keep no labelled token")
     data.add_argument("--eval-per-domain", type=int, default=64, metavar="N",
                       help="records per domain held out for answer accuracy (0: no evaluation)")
 
@@ -87,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--domain-head", choices=("linear", "mlp"), default="linear",
                        help="domain classifier on pooled hidden states (linear runs in the fused op)")
     model.add_argument("--mlp-hidden", type=int, default=0, help="width of the MLP head (0: H)")
+    model.add_argument("--pool", choices=("question", "sequence"), default="question",
+                       help="positions the domain features average over: the question only, or "
+                            "every token (rationale and answer too: the head can then tell "
+                            "labelled sources from unlabelled targets by length alone)")
     model.add_argument("--attn", default="auto",
                        choices=("auto", "sdpa", "eager", "flash_attention_2"),
                        help="attention; auto: flash_attention_2 if flash-attn imports on CUDA, else sdpa")
@@ -98,9 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     obj.add_argument("--temperature", type=float, default=1.0, help="distillation temperature tau")
     obj.add_argument("--no-domain-loss", action="store_true",
                      help="plain CoT distillation: no domain classifier term")
+    obj.add_argument("--adversary", choices=("grl", "confusion"), default="grl",
+                     help="what the student learns against the domain head: 'grl' reverses the "
+                          "head's gradient (DANN); 'confusion' pushes the head's output towards "
+                          "uniform over the domains (bounded)")
+    obj.add_argument("--domain-head-lr-mult", type=float, default=1.0, metavar="X",
+                     help="the domain head's learning rate over the student's (its own optimizer "
+                          "parameter group); DANN practice trains the head faster, e.g. 10")
     obj.add_argument("--grl-schedule", choices=("dann", "constant"), default="dann",
-                     help="lambda schedule of the gradient reversal")
-    obj.add_argument("--lambda-max", type=float, default=1.0, help="largest GRL scale")
+                     help="lambda schedule of the adversarial scale")
+    obj.add_argument("--lambda-max", type=float, default=1.0, help="largest adversarial scale lambda")
     obj.add_argument("--grl-gamma", type=float, default=10.0, help="gamma of the DANN schedule")
     obj.add_argument("--lr", type=float, help="override the optimizer lr of the DeepSpeed config")
 
@@ -111,11 +144,133 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    """The flags, each checked (`validate`); a bad one exits 2 with one line naming it."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.data = args.data or ["synthetic"]
-    for flag in ("max_steps", "max_len", "teacher_steps"):
-        if getattr(args, flag) <= 0:
-            build_parser().error(f"--{flag.replace('_', '-')} must be positive")
-    if args.resume and args.overwrite:
-        build_parser().error("--resume and --overwrite exclude each other")
+    try:
+        validate(args)
+    except FlagError as e:
+        parser.error(str(e))
     return args
+
+
+# ----------------------------------------------------------------------------- validation
+class FlagError(ValueError):
+    """A flag out of its range, or contradicting another flag; the message names it."""
+
+
+def flag(dest: str) -> str:
+    """The option string of an argparse dest ("max_steps" -> "--max-steps")."""
+    for a in build_parser()._actions:
+        if a.dest == dest and a.option_strings:
+            return a.option_strings[0]
+    raise KeyError(dest)
+
+
+def _at_least(lo):
+    return (lambda v: v >= lo), f"must be >= {lo}"
+
+
+def _above(lo):
+    return (lambda v: v > lo), f"must be > {lo}"
+
+
+def _within(lo, hi):
+    return (lambda v: lo <= v <= hi), f"must be in [{lo}, {hi}]"
+
+
+# One row per numeric flag: dest -> (test, what it says). A float must also be finite; None
+# (an unset optional flag) passes. tests/test_cli.py gives every flag of the parser a bad
+# value, so a new flag needs a row here, a check in validate, or an entry there saying
+# that no value is bad.
+RANGES = {
+    "max_steps": _at_least(1), "stop_after": _at_least(0), "save_every": _at_least(0),
+    "keep_checkpoints": _at_least(0), "log_every": _at_least(1), "seed": _within(0, 2**32 - 1),
+    "dist_timeout": _above(0), "max_bad_steps": _at_least(1), "local_rank": _at_least(-1),
+    "max_len": _at_least(2), "eval_per_domain": _at_least(0),
+    "teacher_steps": _at_least(1), "teacher_lr": _above(0), "prompt_len": _at_least(0),
+    "mlp_hidden": _at_least(0),
+    "alpha": _within(0, 1), "temperature": _above(0), "lambda_max": _at_least(0),
+    "grl_gamma": _above(0), "lr": _above(0), "domain_head_lr_mult": _above(0),
+    "max_new_tokens": _at_least(1), "eval_batch_size": _at_least(1),
+}
+
+
+def validate(args) -> None:
+    """Every flag checked before any work (data, teacher, models, the output directory):
+    ranges (RANGES), values with a syntax of their own, paths, and combinations. Raises
+    FlagError naming the flag. Reads files' presence only; writes nothing."""
+    for dest, (ok, what) in RANGES.items():
+        v = getattr(args, dest, None)
+        if v is None:
+            continue
+        if (isinstance(v, float) and not math.isfinite(v)) or not ok(v):
+            raise FlagError(f"{flag(dest)} {v}: {what}")
+    _check_values(args)
+    _check_paths(args)
+    _check_combinations(args)
+
+
+def _domains(args, dest: str) -> list[str]:
+    value = getattr(args, dest)
+    names = [d.strip() for d in value.split(",")] if value is not None else []
+    if value is not None and (not names or not all(names)):
+        raise FlagError(f"{flag(dest)} {value!r}: expected comma-separated domain names")
+    return names
+
+
+def _check_values(args) -> None:
+    """Flags with a syntax of their own."""
+    for spec in args.data:
+        try:
+            check_spec(spec)
+        except DataError as e:
+            raise FlagError(f"--data: {e}") from None
+    _domains(args, "source_domains")
+    _domains(args, "target_domains")
+    steps = [s.strip() for s in args.inject_nan.split(",")] if args.inject_nan else []
+    if not all(s.isdigit() and int(s) >= 1 for s in steps):
+        raise FlagError(f"--inject-nan {args.inject_nan!r}: expected comma-separated step numbers >= 1")
+
+
+def _check_paths(args) -> None:
+    """Files and directories the flags name: present, and of the right kind."""
+    if not Path(args.ds).is_file():
+        raise FlagError(f"--ds {args.ds}: no such file")
+    try:
+        check_output_dir(Path(args.output_dir), args)
+    except RunDirError as e:
+        raise FlagError(str(e)) from None
+    for dest, tokenizer in (("student", True), ("teacher", False)):
+        name = getattr(args, dest)
+        if name in PRESETS or (dest == "teacher" and name in ("auto", "none")):
+            continue
+        try:
+            check_model_dir(name, tokenizer=tokenizer)
+        except ModelError as e:
+            raise FlagError(f"{flag(dest)}: {e}") from None
+    if args.teacher_cache and Path(args.teacher_cache).exists() and not Path(args.teacher_cache).is_dir():
+        raise FlagError(f"--teacher-cache {args.teacher_cache}: a file, not a directory")
+
+
+def _check_combinations(args) -> None:
+    """Flags that contradict each other."""
+    if args.resume and args.overwrite:
+        raise FlagError("--resume and --overwrite exclude each other")
+    both = sorted(set(_domains(args, "source_domains")) & set(_domains(args, "target_domains")))
+    if both:
+        raise FlagError(f"--source-domains and --target-domains both name {', '.join(both)}")
+    if args.mlp_hidden and args.domain_head != "mlp":
+        raise FlagError(f"--mlp-hidden {args.mlp_hidden} sets the width of an MLP head: it needs "
+                        "--domain-head mlp")
+    no_teacher = args.teacher == "none" or (args.teacher == "auto" and args.student not in PRESETS)
+    if args.alpha == 0 and no_teacher:
+        why = " with a non-preset student" if args.teacher == "auto" else ""
+        raise FlagError("--alpha 0 trains on the distillation term alone, but there is no teacher "
+                        f"(--teacher {args.teacher}{why})")
+    if args.attn == "flash_attention_2":
+        import torch
+        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+            raise FlagError("--attn flash_attention_2 needs a CUDA device and the flash-attn package "
+                            "(pip install -e '.[gpu]'); use --attn sdpa")

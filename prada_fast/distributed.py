@@ -164,9 +164,34 @@ def raise_if_peer_failed(err: BaseException, where: str) -> None:
                       "--resume to continue from the last checkpoint") from err
 
 
+def _collective_device(device=None):
+    """Where a collective's tensor must live: CUDA under NCCL, else `device` or the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device or "cpu"
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank (collective: every rank calls it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (collective; picklable values)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
 def all_mean(values: list[float], device) -> list[float]:
     """Element-wise mean over ranks of a short list of floats."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device(device))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -214,6 +239,12 @@ def all_threads():
 
 
 def teardown() -> None:
-    """Destroy the process group (without it, ranks abort at exit on the CPU backend)."""
+    """Destroy the process group (without it, ranks abort at exit on the CPU backend),
+    through DeepSpeed when it is loaded, so that it also drops the groups it cached (a
+    later run in the same process then starts clean)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm.comm")
+        if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()

@@ -19,13 +19,27 @@ def load_ds_config(path: str | Path, *, world_size: int, device: torch.device, m
     scheduler lengths from max_steps."""
     path = Path(path)
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: DeepSpeed config not found") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start:e.start + 1].hex()} at "
+                          f"offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the DeepSpeed config ({e.strerror or e})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
+    for section in ("bf16", "fp16", "optimizer", "scheduler", "zero_optimization"):
+        if section in cfg and not isinstance(cfg[section], dict):
+            raise ConfigError(f"{path}: field {section!r} must be a JSON object, got "
+                              f"{type(cfg[section]).__name__}")
+    for section in ("optimizer", "scheduler"):
+        if "params" in cfg.get(section, {}) and not isinstance(cfg[section]["params"], dict):
+            raise ConfigError(f"{path}: field {section}.params must be a JSON object")
+    if lr is not None and not cfg.get("optimizer"):
+        raise ConfigError(f"{path}: --lr sets the optimizer's lr, but the config has no optimizer")
     cfg = copy.deepcopy(cfg)
 
     bf16 = cfg.setdefault("bf16", {"enabled": "auto"})
@@ -69,6 +83,18 @@ def load_ds_config(path: str | Path, *, world_size: int, device: torch.device, m
                           "warmup_num_steps": max(1, max_steps // 20),
                           "warmup_max_lr": (opt or {}).get("params", {}).get("lr", 1e-3)}[key]
     return cfg
+
+
+def check_with_deepspeed(cfg: dict, path: str | Path) -> None:
+    """Let DeepSpeed parse the filled config now (after the process group exists, before
+    any work), so that a field it refuses (a typo, a wrong type) is one line naming the
+    file rather than a traceback from deepspeed.initialize after the models are built."""
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+    try:
+        DeepSpeedConfig(copy.deepcopy(cfg))
+    except (DeepSpeedConfigError, ValueError, AssertionError, TypeError, KeyError) as e:
+        text = " ".join(str(e).split())
+        raise ConfigError(f"{path}: DeepSpeed refuses it ({type(e).__name__}: {text[:300]})") from e
 
 
 def inference_config(cfg: dict) -> dict:

@@ -12,17 +12,42 @@ from __future__ import annotations
 import torch
 from deepspeed import zero
 
-from .dsconfig import inference_config
+from .dsconfig import ConfigError, inference_config
 
 
-def build_engines(model, teacher, ds_cfg: dict):
+# Schedulers that scale each parameter group's own lr (a multiplier survives them); the
+# others set one lr for every group.
+GROUP_AWARE_SCHEDULERS = ("WarmupCosineLR",)
+
+
+def param_groups(model, head_lr_mult: float, ds_cfg: dict):
+    """The optimizer's parameter groups: the student and its prompt, then the domain head at
+    head_lr_mult x the lr (a group of its own, so the optimizer state and the checkpoint
+    keep it apart). One group when the multiplier is 1."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if head_lr_mult == 1.0:
+        return [p for _, p in trainable]
+    sched = (ds_cfg.get("scheduler") or {}).get("type")
+    if sched and sched not in GROUP_AWARE_SCHEDULERS:
+        raise ConfigError(f"--domain-head-lr-mult needs a scheduler that keeps each group's lr "
+                          f"({', '.join(GROUP_AWARE_SCHEDULERS)}); the config's {sched} sets one lr "
+                          "for every group")
+    lr = (ds_cfg.get("optimizer") or {}).get("params", {}).get("lr")
+    if lr is None:
+        raise ConfigError("--domain-head-lr-mult needs the optimizer's lr in the DeepSpeed config")
+    head = [p for n, p in trainable if n.startswith("domain_head.")]
+    rest = [p for n, p in trainable if not n.startswith("domain_head.")]
+    return [{"params": rest, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
+
+
+def build_engines(model, teacher, ds_cfg: dict, head_lr_mult: float = 1.0):
     """(engine, teacher_engine or None): the student (a PradaModel) trains its parameters
-    that require grad under `ds_cfg`; the teacher, frozen here (no grad, eval mode), is
-    sharded the same way with no optimizer (`dsconfig.inference_config`)."""
+    that require grad under `ds_cfg` (the domain head at head_lr_mult x the lr); the
+    teacher, frozen here (no grad, eval mode), is sharded the same way with no optimizer
+    (`dsconfig.inference_config`)."""
     import deepspeed
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_cfg)
+        model=model, model_parameters=param_groups(model, head_lr_mult, ds_cfg), config=ds_cfg)
     t_engine = None
     if teacher is not None:
         teacher.requires_grad_(False)

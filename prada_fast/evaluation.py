@@ -41,14 +41,14 @@ def answer_accuracy(model, tokenizer, records, *, max_new_tokens: int = 96,
 @torch.no_grad()
 def domain_accuracy(model, batches) -> float:
     """Accuracy of the domain head on pooled features over collated batches."""
-    from .op import masked_mean
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     right = total = 0
     for b in batches:
-        hidden, mask = model.hidden_states(b["input_ids"].to(device), b["attention_mask"].to(device))
-        c = model.domain_head(masked_mean(hidden, mask))
+        f = model.pooled_features(b["input_ids"].to(device), b["attention_mask"].to(device),
+                                  b["labels"].to(device))
+        c = model.domain_head(f)
         right += int((c.argmax(-1).cpu() == b["domain_labels"]).sum())
         total += len(b["domain_labels"])
     model.train(was_training)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .op import grad_reverse, masked_mean, prada_loss
+from .op import confusion_term, grad_reverse, masked_mean, prada_loss
 
 # Llama-shaped presets small enough to train on a CPU in minutes. Vocabulary: bytes.
 PRESETS = {
@@ -31,8 +31,15 @@ PRESETS = {
                          tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6,
                          max_position_embeddings=32768),
 }
-HEADS_FILE = "prada_heads.pt"
+POOLS = ("question", "sequence")
+HEADS_FILE = "prada_heads.safetensors"   # soft prompt, domain head: our own tensors, no pickle
+PICKLED_HEADS_FILE = "prada_heads.pt"     # what earlier versions wrote; refused, never unpickled
 META_FILE = "prada_config.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+SAFE_WEIGHT_FILES = WEIGHT_FILES[:2]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model")
 
 
 class ModelError(ValueError):
@@ -58,13 +65,74 @@ def pick_attention(requested: str = "auto") -> str:
     return "sdpa"
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:240] if text else ''}".rstrip(": ")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return value
+
+
+def check_model_dir(name_or_path: str, *, tokenizer: bool = True, safetensors_only: bool = False) -> None:
+    """Check a local Hugging Face model directory without loading it: config.json readable
+    with a model_type transformers knows, the weight files (every shard an index lists),
+    and, when `tokenizer`, tokenizer files. Raises ModelError naming the directory and
+    what is missing. safetensors_only: pickled weights (pytorch_model.bin) are refused."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise ModelError(f"model {name_or_path!r}: not a preset ({', '.join(PRESETS)}) and not a "
+                         "local model directory")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model directory {path}: no config.json (not a Hugging Face model directory)")
+    cfg = _read_json(path / "config.json")
+    from transformers import CONFIG_MAPPING, __version__
+    if "model_type" not in cfg:
+        raise ModelError(f"{path / 'config.json'}: no model_type field")
+    if cfg["model_type"] not in CONFIG_MAPPING:
+        raise ModelError(f"{path / 'config.json'}: model_type {cfg['model_type']!r} is unknown to "
+                         f"transformers {__version__}")
+    names = SAFE_WEIGHT_FILES if safetensors_only else WEIGHT_FILES
+    present = [n for n in names if (path / n).is_file()]
+    if not present:
+        pickled = [n for n in WEIGHT_FILES[2:] if (path / n).is_file()]
+        if safetensors_only and pickled:
+            raise ModelError(f"model directory {path}: holds {pickled[0]} (a pickle) and no "
+                             "model.safetensors: refusing to load pickled weights here")
+        raise ModelError(f"model directory {path}: no weights ({' or '.join(names)})")
+    for index in (n for n in present if n.endswith(".index.json")):
+        weight_map = _read_json(path / index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"{path / index}: no weight_map")
+        missing = sorted({s for s in weight_map.values() if not (path / s).is_file()})
+        if missing:
+            raise ModelError(f"model directory {path}: weight shard {missing[0]} (listed in {index}) "
+                             f"is missing{f', and {len(missing) - 1} more' if len(missing) > 1 else ''}")
+    if tokenizer and not any((path / n).is_file() for n in TOKENIZER_FILES):
+        raise ModelError(f"model directory {path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+
+
 def load_causal_lm(name_or_path: str, *, tokenizer=None, attn: str = "auto", dtype=None,
-                   seed: int = 0, config_overrides: dict | None = None):
+                   seed: int = 0, config_overrides: dict | None = None, safetensors_only: bool = False):
     """A preset name (built from a config with random weights, seeded) or a local
     Hugging Face model directory (`from_pretrained`). Returns (model, tokenizer).
 
     config_overrides: fields set on top of a preset's config (e.g. {"vocab_size": 32000}:
-    the benchmarks' larger vocabulary for the byte-vocabulary presets); presets only."""
+    the benchmarks' larger vocabulary for the byte-vocabulary presets); presets only.
+    A directory transformers cannot read raises ModelError naming it and what is wrong
+    (`check_model_dir`, then the first line of what transformers raised);
+    safetensors_only: refuse pickled weights."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     attn = pick_attention(attn)
     if name_or_path in PRESETS:
@@ -81,14 +149,16 @@ def load_causal_lm(name_or_path: str, *, tokenizer=None, attn: str = "auto", dty
                                                      dtype=dtype or torch.float32)
         return model, tok
     path = Path(name_or_path)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ModelError(f"model {name_or_path!r}: not a preset ({', '.join(PRESETS)}) and not a "
-                         "local model directory with a config.json")
+    check_model_dir(name_or_path, tokenizer=tokenizer is None, safetensors_only=safetensors_only)
     if config_overrides:
         raise ModelError(f"model {name_or_path!r}: config overrides apply to presets only")
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn,
-                                                 dtype=dtype or torch.float32)
-    tok = tokenizer or AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation=attn, dtype=dtype or torch.float32,
+            use_safetensors=True if safetensors_only else None)
+        tok = tokenizer or AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or foreign files
+        raise ModelError(f"model directory {path}: transformers cannot load it ({_first_line(e)})") from e
     return model, tok
 
 
@@ -128,12 +198,17 @@ class PradaModel(nn.Module):
     """Student + soft prompt + domain head; `forward` gives (loss, parts)."""
 
     def __init__(self, student, n_domains: int, n_prompt: int = 8, head: str = "linear",
-                 mlp_hidden: int = 0, loss_impl: str = "auto"):
+                 mlp_hidden: int = 0, loss_impl: str = "auto", pool: str = "question",
+                 adversary: str = "grl"):
         super().__init__()
+        if pool not in POOLS:
+            raise ModelError(f"pool {pool!r}: expected one of {POOLS}")
         self.student = student
         H = student.config.hidden_size
         self.n_prompt = n_prompt
         self.loss_impl = loss_impl
+        self.pool = pool
+        self.adversary = adversary
         emb = student.get_input_embeddings().weight
         std = float(emb.detach().std()) if emb.numel() else 0.02
         self.soft_prompt = nn.Parameter(torch.randn(n_prompt, H, dtype=emb.dtype) * std) \
@@ -166,6 +241,22 @@ class PradaModel(nn.Module):
         out = self.backbone(inputs_embeds=emb, attention_mask=mask, use_cache=False)
         return out.last_hidden_state, mask
 
+    def pool_mask(self, attention_mask, labels):
+        """(B, K + T) 0/1 mask of the positions the domain features pool over: the question
+        (its prompt "Q: ...\nA:", where labels are ignore_index) with pool="question", every
+        real token with "sequence"; never the K soft-prompt positions or padding. Pooling
+        past the question would let the head tell a labelled source sequence (question,
+        rationale, answer) from an unlabelled target one (question only) by its length."""
+        m = attention_mask.bool()
+        if self.pool == "question":
+            m = m & (labels == -100)
+        return torch.cat([m.new_zeros(m.shape[0], self.n_prompt), m], 1).to(attention_mask.dtype)
+
+    def pooled_features(self, input_ids, attention_mask, labels):
+        """f (B, H): the student's final hidden states averaged over `pool_mask`."""
+        hidden, _ = self.hidden_states(input_ids, attention_mask)
+        return masked_mean(hidden, self.pool_mask(attention_mask, labels))
+
     def forward(self, input_ids, attention_mask, labels, domain_labels, *, teacher_hidden=None,
                 teacher_weight=None, grl_lambda=1.0, num_valid_tokens=None, temperature=1.0,
                 alpha=0.5, use_domain=True):
@@ -183,17 +274,20 @@ class PradaModel(nn.Module):
             hidden, lm_head.weight, targets, lm_bias=getattr(lm_head, "bias", None),
             teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
             temperature=temperature, alpha=alpha, num_valid_tokens=num_valid_tokens,
-            pool_mask=mask.to(hidden.dtype),
+            pool_mask=self.pool_mask(attention_mask, labels).to(hidden.dtype),
             domain_weight=self.domain_head.out.weight if linear_dom else None,
             domain_bias=self.domain_head.out.bias if linear_dom else None,
             domain_labels=domain_labels if linear_dom else None,
-            grl_lambda=grl_lambda, impl=self.loss_impl)
-        if use_domain and not linear_dom:  # MLP head: plain PyTorch with the GRL function
-            f = grad_reverse(masked_mean(hidden, mask), grl_lambda)
-            c = self.domain_head(f)
+            grl_lambda=grl_lambda, adversary=self.adversary, impl=self.loss_impl)
+        if use_domain and not linear_dom:  # MLP head: plain PyTorch, either adversary
+            f = masked_mean(hidden, self.pool_mask(attention_mask, labels))
+            grl = self.adversary == "grl"
+            c = self.domain_head(grad_reverse(f, grl_lambda) if grl else f.detach())
             c = c.to(torch.promote_types(c.dtype, torch.float32))
             dom = nn.functional.cross_entropy(c, domain_labels)
             loss = loss + dom
+            if not grl:
+                loss = loss + confusion_term(f, self.domain_head, grl_lambda).to(loss.dtype)
             parts["dom"] = dom.detach()
             parts["dom_acc"] = (c.argmax(-1) == domain_labels).to(c.dtype).mean()
         return loss, parts
@@ -214,19 +308,58 @@ class PradaModel(nn.Module):
     # -- persistence of what is ours (the student itself is saved by save_pretrained) --
     @staticmethod
     def save_heads(out_dir: str | os.PathLike, state: dict, meta: dict) -> None:
-        """Write what `from_final` reads besides the Hugging Face student."""
-        torch.save(state, Path(out_dir) / HEADS_FILE)
+        """Write what `from_final` reads besides the Hugging Face student: the tensors of
+        `state` ({"soft_prompt": tensor or None, "domain_head": state dict, ...}) as
+        safetensors (keys "soft_prompt", "domain_head.out.weight", ...), and `meta` as JSON."""
+        from safetensors.torch import save_file
+        flat = {}
+        for name, value in state.items():
+            if isinstance(value, dict):
+                flat.update({f"{name}.{k}": v for k, v in value.items()})
+            elif value is not None:
+                flat[name] = value
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in flat.items()},
+                  str(Path(out_dir) / HEADS_FILE), metadata={"format": "pt"})
         (Path(out_dir) / META_FILE).write_text(json.dumps(meta, indent=2))
+
+    @staticmethod
+    def load_heads(path: str | os.PathLike) -> dict:
+        """The tensors `save_heads` wrote, nested as given to it. A pickle is refused."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        path = Path(path)
+        file = path / HEADS_FILE
+        if not file.is_file():
+            if (path / PICKLED_HEADS_FILE).is_file():
+                raise ModelError(f"{path / PICKLED_HEADS_FILE}: a pickle (an older prada_fast, or "
+                                 "not ours); loading it could run any code, so it is refused: "
+                                 f"re-export the run, which writes {HEADS_FILE}")
+            raise ModelError(f"{path}: no {HEADS_FILE} (not a prada_fast final/ directory)")
+        try:
+            flat = load_file(str(file))
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{file}: not a readable safetensors file ({_first_line(e)})") from e
+        state: dict = {}
+        for key, value in flat.items():
+            name, dot, rest = key.partition(".")
+            if dot:
+                state.setdefault(name, {})[rest] = value
+            else:
+                state[name] = value
+        return state
 
     @classmethod
     def from_final(cls, path: str | os.PathLike, attn: str = "auto", loss_impl: str = "auto"):
         """Load DIR/final: the Hugging Face student plus soft prompt and domain head."""
         path = Path(path)
-        meta = json.loads((path / META_FILE).read_text())
-        student, tok = load_causal_lm(str(path), attn=attn)
+        if not (path / META_FILE).is_file():
+            raise ModelError(f"{path}: no {META_FILE} (not a prada_fast final/ directory)")
+        meta = _read_json(path / META_FILE)
+        state = cls.load_heads(path)  # before the student: a pickle is refused at once
+        student, tok = load_causal_lm(str(path), attn=attn, safetensors_only=True)
         model = cls(student, len(meta["domains"]), meta["n_prompt"], meta["domain_head"],
-                    meta.get("mlp_hidden", 0), loss_impl)
-        state = torch.load(path / HEADS_FILE, map_location="cpu")
+                    meta.get("mlp_hidden", 0), loss_impl, pool=meta.get("pool", "sequence"),
+                    adversary=meta.get("adversary", "grl"))
         if model.soft_prompt is not None:
             model.soft_prompt.data.copy_(state["soft_prompt"])
         model.domain_head.load_state_dict(state["domain_head"])

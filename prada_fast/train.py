@@ -8,16 +8,17 @@ See --help for every flag, and docs/design.md for what a run leaves behind.
 
 The recipe, one function per stage, in the order `main` and `run` call them:
 
-    parse_args       the arguments (cli.py)
-    setup            processes, DeepSpeed config, the output directory checked (nothing written)
+    parse_args       the arguments, every flag checked, the output directory too (cli.py)
+    setup            processes, DeepSpeed config (read, filled, parsed by DeepSpeed)
     load_data        records, domains and their roles, the held-out split
-    build_models     student + tokenizer, the encoded data, the PRADA model, the teacher
+    build_models     student + tokenizer, the encoded data (refused if it cannot teach),
+                     the PRADA model, the teacher
     evaluate_before  rank 0 claims the output directory, then evaluates the untrained model
     build_engines    DeepSpeed engines of student and teacher (prada_fast.engines), and the
                      batches of each optimizer step (prada_fast.batching)
     resume           the checkpoint to continue from, if any
     log_sharding     how ZeRO-3 partitioned the student
-    train_steps      the optimisation loop (prada_fast.trainloop)
+    train_steps      the optimisation loop (prada_fast.trainloop; SIGTERM/SIGUSR1: checkpoint, exit 5)
     export           DIR/final: the trained model, gathered from the ZeRO-3 partitions
     evaluate_after   rank 0 evaluates the exported model, reloaded
     summarise        DIR/summary.json and the end-of-run table
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -42,12 +44,13 @@ from prada_fast import distributed as dist_util
 from prada_fast.batching import StepBatches
 from prada_fast.cli import parse_args
 from prada_fast.data import Collator, DataError
-from prada_fast.data.prepare import encode_all, hold_out, load_records
-from prada_fast.dsconfig import ConfigError, load_ds_config
+from prada_fast.data.prepare import check_lengths, describe_lengths, encode_all, hold_out, load_records
+from prada_fast.dsconfig import ConfigError, check_with_deepspeed, load_ds_config
 from prada_fast.engines import build_engines
 from prada_fast.export import export_final
 from prada_fast.model import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
-from prada_fast.report import RunDirError, check_output_dir, prepare_output_dir, print_table
+from prada_fast.preemption import EXIT_PREEMPTED, Preempted
+from prada_fast.report import RunDirError, prepare_output_dir, print_table
 from prada_fast.teacher import default_cache_dir, fit_teacher
 from prada_fast.trainloop import BadNumerics, train_steps
 
@@ -69,6 +72,7 @@ class Data:
     train: list | None = None       # encoded examples
     eval: list | None = None
     truncated: int = 0
+    lengths: dict | None = None     # the training records' length distribution vs --max-len
     collate: Collator | None = None
 
 
@@ -79,7 +83,7 @@ def run(args) -> int:
     data = load_data(args)
     model, teacher, tok = build_models(args, data)
     before = evaluate_before(args, out, model, tok, data)
-    engine, t_engine = build_engines(model, teacher, ds_cfg)
+    engine, t_engine = build_engines(model, teacher, ds_cfg, head_lr_mult=args.domain_head_lr_mult)
     batches = StepBatches(data.train, data.collate, global_batch=ds_cfg["train_batch_size"],
                           micro_batch=ds_cfg["train_micro_batch_size_per_gpu"],
                           world_size=info.world_size, rank=info.rank, seed=args.seed)
@@ -100,13 +104,14 @@ def run(args) -> int:
 
 # ----------------------------------------------------------------------------- the stages
 def setup(args):
-    """The process group, the DeepSpeed config, and the output directory checked on every
-    rank before any work (a refused run writes nothing). Returns (dist info, config, out)."""
+    """The process group and the DeepSpeed config (the flags, the output directory among
+    them, were checked by parse_args: a refused run writes nothing). Returns (dist info,
+    config, out)."""
     info = dist_util.setup(args.dist_timeout)
     out = Path(args.output_dir)
     ds_cfg = load_ds_config(args.ds, world_size=info.world_size, device=info.device,
                             max_steps=args.max_steps, lr=args.lr)
-    check_output_dir(out, args)
+    check_with_deepspeed(ds_cfg, args.ds)
     dist_util.register_pid()
     torch.manual_seed(args.seed)
     return info, ds_cfg, out
@@ -132,11 +137,16 @@ def build_models(args, data: Data):
     (model, teacher, tokenizer)."""
     student, tok = load_causal_lm(args.student, attn=args.attn, seed=args.seed)
     domain_ids = {d: i for i, d in enumerate(data.domains)}
-    data.train, data.truncated = encode_all(data.train_records, tok, args, domain_ids)
+    data.train, data.lengths = encode_all(data.train_records, tok, args, domain_ids)
+    data.truncated = data.lengths["truncated"]
+    log(describe_lengths(data.lengths))
+    warning = check_lengths(data.lengths, args.on_long)  # data that cannot teach: DataError
+    if warning:
+        log(warning)
     data.eval, _ = encode_all(data.eval_records, tok, args, domain_ids)
     data.collate = Collator(tok.pad_token_id)
     model = PradaModel(student, len(data.domains), args.prompt_len, args.domain_head,
-                       args.mlp_hidden, args.loss_impl)
+                       args.mlp_hidden, args.loss_impl, pool=args.pool, adversary=args.adversary)
     teacher = resolve_teacher(args, tok, data.train, data.collate)
     if teacher is not None:
         check_same_vocab(student, teacher)
@@ -182,13 +192,14 @@ def evaluate_before(args, out: Path, model, tok, data: Data):
 
 
 def resume(args, engine, ckpt_dir: Path, metrics: Path):
-    """(first step, steps skipped so far): from the latest checkpoint with --resume, else
-    (0, 0). On rank 0 the metrics of steps after the checkpoint are dropped (recomputed)."""
+    """(first step, steps skipped so far): from the latest usable checkpoint with --resume
+    (a truncated or incomplete one is named and the previous one used), else (0, 0). On
+    rank 0 the metrics of steps after the checkpoint are dropped (recomputed)."""
     start = 0
-    client = checkpoint.load(engine, ckpt_dir) if args.resume else None
+    tag, client = checkpoint.load(engine, ckpt_dir, log=log) if args.resume else (None, None)
     if client is not None:
         start = int(client["step"])
-        log(f"resumed from {ckpt_dir / checkpoint.latest_tag(ckpt_dir)} at step {start}")
+        log(f"resumed from {ckpt_dir / tag} at step {start}")
     elif args.resume:
         log(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
     if dist_util.rank() == 0:
@@ -219,7 +230,8 @@ def log_sharding(engine) -> dict:
 def export(args, engine, tok, data: Data, out: Path) -> None:
     """DIR/final: the student as a Hugging Face model plus soft prompt and domain head."""
     meta = {"domains": data.domains, "roles": data.roles, "n_prompt": args.prompt_len,
-            "domain_head": args.domain_head, "mlp_hidden": args.mlp_hidden}
+            "domain_head": args.domain_head, "mlp_hidden": args.mlp_hidden, "pool": args.pool,
+            "adversary": args.adversary}
     export_final(engine.module, tok, out / "final", meta)
 
 
@@ -253,7 +265,9 @@ def summarise(args, out: Path, info, data: Data, stats: dict, sharding: dict, be
                    "accuracy_after": (acc_after or {}).get(d)} for d in data.domains}
     summary = {"steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"],
                "final_loss": stats["final_loss"], "domain_classifier_accuracy": dom_after,
-               "domains": domains, "truncated_sequences": data.truncated,
+               "domains": domains, "truncated_sequences": data.truncated, "lengths": data.lengths,
+               "steps_without_labels": sum('"no_labels": true' in line for line in
+                                           (out / "metrics.jsonl").read_text().splitlines()),
                "skipped_records": data.skipped, "skipped_steps": stats["skipped_steps"],
                "world_size": info.world_size, "zero3": sharding,
                "wall_seconds": round(time.time() - info.start_time, 1),
@@ -262,12 +276,28 @@ def summarise(args, out: Path, info, data: Data, stats: dict, sharding: dict, be
     print_table(summary)
 
 
+# Exit codes (README, "When things go wrong"): 0 done (or --stop-after), 2 bad input (a
+# flag, a file, the data), 3 bad numerics, 4 a rank died, 5 preempted (checkpoint saved:
+# rerun with --resume), 6 a checkpoint could not be written (the previous one is latest).
+EXIT_SAVE_FAILED = 6
+
+
+def resume_command(argv: list[str]) -> str:
+    """The trainer's arguments to continue this run: --resume instead of --overwrite."""
+    keep = [a for a in argv if a != "--overwrite" and not a.startswith(("--local_rank", "--local-rank"))]
+    return shlex.join(["prada_fast/train.py", *keep, *([] if "--resume" in keep else ["--resume"])])
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help (0), or a bad flag (2, its one line printed)
+        return e.code if isinstance(e.code, int) else 2
     code = 0
     try:
         code = run(args)
-    except (DataError, ModelError, ConfigError, RunDirError) as e:
+    except (DataError, ModelError, ConfigError, RunDirError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except BadNumerics as e:
@@ -276,6 +306,15 @@ def main(argv=None) -> int:
     except dist_util.RankFailure as e:
         print(f"error: rank {dist_util.rank()}: {e}", file=sys.stderr)
         code = 4
+    except Preempted as e:
+        if dist_util.rank() == 0:
+            print(f"preempted ({e.reason}): stopped after step {e.step} of {e.max_steps}, checkpoint "
+                  f"{e.checkpoint}. Continue with the same launcher and: {resume_command(argv)}",
+                  file=sys.stderr, flush=True)
+        code = EXIT_PREEMPTED
+    except checkpoint.CheckpointSaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_SAVE_FAILED
     finally:
         dist_util.teardown()
     return code

@@ -5,7 +5,15 @@ Bad numerics: a step whose loss or gradient is not finite never reaches the weig
 DeepSpeed's ZeRO-3 optimizer already discards a step whose global gradient norm is not
 finite (it zeroes the gradients and counts the step in `engine.skipped_steps`); the loop
 counts such steps, logs them, and after `--max-bad-steps` of them in a row stops with a
-checkpoint of the last good state."""
+checkpoint of the last good state.
+
+Preemption (preemption.py): a SIGTERM or SIGUSR1 to any rank, or the death of the
+DeepSpeed launcher, sets a flag that the per-step all-reduce carries to every rank; all
+ranks then stop after the same step, save a checkpoint and raise Preempted.
+
+A step whose global batch holds no labelled token (only target-domain records, or records
+cut by --max-len) trains the domain loss alone; it is logged and marked in metrics.jsonl
+("no_labels": true), never silent."""
 from __future__ import annotations
 
 import json
@@ -19,6 +27,7 @@ from . import checkpoint
 from . import distributed as dist_util
 from .engines import micro_step
 from .op import lambda_at
+from .preemption import Preempted, StopRequest
 
 PARTS = ("loss", "ce", "kd", "dom", "dom_acc")
 
@@ -49,8 +58,15 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
                disable=not rank0 or args.no_progress)
     inject = {int(s) for s in args.inject_nan.split(",") if s} if args.inject_nan else set()
     t_start, tokens_total, last, end = time.time(), 0, {}, start
-    bad_in_row = 0
+    bad_in_row = no_labels = 0
+    keep = getattr(args, "keep_checkpoints", 0)
+
+    def save(step: int) -> None:
+        checkpoint.save(engine, ckpt_dir, step, {"skipped_steps": skipped}, keep=keep)
+
+    stop = StopRequest()
     try:
+        stop.__enter__()  # SIGTERM/SIGUSR1 only set a flag until the loop ends
         end = args.max_steps if not args.stop_after else min(args.max_steps, start + args.stop_after)
         for step in range(start, end):
             t0 = time.time()
@@ -65,10 +81,14 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
             except (RuntimeError, dist_util.DistError) as e:
                 dist_util.raise_if_peer_failed(e, f"step {step + 1}")
                 raise
-            means = dist_util.all_mean((sums[:-1] / len(micro)).tolist(), "cpu")
+            # the parts' means over ranks, and whether any rank was asked to stop
+            means = dist_util.all_mean((sums[:-1] / len(micro)).tolist() + [float(stop.requested())],
+                                       engine.device)
+            stopping = means.pop() > 0
             bad = engine.skipped_steps > skipped_before or not all(map(math.isfinite, means[:4]))
             skipped += bad
             bad_in_row = bad_in_row + 1 if bad else 0
+            no_labels += n_valid == 0
             tokens = int(sums[-1]) * world
             tokens_total += tokens
             dt = time.time() - t0
@@ -80,28 +100,41 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
                 if bad:
                     log(f"step {step + 1}: non-finite loss or gradient; step skipped, weights "
                         f"unchanged ({bad_in_row} in a row, {skipped} in all)")
-                if bad or (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+                if n_valid == 0:
+                    log(f"step {step + 1}: no labelled token in this batch (only target-domain "
+                        "records, or records cut by --max-len): the task loss is 0, only the "
+                        "domain loss trained")
+                if bad or n_valid == 0 or (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
                     row = {"step": step + 1, **{k: round(v, 6) for k, v in last.items()},
                            "grl_lambda": round(lam, 6), "lr": lr,
                            "tokens_per_s": round(tokens / max(dt, 1e-9), 1)}
                     if bad:
                         row["skipped"] = True
+                    if n_valid == 0:
+                        row["no_labels"] = True
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
             if bad_in_row >= args.max_bad_steps:
-                checkpoint.save(engine, ckpt_dir, step + 1, {"skipped_steps": skipped})
+                save(step + 1)
                 raise BadNumerics(
                     f"{bad_in_row} steps in a row (up to step {step + 1}) had a non-finite loss or "
                     f"gradient; stopped. The weights are those of the last good step, saved in "
                     f"{ckpt_dir / f'step{step + 1}'} (lower --lr, check the data, then --resume)")
-            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end:
-                checkpoint.save(engine, ckpt_dir, step + 1, {"skipped_steps": skipped})
+            saved = args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end
+            if saved:
+                save(step + 1)
+            if stopping:
+                if not saved:
+                    save(step + 1)
+                raise Preempted(step + 1, args.max_steps, ckpt_dir / f"step{step + 1}",
+                                stop.reason or "a stop signal to another rank")
         if start < end:
-            checkpoint.save(engine, ckpt_dir, end, {"skipped_steps": skipped})
+            save(end)
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
         if metrics:
             metrics.close()
     elapsed = time.time() - t_start
     return {"steps": end, "final_loss": last.get("loss", float("nan")), "skipped_steps": skipped,
-            "tokens_per_s": tokens_total / max(elapsed, 1e-9)}
+            "steps_without_labels": no_labels, "tokens_per_s": tokens_total / max(elapsed, 1e-9)}

@@ -104,6 +104,20 @@ def test_parity_with_reference(impl, dtype, teacher, config, seed):
     check_against_reference(x, impl, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_parity_confusion_adversary(impl, dtype, seed):
+    """adversary="confusion": odd sizes, a teacher, a bias, a random pool mask with an empty
+    row, against the float64 reference; and the head's gradients equal the GRL run's (the
+    head learns from L_dom under either adversary) while hidden's differ."""
+    x = make_batch(seed, dtype=dtype, teacher="hidden", bias=True, domain=True, pool_mask=True, D=5)
+    _, _, grads, _ = check_against_reference(x, impl, dtype, adversary="confusion")
+    _, _, grads_grl, _ = run(x, impl, adversary="grl")
+    for k in ("domain_weight", "domain_bias", "lm_weight"):
+        torch.testing.assert_close(grads[k], grads_grl[k])
+    assert not torch.allclose(grads["hidden"], grads_grl["hidden"])
+
+
 @pytest.mark.parametrize("V", [100, 261], ids=["V<block", "V=2*block+5"])
 def test_parity_vocab_vs_block(V, seed):
     x = make_batch(seed, V=V, teacher="logits", bias=True, domain=True, pool_mask=True)
@@ -418,10 +432,11 @@ def test_triton_rows_strided_and_all_ignored(poisoned_empty):
     assert (ce == 0).all() and (kd == 0).all() and (z2 == 0).all()
 
 
+@pytest.mark.parametrize("adversary", ["grl", "confusion"])
 @pytest.mark.parametrize("D", [3, 5])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_domain_head_matches_torch_domain(dtype, with_bias, D, poisoned_empty, seed):
+def test_triton_domain_head_matches_torch_domain(dtype, with_bias, D, adversary, poisoned_empty, seed):
     g = torch.Generator().manual_seed(seed)
     B, T, H = 4, 13, 40
     hidden = torch.randn(B, T, H, generator=g).to(dtype).to(DEV)
@@ -431,8 +446,8 @@ def test_triton_domain_head_matches_torch_domain(dtype, with_bias, D, poisoned_e
     weight = torch.randn(D, H, generator=g).to(dtype).to(DEV)
     bias = torch.randn(D, generator=g).to(dtype).to(DEV) if with_bias else None
     labels = torch.randint(0, D, (B,), generator=g).to(DEV)
-    out = triton_domain_head(hidden, mask, weight, bias, labels, 0.7)
-    ref = torch_domain(hidden, mask, weight, bias, labels, 0.7)
+    out = triton_domain_head(hidden, mask, weight, bias, labels, 0.7, adversary)
+    ref = torch_domain(hidden, mask, weight, bias, labels, 0.7, adversary)
     for name, a, r in zip(("dom", "dom_acc", "gf", "grad_weight", "grad_bias"), out, ref):
         assert a.dtype == torch.float32 and a.shape == r.shape, name
         assert torch.isfinite(a).all(), name

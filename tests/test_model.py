@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prada_fast.model import ModelError, PradaModel, check_same_vocab, load_causal_lm, pick_attention
-from prada_fast.op import grad_reverse, masked_mean
+from prada_fast.op import masked_mean
 
 
 @pytest.fixture(scope="module")
@@ -47,28 +47,74 @@ def test_soft_prompt_and_linear_head_get_gradients(tiny):
     assert parts["dom"] > 0
 
 
-def test_mlp_head_is_the_grl_term_in_plain_pytorch():
+@pytest.mark.parametrize("adversary", ["grl", "confusion"])
+def test_mlp_head_is_the_adversarial_term_in_plain_pytorch(adversary):
     student, _ = load_causal_lm("tiny", seed=12)
-    torch.manual_seed(0)
     model = PradaModel(student, n_domains=4, n_prompt=3, head="mlp", mlp_hidden=16,
-                       loss_impl="chunked").double()
+                       loss_impl="chunked", adversary=adversary).double()
     ids, mask, labels, dom = batch(3)
     loss, parts = model(ids, mask, labels, dom, grl_lambda=0.8)
     task, _ = model(ids, mask, labels, dom, use_domain=False)
-    hidden, ext = model.hidden_states(ids, mask)
     head = model.domain_head
-    c = head.out(torch.relu(head.inner(masked_mean(hidden, ext.double()))))
-    expected = torch.nn.functional.cross_entropy(c, dom)
+    pool = model.pool_mask(mask, labels).double()
+
+    def head_loss(f):
+        return torch.nn.functional.cross_entropy(head.out(torch.relu(head.inner(f))), dom)
+
+    hidden, _ = model.hidden_states(ids, mask)
+    expected = head_loss(masked_mean(hidden, pool))
     torch.testing.assert_close(parts["dom"], expected.detach())
-    torch.testing.assert_close(loss.detach(), (task + expected).detach())
-    # the soft prompt's gradient from the domain term is reversed and scaled by lambda
-    g_full = torch.autograd.grad(loss, model.soft_prompt)[0]
+    torch.testing.assert_close(loss.detach(), (task + expected).detach())  # value: L_task + L_dom
+    # The soft prompt's gradient from the domain term: -lambda dL_dom (grl) or +lambda dL_conf
+    # (confusion, L_conf = CE to the uniform distribution through the head).
+    g_full, g_head_full = torch.autograd.grad(loss, [model.soft_prompt, head.inner.weight])
     g_task = torch.autograd.grad(task, model.soft_prompt)[0]
-    hidden, ext = model.hidden_states(ids, mask)
-    f = grad_reverse(masked_mean(hidden, ext.double()), 1.0)
-    g_dom_rev = torch.autograd.grad(torch.nn.functional.cross_entropy(
-        head.out(torch.relu(head.inner(f))), dom), model.soft_prompt)[0]
-    torch.testing.assert_close(g_full, g_task + 0.8 * g_dom_rev)
+    hidden, _ = model.hidden_states(ids, mask)
+    f = masked_mean(hidden, pool)
+    if adversary == "grl":
+        g_adv = -0.8 * torch.autograd.grad(head_loss(f), model.soft_prompt)[0]
+    else:
+        c = head.out(torch.relu(head.inner(f)))
+        conf = (torch.logsumexp(c, -1) - c.mean(-1)).mean()
+        g_adv = 0.8 * torch.autograd.grad(conf, model.soft_prompt)[0]
+    torch.testing.assert_close(g_full, g_task + g_adv)
+    # the head itself learns from L_dom under either adversary
+    g_head = torch.autograd.grad(head_loss(masked_mean(hidden.detach(), pool)), head.inner.weight)[0]
+    torch.testing.assert_close(g_head_full, g_head)
+
+
+def test_pool_mask_is_the_question(tiny):
+    """Domain features pool over the question's positions (labels ignored, not padding, not
+    the soft prompt), or every real token with pool="sequence"."""
+    student, _ = tiny
+    ids, mask, labels, dom = batch(4)
+    q = PradaModel(student, n_domains=4, n_prompt=2).pool_mask(mask, labels)
+    assert q.shape == (3, 2 + 17) and (q[:, :2] == 0).all()
+    assert q[:, 2:].eq((mask == 1) & (labels == -100)).all()
+    assert q[:, 2:7].eq(1).all() and q[:, 7:].eq(0).all()   # batch(): 5 question tokens
+    s = PradaModel(student, n_domains=4, n_prompt=2, pool="sequence").pool_mask(mask, labels)
+    assert s[:, 2:].eq(mask).all() and (s[:, :2] == 0).all()
+    with pytest.raises(ModelError, match="pool"):
+        PradaModel(student, n_domains=4, pool="answer")
+
+
+def test_domain_head_learning_rate_group():
+    """--domain-head-lr-mult: the head in an optimizer group of its own at X times the lr;
+    refused with a scheduler that would set one lr for every group."""
+    from prada_fast.dsconfig import ConfigError
+    from prada_fast.engines import param_groups
+
+    student, _ = load_causal_lm("tiny", seed=1)
+    model = PradaModel(student, n_domains=3, n_prompt=2)
+    cfg = {"optimizer": {"params": {"lr": 2e-3}}, "scheduler": {"type": "WarmupCosineLR"}}
+    student_group, head_group = param_groups(model, 10.0, cfg)
+    assert head_group["lr"] == pytest.approx(2e-2) and student_group["lr"] == 2e-3
+    head_ids = {id(p) for p in model.domain_head.parameters()}
+    assert {id(p) for p in head_group["params"]} == head_ids
+    assert len(student_group["params"]) + len(head_group["params"]) == len(list(model.parameters()))
+    assert len(param_groups(model, 1.0, cfg)) == len(list(model.parameters()))  # one plain list
+    with pytest.raises(ConfigError, match="WarmupLR"):
+        param_groups(model, 10.0, {**cfg, "scheduler": {"type": "WarmupLR"}})
 
 
 def test_batched_greedy_decoding_matches_one_at_a_time(tiny):

@@ -49,9 +49,10 @@ def inputs(seed):
                 Wd=r(D, H), bd=r(D), d=torch.randint(0, D, (B,), generator=g))
 
 
+@pytest.mark.parametrize("adversary", ["grl", "confusion"])
 @pytest.mark.parametrize("with_teacher", [True, False])
-def test_reference_matches_hand_computation(with_teacher):
-    x = inputs(1 + with_teacher)
+def test_reference_matches_hand_computation(with_teacher, adversary, seed):
+    x = inputs(seed)
     tau, alpha, lam = 1.7, 0.3, 0.6
     leaves = {k: x[k].clone().requires_grad_() for k in ("h", "W", "b", "Wd", "bd")}
     loss, parts = prada_loss(
@@ -59,7 +60,7 @@ def test_reference_matches_hand_computation(with_teacher):
         teacher_hidden=x["u"] if with_teacher else None,
         teacher_weight=x["Wt"] if with_teacher else None, temperature=tau, alpha=alpha,
         pool_mask=x["m"], domain_weight=leaves["Wd"], domain_bias=leaves["bd"],
-        domain_labels=x["d"], grl_lambda=lam, impl="reference")
+        domain_labels=x["d"], grl_lambda=lam, adversary=adversary, impl="reference")
     loss.backward()
 
     hand = {k: x[k].clone().requires_grad_() for k in ("h", "W", "b", "Wd", "bd")}
@@ -71,7 +72,17 @@ def test_reference_matches_hand_computation(with_teacher):
     # Gradients: task and domain parts separately, so the reversal's sign and scale show.
     g_task = torch.autograd.grad(task, [hand["h"], hand["W"], hand["b"]], retain_graph=True)
     g_dom = torch.autograd.grad(dom, [hand["h"], hand["Wd"], hand["bd"]])
-    torch.testing.assert_close(leaves["h"].grad, g_task[0] - lam * g_dom[0], rtol=1e-10, atol=1e-12)
+    if adversary == "grl":  # the reversed domain gradient
+        g_adv = -lam * g_dom[0]
+    else:  # +lambda * dL_conf/dh, L_conf = mean_b CE(c_b, uniform) through the head, frozen
+        hc = x["h"].clone().requires_grad_()
+        conf = 0.0
+        for bi in range(B):
+            f = (x["m"][bi, :, None] * hc[bi]).sum(0) / x["m"][bi].sum()
+            c = x["Wd"] @ f + x["bd"]
+            conf = conf + (torch.logsumexp(c, 0) - c.mean()) / B
+        g_adv = lam * torch.autograd.grad(conf, hc)[0]
+    torch.testing.assert_close(leaves["h"].grad, g_task[0] + g_adv, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(leaves["W"].grad, g_task[1], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(leaves["b"].grad, g_task[2], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(leaves["Wd"].grad, g_dom[1], rtol=1e-10, atol=1e-12)  # not reversed

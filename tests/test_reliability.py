@@ -1,7 +1,10 @@
-"""Faults a long run meets: a rank killed mid-training, a crash during a checkpoint save,
-bad input, non-finite losses; and bit-exact determinism. Each fault has a test that fails
-if the behaviour regresses."""
+"""Faults a long run meets: a rank killed mid-training, preemption (SIGTERM to one rank, or
+to the deepspeed command alone), a crash during a checkpoint save, bad input, non-finite
+losses; and bit-exact determinism. Each fault has a test that fails if the behaviour
+regresses. (In-process checks of the same round: test_robustness.py, test_cli.py.)"""
 import json
+import os
+import signal
 import subprocess
 import time
 
@@ -18,25 +21,43 @@ assert FAST[0] == "--data"
 COMPARED = ("loss", "ce", "kd", "dom", "dom_acc", "grl_lambda", "lr")
 
 
-def test_killed_rank_fails_fast_and_resume_matches_uninterrupted_run(tmp_path, cache, ds_config):
+@pytest.fixture(scope="module")
+def two_rank_reference(tmp_path_factory, cache, ds_config):
+    """(args, run directory) of an uninterrupted two-rank run, 24 steps, that the
+    interrupted runs below are compared with."""
     args = [*FAST, "--ds", str(ds_config), "--max-steps", "24", "--save-every", "4",
             "--eval-per-domain", "0", "--teacher-steps", "10", "--seed", "2"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    train([*args, "--output-dir", str(full)], cache, nproc=2)
+    full = tmp_path_factory.mktemp("full")
+    train([*args, "--output-dir", str(full), "--overwrite"], cache, nproc=2)
+    return args, full
 
-    proc = subprocess.Popen(train_cmd([*args, "--output-dir", str(cut)], nproc=2), cwd=REPO,
+
+def _start_and_wait(args, out, cache, steps):
+    """Start a two-rank run; return (process, {rank: pid}) once `steps` steps are logged."""
+    proc = subprocess.Popen(train_cmd([*args, "--output-dir", str(out)], nproc=2), cwd=REPO,
                             env=train_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    pids = {}
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # wait for step 9, then kill rank 1
-        if (cut / "metrics.jsonl").is_file() and len(metrics(cut)) >= 9 and (cut / "ranks.json").is_file():
-            pids = json.loads((cut / "ranks.json").read_text())
-            break
+    while time.time() < deadline and proc.poll() is None:
+        logged = (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").is_file() else 0
+        if logged >= steps and (out / "ranks.json").is_file():
+            return proc, json.loads((out / "ranks.json").read_text())
         time.sleep(0.05)
-    assert pids, "the run ended before rank 1 could be killed"
-    import os
-    import signal
+    proc.kill()
+    raise AssertionError(f"the run ended before step {steps}: {proc.communicate()[0][-3000:]}")
+
+
+def _same_losses(full, cut):
+    a, b = metrics(full), metrics(cut)
+    assert [r["step"] for r in b] == list(range(1, 25))
+    for ra, rb in zip(a, b, strict=True):
+        assert all(ra[k] == rb[k] for k in COMPARED), (ra, rb)
+
+
+def test_killed_rank_fails_fast_and_resume_matches_uninterrupted_run(tmp_path, cache, two_rank_reference):
+    args, full = two_rank_reference
+    cut = tmp_path / "cut"
+    proc, pids = _start_and_wait(args, cut, cache, 9)  # wait for step 9, then kill rank 1
     os.kill(pids["1"], signal.SIGKILL)
     t_kill = time.time()
     out, _ = proc.communicate(timeout=120)
@@ -49,10 +70,50 @@ def test_killed_rank_fails_fast_and_resume_matches_uninterrupted_run(tmp_path, c
         assert all(ra[k] == rb[k] for k in COMPARED), (ra, rb)
 
     train([*args, "--output-dir", str(cut), "--resume"], cache, nproc=2)
-    a, b = metrics(full), metrics(cut)
-    assert [r["step"] for r in b] == list(range(1, 25))
-    for ra, rb in zip(a, b, strict=True):
-        assert all(ra[k] == rb[k] for k in COMPARED), (ra, rb)
+    _same_losses(full, cut)
+
+
+def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_matches(tmp_path, cache,
+                                                                             two_rank_reference):
+    """A scheduler's SIGTERM, here reaching rank 1 only (as when DeepSpeed's launcher passes
+    it on one rank after another): both ranks finish the step, agree to stop after the same
+    one, save it (step 6 is no multiple of --save-every 4), print how to resume and exit 5;
+    --resume then gives the losses of the uninterrupted run."""
+    args, full = two_rank_reference
+    cut = tmp_path / "cut"
+    proc, pids = _start_and_wait(args, cut, cache, 5)
+    os.kill(pids["1"], signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 5, out[-3000:]
+    last = metrics(cut)[-1]["step"]
+    assert 5 <= last < 24 and checkpoint.latest_tag(cut / "checkpoints") == f"step{last}", out[-3000:]
+    assert checkpoint.problem(cut / "checkpoints" / f"step{last}") is None
+    assert f"preempted (a stop signal to another rank): stopped after step {last} of 24" in out, out[-3000:]
+    assert "--resume" in out and "--output-dir" in out
+    assert "lengths at --max-len 128: tokens per record" in out  # the first lines of the run
+    proc = train([*args, "--output-dir", str(cut), "--resume"], cache, nproc=2)
+    assert f"resumed from {cut / 'checkpoints' / f'step{last}'} at step {last}" in proc.stdout
+    _same_losses(full, cut)
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["lengths"]["max_len"] == 128 and summary["lengths"]["unusable"] == 0
+    assert summary["steps_without_labels"] == 0
+
+
+def test_sigterm_to_the_deepspeed_command_alone_stops_the_ranks(tmp_path, cache, two_rank_reference):
+    """SIGTERM to the `deepspeed` command alone: DeepSpeed's runner dies without passing it
+    on; the ranks see their launcher gone, stop after the same step with a checkpoint, and
+    exit: no orphans keep training."""
+    args, _ = two_rank_reference
+    cut = tmp_path / "orphan"
+    proc, pids = _start_and_wait(args, cut, cache, 3)
+    os.kill(proc.pid, signal.SIGTERM)  # the runner only, not its process group
+    out, _ = proc.communicate(timeout=180)  # EOF: every process holding the pipe has exited
+    assert "preempted (the deepspeed command died)" in out, out[-3000:]
+    last = metrics(cut)[-1]["step"]
+    assert last < 24 and checkpoint.latest_tag(cut / "checkpoints") == f"step{last}"
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 class _FakeEngine:
@@ -145,7 +206,8 @@ BAD_INPUTS = {
     "ds config not json": ({"ds.json": '{"train_batch_size": 8,\n "zero": {"stage": 3,}}'},
                            ["--data", "synthetic:8", "--ds", "TMP/ds.json"], ["ds.json:2", "JSON"]),
     "sequence too long": ({}, ["--data", "synthetic:8", "--max-len", "20", "--on-long", "refuse"],
-                          ["max_len", "synthetic"]),
+                          ["longer than --max-len 20", "synthetic"]),
+    "not utf-8": ({}, ["--data", "jsonl:TMP/bad.jsonl?domain=x"], ["bad.jsonl:2", "not UTF-8"]),
 }
 
 
@@ -154,6 +216,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, in_proc
     files, extra, words = BAD_INPUTS[case]
     for name, text in files.items():
         (tmp_path / name).write_text(text)
+    (tmp_path / "bad.jsonl").write_bytes(b'{"question": "a", "answer": "1"}\n{"question": "\xff"}\n')
     out = tmp_path / "run"
     argv = [*NO_DATA, "--output-dir", str(out), "--teacher", "none", "--max-steps", "2",
             *[a.replace("TMP", str(tmp_path)) for a in extra]]

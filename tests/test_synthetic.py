@@ -5,7 +5,9 @@ import re
 
 import pytest
 
-from prada_fast.data import DOMAINS, DataError, completion_text, generate, generate_all, prompt_text
+from prada_fast.data import (DOMAINS, DataError, completion_text, generate, generate_all, load_spec,
+                             prompt_text)
+from prada_fast.data.synthetic import ALL_DOMAINS, NUMBER_WORDS, STORY_DOMAINS
 
 
 def _apply(x: int, op: str, y: int) -> int:
@@ -60,13 +62,30 @@ def test_answers_are_right(domain: str) -> None:
         CHECKS[domain](record.question, record.rationale, record.answer)
 
 
-@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("domain", STORY_DOMAINS)
+def test_story_domains_share_the_arithmetic_skill(domain: str) -> None:
+    """Every story states the numbers of its rationale, in order (digits, or words for
+    wordshop), and the rationale's two steps are right."""
+    words = {w: str(i) for i, w in enumerate(NUMBER_WORDS)}
+    for record in generate(domain, 200, seed=3):
+        a, op1, b, first, op2, c, final = re.fullmatch(
+            r"(\d)([+-])(\d)=(\d+)\. \4([+-])(\d)=(\d+)\.", record.rationale).groups()
+        assert int(first) == eval(f"{a}{op1}{b}") and int(final) == eval(f"{first}{op2}{c}")
+        assert record.answer == final
+        tokens = re.findall(r"\b(\d|" + "|".join(NUMBER_WORDS) + r")\b", record.question)
+        assert [words.get(t, t) for t in tokens] == [a, b, c], record.question
+        assert any(w in record.question for w in NUMBER_WORDS) == (domain == "wordshop")
+    records, _ = load_spec(f"synthetic:5:{domain},arithmetic")
+    assert {r.domain for r in records} == {domain, "arithmetic"}
+
+
+@pytest.mark.parametrize("domain", ALL_DOMAINS)
 def test_short_examples(domain: str) -> None:
     for record in generate(domain, 300, seed=0):
         assert len(prompt_text(record) + completion_text(record)) <= 120
 
 
-@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("domain", ALL_DOMAINS)
 def test_deterministic_per_seed(domain: str) -> None:
     assert generate(domain, 50, seed=0) == generate(domain, 50, seed=0)
     assert generate(domain, 50, seed=0) != generate(domain, 50, seed=1)

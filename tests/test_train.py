@@ -72,7 +72,10 @@ def test_chunked_and_reference_agree_under_zero3(two_rank_runs):
 
 
 def test_resume_continues_with_identical_losses(tmp_path, cache):
-    common = [*FAST, "--max-steps", "8", "--save-every", "4", "--teacher-steps", "10", "--seed", "5"]
+    # the confusion adversary and a domain head in an optimizer group of its own (10x lr): its
+    # state is checkpointed and resumed exactly too
+    common = [*FAST, "--max-steps", "8", "--save-every", "4", "--teacher-steps", "10", "--seed", "5",
+              "--adversary", "confusion", "--domain-head-lr-mult", "10"]
     full, part = tmp_path / "full", tmp_path / "part"
     train([*common, "--output-dir", str(full), "--eval-per-domain", "0"], cache)
     train([*common, "--output-dir", str(part), "--eval-per-domain", "0", "--stop-after", "4"], cache)

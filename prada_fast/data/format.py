@@ -81,6 +81,7 @@ def encode(
     Labels are -100 on the prompt and equal the ids on the completion and the eos token;
     an unlabelled record is encoded as its prompt alone, every label -100. Longer than
     ``max_len``: cut from the end (``truncated=True``), or DataError when not ``truncate``.
+    ``length`` and ``prompt_length`` are the token counts before any cut.
     """
     prompt = tokenizer(prompt_text(record), add_special_tokens=False)["input_ids"]
     completion: list[int] = []
@@ -91,14 +92,16 @@ def encode(
         completion = [*completion, tokenizer.eos_token_id]
     input_ids = [*prompt, *completion]
     labels = [IGNORE_INDEX] * len(prompt) + completion
-    truncated = len(input_ids) > max_len
+    length = len(input_ids)
+    truncated = length > max_len
     if truncated:
         if not truncate:
             raise DataError(
                 f"{len(input_ids)} tokens, more than max_len={max_len}", origin=record.origin
             )
         input_ids, labels = input_ids[:max_len], labels[:max_len]
-    return {"input_ids": input_ids, "labels": labels, "domain": domain_id, "truncated": truncated}
+    return {"input_ids": input_ids, "labels": labels, "domain": domain_id, "truncated": truncated,
+            "length": length, "prompt_length": len(prompt)}
 
 
 class Collator:

@@ -8,7 +8,8 @@ Data spec grammar (``load_spec``, the ``--data`` flag)::
 
     synthetic                     built-in generator, 400 records per domain, all domains
     synthetic:N                   N records per domain
-    synthetic:N:dom1,dom2         N records of the named domains
+    synthetic:N:dom1,dom2         N records of the named domains (also the story domains:
+                                  shopping, travel, recipes, garden, wordshop)
                                   (arithmetic, coinflip, lastletter, sorting)
     PATH                          a file whose name says its format: gsm8k*.jsonl,
                                   aqua*.json(l), strategyqa*.json
@@ -115,13 +116,36 @@ def _existing_file(path: str | Path) -> Path:
     return path
 
 
+def _not_utf8(err: UnicodeDecodeError, column: int) -> str:
+    """What a UnicodeDecodeError found, e.g. ``not UTF-8: byte 0xff at column 7``."""
+    byte = err.object[err.start:err.start + 1].hex()
+    return f"not UTF-8: byte 0x{byte} at column {column} (save the file as UTF-8)"
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read it: {err.strerror or err}", origin=str(path)) from None
+
+
 def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(origin, parsed object)`` per non-blank line; a bad line yields a DataError."""
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    """``(origin, parsed object)`` per non-blank line; a bad line (not JSON, not UTF-8)
+    yields a DataError naming the file and line."""
+    try:
+        fh = path.open("rb")
+    except OSError as err:
+        raise DataError(f"cannot read it: {err.strerror or err}", origin=str(path)) from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            origin = f"{path.name}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield origin, DataError(_not_utf8(err, err.start + 1), origin=origin)
+                continue
             if not line.strip():
                 continue
-            origin = f"{path.name}:{lineno}"
             try:
                 yield origin, json.loads(line)
             except json.JSONDecodeError as err:
@@ -132,8 +156,15 @@ def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
     """``(origin, element)`` for a file holding one JSON array."""
+    raw = _read_bytes(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1)
+        raise DataError(_not_utf8(err, column + 1), origin=f"{path.name}:{lineno}") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         origin = f"{path.name}:{err.lineno}"
         raise DataError(f"invalid JSON: {err.msg} (column {err.colno})", origin=origin) from None
@@ -379,7 +410,8 @@ def _split_format(body: str, spec: str) -> tuple[str, str]:
     return _format_from_name(body.partition("?")[0], spec), body
 
 
-def _load_synthetic(rest: str, spec: str, seed: int) -> list[Record]:
+def _synthetic_args(rest: str, spec: str) -> tuple[int, tuple[str, ...]]:
+    """(records per domain, domains) of ``synthetic[:N[:dom,...]]``."""
     count, _, names = rest.partition(":")
     n = DEFAULT_SYNTHETIC_N
     if count:
@@ -388,14 +420,15 @@ def _load_synthetic(rest: str, spec: str, seed: int) -> list[Record]:
                             origin=repr(spec))
         n = int(count)
     domains = tuple(d.strip() for d in names.split(",") if d.strip()) or synthetic.DOMAINS
-    unknown = [d for d in domains if d not in synthetic.DOMAINS]
+    unknown = [d for d in domains if d not in synthetic.ALL_DOMAINS]
     if unknown:
         raise DataError(f"unknown synthetic domain(s) {', '.join(unknown)}; known: "
-                        f"{', '.join(synthetic.DOMAINS)}", origin=repr(spec))
-    return synthetic.generate_all(n, seed, domains)
+                        f"{', '.join(synthetic.ALL_DOMAINS)}", origin=repr(spec))
+    return n, domains
 
 
-def _load_file(fmt: str, rest: str, spec: str, skip_bad: bool) -> tuple[list[Record], int]:
+def _file_args(fmt: str, rest: str, spec: str) -> tuple[str, dict[str, str]]:
+    """(path or dataset name, options) of ``FORMAT:PATH?options``; a missing file raises."""
     target, _, option_text = rest.partition("?")
     table_keys = ("domain", "domain_field", *_COLUMN_KEYS)
     allowed = {"jsonl": table_keys, "hf": (*table_keys, "split", "config")}.get(fmt, ("domain",))
@@ -404,6 +437,11 @@ def _load_file(fmt: str, rest: str, spec: str, skip_bad: bool) -> tuple[list[Rec
         raise DataError("no path after the format", origin=repr(spec))
     if fmt != "hf" and not Path(target).is_file():
         raise DataError(f"no such file: {target}", origin=repr(spec))
+    return target, options
+
+
+def _load_file(fmt: str, rest: str, spec: str, skip_bad: bool) -> tuple[list[Record], int]:
+    target, options = _file_args(fmt, rest, spec)
     if fmt in ("gsm8k", "aqua", "strategyqa"):
         loader = {"gsm8k": load_gsm8k, "aqua": load_aqua, "strategyqa": load_strategyqa}[fmt]
         return loader(target, domain=options.get("domain", fmt), skip_bad=skip_bad)
@@ -419,12 +457,26 @@ def _load_file(fmt: str, rest: str, spec: str, skip_bad: bool) -> tuple[list[Rec
                    skip_bad=skip_bad, config=options.get("config"))
 
 
+def check_spec(spec: str) -> None:
+    """Check a spec string without reading any data: its grammar, its options, and that a
+    file it names exists. Raises DataError naming the spec (the trainer's flag check)."""
+    spec = spec.strip()
+    if not spec:
+        raise DataError("empty data spec")
+    body, _ = _split_limit(spec)
+    if body == "synthetic" or body.startswith("synthetic:"):
+        _synthetic_args(body[len("synthetic:"):], spec)
+    else:
+        _file_args(*_split_format(body, spec), spec)
+
+
 def load_spec(spec: str, *, skip_bad: bool = False, seed: int = 0) -> tuple[list[Record], int]:
     """Load the source one spec string names (grammar in the module docstring)."""
     spec = spec.strip()
     body, limit = _split_limit(spec)
     if body == "synthetic" or body.startswith("synthetic:"):
-        records, skipped = _load_synthetic(body[len("synthetic:"):], spec, seed), 0
+        n, domains = _synthetic_args(body[len("synthetic:"):], spec)
+        records, skipped = synthetic.generate_all(n, seed, domains), 0
     else:
         fmt, rest = _split_format(body, spec)
         records, skipped = _load_file(fmt, rest, spec, skip_bad)

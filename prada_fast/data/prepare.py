@@ -6,6 +6,7 @@ import random
 
 from .format import encode
 from .loaders import load_spec
+from .records import DataError
 from .split import split_domains
 from .synthetic import SYNTHETIC_TARGET
 
@@ -41,10 +42,83 @@ def hold_out(records, per_domain: int, seed: int):
 
 
 def encode_all(records, tok, args, domain_ids):
-    examples, truncated = [], 0
+    """(encoded examples, length statistics: see `length_stats`). Records longer than
+    --max-len are cut here; whether that is acceptable is `check_lengths`'s call."""
+    examples = []
     for r in records:
-        ex = encode(r, tok, args.max_len, domain_ids[r.domain], truncate=args.on_long == "truncate")
+        ex = encode(r, tok, args.max_len, domain_ids[r.domain], truncate=True)
         ex["n_labels"] = sum(1 for x in ex["labels"][1:] if x != -100)
-        truncated += ex["truncated"]
+        ex["labelled"] = r.labelled
+        ex["origin"] = r.origin
         examples.append(ex)
-    return examples, truncated
+    return examples, length_stats(examples, args.max_len)
+
+
+def _spread(values: list[int]) -> dict:
+    if not values:
+        return {}
+    v = sorted(values)
+    return {"min": v[0], "median": v[len(v) // 2], "p90": v[min(len(v) - 1, (9 * len(v)) // 10)],
+            "max": v[-1]}
+
+
+def length_stats(examples: list[dict], max_len: int) -> dict:
+    """The length distribution against --max-len: tokens per record (before any cut),
+    labelled tokens per labelled record (after the cut), how many records were cut and how
+    many labelled ones kept no labelled token (unusable), and the --max-len that would keep
+    every record whole, or at least one labelled token of each unusable one."""
+    labelled = [ex for ex in examples if ex["labelled"]]
+    over = [ex for ex in examples if ex["truncated"]]
+    unusable = [ex for ex in labelled if ex["n_labels"] == 0]
+    return {
+        "max_len": max_len, "records": len(examples), "labelled_records": len(labelled),
+        "tokens": _spread([ex["length"] for ex in examples]),
+        "labelled_tokens": _spread([ex["n_labels"] for ex in labelled]),
+        "labelled_tokens_total": sum(ex["n_labels"] for ex in labelled),
+        "truncated": len(over), "first_truncated": over[0]["origin"] if over else None,
+        "unusable": len(unusable), "first_unusable": unusable[0]["origin"] if unusable else None,
+        "max_len_whole": max((ex["length"] for ex in examples), default=0),
+        "max_len_one_label": max((ex["prompt_length"] + 1 for ex in unusable), default=None),
+    }
+
+
+def describe_lengths(stats: dict) -> str:
+    """One line: the length distribution against --max-len."""
+    def fmt(d):
+        return " / ".join(f"{k} {v}" for k, v in d.items()) if d else "-"
+    line = (f"lengths at --max-len {stats['max_len']}: tokens per record {fmt(stats['tokens'])}; "
+            f"labelled tokens per labelled record, after any cut, {fmt(stats['labelled_tokens'])}; "
+            f"{stats['truncated']} of {stats['records']} records cut")
+    if stats["unusable"]:
+        line += f", {stats['unusable']} labelled records left with no labelled token"
+    return line
+
+
+def check_lengths(stats: dict, on_long: str | None) -> str | None:
+    """Refuse training data that cannot teach (DataError), given --on-long: None (the
+    default) cuts over-long records as long as each labelled one keeps a labelled token;
+    "refuse" stops at any over-long record; "truncate" also accepts labelled records cut to
+    nothing, provided some labelled token remains. Returns a warning line or None."""
+    n, u, L = stats["records"], stats["unusable"], stats["max_len"]
+    whole = stats["max_len_whole"]
+    if stats["labelled_records"] == 0:
+        raise DataError("no labelled (source-domain) record among the training records: nothing "
+                        "to distil (name a source domain with --source-domains)")
+    if on_long == "refuse" and stats["truncated"]:
+        raise DataError(f"{stats['truncated']} of {n} training records are longer than --max-len {L} "
+                        f"tokens (first: {stats['first_truncated']}; longest {whole}): --max-len {whole} "
+                        "keeps every record whole, or --on-long truncate cuts them")
+    if not u:
+        return None
+    what = (f"{u} of {stats['labelled_records']} labelled training records keep no labelled token "
+            f"at --max-len {L}: the prompt alone fills the row (first: {stats['first_unusable']})")
+    if on_long != "truncate":
+        raise DataError(f"{what}. --max-len {stats['max_len_one_label']} keeps at least one labelled "
+                        f"token of each, --max-len {whole} every record whole; or pass --on-long "
+                        "truncate to train on the labelled tokens that remain")
+    if stats["labelled_tokens_total"] == 0:
+        raise DataError(f"no labelled token is left at --max-len {L}: every labelled record is cut "
+                        f"to its prompt; --max-len {stats['max_len_one_label']} keeps at least one "
+                        "labelled token of each")
+    return (f"warning: {what}; --on-long truncate: they train the domain loss only "
+            f"(--max-len {stats['max_len_one_label']} would keep a labelled token of each)")

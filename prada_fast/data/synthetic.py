@@ -10,6 +10,18 @@ model can learn them in minutes:
 - ``lastletter``: ``Last letters of cat dog?`` -> ``cat->t. dog->g.`` -> ``tg``
 - ``sorting``:    ``Sort 7 2 5.`` -> ``min 2, then 5, then 7.`` -> ``2 5 7``
 
+A family of story domains shares one skill, two-step single-digit arithmetic with the
+rationale of ``arithmetic`` (``7+5=12. 12-3=9.``), and differs only in how the question is
+told, so that what is learnt on some can transfer to the others (not in the default set;
+name them, e.g. ``synthetic:400:shopping,travel,recipes,garden``):
+
+- ``shopping``: ``Ann has 7 apples. She buys 5, then gives away 3. How many now?``
+- ``travel``:   ``A bus has 7 riders. 5 get on, then 3 get off. How many now?``
+- ``recipes``:  ``A bowl has 7 eggs. You add 5, then use 3. How many now?``
+- ``garden``:   ``A tree has 7 birds. 5 land, then 3 fly away. How many now?``
+- ``wordshop``: ``shopping`` with the numbers in words (``Ann has seven apples. ...``): a
+  larger shift of surface form, for a student that has seen number words.
+
 Generation is deterministic given the seed: each domain draws from its own
 ``random.Random(f"{seed}:{domain}")``.
 """
@@ -20,8 +32,10 @@ from collections.abc import Callable, Sequence
 
 from .records import DataError, Record
 
-DOMAINS = ("arithmetic", "coinflip", "lastletter", "sorting")
+DOMAINS = ("arithmetic", "coinflip", "lastletter", "sorting")  # the default set
 SYNTHETIC_TARGET = "sorting"  # the default unlabelled (target) domain of the synthetic data
+STORY_DOMAINS = ("shopping", "travel", "recipes", "garden", "wordshop")
+ALL_DOMAINS = DOMAINS + STORY_DOMAINS
 
 WORDS = (
     "cat", "dog", "sun", "car", "bus", "map", "cup", "pen", "hat", "box",
@@ -34,18 +48,53 @@ WORDS = (
 Problem = tuple[str, str, str]  # question, rationale, answer
 
 
-def _arithmetic(rng: random.Random) -> Problem:
-    """Two single-digit steps of + or -, every result in 0..18."""
+def _two_steps(rng: random.Random) -> tuple[int, str, int, str, int, int, int]:
+    """a op1 b op2 c with single digits, every result in 0..18: (a, op1, b, op2, c, first, final)."""
     while True:
         a, b, c = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 9)
         op1, op2 = rng.choice("+-"), rng.choice("+-")
         first = a + b if op1 == "+" else a - b
         final = first + c if op2 == "+" else first - c
         if 0 <= first <= 18 and 0 <= final <= 18:
-            break
+            return a, op1, b, op2, c, first, final
+
+
+def _arithmetic(rng: random.Random) -> Problem:
+    """Two single-digit steps of + or -, every result in 0..18."""
+    a, op1, b, op2, c, first, final = _two_steps(rng)
     question = f"{a}{op1}{b}{op2}{c}=?"
     rationale = f"{a}{op1}{b}={first}. {first}{op2}{c}={final}."
     return question, rationale, str(final)
+
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+# Story templates: the opening (with the start count {a}), then the two steps, each a phrase
+# that adds or removes {n}. The rationale is arithmetic's.
+STORIES = {
+    "shopping": ("Ann has {a} apples. She {s1}, then {s2}. How many now?",
+                 "buys {n}", "gives away {n}"),
+    "travel": ("A bus has {a} riders. {s1}, then {s2}. How many now?", "{n} get on", "{n} get off"),
+    "recipes": ("A bowl has {a} eggs. You {s1}, then {s2}. How many now?", "add {n}", "use {n}"),
+    "garden": ("A tree has {a} birds. {s1}, then {s2}. How many now?", "{n} land", "{n} fly away"),
+}
+
+
+def _story(domain: str, words: bool = False) -> Callable[[random.Random], Problem]:
+    """Arithmetic told as the story `domain` (numbers in words with `words`)."""
+    opening, add, remove = STORIES[domain]
+
+    def make(rng: random.Random) -> Problem:
+        a, op1, b, op2, c, first, final = _two_steps(rng)
+        num = (lambda x: NUMBER_WORDS[x]) if words else str
+        s1 = (add if op1 == "+" else remove).format(n=num(b))
+        s2 = (add if op2 == "+" else remove).format(n=num(c))
+        question = opening.format(a=num(a), s1=s1, s2=s2)
+        question = question[0].upper() + question[1:]
+        rationale = f"{a}{op1}{b}={first}. {first}{op2}{c}={final}."
+        return question, rationale, str(final)
+
+    return make
 
 
 def _coinflip(rng: random.Random) -> Problem:
@@ -83,13 +132,15 @@ _GENERATORS: dict[str, Callable[[random.Random], Problem]] = {
     "coinflip": _coinflip,
     "lastletter": _lastletter,
     "sorting": _sorting,
+    **{d: _story(d) for d in STORIES},
+    "wordshop": _story("shopping", words=True),
 }
 
 
 def generate(domain: str, n: int, seed: int) -> list[Record]:
     """``n`` problems of one domain, the same for the same seed."""
     if domain not in _GENERATORS:
-        raise DataError(f"unknown synthetic domain {domain!r}; known: {', '.join(DOMAINS)}")
+        raise DataError(f"unknown synthetic domain {domain!r}; known: {', '.join(ALL_DOMAINS)}")
     rng = random.Random(f"{seed}:{domain}")
     records = []
     for i in range(n):

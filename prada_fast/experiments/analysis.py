@@ -182,7 +182,6 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
     Returns (features float32 (n x H), domain ids (n,), domains, roles)."""
     from prada_fast.data import Collator
     from prada_fast.model import PradaModel
-    from prada_fast.op import masked_mean
     from prada_fast.train import encode_all
 
     from transformers.utils import logging as hf_logging
@@ -204,7 +203,8 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
     with torch_threads(1) if dev.type == "cpu" else contextlib.nullcontext():
         for s in range(0, len(examples), batch_size):
             b = collate(examples[s:s + batch_size])
-            hidden, mask = model.hidden_states(b["input_ids"].to(dev), b["attention_mask"].to(dev))
-            feats.append(masked_mean(hidden.float(), mask).cpu())
+            f = model.pooled_features(b["input_ids"].to(dev), b["attention_mask"].to(dev),
+                                      b["labels"].to(dev))
+            feats.append(f.float().cpu())
             labels.append(b["domain_labels"])
     return torch.cat(feats), torch.cat(labels), domains, meta.get("roles", {})

@@ -29,9 +29,11 @@ None; y (C,) targets; workspace: a dict kept across the chunks of one call; scal
 1/n on every row (the op masks ignored rows itself). ce_i, kd_i: (C,) fp32, 0 on ignored rows.
 
 A domain op has the signature
-    domain_fn(hidden, mask, weight, bias, labels, grl_lambda)
+    domain_fn(hidden, mask, weight, bias, labels, grl_lambda, adversary)
         -> (dom, dom_acc, gf (B, H) fp32, grad_weight, grad_bias)
-where gf_b = -grl_lambda * dL_dom/df_b / sum_t m_bt, so that grad_h[b, t] += m_bt * gf_b.
+where gf_b = -grl_lambda * dL_dom/df_b / sum_t m_bt (adversary "grl") or
++grl_lambda * dL_conf/df_b / sum_t m_bt ("confusion"), so that grad_h[b, t] += m_bt * gf_b;
+grad_weight and grad_bias are those of L_dom for either adversary.
 
 Every argument of the op reaches the driver as one `LossOptions` (prada_fast.op.options),
 already checked by `prada_loss`.
@@ -142,7 +144,8 @@ def loss_and_grads(hidden, lm_weight, targets, opts: LossOptions, backend: RowBa
     gf = gw_d = gb_d = None
     if domain_weight is not None:
         dom, dom_acc, gf, gw_d, gb_d = backend.domain(hidden, pool_mask, domain_weight, domain_bias,
-                                                      opts.domain_labels, opts.grl_lambda)
+                                                      opts.domain_labels, opts.grl_lambda,
+                                                      opts.adversary)
     # grad_h starts as the domain term's GRL-scaled gradient, broadcast through the mask
     # (zero without a domain head); the LM gradient is then added onto it chunk by chunk.
     grad_h = None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 Tensor = torch.Tensor
+ADVERSARIES = ("grl", "confusion")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -41,7 +42,8 @@ class LossOptions:
     domain_weight: Tensor | None = None      # (D, H) linear domain head (None: no domain term)
     domain_bias: Tensor | None = None        # (D,)
     domain_labels: Tensor | None = None      # (B,) int64 domain ids
-    grl_lambda: float = 1.0                  # scale of the reversed domain gradient
+    grl_lambda: float = 1.0                  # lambda: scale of the adversarial gradient into h
+    adversary: str = "grl"                   # "grl" (reversed L_dom) | "confusion" (towards uniform)
     chunk_rows: int | None = None            # rows per chunk of the fused paths (None: auto)
 
     @property
@@ -98,6 +100,8 @@ class LossOptions:
                    f"domain_bias must be ({D},)")
             _check(self.domain_labels is not None and tuple(self.domain_labels.shape) == (B,),
                    f"domain_labels must be ({B},) when domain_weight is given")
+        _check(self.adversary in ADVERSARIES,
+               f"adversary={self.adversary!r}: expected one of {ADVERSARIES}")
         _check(self.chunk_rows is None or int(self.chunk_rows) >= 1,
                f"chunk_rows must be >= 1, got {self.chunk_rows}")
         return replace(self, temperature=float(self.temperature), alpha=alpha, pool_mask=pool_mask,

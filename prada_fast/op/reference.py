@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .grl import grad_reverse
+from .grl import confusion_term, grad_reverse
 from .options import LossOptions
 
 
@@ -45,14 +45,20 @@ def reference_prada_loss(hidden, lm_weight, targets, o: LossOptions):
         kd = ce.new_zeros(())
     loss = o.alpha * ce + (1 - o.alpha) * kd  # alpha is 1 without a teacher
 
-    # Domain loss on pooled features, through the gradient reversal layer.
+    # Domain loss on pooled features. The head learns from L_dom; what reaches f (and h)
+    # depends on the adversary: -lambda * dL_dom/df (GRL), or nothing from L_dom and
+    # +lambda * dL_conf/df instead (confusion).
     dom = dom_acc = ce.new_zeros(())
     if o.has_domain:
         f = masked_mean(hidden, o.pool_mask)
-        c = F.linear(grad_reverse(f, o.grl_lambda), o.domain_weight, o.domain_bias).to(acc)
+        f_in = grad_reverse(f, o.grl_lambda) if o.adversary == "grl" else f.detach()
+        c = F.linear(f_in, o.domain_weight, o.domain_bias).to(acc)
         dom = F.cross_entropy(c, o.domain_labels)
         dom_acc = (c.argmax(-1) == o.domain_labels).to(acc).mean()
         loss = loss + dom
+        if o.adversary == "confusion":
+            loss = loss + confusion_term(f, lambda x: F.linear(x, o.domain_weight, o.domain_bias),
+                                         o.grl_lambda).to(acc)
 
     parts = {"ce": ce.detach(), "kd": kd.detach(), "dom": dom.detach(),
              "dom_acc": dom_acc.detach(), "n_tokens": n_tokens}

@@ -77,9 +77,10 @@ def torch_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=
     return ce, kd
 
 
-def torch_domain(hidden, mask, weight, bias, labels, grl_lambda):
+def torch_domain(hidden, mask, weight, bias, labels, grl_lambda, adversary="grl"):
     """Masked-mean pooling, linear domain head, CE and accuracy, and the gradients (see
-    prada_fast.op.driver for gf)."""
+    prada_fast.op.driver for gf). The head's gradients come from L_dom; gf is
+    -lambda * dL_dom/df ("grl") or +lambda * dL_conf/df ("confusion"), over sum_t m_bt."""
     B = hidden.shape[0]
     acc = torch.promote_types(hidden.dtype, torch.float32)
     m = mask.to(acc)
@@ -92,10 +93,14 @@ def torch_domain(hidden, mask, weight, bias, labels, grl_lambda):
     logp = torch.log_softmax(c, 1)
     dom = -logp.gather(1, labels[:, None]).mean()
     hit = (c.argmax(1) == labels).to(acc).mean()
-    dc = logp.exp()
+    p = logp.exp()
+    dc = p.clone()
     dc[torch.arange(B, device=c.device), labels] -= 1
     dc /= B
-    gf = (-grl_lambda) * (dc @ wf) / msum[:, None]
+    if adversary == "grl":
+        gf = (-grl_lambda) * (dc @ wf) / msum[:, None]
+    else:  # dL_conf/dc_b = (softmax(c_b) - 1/D) / B
+        gf = grl_lambda * (((p - 1.0 / c.shape[1]) / B) @ wf) / msum[:, None]
     return dom, hit, gf, dc.t() @ f, dc.sum(0)
 
 

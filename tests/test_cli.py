@@ -1,0 +1,129 @@
+"""Every flag of prada_fast/train.py is checked before any work: for each flag of the parser
+a bad value exits 2 with one line naming the flag, and writes nothing. A flag without a row
+in BAD (or an entry in NO_BAD_VALUE) fails test_every_flag_has_a_row. In-process calls of
+`prada_fast.train.main`, with the run itself replaced by a failure: a flag that is only
+checked once the run has started fails here."""
+import pytest
+
+from prada_fast import train
+from prada_fast.cli import build_parser, parse_args
+
+# flag -> the arguments that make it bad (TMP: this test's tmp_path; FILE: a file there).
+# A combination names the flag of its row, possibly with another one.
+BAD = {
+    "--ds": ["--ds", "TMP/missing.json"],
+    "--output-dir": ["--output-dir", "FILE"],
+    "--resume": ["--resume", "--overwrite"],
+    "--overwrite": ["--overwrite", "--resume"],
+    "--max-steps": ["--max-steps", "0"],
+    "--stop-after": ["--stop-after", "-1"],
+    "--save-every": ["--save-every", "-1"],
+    "--keep-checkpoints": ["--keep-checkpoints", "-1"],
+    "--log-every": ["--log-every", "0"],
+    "--seed": ["--seed", "-1"],
+    "--dist-timeout": ["--dist-timeout", "0"],
+    "--max-bad-steps": ["--max-bad-steps", "0"],
+    "--inject-nan": ["--inject-nan", "0,x"],
+    "--local_rank": ["--local_rank", "-2"],
+    "--data": ["--data", "nosuchformat:TMP/x.jsonl"],
+    "--source-domains": ["--source-domains", "arithmetic,,coinflip"],
+    "--target-domains": ["--source-domains", "arithmetic", "--target-domains", "arithmetic"],
+    "--max-len": ["--max-len", "1"],
+    "--on-long": ["--on-long", "cut"],
+    "--eval-per-domain": ["--eval-per-domain", "-1"],
+    "--student": ["--student", "TMP/no-model"],
+    "--teacher": ["--teacher", "TMP/no-teacher"],
+    "--teacher-steps": ["--teacher-steps", "0"],
+    "--teacher-lr": ["--teacher-lr", "0"],
+    "--teacher-cache": ["--teacher-cache", "FILE"],
+    "--prompt-len": ["--prompt-len", "-1"],
+    "--domain-head": ["--domain-head", "conv"],
+    "--mlp-hidden": ["--mlp-hidden", "16"],  # without --domain-head mlp
+    "--pool": ["--pool", "everything"],
+    "--attn": ["--attn", "flash"],
+    "--loss-impl": ["--loss-impl", "fast"],
+    "--alpha": ["--alpha", "1.5"],
+    "--temperature": ["--temperature", "0"],
+    "--adversary": ["--adversary", "mmd"],
+    "--domain-head-lr-mult": ["--domain-head-lr-mult", "0"],
+    "--grl-schedule": ["--grl-schedule", "linear"],
+    "--lambda-max": ["--lambda-max", "nan"],
+    "--grl-gamma": ["--grl-gamma", "-1"],
+    "--lr": ["--lr", "0"],
+    "--max-new-tokens": ["--max-new-tokens", "0"],
+    "--eval-batch-size": ["--eval-batch-size", "0"],
+}
+NO_BAD_VALUE = {  # flag -> why no value of it is wrong on its own
+    "--help": "prints the help",
+    "--no-progress": "a switch with no combination to contradict",
+    "--skip-bad": "a switch with no combination to contradict",
+    "--no-domain-loss": "a switch; the flags it makes moot are still valid",
+}
+# more bad values where a flag has several ways to be wrong
+MORE_BAD = [
+    ["--alpha", "-0.1"], ["--alpha", "x"], ["--temperature", "inf"], ["--max-steps", "1.5"],
+    ["--alpha", "0", "--teacher", "none"], ["--data", "synthetic:0"], ["--data", "synthetic:4:geometry"],
+    ["--data", "TMP/gsm8k_missing.jsonl"], ["--data", "jsonl:TMP/x.jsonl?color=red"],
+    ["--seed", str(2**32)], ["--max-len", "0"],
+]
+
+
+def _long(action) -> str:
+    return next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+
+
+def test_every_flag_has_a_row():
+    flags = {_long(a) for a in build_parser()._actions}
+    missing = sorted(flags - BAD.keys() - NO_BAD_VALUE.keys())
+    assert not missing, f"give these flags a bad value in tests/test_cli.py BAD: {missing}"
+    stale = sorted((BAD.keys() | NO_BAD_VALUE.keys()) - flags)
+    assert not stale, f"rows for flags the parser no longer has: {stale}"
+
+
+@pytest.fixture
+def call(tmp_path, monkeypatch, capsys):
+    """main(argv) in this process with the run replaced by a failure: (exit code, stderr lines)."""
+    def no_run(args):
+        raise AssertionError("the run started: the bad flag was not caught by parse_args")
+    monkeypatch.setattr(train, "run", no_run)
+    monkeypatch.delenv("RANK", raising=False)
+    (tmp_path / "x.jsonl").write_text('{"question": "q", "answer": "1"}\n')
+    (tmp_path / "file").write_text("not a directory\n")
+
+    def call(extra):
+        argv = ["--output-dir", str(tmp_path / "run"), "--no-progress",
+                *[a.replace("FILE", str(tmp_path / "file")).replace("TMP", str(tmp_path)) for a in extra]]
+        code = train.main(argv)
+        return code, capsys.readouterr().err.strip().splitlines()
+    return call
+
+
+def _assert_refused(call, tmp_path, extra, name):
+    code, err = call(extra)
+    assert code == 2, (extra, code, err)
+    assert len(err) == 1 and err[0].startswith("error: "), (extra, err)
+    assert name in err[0], (extra, err[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "x.jsonl"]  # nothing written
+    assert (tmp_path / "file").read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_value_exits_2_with_one_line_naming_the_flag(name, call, tmp_path):
+    _assert_refused(call, tmp_path, BAD[name], name)
+
+
+@pytest.mark.parametrize("extra", MORE_BAD, ids=" ".join)
+def test_more_bad_values(extra, call, tmp_path):
+    _assert_refused(call, tmp_path, extra, extra[0])
+
+
+def test_defaults_and_edge_values_pass(tmp_path):
+    out = ["--output-dir", str(tmp_path / "run")]
+    args = parse_args(out)
+    assert args.on_long is None and args.keep_checkpoints == 0 and args.data == ["synthetic"]
+    parse_args([*out, "--alpha", "0", "--alpha", "1", "--temperature", "0.01", "--seed", str(2**32 - 1),
+                "--max-len", "2", "--stop-after", "0", "--save-every", "0", "--lambda-max", "0",
+                "--eval-per-domain", "0", "--prompt-len", "0", "--domain-head", "mlp",
+                "--mlp-hidden", "16", "--inject-nan", "3,4", "--on-long", "truncate",
+                "--source-domains", "arithmetic", "--target-domains", "sorting"])
+    parse_args([*out, "--alpha", "0"])  # the auto teacher of the preset student: KD is possible
