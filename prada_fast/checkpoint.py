@@ -60,21 +60,22 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _step_of(tag: str) -> int | None:
     m = _TAG.match(tag)
     return int(m.group(1)) if m else None
+
+
+def _step_tags(ckpt_dir: Path) -> list[str]:
+    """The checkpoint folders (stepN) in `ckpt_dir`, oldest first."""
+    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _step_of(p.name) is not None),
+                  key=_step_of)
 
 
 def _write_manifest(folder: Path, step: int) -> None:
     files = {str(p.relative_to(folder)): p.stat().st_size
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     _write_atomic(folder / MANIFEST, json.dumps(
-        {"step": step, "world_size": _world_size(), "files": files}, indent=1) + "\n")
+        {"step": step, "world_size": dist_util.world_size(), "files": files}, indent=1) + "\n")
 
 
 def _first_line(err: BaseException) -> str:
@@ -138,8 +139,7 @@ def prune(ckpt_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints (never the one `latest` names),
     and partial folders left by crashed saves."""
     latest = latest_tag(ckpt_dir)
-    tags = sorted((t for t in (p.name for p in ckpt_dir.iterdir() if p.is_dir()) if _step_of(t) is not None),
-                  key=_step_of)
+    tags = _step_tags(ckpt_dir)
     for t in tags[:max(0, len(tags) - keep)]:
         if t != latest:
             shutil.rmtree(ckpt_dir / t, ignore_errors=True)
@@ -185,8 +185,7 @@ def choose(ckpt_dir: Path) -> tuple[str | None, list[str]]:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return None, []
-    tags = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _step_of(p.name) is not None),
-                  key=_step_of, reverse=True)
+    tags = _step_tags(ckpt_dir)[::-1]  # newest first
     named = (ckpt_dir / LATEST).read_text().strip() if (ckpt_dir / LATEST).is_file() else None
     if named and _step_of(named) is not None:  # nothing newer than what `latest` names
         tags = [named] + [t for t in tags if _step_of(t) < _step_of(named)]
@@ -207,7 +206,8 @@ def load(engine, ckpt_dir: Path, log=print) -> tuple[str | None, dict | None]:
     Raises CheckpointError when checkpoints exist but none is usable, when they were saved
     by another number of ranks, or when DeepSpeed cannot read the chosen one."""
     ckpt_dir = Path(ckpt_dir)
-    tag, problems = dist_util.broadcast_object(choose(ckpt_dir) if dist_util.rank() == 0 else None)
+    tag, problems = dist_util.wait_for_rank0("resume-checkpoint",
+                                             choose(ckpt_dir) if dist_util.rank() == 0 else None)
     for p in problems:
         log(p)
     if tag is None:
@@ -215,9 +215,9 @@ def load(engine, ckpt_dir: Path, log=print) -> tuple[str | None, dict | None]:
             raise CheckpointError(f"--resume: no usable checkpoint in {ckpt_dir} ({problems[0]})")
         return None, None
     saved_by = json.loads((ckpt_dir / tag / MANIFEST).read_text()).get("world_size")
-    if saved_by is not None and saved_by != _world_size():
+    if saved_by is not None and saved_by != dist_util.world_size():
         raise CheckpointError(f"--resume: {ckpt_dir / tag} was saved by {saved_by} ranks and this run "
-                              f"has {_world_size()}: resume with the same number of ranks")
+                              f"has {dist_util.world_size()}: resume with the same number of ranks")
     try:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError,

@@ -68,6 +68,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def world_size() -> int:
+    """Ranks in the process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -173,28 +178,15 @@ def _collective_device(device=None):
 
 def any_rank(flag: bool) -> bool:
     """Whether `flag` is true on any rank (collective: every rank calls it)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def broadcast_object(value):
-    """Rank 0's `value` on every rank (collective; picklable values)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0, device=_collective_device())
-    return box[0]
+    return all_mean([float(flag)], None)[0] > 0
 
 
 def all_mean(values: list[float], device) -> list[float]:
     """Element-wise mean over ranks of a short list of floats."""
     t = torch.tensor(values, dtype=torch.float64, device=_collective_device(device))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(t)
-        t /= dist.get_world_size()
+        t /= world_size()
     return t.tolist()
 
 

@@ -59,10 +59,8 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
     inject = {int(s) for s in args.inject_nan.split(",") if s} if args.inject_nan else set()
     t_start, tokens_total, last, end = time.time(), 0, {}, start
     bad_in_row = no_labels = 0
-    keep = getattr(args, "keep_checkpoints", 0)
-
     def save(step: int) -> None:
-        checkpoint.save(engine, ckpt_dir, step, {"skipped_steps": skipped}, keep=keep)
+        checkpoint.save(engine, ckpt_dir, step, {"skipped_steps": skipped}, keep=args.keep_checkpoints)
 
     stop = StopRequest()
     try:

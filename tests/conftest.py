@@ -47,6 +47,18 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+@pytest.fixture
+def in_process(monkeypatch):
+    """prada_fast.train.main called in this process, a world of one."""
+    from prada_fast.distributed import free_port
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(free_port()), "PRADA_FAST_CACHE": "/nonexistent"}.items():
+        monkeypatch.setenv(k, v)
+    from prada_fast.train import main
+    return main
+
+
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     """A teacher cache shared by the end-to-end runs of one session."""

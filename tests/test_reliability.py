@@ -13,7 +13,6 @@ import torch
 from runner import FAST, REPO, metrics, train, train_cmd, train_env
 
 from prada_fast import checkpoint
-from prada_fast.distributed import free_port
 
 pytestmark = pytest.mark.slow
 NO_DATA = FAST[2:]  # FAST without its --data
@@ -163,16 +162,6 @@ def test_nan_steps_are_skipped_and_k_in_a_row_stop_the_run(tmp_path, cache):
         assert torch.equal(w3[k], w4[k]), k  # the NaN step 4 left the weights alone
         assert torch.equal(w5[k], w8[k]), k  # so did steps 6-8
     assert any(not torch.equal(w4[k], w5[k]) for k in w3)  # step 5 was a real step
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    """Call prada_fast.train.main in this process, a world of one."""
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(free_port()), "PRADA_FAST_CACHE": "/nonexistent"}.items():
-        monkeypatch.setenv(k, v)
-    from prada_fast.train import main
-    return main
 
 
 def _bad_ds(tmp_path):

@@ -15,23 +15,12 @@ import torch
 from prada_fast import checkpoint, trainloop
 from prada_fast.data import DataError, Record, load_spec
 from prada_fast.data.prepare import check_lengths, describe_lengths, encode_all
-from prada_fast.distributed import free_port
 from prada_fast.dsconfig import ConfigError, load_ds_config
 from prada_fast.model import ModelError, PradaModel, byte_tokenizer, check_model_dir, load_causal_lm
 from prada_fast.preemption import Preempted, StopRequest
 
 FAST = ["--data", "synthetic:48", "--eval-per-domain", "0", "--no-progress", "--log-every", "1",
         "--max-len", "128", "--teacher", "none"]
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    """prada_fast.train.main in this process, a world of one."""
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(free_port()), "PRADA_FAST_CACHE": "/nonexistent"}.items():
-        monkeypatch.setenv(k, v)
-    from prada_fast.train import main
-    return main
 
 
 def _one_line(capsys) -> str:
