@@ -270,17 +270,18 @@ class PradaModel(nn.Module):
                                         teacher_hidden], 1)
         lm_head = self.student.get_output_embeddings()
         linear_dom = use_domain and self.domain_head.kind == "linear"
+        pool = self.pool_mask(attention_mask, labels).to(hidden.dtype)
         loss, parts = prada_loss(
             hidden, lm_head.weight, targets, lm_bias=getattr(lm_head, "bias", None),
             teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
             temperature=temperature, alpha=alpha, num_valid_tokens=num_valid_tokens,
-            pool_mask=self.pool_mask(attention_mask, labels).to(hidden.dtype),
+            pool_mask=pool,
             domain_weight=self.domain_head.out.weight if linear_dom else None,
             domain_bias=self.domain_head.out.bias if linear_dom else None,
             domain_labels=domain_labels if linear_dom else None,
             grl_lambda=grl_lambda, adversary=self.adversary, impl=self.loss_impl)
         if use_domain and not linear_dom:  # MLP head: plain PyTorch, either adversary
-            f = masked_mean(hidden, self.pool_mask(attention_mask, labels))
+            f = masked_mean(hidden, pool)
             grl = self.adversary == "grl"
             c = self.domain_head(grad_reverse(f, grl_lambda) if grl else f.detach())
             c = c.to(torch.promote_types(c.dtype, torch.float32))
