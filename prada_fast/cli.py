@@ -12,6 +12,7 @@ from pathlib import Path
 from .data import SYNTHETIC_TARGET, DataError
 from .data.loaders import check_spec
 from .model import PRESETS, ModelError, check_model_dir
+from .prompts import PROMPT_ENCODERS
 from .report import RunDirError, check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="steps between lines of metrics.jsonl")
     io.add_argument("--seed", type=int, default=0, help="seed of data order, init and synthetic data")
     io.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    io.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
+                    help="also write the metrics of metrics.jsonl and the final evaluation to "
+                         "TensorBoard, under DIR/tensorboard (needs the tensorboard package: "
+                         "pip install -e '.[tensorboard]')")
     io.add_argument("--dist-timeout", type=float, default=5.0, metavar="MIN",
                     help="process-group timeout in minutes: a rank that hangs in a collective ends "
                          "the job after this (a rank that dies ends it at once)")
@@ -106,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "~/.cache/prada_fast/teachers)")
     model.add_argument("--prompt-len", type=int, default=8, metavar="K",
                        help="learned soft-prompt vectors before the input (0: none)")
+    model.add_argument("--prompt-encoder", choices=PROMPT_ENCODERS, default="none",
+                       help="P-tuning: produce the soft prompt from free vectors through an MLP or "
+                            "a BiLSTM + MLP while training (the export saves its output as plain "
+                            "vectors); none: train the vectors directly")
+    model.add_argument("--prompt-hidden", type=int, default=0, metavar="H",
+                       help="width of the prompt encoder (0: the student's hidden size)")
     model.add_argument("--domain-head", choices=("linear", "mlp"), default="linear",
                        help="domain classifier on pooled hidden states (linear runs in the fused op)")
     model.add_argument("--mlp-hidden", type=int, default=0, help="width of the MLP head (0: H)")
@@ -190,7 +201,7 @@ RANGES = {
     "dist_timeout": _above(0), "max_bad_steps": _at_least(1), "local_rank": _at_least(-1),
     "max_len": _at_least(2), "eval_per_domain": _at_least(0),
     "teacher_steps": _at_least(1), "teacher_lr": _above(0), "prompt_len": _at_least(0),
-    "mlp_hidden": _at_least(0),
+    "mlp_hidden": _at_least(0), "prompt_hidden": _at_least(0),
     "alpha": _within(0, 1), "temperature": _above(0), "lambda_max": _at_least(0),
     "grl_gamma": _above(0), "lr": _above(0), "domain_head_lr_mult": _above(0),
     "max_new_tokens": _at_least(1), "eval_batch_size": _at_least(1),
@@ -264,11 +275,20 @@ def _check_combinations(args) -> None:
     if args.mlp_hidden and args.domain_head != "mlp":
         raise FlagError(f"--mlp-hidden {args.mlp_hidden} sets the width of an MLP head: it needs "
                         "--domain-head mlp")
+    if args.prompt_encoder != "none" and args.prompt_len == 0:
+        raise FlagError(f"--prompt-encoder {args.prompt_encoder} encodes the soft prompt: it needs "
+                        "--prompt-len 1 or more")
+    if args.prompt_hidden and args.prompt_encoder == "none":
+        raise FlagError(f"--prompt-hidden {args.prompt_hidden} sets the width of a prompt encoder: "
+                        "it needs --prompt-encoder mlp or lstm")
     no_teacher = args.teacher == "none" or (args.teacher == "auto" and args.student not in PRESETS)
     if args.alpha == 0 and no_teacher:
         why = " with a non-preset student" if args.teacher == "auto" else ""
         raise FlagError("--alpha 0 trains on the distillation term alone, but there is no teacher "
                         f"(--teacher {args.teacher}{why})")
+    if args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise FlagError("--report-to tensorboard needs the tensorboard package "
+                        "(pip install -e '.[tensorboard]')")
     if args.attn == "flash_attention_2":
         import torch
         if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:

@@ -1,10 +1,14 @@
 """Evaluation: per-domain answer accuracy with greedy decoding (the final answer parsed
-from "The answer is ..."), and the domain classifier's accuracy on pooled features."""
+from "The answer is ..."), and how much domain information the pooled features carry: the
+trained domain head's accuracy and a fresh probe's."""
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .data.format import answer_correct, extract_answer, prompt_text
+from .probes import probe_accuracy
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int):
@@ -39,17 +43,38 @@ def answer_accuracy(model, tokenizer, records, *, max_new_tokens: int = 96,
 
 
 @torch.no_grad()
-def domain_accuracy(model, batches) -> float:
-    """Accuracy of the domain head on pooled features over collated batches."""
+def domain_features(model, batches):
+    """(pooled features (n, H) float32, domain labels (n,), the head's predictions (n,)) over
+    collated batches."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    right = total = 0
+    feats, labels, preds = [], [], []
     for b in batches:
         f = model.pooled_features(b["input_ids"].to(device), b["attention_mask"].to(device),
                                   b["labels"].to(device))
-        c = model.domain_head(f)
-        right += int((c.argmax(-1).cpu() == b["domain_labels"]).sum())
-        total += len(b["domain_labels"])
+        feats.append(f.float().cpu())
+        preds.append(model.domain_head(f).argmax(-1).cpu())
+        labels.append(b["domain_labels"])
     model.train(was_training)
-    return right / max(total, 1)
+    return torch.cat(feats), torch.cat(labels), torch.cat(preds)
+
+
+def domain_alignment(model, batches, *, folds: int = 5) -> dict:
+    """On held-out records: the domain head's accuracy, a fresh logistic probe's
+    (cross-validated, `folds` folds; None with too few records per domain) and chance.
+    Aligned features put both near chance; a head below chance with a probe near 1 means
+    the student fools its head instead of hiding the domain."""
+    f, y, pred = domain_features(model, batches)
+    n_domains = model.domain_head.out.out_features
+    return {"head_accuracy": float((pred == y).float().mean()) if len(y) else None,
+            "probe_accuracy": probe_accuracy(f, y, folds=folds), "chance": 1 / n_domains,
+            "ln_domains": math.log(n_domains)}
+
+
+def fooled(alignment: dict, final_dom_loss: float | None) -> bool:
+    """The head is confidently wrong: accuracy below chance while its loss exceeds ln D
+    (a uniform guess would do better on both)."""
+    head = alignment.get("head_accuracy")
+    return (head is not None and final_dom_loss is not None and head < alignment["chance"]
+            and final_dom_loss > alignment["ln_domains"])

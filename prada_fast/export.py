@@ -1,5 +1,6 @@
 """DIR/final: the trained student as a Hugging Face model directory, plus the soft prompt
-and the domain head, gathered from ZeRO-3 partitions one parameter at a time."""
+and the domain head, gathered from ZeRO-3 partitions one parameter at a time. A prompt
+encoder (P-tuning) is not saved: its output is, as the soft prompt's plain vectors."""
 from __future__ import annotations
 
 import os
@@ -23,14 +24,24 @@ def gather_state(module, rank0: bool) -> dict:
     return out
 
 
+def baked_prompt(model: PradaModel, rank0: bool):
+    """The soft prompt as plain (K, H) vectors on rank 0: a P-tuning encoder's output
+    computed once from the gathered free vectors and encoder weights (None without one)."""
+    from deepspeed import zero
+    if model.soft_prompt is None:
+        return None
+    encoder = model.prompt_encoder
+    params = [model.soft_prompt, *(encoder.parameters() if encoder is not None else ())]
+    with zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
+        return model.prompt_vectors().detach().to("cpu", copy=True) if rank0 else None
+
+
 def export_final(model: PradaModel, tok, out_dir: Path, meta: dict) -> None:
     """DIR/final: the student as a Hugging Face model directory plus soft prompt and head."""
     rank0 = dist_util.rank() == 0
     student_sd = gather_state(model.student, rank0)
     heads_sd = gather_state(model.domain_head, rank0)
-    prompt = None
-    if model.soft_prompt is not None:
-        prompt = gather_state(torch.nn.ParameterDict({"p": model.soft_prompt}), rank0).get("p")
+    prompt = baked_prompt(model, rank0)
     if rank0:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

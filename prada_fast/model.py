@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .op import confusion_term, grad_reverse, masked_mean, prada_loss
+from .prompts import PromptEncoder
 
 # Llama-shaped presets small enough to train on a CPU in minutes. Vocabulary: bytes.
 PRESETS = {
@@ -195,11 +196,15 @@ class DomainHead(nn.Module):
 
 
 class PradaModel(nn.Module):
-    """Student + soft prompt + domain head; `forward` gives (loss, parts)."""
+    """Student + soft prompt + domain head; `forward` gives (loss, parts).
+
+    prompt_encoder "mlp" or "lstm": the soft prompt is produced from the free vectors
+    `soft_prompt` by a P-tuning encoder (prompts.py) while training; `prompt_vectors()` is
+    what goes in front of the input either way, and what the export saves."""
 
     def __init__(self, student, n_domains: int, n_prompt: int = 8, head: str = "linear",
                  mlp_hidden: int = 0, loss_impl: str = "auto", pool: str = "question",
-                 adversary: str = "grl"):
+                 adversary: str = "grl", prompt_encoder: str = "none", prompt_hidden: int = 0):
         super().__init__()
         if pool not in POOLS:
             raise ModelError(f"pool {pool!r}: expected one of {POOLS}")
@@ -213,6 +218,10 @@ class PradaModel(nn.Module):
         std = float(emb.detach().std()) if emb.numel() else 0.02
         self.soft_prompt = nn.Parameter(torch.randn(n_prompt, H, dtype=emb.dtype) * std) \
             if n_prompt > 0 else None
+        if prompt_encoder != "none" and n_prompt <= 0:
+            raise ModelError(f"prompt encoder {prompt_encoder!r} needs a soft prompt (n_prompt >= 1)")
+        self.prompt_encoder = (PromptEncoder(H, prompt_encoder, prompt_hidden).to(emb.dtype)
+                               if prompt_encoder != "none" else None)
         self.domain_head = DomainHead(H, n_domains, head, mlp_hidden)
         # The op reads these weights outside their modules' forward: let ZeRO-3 gather them.
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
@@ -226,13 +235,19 @@ class PradaModel(nn.Module):
     def backbone(self):
         return getattr(self.student, self.student.base_model_prefix)
 
+    def prompt_vectors(self) -> torch.Tensor | None:
+        """(K, H): the soft prompt put in front of the input (None without one)."""
+        if self.soft_prompt is None or self.prompt_encoder is None:
+            return self.soft_prompt
+        return self.prompt_encoder(self.soft_prompt)
+
     def embed(self, input_ids, attention_mask):
         """Input embeddings with the soft prompt in front, and the extended mask."""
         emb = self.student.get_input_embeddings()(input_ids)
         if self.soft_prompt is None:
             return emb, attention_mask
         B = input_ids.shape[0]
-        prompt = self.soft_prompt.to(emb.dtype).unsqueeze(0).expand(B, -1, -1)
+        prompt = self.prompt_vectors().to(emb.dtype).unsqueeze(0).expand(B, -1, -1)
         ones = attention_mask.new_ones(B, self.n_prompt)
         return torch.cat([prompt, emb], 1), torch.cat([ones, attention_mask], 1)
 
@@ -351,7 +366,8 @@ class PradaModel(nn.Module):
 
     @classmethod
     def from_final(cls, path: str | os.PathLike, attn: str = "auto", loss_impl: str = "auto"):
-        """Load DIR/final: the Hugging Face student plus soft prompt and domain head."""
+        """Load DIR/final: the Hugging Face student plus soft prompt and domain head (a
+        prompt encoder used in training is baked into the saved vectors)."""
         path = Path(path)
         if not (path / META_FILE).is_file():
             raise ModelError(f"{path}: no {META_FILE} (not a prada_fast final/ directory)")

@@ -50,6 +50,8 @@ def print_table(summary: dict) -> None:
     print(line)
     print(f"domain classifier accuracy: {_fmt(summary['domain_classifier_accuracy'])} "
           f"(before {_fmt(summary.get('domain_classifier_accuracy_before'))}, chance "
-          f"{1 / max(len(summary['domains']), 1):.3f})")
+          f"{1 / max(len(summary['domains']), 1):.3f}); fresh probe on the pooled question "
+          f"features: {_fmt(summary.get('domain_probe_accuracy'))} "
+          f"(before {_fmt((summary.get('domain_alignment') or {}).get('probe_accuracy_before'))})")
     print(f"final loss {summary['final_loss']:.4f}  steps {summary['steps']}  "
           f"tokens/s {summary['tokens_per_s']:.0f}  wall {summary['wall_seconds']}s", flush=True)

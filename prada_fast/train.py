@@ -52,7 +52,7 @@ from prada_fast.model import PRESETS, ModelError, PradaModel, check_same_vocab, 
 from prada_fast.preemption import EXIT_PREEMPTED, Preempted
 from prada_fast.report import RunDirError, prepare_output_dir, print_table
 from prada_fast.teacher import default_cache_dir, fit_teacher
-from prada_fast.trainloop import BadNumerics, train_steps
+from prada_fast.trainloop import BadNumerics, tensorboard_writer, train_steps
 
 
 def log(msg: str) -> None:
@@ -146,7 +146,8 @@ def build_models(args, data: Data):
     data.eval, _ = encode_all(data.eval_records, tok, args, domain_ids)
     data.collate = Collator(tok.pad_token_id)
     model = PradaModel(student, len(data.domains), args.prompt_len, args.domain_head,
-                       args.mlp_hidden, args.loss_impl, pool=args.pool, adversary=args.adversary)
+                       args.mlp_hidden, args.loss_impl, pool=args.pool, adversary=args.adversary,
+                       prompt_encoder=args.prompt_encoder, prompt_hidden=args.prompt_hidden)
     teacher = resolve_teacher(args, tok, data.train, data.collate)
     if teacher is not None:
         check_same_vocab(student, teacher)
@@ -231,7 +232,7 @@ def export(args, engine, tok, data: Data, out: Path) -> None:
     """DIR/final: the student as a Hugging Face model plus soft prompt and domain head."""
     meta = {"domains": data.domains, "roles": data.roles, "n_prompt": args.prompt_len,
             "domain_head": args.domain_head, "mlp_hidden": args.mlp_hidden, "pool": args.pool,
-            "adversary": args.adversary}
+            "adversary": args.adversary, "prompt_encoder": args.prompt_encoder}
     export_final(engine.module, tok, out / "final", meta)
 
 
@@ -246,34 +247,61 @@ def evaluate_after(args, out: Path, data: Data):
 
 
 def evaluate(model, tok, eval_records, eval_examples, collate, args):
-    """(answer accuracy by domain, domain-classifier accuracy) on the held-out records."""
-    from prada_fast.evaluation import answer_accuracy, domain_accuracy
+    """(answer accuracy by domain, domain alignment: the head's and a fresh probe's accuracy
+    on the pooled features, evaluation.domain_alignment) on the held-out records."""
+    from prada_fast.evaluation import answer_accuracy, domain_alignment
     with dist_util.all_threads():
         acc = answer_accuracy(model, tok, eval_records, max_new_tokens=args.max_new_tokens,
                               batch_size=args.eval_batch_size)
         batches = [collate(eval_examples[i:i + 64]) for i in range(0, len(eval_examples), 64)]
-        dom = domain_accuracy(model, batches)
-    return acc, dom
+        align = domain_alignment(model, batches)
+    return acc, align
 
 
 def summarise(args, out: Path, info, data: Data, stats: dict, sharding: dict, before, after) -> None:
-    """Rank 0: DIR/summary.json and the end-of-run table."""
+    """Rank 0: DIR/summary.json and the end-of-run table, with a warning when the student
+    fools its domain head rather than aligning the domains."""
+    from prada_fast.evaluation import fooled
     if dist_util.rank() != 0:
         return
-    (acc_before, dom_before), (acc_after, dom_after) = before, after
+    (acc_before, align_before), (acc_after, align_after) = before, after
     domains = {d: {"role": data.roles[d], "accuracy_before": (acc_before or {}).get(d),
                    "accuracy_after": (acc_after or {}).get(d)} for d in data.domains}
+    alignment = None
+    if align_after is not None:
+        final_dom = None if args.no_domain_loss else stats["final_parts"].get("dom")
+        alignment = {**align_after, "final_dom_loss": final_dom,
+                     "probe_accuracy_before": align_before["probe_accuracy"],
+                     "fooled": fooled(align_after, final_dom)}
     summary = {"steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"],
-               "final_loss": stats["final_loss"], "domain_classifier_accuracy": dom_after,
+               "final_loss": stats["final_loss"],
+               "domain_classifier_accuracy": (align_after or {}).get("head_accuracy"),
+               "domain_probe_accuracy": (align_after or {}).get("probe_accuracy"),
+               "domain_alignment": alignment,
                "domains": domains, "truncated_sequences": data.truncated, "lengths": data.lengths,
                "steps_without_labels": sum('"no_labels": true' in line for line in
                                            (out / "metrics.jsonl").read_text().splitlines()),
                "skipped_records": data.skipped, "skipped_steps": stats["skipped_steps"],
                "world_size": info.world_size, "zero3": sharding,
                "wall_seconds": round(time.time() - info.start_time, 1),
-               "domain_classifier_accuracy_before": dom_before}
+               "domain_classifier_accuracy_before": (align_before or {}).get("head_accuracy")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    board = tensorboard_writer(args, out)
+    if board:
+        for d, v in domains.items():
+            if v["accuracy_after"] is not None:
+                board.add_scalar(f"eval/accuracy/{d}", v["accuracy_after"], stats["steps"])
+        for key in ("head_accuracy", "probe_accuracy"):
+            if (alignment or {}).get(key) is not None:
+                board.add_scalar(f"eval/domain_{key}", alignment[key], stats["steps"])
+        board.close()
     print_table(summary)
+    if alignment and alignment["fooled"]:
+        log(f"warning: the student fools the domain head instead of hiding the domain: head "
+            f"accuracy {alignment['head_accuracy']:.2f} is below chance {alignment['chance']:.2f} "
+            f"with L_dom {final_dom:.3f} > ln D = {alignment['ln_domains']:.3f}, and a fresh probe "
+            f"still tells the domains apart at {alignment['probe_accuracy']:.2f}. Try --adversary "
+            "confusion, a lower --lambda-max or a higher --domain-head-lr-mult")
 
 
 # Exit codes (README, "When things go wrong"): 0 done (or --stop-after), 2 bad input (a

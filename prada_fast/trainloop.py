@@ -50,10 +50,19 @@ def _optimizer_step(engine, t_engine, micro, *, norm, lam, args, inject_nan: boo
     return sums
 
 
+def tensorboard_writer(args, out):
+    """A TensorBoard SummaryWriter on DIR/tensorboard with --report-to tensorboard, else None."""
+    if getattr(args, "report_to", "none") != "tensorboard":
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(out / "tensorboard"))
+
+
 def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, skipped=0) -> dict:
     world = batches.world_size
     rank0 = dist_util.rank() == 0
     metrics = open(out / "metrics.jsonl", "a") if rank0 else None  # noqa: SIM115
+    board = tensorboard_writer(args, out) if rank0 else None
     bar = tqdm(total=args.max_steps, initial=start, desc="train", dynamic_ncols=True,
                disable=not rank0 or args.no_progress)
     inject = {int(s) for s in args.inject_nan.split(",") if s} if args.inject_nan else set()
@@ -112,6 +121,10 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
                         row["no_labels"] = True
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
+                    if board:
+                        for key, value in row.items():
+                            if key != "step" and not isinstance(value, bool):
+                                board.add_scalar(f"train/{key}", value, step + 1)
             if bad_in_row >= args.max_bad_steps:
                 save(step + 1)
                 raise BadNumerics(
@@ -133,6 +146,9 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
         bar.close()
         if metrics:
             metrics.close()
+        if board:
+            board.close()
     elapsed = time.time() - t_start
-    return {"steps": end, "final_loss": last.get("loss", float("nan")), "skipped_steps": skipped,
+    return {"steps": end, "final_loss": last.get("loss", float("nan")), "final_parts": last,
+            "skipped_steps": skipped,
             "steps_without_labels": no_labels, "tokens_per_s": tokens_total / max(elapsed, 1e-9)}

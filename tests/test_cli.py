@@ -12,6 +12,7 @@ from prada_fast.cli import build_parser, parse_args
 # A combination names the flag of its row, possibly with another one.
 BAD = {
     "--ds": ["--ds", "TMP/missing.json"],
+    "--report-to": ["--report-to", "wandb"],
     "--output-dir": ["--output-dir", "FILE"],
     "--resume": ["--resume", "--overwrite"],
     "--overwrite": ["--overwrite", "--resume"],
@@ -37,6 +38,8 @@ BAD = {
     "--teacher-lr": ["--teacher-lr", "0"],
     "--teacher-cache": ["--teacher-cache", "FILE"],
     "--prompt-len": ["--prompt-len", "-1"],
+    "--prompt-encoder": ["--prompt-encoder", "mlp", "--prompt-len", "0"],
+    "--prompt-hidden": ["--prompt-hidden", "16"],  # without --prompt-encoder
     "--domain-head": ["--domain-head", "conv"],
     "--mlp-hidden": ["--mlp-hidden", "16"],  # without --domain-head mlp
     "--pool": ["--pool", "everything"],
@@ -64,7 +67,8 @@ MORE_BAD = [
     ["--alpha", "-0.1"], ["--alpha", "x"], ["--temperature", "inf"], ["--max-steps", "1.5"],
     ["--alpha", "0", "--teacher", "none"], ["--data", "synthetic:0"], ["--data", "synthetic:4:geometry"],
     ["--data", "TMP/gsm8k_missing.jsonl"], ["--data", "jsonl:TMP/x.jsonl?color=red"],
-    ["--seed", str(2**32)], ["--max-len", "0"],
+    ["--seed", str(2**32)], ["--max-len", "0"], ["--prompt-encoder", "gru"],
+    ["--prompt-hidden", "-1", "--prompt-encoder", "lstm"],
 ]
 
 

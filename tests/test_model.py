@@ -47,6 +47,66 @@ def test_soft_prompt_and_linear_head_get_gradients(tiny):
     assert parts["dom"] > 0
 
 
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_prompt_encoder_output_is_the_prompt_and_trains(kind):
+    """P-tuning: the vectors in front of the input are the encoder's output on the free
+    vectors (checked against the equations in float64, the LSTM by PyTorch's cell), and the
+    free vectors and every encoder weight get gradients."""
+    student, _ = load_causal_lm("tiny", seed=13)
+    model = PradaModel(student, n_domains=3, n_prompt=5, prompt_encoder=kind, prompt_hidden=24,
+                       loss_impl="chunked").double()
+    enc, free = model.prompt_encoder, model.soft_prompt
+    x = free
+    if kind == "lstm":  # two bidirectional layers, the gate equations written out
+        for layer in range(2):
+            outs = []
+            for suffix, order in (("", range(5)), ("_reverse", reversed(range(5)))):
+                w_ih = getattr(enc.lstm, f"weight_ih_l{layer}{suffix}")
+                w_hh = getattr(enc.lstm, f"weight_hh_l{layer}{suffix}")
+                b = (getattr(enc.lstm, f"bias_ih_l{layer}{suffix}")
+                     + getattr(enc.lstm, f"bias_hh_l{layer}{suffix}"))
+                h = c = torch.zeros(24, dtype=torch.float64)
+                seq = [None] * 5
+                for t in order:
+                    i, f, g, o = (w_ih @ x[t] + w_hh @ h + b).chunk(4)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    seq[t] = h
+                outs.append(torch.stack(seq))
+            x = torch.cat(outs, 1)
+    expect = torch.relu(x @ enc.inner.weight.T + enc.inner.bias) @ enc.out.weight.T + enc.out.bias
+    torch.testing.assert_close(model.prompt_vectors(), expect, rtol=1e-10, atol=1e-12)
+    ids, mask, labels, dom = batch(4)
+    emb, _ = model.embed(ids, mask)
+    torch.testing.assert_close(emb[1, :5], model.prompt_vectors(), rtol=0, atol=0)
+    loss, _ = model(ids, mask, labels, dom, grl_lambda=0.5)
+    loss.backward()
+    assert free.grad.abs().sum() > 0
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_export_bakes_the_prompt_encoder(tmp_path):
+    """final/ holds the encoder's output as plain vectors: the reloaded model has no encoder
+    and gives the same logits as the trained one."""
+    from prada_fast.export import export_final
+    student, tok = load_causal_lm("tiny", seed=14)
+    model = PradaModel(student, n_domains=3, n_prompt=4, prompt_encoder="lstm").eval()
+    with torch.no_grad():
+        model.soft_prompt.normal_()  # away from the initial values
+    meta = {"domains": ["a", "b", "c"], "n_prompt": 4, "domain_head": "linear",
+            "prompt_encoder": "lstm"}
+    export_final(model, tok, tmp_path / "final", meta)
+    loaded, _, _ = PradaModel.from_final(tmp_path / "final", attn="sdpa")
+    assert loaded.prompt_encoder is None
+    torch.testing.assert_close(loaded.soft_prompt, model.prompt_vectors(), rtol=1e-5, atol=1e-7)
+    ids, mask, *_ = batch(5)
+    with torch.no_grad():
+        h0, _ = model.hidden_states(ids, mask)
+        h1, _ = loaded.hidden_states(ids, mask)
+    torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("adversary", ["grl", "confusion"])
 def test_mlp_head_is_the_adversarial_term_in_plain_pytorch(adversary):
     student, _ = load_causal_lm("tiny", seed=12)

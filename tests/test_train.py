@@ -14,13 +14,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def two_rank_runs(tmp_path_factory, cache, ds_config, tied_student):
-    """The same 2-rank ZeRO-3 run with the chunked and the reference loss."""
+    """The same 2-rank ZeRO-3 run with the chunked and the reference loss (the soft prompt
+    through a P-tuning encoder, sharded too)."""
     runs = {}
     for impl in ("chunked", "reference"):
         out = tmp_path_factory.mktemp(f"run-{impl}")
         train([*FAST, "--ds", str(ds_config), "--output-dir", str(out), "--overwrite",
                "--student", str(tied_student), "--teacher", "tiny-teacher", "--max-steps", "6",
-               "--lr", "0.01", "--loss-impl", impl, "--seed", "3"], cache, nproc=2)
+               "--lr", "0.01", "--loss-impl", impl, "--seed", "3", "--prompt-encoder", "mlp"],
+              cache, nproc=2)
         runs[impl] = out
     return runs
 
@@ -56,6 +58,7 @@ def test_final_model_loads_with_from_pretrained(two_rank_runs, tied_student):
     assert not torch.equal(model.lm_head.weight, start.lm_head.weight)  # it was trained
     prada, tok, meta = PradaModel.from_final(final)
     assert prada.soft_prompt.shape == (8, 64) and meta["domains"][3] == "sorting"
+    assert meta["prompt_encoder"] == "mlp" and prada.prompt_encoder is None  # baked
 
 
 def test_chunked_and_reference_agree_under_zero3(two_rank_runs):

@@ -1,0 +1,73 @@
+"""Watching the adversary: the summary's domain alignment on held-out records (the head's
+accuracy, a fresh probe's, the fooled-head warning) and the TensorBoard copy of the metrics."""
+import json
+import math
+
+import pytest
+import torch
+from runner import FAST
+
+from prada_fast.evaluation import domain_alignment, fooled
+
+
+class _Features(torch.nn.Module):
+    """A stand-in model: pooled features given per example, a fixed linear head."""
+
+    def __init__(self, feats, head_weight):
+        super().__init__()
+        self.feats = feats
+        self.domain_head = torch.nn.Module()
+        self.domain_head.out = torch.nn.Linear(feats.shape[1], head_weight.shape[0], bias=False)
+        self.domain_head.out.weight.data.copy_(head_weight)
+        self.domain_head.forward = self.domain_head.out.forward
+
+    def pooled_features(self, input_ids, attention_mask, labels):
+        return self.feats[input_ids[:, 0]]
+
+
+def test_domain_alignment_reports_a_fooled_head_and_a_probe_that_still_separates():
+    """Features that separate D = 3 domains perfectly, and a head that maps each domain to
+    the next one: head accuracy 0, fresh probe 1.0."""
+    D, per, H = 3, 12, 7
+    y = torch.arange(D).repeat_interleave(per)
+    centres = torch.randn(D, H) * 5
+    feats = centres[y] + 0.1 * torch.randn(len(y), H)
+    head = torch.roll(centres, 1, 0)  # class c's centre scores highest for class c + 1
+    model = _Features(feats, head)
+    ids = torch.arange(len(y)).unsqueeze(1)
+    batches = [{"input_ids": ids[s:s + 10], "attention_mask": torch.ones(len(ids[s:s + 10]), 1),
+                "labels": ids[s:s + 10], "domain_labels": y[s:s + 10]} for s in range(0, len(y), 10)]
+    a = domain_alignment(model, batches)
+    assert a["head_accuracy"] == 0.0 and a["probe_accuracy"] == 1.0
+    assert a["chance"] == pytest.approx(1 / 3) and a["ln_domains"] == pytest.approx(math.log(3))
+    assert fooled(a, final_dom_loss=1.5)          # below chance, loss above ln 3
+    assert not fooled(a, final_dom_loss=1.0)      # below chance, but the loss is not above ln 3
+    assert not fooled({**a, "head_accuracy": 0.4}, 1.5)
+    assert not fooled(a, None)                    # no domain loss trained
+
+
+def test_summary_alignment_and_tensorboard(in_process, tmp_path):
+    """A short run: summary.json carries the head's and a fresh probe's accuracy on the
+    held-out pooled question features, and every metrics.jsonl value is in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    code = in_process([*FAST, "--teacher", "none", "--max-steps", "3", "--eval-per-domain", "10",
+                       "--output-dir", str(out), "--report-to", "tensorboard",
+                       "--prompt-encoder", "mlp", "--adversary", "confusion"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    a = summary["domain_alignment"]
+    assert 0 <= a["probe_accuracy"] <= 1 and 0 <= a["head_accuracy"] <= 1
+    assert a["probe_accuracy"] == summary["domain_probe_accuracy"]
+    assert a["head_accuracy"] == summary["domain_classifier_accuracy"]
+    assert a["chance"] == pytest.approx(0.25) and a["final_dom_loss"] > 0
+    assert a["fooled"] == fooled(a, a["final_dom_loss"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "ce", "dom", "dom_acc", "grl_lambda"):
+        got = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        assert got == [(r["step"], pytest.approx(r[key], rel=1e-6, abs=1e-7)) for r in rows], key
+    acc = events.Scalars("eval/accuracy/sorting")
+    assert [e.value for e in acc] == [pytest.approx(summary["domains"]["sorting"]["accuracy_after"])]
+    assert events.Scalars("eval/domain_probe_accuracy")[0].value == pytest.approx(a["probe_accuracy"])
