@@ -106,8 +106,10 @@ def test_probes_separate_clusters_and_stay_near_chance_on_noise():
 
 
 def test_trainer_commands_differ_only_in_the_variant_flags(tmp_path):
-    args = parse_args(["--output-dir", str(tmp_path), "--seeds", "0,1,2", "--extra", "--max-len 128"])
-    assert args.targets == ["sorting"] and args.variants == ["cot", "adv", "prada"]
+    args = parse_args(["--output-dir", str(tmp_path), "--seeds", "0,1,2", "--extra", "--max-len 128",
+                       "--lambda-max", "0.3", "--head-lr-mult", "10", "--prompt-encoder", "mlp"])
+    assert args.targets == ["sorting"]
+    assert args.variants == ["cot", "grl", "confusion", "prada-grl", "prada-confusion"]
     V = variants(args.prompt_len)
     for seed in args.seeds:
         cmds = {k: trainer_args(args, "sorting", V[k], seed) for k in args.variants}
@@ -119,18 +121,85 @@ def test_trainer_commands_differ_only_in_the_variant_flags(tmp_path):
             assert cmd[cmd.index("--seed") + 1] == str(seed)
             assert cmd[cmd.index("--target-domains") + 1] == "sorting"
             assert cmd[-2:] == ["--max-len", "128"]
-        assert "--no-domain-loss" in cmds["cot"] and "--no-domain-loss" not in cmds["adv"]
+        assert "--no-domain-loss" in cmds["cot"] and "--no-domain-loss" not in cmds["grl"]
         pl = {k: c[c.index("--prompt-len") + 1] for k, c in cmds.items()}
-        assert pl == {"cot": "0", "adv": "0", "prada": "8"}
+        assert pl == {"cot": "0", "grl": "0", "confusion": "0", "prada-grl": "8", "prada-confusion": "8"}
+        for k in ("grl", "confusion", "prada-grl", "prada-confusion"):
+            c = cmds[k]
+            assert c[c.index("--adversary") + 1] == k.removeprefix("prada-")
+            assert c[c.index("--lambda-max") + 1] == "0.3"
+            assert c[c.index("--domain-head-lr-mult") + 1] == "10.0"
+            assert ("--prompt-encoder" in c) == k.startswith("prada")
+        assert "--lambda-max" not in cmds["cot"] and "--adversary" not in cmds["cot"]
 
         def common(c):
             c = list(c)
-            i = c.index("--output-dir")
-            del c[i:i + 2]
-            i = c.index("--prompt-len")
-            del c[i:i + 2]
+            for flag in ("--output-dir", "--prompt-len", "--adversary", "--lambda-max",
+                         "--domain-head-lr-mult", "--prompt-encoder"):
+                if flag in c:
+                    i = c.index(flag)
+                    del c[i:i + 2]
             return [x for x in c if x != "--no-domain-loss"]
-        assert common(cmds["cot"]) == common(cmds["adv"]) == common(cmds["prada"])
+        assert len({tuple(common(c)) for c in cmds.values()}) == 1
+
+
+def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(tmp_path, monkeypatch):
+    """--tune: every tuning run trains on the sources minus the pseudo-target, with the
+    pseudo-target unlabelled and the real target absent; the chosen knobs are those with the
+    best pseudo-target accuracy (adversary knobs on the adversarial-only variant, then the
+    prompt encoder on PRADA)."""
+    from prada_fast.experiments import compare as cmp
+    args = parse_args(["--output-dir", str(tmp_path), "--data", "synthetic:8:shopping,travel,recipes,garden",
+                       "--targets", "garden", "--tune", "--tune-lambdas", "0.1,1",
+                       "--tune-head-mults", "1,10", "--tune-prompt-encoders", "none,mlp",
+                       "--tune-seeds", "7,8"])
+    # a made-up pseudo-target accuracy per setting; the seeds average it
+    score = {("grl", 0.1, 1.0): 0.3, ("grl", 1.0, 10.0): 0.35, ("confusion", 1.0, 1.0): 0.4}
+    enc_bonus = {("grl", "mlp"): 0.05, ("confusion", "none"): 0.02}
+    seen = []
+
+    def fake_run(args_, argv, d, tag, walls):
+        seen.append(argv)
+        get = lambda f, default=None: argv[argv.index(f) + 1] if f in argv else default  # noqa: E731
+        adv = get("--adversary")
+        key = (adv, float(get("--lambda-max", 0)), float(get("--domain-head-lr-mult", 0)))
+        acc = score.get(key, 0.1) + enc_bonus.get((adv, get("--prompt-encoder")), 0.0)
+        acc += 0.01 * (int(get("--seed")) - 7.5)  # seed noise that averages out
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "summary.json").write_text(json.dumps({"domains": {
+            "recipes": {"accuracy_after": acc}, "shopping": {"accuracy_after": 0.8},
+            "travel": {"accuracy_after": 0.7}}}))
+        return "trained", 1.0
+
+    monkeypatch.setattr(cmp, "ensure_run", fake_run)
+    monkeypatch.setattr(cmp, "data_domains", lambda specs: ["garden", "recipes", "shopping", "travel"])
+    chosen = cmp.tune(args, "garden", [])
+    # cot, 4 settings x 2 adversaries, 2 encoders x 2 PRADA variants; each on 2 seeds
+    assert len(seen) == 2 * (1 + 4 * 2 + 2 * 2)
+    for argv in seen:
+        assert argv[argv.index("--target-domains") + 1] == "recipes"
+        assert argv[argv.index("--source-domains") + 1] == "shopping,travel"
+        assert str(tmp_path / "tune" / "garden") in argv[argv.index("--output-dir") + 1]
+        assert int(argv[argv.index("--seed") + 1]) in (7, 8)
+    assert chosen["grl"] == {"lambda_max": 1.0, "head_lr_mult": 10.0, "prompt_encoder": "none"}
+    assert chosen["confusion"] == {"lambda_max": 1.0, "head_lr_mult": 1.0, "prompt_encoder": "none"}
+    assert chosen["prada-grl"] == {"lambda_max": 1.0, "head_lr_mult": 10.0, "prompt_encoder": "mlp"}
+    assert chosen["prada-confusion"] == {"lambda_max": 1.0, "head_lr_mult": 1.0, "prompt_encoder": "none"}
+    saved = json.loads((tmp_path / "tune" / "garden" / "chosen.json").read_text())
+    assert saved["chosen"] == chosen and saved["pseudo_target"] == "recipes"
+    best = next(r for r in saved["tried"]
+                if r["variant"] == "confusion" and r["knobs"] == chosen["confusion"])
+    assert best["pseudo_target_accuracy"] == pytest.approx(0.4) and best["n_seeds"] == 2
+
+
+def test_paired_interval_is_the_t_interval():
+    from prada_fast.experiments.compare import ci95
+    d = [0.10, 0.02, 0.05, 0.08, -0.01]
+    lo, hi = ci95(d)
+    m, sd = np.mean(d), np.std(d, ddof=1)
+    assert (lo + hi) / 2 == pytest.approx(m)
+    assert (hi - lo) / 2 == pytest.approx(2.776 * sd / math.sqrt(5), rel=1e-4)  # t(0.975, 4)
+    assert ci95([0.1]) is None
 
 
 def test_bad_flags_are_refused(tmp_path, capsys):
@@ -143,7 +212,8 @@ def test_bad_flags_are_refused(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- end to end
 
-TINY = ["--seeds", "0,1", "--max-steps", "3", "--teacher-steps", "3", "--data", "synthetic:24",
+TINY = ["--seeds", "0,1", "--variants", "cot,grl,prada-confusion", "--prompt-encoder", "mlp",
+        "--max-steps", "3", "--teacher-steps", "3", "--data", "synthetic:24",
         "--eval-per-domain", "2", "--log-every", "1", "--extra", "--max-new-tokens 8 --max-len 96"]
 
 
@@ -164,7 +234,7 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
     assert report["command"].startswith("python -m prada_fast.experiments.compare")
     res = report["results"]["sorting"]
     assert res["n_domains"] == 4 and res["chance"] == 0.25
-    assert set(res["variants"]) == {"cot", "adv", "prada"}
+    assert set(res["variants"]) == {"cot", "grl", "prada-confusion"}
     for k, v in res["variants"].items():
         assert v["seeds"] == [0, 1]
         assert set(v["domains"]) == {"arithmetic", "coinflip", "lastletter", "sorting"}
@@ -177,9 +247,11 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
         acc = v["domains"]["arithmetic"]["accuracy_after"]
         assert acc["n"] == 2 and 0 <= acc["mean"] <= 1
     assert res["variants"]["cot"]["domain_head_trained"] is False
-    assert res["variants"]["adv"]["final_dom"]["mean"] > 0
+    assert res["variants"]["grl"]["final_dom"]["mean"] > 0
     assert res["variants"]["cot"]["final_dom"]["mean"] == 0  # no domain loss in (a)
-    assert set(res["paired_vs_cot"]) == {"adv", "prada"}
+    assert set(res["paired_vs_cot"]) == {"grl", "prada-confusion"}
+    ci = res["paired_vs_cot"]["grl"]["target_accuracy_after"]["ci95"]
+    assert ci is not None and ci[0] <= ci[1]
     # the same seed distils from one teacher: one fit per seed in the shared cache
     assert len([p for p in (out / "teachers").iterdir() if p.is_dir()]) == 2
 
@@ -187,24 +259,24 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
     for name in (plots["pca"], plots["loss_curves"]):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    assert set(plots["pca_explained_variance"]) == {"cot", "prada"}
+    assert set(plots["pca_explained_variance"]) == {"cot", "prada-confusion"}
     md = (out / "report.md").read_text()
-    for text in ("(a) plain CoT distillation", "(b) domain-adversarial only", "(c) PRADA", " ± ",
+    for text in ("(a) plain CoT distillation", "(b) adversarial only (grl)", "(e) PRADA", " ± ",
                  plots["pca"], plots["loss_curves"], report["command"]):
         assert text in md
     # every run left its own directory, metrics and pooled features
-    for v in ("cot", "adv", "prada"):
+    for v in ("cot", "grl", "prada-confusion"):
         for s in (0, 1):
             d = out / "runs" / "sorting" / v / f"seed{s}"
             assert (d / "summary.json").is_file() and (d / "pooled_features.pt").is_file()
 
     # resumable: the same command again reuses every finished run and trains nothing
-    stamp = (out / "runs" / "sorting" / "prada" / "seed1" / "summary.json").stat().st_mtime
+    stamp = (out / "runs" / "sorting" / "prada-confusion" / "seed1" / "summary.json").stat().st_mtime
     proc = compare(out)
     again = json.loads((out / "report.json").read_text())
     assert again["n_runs_trained"] == 0 and again["n_runs_done"] == 6
     assert {r["status"] for r in again["runs"]} == {"reused"}
-    assert (out / "runs" / "sorting" / "prada" / "seed1" / "summary.json").stat().st_mtime == stamp
+    assert (out / "runs" / "sorting" / "prada-confusion" / "seed1" / "summary.json").stat().st_mtime == stamp
     assert "reused" in proc.stdout
-    assert again["results"]["sorting"]["variants"]["prada"]["target_accuracy_after"] == \
-        res["variants"]["prada"]["target_accuracy_after"]
+    assert again["results"]["sorting"]["variants"]["prada-confusion"]["target_accuracy_after"] == \
+        res["variants"]["prada-confusion"]["target_accuracy_after"]

@@ -1,18 +1,26 @@
 """PRADA against plain chain-of-thought distillation: same steps, data and seeds.
 
-    python -m prada_fast.experiments.compare                     # synthetic, CPU, ~15-20 min on 2 cores
-    python -m prada_fast.experiments.compare --targets all       # rotate the held-out domain (x4)
+    python -m prada_fast.experiments.compare                     # synthetic, CPU
+    python -m prada_fast.experiments.compare --tune --seeds 0,1,2,3,4 \\
+        --data synthetic:400:shopping,travel,recipes,garden --targets all   # the full protocol
     python -m prada_fast.experiments.compare --data data/gsm8k_train.jsonl#400 \\
         --data data/strategyqa_train.json#400 --data data/aqua_dev.json \\
         --targets aqua --extra "--max-len 512"
 
-Three variants are trained by `prada_fast/train.py`, one subprocess per (target, variant,
+Five variants are trained by `prada_fast/train.py`, one subprocess per (target, variant,
 seed), leave-one-domain-out (the target domain is unlabelled, every other domain is a
 labelled source):
 
-  cot    (a) plain CoT distillation:  --prompt-len 0 --no-domain-loss
-  adv    (b) domain-adversarial only: --prompt-len 0
-  prada  (c) full PRADA:              --prompt-len 8 (soft prompt + domain-adversarial)
+  cot              (a) plain CoT distillation:       --prompt-len 0 --no-domain-loss
+  grl              (b) adversarial only, GRL:        --prompt-len 0 --adversary grl
+  confusion        (c) adversarial only, confusion:  --prompt-len 0 --adversary confusion
+  prada-grl        (d) PRADA, GRL:                   --prompt-len K --adversary grl
+  prada-confusion  (e) PRADA, confusion:             --prompt-len K --adversary confusion
+
+The adversarial variants also get --lambda-max, --domain-head-lr-mult and (PRADA) the
+prompt encoder: given as flags, or chosen per target by --tune on a pseudo-target split of
+the sources, never on the target's records. The report gives per variant the mean over
+seeds and the paired difference against (a) with its 95 % t-interval.
 
 Runs of the same seed share one teacher cache, so a seed's teacher is fitted once and every
 variant of that seed distils from the same teacher, in the same data order. Finished runs
@@ -50,17 +58,39 @@ class Variant:
     short: str
     flags: tuple[str, ...]
     trains_domain_head: bool
+    has_prompt: bool = False
+
+
+ADVERSARIES = ("grl", "confusion")
+
+
+VARIANT_KEYS = ("cot", "grl", "confusion", "prada-grl", "prada-confusion")
 
 
 def variants(prompt_len: int) -> dict[str, Variant]:
-    return {
-        "cot": Variant("cot", "(a) plain CoT distillation", "(a) CoT-KD",
-                       ("--prompt-len", "0", "--no-domain-loss"), False),
-        "adv": Variant("adv", "(b) domain-adversarial only", "(b) adversarial",
-                       ("--prompt-len", "0"), True),
-        "prada": Variant("prada", f"(c) PRADA (soft prompt K={prompt_len} + domain-adversarial)",
-                         "(c) PRADA", ("--prompt-len", str(prompt_len)), True),
-    }
+    """The compared trainer configurations. The knobs the protocol chooses (lambda_max, the
+    head's lr multiplier, the prompt encoder) are added by `knob_flags`."""
+    out = {"cot": Variant("cot", "(a) plain CoT distillation", "(a) CoT-KD",
+                          ("--prompt-len", "0", "--no-domain-loss"), False)}
+    for i, adv in enumerate(ADVERSARIES):
+        out[adv] = Variant(adv, f"({'bc'[i]}) adversarial only ({adv})", f"({'bc'[i]}) {adv}",
+                           ("--prompt-len", "0", "--adversary", adv), True)
+    for i, adv in enumerate(ADVERSARIES):
+        out[f"prada-{adv}"] = Variant(
+            f"prada-{adv}", f"({'de'[i]}) PRADA (soft prompt K={prompt_len} + {adv})",
+            f"({'de'[i]}) PRADA {adv}", ("--prompt-len", str(prompt_len), "--adversary", adv),
+            True, True)
+    return out
+
+
+def knob_flags(v: Variant, knobs: dict) -> list[str]:
+    """Trainer flags of the chosen knobs that apply to variant v."""
+    if not v.trains_domain_head:
+        return []
+    a = ["--lambda-max", str(knobs["lambda_max"]), "--domain-head-lr-mult", str(knobs["head_lr_mult"])]
+    if v.has_prompt:
+        a += ["--prompt-encoder", knobs["prompt_encoder"]]
+    return a
 
 
 # ----------------------------------------------------------------------------- flags
@@ -124,10 +154,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "experiment each; 'all' rotates over every domain of the data (cost: "
                         f"x number of domains). Default: '{SYNTHETIC_TARGET}' for the synthetic data; "
                         "required with other data")
-    e.add_argument("--variants", default="cot,adv,prada", metavar="V,...",
-                   help="which of cot (a), adv (b), prada (c) to train")
+    e.add_argument("--variants", default=",".join(VARIANT_KEYS), metavar="V,...",
+                   help="which of " + ", ".join(VARIANT_KEYS) + " to train")
     e.add_argument("--prompt-len", type=int, default=8, metavar="K",
-                   help="soft-prompt length of variant (c); (a) and (b) use 0")
+                   help="soft-prompt length of the PRADA variants; the others use 0")
+
+    k = p.add_argument_group(
+        "the protocol's knobs",
+        "lambda_max, the head's lr multiplier and the prompt encoder, given here or chosen by "
+        "--tune on the source domains alone: one source is held out as a pseudo-target (its "
+        "records unlabelled, the real target's records absent) and each setting is judged by "
+        "the pseudo-target's answer accuracy (mean over --tune-seeds; ties: source accuracy). "
+        "The adversary's knobs are chosen on the adversarial-only variant and reused by PRADA "
+        "with that adversary; then the prompt encoder is chosen on the PRADA variant. The real "
+        "target's records are never looked at before the main runs.")
+    k.add_argument("--lambda-max", type=float, default=1.0, help="largest adversarial scale")
+    k.add_argument("--head-lr-mult", type=float, default=1.0, metavar="X",
+                   help="the domain head's lr over the student's (trainer: --domain-head-lr-mult)")
+    k.add_argument("--prompt-encoder", choices=("none", "mlp", "lstm"), default="none",
+                   help="P-tuning encoder of the PRADA variants' soft prompt")
+    k.add_argument("--tune", action="store_true",
+                   help="choose the knobs per target and adversary on a pseudo-target first "
+                        "(the flags above are then ignored)")
+    k.add_argument("--pseudo-target", metavar="DOM",
+                   help="the source held out for tuning (default: the first source, sorted)")
+    k.add_argument("--tune-lambdas", default="0.1,0.3,1", metavar="X,...", help="lambda_max grid")
+    k.add_argument("--tune-head-mults", default="1,10", metavar="X,...", help="head lr multiplier grid")
+    k.add_argument("--tune-prompt-encoders", default="none,mlp,lstm", metavar="E,...",
+                   help="prompt encoders tried on the PRADA variants")
+    k.add_argument("--tune-seeds", default="100", metavar="S,...",
+                   help="seeds of the tuning runs (kept apart from --seeds)")
     e.add_argument("--report-only", action="store_true",
                    help="train nothing: build the report from the finished runs in --output-dir")
     e.add_argument("--dry-run", action="store_true",
@@ -177,6 +233,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         p.error("--seeds: give distinct seeds")
     known = variants(args.prompt_len)
+    try:
+        args.tune_lambdas = [float(x) for x in args.tune_lambdas.split(",") if x.strip()]
+        args.tune_head_mults = [float(x) for x in args.tune_head_mults.split(",") if x.strip()]
+        args.tune_seeds = [int(x) for x in args.tune_seeds.split(",") if x.strip()]
+    except ValueError as e:
+        p.error(f"--tune-lambdas/--tune-head-mults/--tune-seeds: {e}")
+    args.tune_prompt_encoders = [x.strip() for x in args.tune_prompt_encoders.split(",") if x.strip()]
+    if not (args.tune_lambdas and args.tune_head_mults and args.tune_seeds and args.tune_prompt_encoders):
+        p.error("--tune-*: give at least one value each")
+    if any(x < 0 for x in args.tune_lambdas) or any(x <= 0 for x in args.tune_head_mults):
+        p.error("--tune-lambdas must be >= 0 and --tune-head-mults > 0")
+    bad_enc = [e for e in args.tune_prompt_encoders if e not in ("none", "mlp", "lstm")]
+    if bad_enc:
+        p.error(f"--tune-prompt-encoders: unknown {bad_enc}; choose from none, mlp, lstm")
+    if args.lambda_max < 0 or args.head_lr_mult <= 0:
+        p.error("--lambda-max must be >= 0 and --head-lr-mult > 0")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variants if v not in known]
     if bad or not args.variants:
@@ -187,14 +259,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be positive")
     if args.eval_per_domain < 2:
         p.error("--eval-per-domain must be at least 2 (accuracy, PCA and probes use them)")
-    if args.prompt_len <= 0 and "prada" in args.variants:
-        p.error("--prompt-len must be positive: it is what makes variant (c) differ from (b)")
+    if args.prompt_len <= 0 and any(known[v].has_prompt for v in args.variants):
+        p.error("--prompt-len must be positive: it is what makes PRADA differ from the "
+                "adversarial-only variants")
     try:
         args.extra = shlex.split(args.extra)
     except ValueError as e:
         p.error(f"--extra: {e}")
     owned = {"--output-dir", "--seed", "--max-steps", "--teacher-steps", "--target-domains",
-             "--prompt-len", "--no-domain-loss", "--overwrite", "--resume", "--teacher-cache"}
+             "--prompt-len", "--no-domain-loss", "--overwrite", "--resume", "--teacher-cache",
+             "--source-domains", "--adversary", "--lambda-max", "--domain-head-lr-mult",
+             "--prompt-encoder"}
     clash = sorted({f.split("=")[0] for f in args.extra} & owned)
     if clash:
         p.error(f"--extra must not set {', '.join(clash)}: the comparison sets them")
@@ -238,18 +313,28 @@ def run_dir(args, target: str, variant: str, seed: int) -> Path:
     return args.output_dir / "runs" / target / variant / f"seed{seed}"
 
 
-def trainer_args(args, target: str, v: Variant, seed: int) -> list[str]:
-    """The trainer flags of one run (without the launcher and script)."""
-    a = ["--output-dir", str(run_dir(args, target, v.key, seed)), "--seed", str(seed),
+def default_knobs(args) -> dict:
+    return {"lambda_max": args.lambda_max, "head_lr_mult": args.head_lr_mult,
+            "prompt_encoder": args.prompt_encoder}
+
+
+def trainer_args(args, target: str, v: Variant, seed: int, knobs: dict | None = None, *,
+                 sources: list[str] | None = None, out: Path | None = None) -> list[str]:
+    """The trainer flags of one run (without the launcher and script). sources: keep only
+    these labelled domains and `target` (the tuning runs' pseudo-target split)."""
+    out = out or run_dir(args, target, v.key, seed)
+    a = ["--output-dir", str(out), "--seed", str(seed),
          "--max-steps", str(args.max_steps), "--teacher-steps", str(args.teacher_steps),
          "--eval-per-domain", str(args.eval_per_domain), "--log-every", str(args.log_every),
          "--target-domains", target, "--student", args.student, "--teacher", args.teacher,
          "--teacher-cache", str(args.teacher_cache), "--save-every", "0", "--no-progress"]
+    if sources:
+        a += ["--source-domains", ",".join(sources)]
     if args.ds:
         a += ["--ds", args.ds]
     for spec in args.data:
         a += ["--data", spec]
-    return a + list(v.flags) + list(args.extra)
+    return a + list(v.flags) + knob_flags(v, knobs or default_knobs(args)) + list(args.extra)
 
 
 def launcher(args) -> list[str]:
@@ -346,6 +431,25 @@ def features_of(d: Path) -> dict:
     return out
 
 
+def ensure_run(args, argv: list[str], d: Path, tag: str, walls: list[float]) -> tuple[str, float | None]:
+    """Train the run of `argv` into d, or reuse it when finished with the same flags.
+    Returns (status "trained" | "reused" | "missing", wall seconds of this training)."""
+    if finished(d):
+        check_reusable(d, argv)
+        log(f"{tag}: finished run found, reused")
+        return "reused", None
+    if args.report_only:
+        log(f"{tag}: missing, skipped (--report-only)")
+        return "missing", None
+    eta = f" (recent runs took {_mean(walls[-5:]):.0f} s)" if walls else ""
+    log(f"{tag}: training{eta}; log: {d.relative_to(args.output_dir)}.log")
+    wall = train_one(args, argv, d.with_name(d.name + ".log"))
+    walls.append(wall)
+    (d / SIDECAR).write_text(json.dumps({"trainer_args": argv, "wall_seconds": round(wall, 1)},
+                                        indent=2) + "\n")
+    return "trained", wall
+
+
 def collect_run(args, target: str, v: Variant, seed: int, status: str, wall: float | None) -> dict:
     d = run_dir(args, target, v.key, seed)
     summary = json.loads((d / "summary.json").read_text())
@@ -373,6 +477,77 @@ def collect_run(args, target: str, v: Variant, seed: int, status: str, wall: flo
         "ncm_accuracy": probe_accuracy(x, y, kind="ncm", folds=args.probe_folds),
         "n_probe": int(len(y)),
     }
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+def _tag(knobs: dict, v: Variant) -> str:
+    tag = f"lam{knobs['lambda_max']:g}-mult{knobs['head_lr_mult']:g}" if v.trains_domain_head else "base"
+    return tag + (f"-enc{knobs['prompt_encoder']}" if v.has_prompt else "")
+
+
+def tune_split(args, target: str) -> tuple[str, list[str]]:
+    """(pseudo-target, the remaining sources) for a target: the real target is left out."""
+    sources = [d for d in data_domains(args.data) if d != target]
+    pseudo = args.pseudo_target or sorted(sources)[0]
+    if pseudo not in sources:
+        raise SystemExit(f"error: --pseudo-target {pseudo}: not one of the sources {sources}")
+    rest = [d for d in sources if d != pseudo]
+    if not rest:
+        raise SystemExit(f"error: tuning for target {target} needs two sources or more")
+    return pseudo, rest
+
+
+def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
+    """The knobs of each variant for `target`, chosen on a pseudo-target (see --tune's
+    help). Writes OUTPUT_DIR/tune/<target>/chosen.json with every setting's scores."""
+    V = variants(args.prompt_len)
+    pseudo, rest = tune_split(args, target)
+    table = []
+
+    def score(v: Variant, knobs: dict) -> tuple[float, float]:
+        pa, sa = [], []
+        for seed in args.tune_seeds:
+            d = args.output_dir / "tune" / target / v.key / _tag(knobs, v) / f"seed{seed}"
+            argv = trainer_args(args, pseudo, v, seed, knobs, sources=rest, out=d)
+            status, _ = ensure_run(args, argv, d, f"tune target={target} (pseudo {pseudo}) {v.key} "
+                                   f"{_tag(knobs, v)} seed={seed}", walls)
+            if status == "missing":
+                continue
+            acc = {k: x["accuracy_after"] for k, x in
+                   json.loads((d / "summary.json").read_text())["domains"].items()}
+            pa.append(acc[pseudo])
+            sa.append(_mean([acc[x] for x in rest]))
+        row = {"variant": v.key, "knobs": knobs if v.trains_domain_head else None,
+               "pseudo_target_accuracy": _mean(pa), "source_accuracy": _mean(sa), "n_seeds": len(pa)}
+        table.append(row)
+        log(f"tune target={target} {v.key} {_tag(knobs, v)}: pseudo-target {pseudo} "
+            f"{_f(row['pseudo_target_accuracy'])}, sources {_f(row['source_accuracy'])}")
+        return (row["pseudo_target_accuracy"] or 0.0, row["source_accuracy"] or 0.0)
+
+    chosen = {k: default_knobs(args) for k in args.variants}
+    if "cot" in args.variants:
+        score(V["cot"], default_knobs(args))  # the reference on the same split
+    for adv in ADVERSARIES:
+        wanted = [k for k in (adv, f"prada-{adv}") if k in args.variants]
+        if not wanted:
+            continue
+        grid = [{"lambda_max": lam, "head_lr_mult": mult, "prompt_encoder": "none"}
+                for lam in args.tune_lambdas for mult in args.tune_head_mults]
+        best = max(grid, key=lambda kn: score(V[adv], kn))  # first best on ties: grid order
+        chosen[adv] = best
+        if f"prada-{adv}" in args.variants:
+            encs = [{**best, "prompt_encoder": e} for e in args.tune_prompt_encoders]
+            chosen[f"prada-{adv}"] = max(encs, key=lambda kn: score(V[f"prada-{adv}"], kn))
+    out = args.output_dir / "tune" / target / "chosen.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"target": target, "pseudo_target": pseudo, "sources": rest,
+                               "seeds": args.tune_seeds, "chosen": chosen, "tried": table},
+                              indent=2) + "\n")
+    log(f"tune target={target}: chosen " + "; ".join(
+        f"{k} {_tag(kn, V[k])}" for k, kn in chosen.items() if V[k].trains_domain_head))
+    return chosen
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -428,8 +603,24 @@ def paired_differences(by_variant: dict[str, list[dict]], base: str = "cot") -> 
                 a, c = fn(r), fn(b)
                 if a is not None and c is not None:
                     diffs[name].append(a - c)
-        out[key] = {k: aggregate(v) for k, v in diffs.items()}
+        out[key] = {k: {**aggregate(v), "ci95": ci95(v)} for k, v in diffs.items()}
     return out
+
+
+# two-sided 97.5 % quantiles of Student's t, by degrees of freedom (1..30); 1.96 beyond
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ci95(values) -> list[float] | None:
+    """The 95 % t-interval of the mean of paired differences (None below 2 values)."""
+    a = aggregate(values)
+    if a["n"] < 2:
+        return None
+    t = T975[a["n"] - 2] if a["n"] - 1 <= len(T975) else 1.96
+    half = t * a["std"] / math.sqrt(a["n"])
+    return [a["mean"] - half, a["mean"] + half]
 
 
 # ----------------------------------------------------------------------------- report
@@ -470,7 +661,24 @@ def write_markdown(report: dict, path: Path) -> None:
         D = res["n_domains"]
         first = vs[keys[0]]
         sources = [d for d, x in first["domains"].items() if x["role"] == "source"]
-        L += [f"## Target domain `{target}` (unlabelled); sources: {', '.join(sources)}", "",
+        L += [f"## Target domain `{target}` (unlabelled); sources: {', '.join(sources)}", ""]
+        tuned = report.get("tuning", {}).get(target)
+        if tuned:
+            L += [f"### Knobs chosen on the pseudo-target `{tuned['pseudo_target']}` (sources "
+                  f"{', '.join(tuned['sources'])}, `{target}` absent; seeds "
+                  f"{', '.join(map(str, tuned['seeds']))})", "",
+                  "| variant | lambda_max | head lr mult | prompt encoder | pseudo-target acc "
+                  "| source acc | chosen |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            for row in tuned["tried"]:
+                kn = row["knobs"] or {}
+                pick = kn and tuned["chosen"].get(row["variant"]) == kn
+                L.append(f"| {row['variant']} | {kn.get('lambda_max', '–')} | "
+                         f"{kn.get('head_lr_mult', '–')} | "
+                         f"{kn.get('prompt_encoder', '–') if row['variant'].startswith('prada') else '–'} | "
+                         f"{_f(row['pseudo_target_accuracy'])} | {_f(row['source_accuracy'])} | "
+                         f"{'**yes**' if pick else ''} |")
+            L.append("")
+        L += [
               "### Answer accuracy after training (held-out, greedy decoding)", "",
               "| domain | role | " + " | ".join(vs[k]["label"] for k in keys) + " |",
               "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
@@ -485,11 +693,14 @@ def write_markdown(report: dict, path: Path) -> None:
                  + " | ".join(fmt(vs[k]["all_accuracy_before"]) for k in keys) + " |")
         L.append("")
         if res.get("paired_vs_cot"):
-            L += ["Paired per-seed differences against (a) (same seed: same teacher, data and order):", "",
+            L += ["Paired per-seed differences against (a) (same seed: same teacher, data and "
+                  "order): mean ± std [95 % t-interval]:", "",
                   "| variant | Δ target acc | Δ source acc | Δ probe acc |", "| --- | --- | --- | --- |"]
             for k, dd in res["paired_vs_cot"].items():
-                L.append(f"| {vs[k]['label']} | {fmt(dd['target_accuracy_after'])} | "
-                         f"{fmt(dd['source_accuracy_after'])} | {fmt(dd['probe_accuracy'])} |")
+                L.append(f"| {vs[k]['label']} | " + " | ".join(
+                    fmt(dd[m]) + (f" [{dd[m]['ci95'][0]:+.3f}, {dd[m]['ci95'][1]:+.3f}]"
+                                  if dd[m].get("ci95") else "")
+                    for m in ("target_accuracy_after", "source_accuracy_after", "probe_accuracy")) + " |")
             L.append("")
         L += [f"### Domain separability of the pooled student features (D = {D}, chance {1 / D:.3f})", "",
               "| variant | domain head acc | fresh logistic probe acc | nearest-mean probe acc "
@@ -554,7 +765,8 @@ def make_plots(args, report: dict, runs: list[dict], V: dict[str, Variant]) -> N
             plot_losses(curves, args.output_dir / name,
                         f"target {target}: loss curves, mean over seeds", D)
             entry["loss_curves"] = name
-        pca_variants = [k for k in ("cot", "prada") if k in args.variants] or args.variants[:1]
+        prada = [k for k in args.variants if V[k].has_prompt][-1:]
+        pca_variants = [k for k in ["cot", *prada] if k in args.variants] or args.variants[:1]
         for seed in args.seeds:
             chosen = [next((r for r in mine if r["variant"] == k and r["seed"] == seed), None)
                       for k in pca_variants]
@@ -603,7 +815,11 @@ def build_report(args, argv: list[str], runs: list[dict], n_trained: int, t0: fl
                    "extra": args.extra, "prompt_len": args.prompt_len,
                    "trainer_env": {k: trainer_env(args).get(k) for k in
                                    ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
-                   "probe_folds": args.probe_folds, "teacher_cache": str(args.teacher_cache)},
+                   "probe_folds": args.probe_folds, "teacher_cache": str(args.teacher_cache),
+                   "knobs": default_knobs(args), "tune": args.tune,
+                   "tune_grid": {"lambda_max": args.tune_lambdas, "head_lr_mult": args.tune_head_mults,
+                                 "prompt_encoder": args.tune_prompt_encoders,
+                                 "seeds": args.tune_seeds} if args.tune else None},
         "variants": {k: {"label": V[k].label, "trainer_flags": list(V[k].flags)} for k in args.variants},
         "versions": versions(), "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -613,6 +829,8 @@ def build_report(args, argv: list[str], runs: list[dict], n_trained: int, t0: fl
         "n_runs_done": len(runs), "n_runs_trained": n_trained,
         "teacher_fits": teacher_fits(args.teacher_cache),
         "results": {}, "plots": {}, "runs": runs,
+        "tuning": {t: json.loads(f.read_text()) for t in args.targets
+                   if (f := args.output_dir / "tune" / t / "chosen.json").is_file()},
     }
     for target in args.targets:
         mine = [r for r in runs if r["target"] == target]
@@ -656,28 +874,17 @@ def main(argv=None) -> int:
         f"{len(args.variants)} variants) in {args.output_dir}")
     runs, trained_walls = [], []
     try:
+        chosen = {t: tune(args, t, trained_walls) if args.tune else
+                  {k: default_knobs(args) for k in args.variants} for t in args.targets}
         for i, (t, s, v) in enumerate(plan, 1):
             d = run_dir(args, t, v.key, s)
-            targs = trainer_args(args, t, v, s)
+            targs = trainer_args(args, t, v, s, chosen[t].get(v.key))
             tag = f"[{i}/{len(plan)}] target={t} {v.key} seed={s}"
-            status, wall = "reused", None
-            if finished(d):
-                check_reusable(d, targs)
-                log(f"{tag}: finished run found, reused")
-            elif args.report_only:
-                log(f"{tag}: missing, skipped (--report-only)")
+            status, wall = ensure_run(args, targs, d, tag, trained_walls)
+            if status == "missing":
                 continue
-            else:
-                left = len(plan) - i + 1
-                eta = (f", about {left * _mean(trained_walls) / 60:.0f} min left"
-                       if trained_walls else "")
-                log(f"{tag}: training{eta} (log: {d.relative_to(args.output_dir)}.log)")
-                wall = train_one(args, targs, d.with_name(d.name + ".log"))
-                trained_walls.append(wall)
-                (d / SIDECAR).write_text(json.dumps(
-                    {"trainer_args": targs, "wall_seconds": round(wall, 1)}, indent=2) + "\n")
-                status = "trained"
             r = collect_run(args, t, v, s, status, wall)
+            r["knobs"] = chosen[t].get(v.key) if v.trains_domain_head else None
             src = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "source"])
             tgt = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "target"])
             head = _f(r["domain_classifier_accuracy"]) if v.trains_domain_head else "untrained"
