@@ -8,9 +8,9 @@ Data spec grammar (``load_spec``, the ``--data`` flag)::
 
     synthetic                     built-in generator, 400 records per domain, all domains
     synthetic:N                   N records per domain
-    synthetic:N:dom1,dom2         N records of the named domains (also the story domains:
-                                  shopping, travel, recipes, garden, wordshop)
-                                  (arithmetic, coinflip, lastletter, sorting)
+    synthetic:N:dom1,dom2         N records of the named domains (arithmetic, coinflip,
+                                  lastletter, sorting, and the story domains shopping,
+                                  travel, recipes, garden, wordshop, market, zoo, harbor)
     PATH                          a file whose name says its format: gsm8k*.jsonl,
                                   aqua*.json(l), strategyqa*.json
     FORMAT:PATH                   FORMAT is gsm8k | aqua | strategyqa | jsonl | hf

@@ -21,6 +21,17 @@ name them, e.g. ``synthetic:400:shopping,travel,recipes,garden``):
 - ``garden``:   ``A tree has 7 birds. 5 land, then 3 fly away. How many now?``
 - ``wordshop``: ``shopping`` with the numbers in words (``Ann has seven apples. ...``): a
   larger shift of surface form, for a student that has seen number words.
+- ``market``:   ``Bob has 7 pears. He buys 5, then gives away 3. How many now?``
+  (``shopping``'s verbs, told of someone else)
+- ``zoo``:      ``A zoo has 7 lions. 5 get on, then 3 get off. How many now?``
+  (``travel``'s verbs in another opening)
+- ``harbor``:   ``A ship has 7 crates. 5 are loaded, then 3 are unloaded. How many now?``
+
+How far plain CoT distillation carries from sources shopping, travel and recipes (tiny
+student, 600 steps, one seed, 100 held-out records each; sources 0.40-0.50): zoo 0.45 (all
+of it), market 0.26 (part of it), harbor 0.10 and garden 0.08 (their verbs never appear
+labelled), wordshop 0.02. ``market`` is thus a target that shares the skill and part of the
+surface form: the story benchmark of the comparison.
 
 Generation is deterministic given the seed: each domain draws from its own
 ``random.Random(f"{seed}:{domain}")``.
@@ -34,7 +45,7 @@ from .records import DataError, Record
 
 DOMAINS = ("arithmetic", "coinflip", "lastletter", "sorting")  # the default set
 SYNTHETIC_TARGET = "sorting"  # the default unlabelled (target) domain of the synthetic data
-STORY_DOMAINS = ("shopping", "travel", "recipes", "garden", "wordshop")
+STORY_DOMAINS = ("shopping", "travel", "recipes", "garden", "wordshop", "market", "zoo", "harbor")
 ALL_DOMAINS = DOMAINS + STORY_DOMAINS
 
 WORDS = (
@@ -77,6 +88,9 @@ STORIES = {
     "travel": ("A bus has {a} riders. {s1}, then {s2}. How many now?", "{n} get on", "{n} get off"),
     "recipes": ("A bowl has {a} eggs. You {s1}, then {s2}. How many now?", "add {n}", "use {n}"),
     "garden": ("A tree has {a} birds. {s1}, then {s2}. How many now?", "{n} land", "{n} fly away"),
+    "market": ("Bob has {a} pears. He {s1}, then {s2}. How many now?", "buys {n}", "gives away {n}"),
+    "zoo": ("A zoo has {a} lions. {s1}, then {s2}. How many now?", "{n} get on", "{n} get off"),
+    "harbor": ("A ship has {a} crates. {s1}, then {s2}. How many now?", "{n} are loaded", "{n} are unloaded"),
 }
 
 
