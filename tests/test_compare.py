@@ -187,6 +187,15 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
     assert chosen["prada-confusion"] == {"lambda_max": 1.0, "head_lr_mult": 1.0, "prompt_encoder": "none"}
     saved = json.loads((tmp_path / "tune" / "garden" / "chosen.json").read_text())
     assert saved["chosen"] == chosen and saved["pseudo_target"] == "recipes"
+    # a grid of one is chosen without a tuning run
+    seen.clear()
+    args.tune_prompt_encoders = ["lstm"]
+    args.tune_head_mults = [10.0]
+    args.tune_lambdas = [0.3]
+    args.report_only = False
+    one = cmp.tune(args, "garden", [])
+    assert one["prada-grl"] == {"lambda_max": 0.3, "head_lr_mult": 10.0, "prompt_encoder": "lstm"}
+    assert len(seen) == 2  # only the cot reference, on 2 seeds
     best = next(r for r in saved["tried"]
                 if r["variant"] == "confusion" and r["knobs"] == chosen["confusion"])
     assert best["pseudo_target_accuracy"] == pytest.approx(0.4) and best["n_seeds"] == 2

@@ -403,6 +403,7 @@ def train_one(args, argv: list[str], log_path: Path) -> float:
         try:
             for line in proc.stdout:
                 fh.write(line)
+                fh.flush()  # the log can be followed while the run trains
                 if args.verbose:
                     sys.stdout.write(line)
             code = proc.wait()
@@ -503,6 +504,10 @@ def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
     """The knobs of each variant for `target`, chosen on a pseudo-target (see --tune's
     help). Writes OUTPUT_DIR/tune/<target>/chosen.json with every setting's scores."""
     V = variants(args.prompt_len)
+    out = args.output_dir / "tune" / target / "chosen.json"
+    if args.report_only and out.is_file():  # the choice already made; nothing retrained
+        saved = json.loads(out.read_text())["chosen"]
+        return {k: saved.get(k, default_knobs(args)) for k in args.variants}
     pseudo, rest = tune_split(args, target)
     table = []
 
@@ -535,12 +540,13 @@ def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
             continue
         grid = [{"lambda_max": lam, "head_lr_mult": mult, "prompt_encoder": "none"}
                 for lam in args.tune_lambdas for mult in args.tune_head_mults]
-        best = max(grid, key=lambda kn: score(V[adv], kn))  # first best on ties: grid order
+        # first best on ties (grid order); a single candidate is chosen without a run
+        best = max(grid, key=lambda kn: score(V[adv], kn)) if len(grid) > 1 else grid[0]
         chosen[adv] = best
         if f"prada-{adv}" in args.variants:
             encs = [{**best, "prompt_encoder": e} for e in args.tune_prompt_encoders]
-            chosen[f"prada-{adv}"] = max(encs, key=lambda kn: score(V[f"prada-{adv}"], kn))
-    out = args.output_dir / "tune" / target / "chosen.json"
+            chosen[f"prada-{adv}"] = (max(encs, key=lambda kn: score(V[f"prada-{adv}"], kn))
+                                      if len(encs) > 1 else encs[0])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"target": target, "pseudo_target": pseudo, "sources": rest,
                                "seeds": args.tune_seeds, "chosen": chosen, "tried": table},
