@@ -107,8 +107,10 @@ def test_probes_separate_clusters_and_stay_near_chance_on_noise():
 
 def test_trainer_commands_differ_only_in_the_variant_flags(tmp_path):
     args = parse_args(["--output-dir", str(tmp_path), "--seeds", "0,1,2", "--extra", "--max-len 128",
-                       "--lambda-max", "0.3", "--head-lr-mult", "10", "--prompt-encoder", "mlp"])
+                       "--lambda-max", "0.3", "--head-lr-mult", "10", "--prompt-encoder", "mlp",
+                       "--data", "synthetic:48"])
     assert args.targets == ["sorting"]
+    assert parse_args(["--output-dir", str(tmp_path)]).targets == ["market"]  # the story benchmark
     assert args.variants == ["cot", "grl", "confusion", "prada-grl", "prada-confusion"]
     V = variants(args.prompt_len)
     for seed in args.seeds:

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from prada_fast.data import SYNTHETIC_TARGET
+from prada_fast.data.synthetic import STORY_BENCHMARK, STORY_PSEUDO_TARGET, STORY_TARGET
 from prada_fast.distributed import launch_cmd
 from prada_fast.envinfo import machine, versions
 
@@ -114,11 +115,13 @@ layout of --output-dir:
   report.md, report.json, pca_<target>.png, loss_curves_<target>.png
 
 cost (tiny student, batch 16, 2 CPU cores): idle cores ~6.5 optimizer steps/s, teacher fit
-~3.5 steps/s, ~15 s per run for start-up, evaluation before/after, export and features:
-default (1 target x 3 seeds x 3 variants, 400 steps; 3 teacher fits of 200 steps)
-9 x (62 + 15) s + 3 x 57 s = ~15 min. Measured with another job using ~1.6 of the 2 cores:
-4.7 steps/s, teacher 1.9 steps/s, ~10 s per run: 9 x (85 + 10) s + 3 x 105 s = ~20 min.
---targets all: x4. Interrupted? Run the same command again: finished runs are reused.
+~3.5 steps/s, ~25 s per run for start-up, evaluation before/after, export and features:
+default (1 target x 3 seeds x 5 variants, 400 steps; 3 teacher fits of 200 steps)
+15 x (62 + 25) s + 3 x 57 s = ~25 min (an estimate from the rates measured on 2026-11-25).
+On cores shared with other jobs it is several times that: on 2026-12-01, with tests running
+beside it, one 400-step run took ~20 min. --tune adds its tuning runs (with the default
+grid: 1 + 2 x 6 + 2 x 3 = 19 per tuning seed).
+--targets all: x the number of domains. Interrupted? Run the same command again: finished runs are reused.
 Quote --extra values that start with "--": --extra="--lr 1e-3".
 
 examples:
@@ -137,11 +140,11 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m prada_fast.experiments.compare",
-        description="Train (a) plain CoT distillation, (b) domain-adversarial distillation and "
-                    "(c) full PRADA with the same steps, data and seeds, leave-one-domain-out, "
-                    "and write a report (report.md, report.json, PNG plots) under --output-dir. "
-                    "Default: the built-in synthetic domains on the CPU, 3 variants x 3 seeds, "
-                    f"target '{SYNTHETIC_TARGET}': about 15 minutes on 2 idle CPU cores, 20 when shared.",
+        description="Train plain CoT distillation, the two adversaries alone and PRADA with each, "
+                    "with the same steps, data and seeds, leave-one-domain-out, and write a report "
+                    "(report.md, report.json, PNG plots) under --output-dir. Default: the story "
+                    f"benchmark ({STORY_BENCHMARK}, target '{STORY_TARGET}') on the CPU, 5 variants "
+                    "x 3 seeds: about 25 minutes on 2 idle CPU cores (estimated, see below).",
         epilog=EPILOG, formatter_class=_Help)
     e = p.add_argument_group("experiment")
     e.add_argument("--output-dir", default="runs/compare", metavar="DIR",
@@ -152,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--targets", metavar="DOM,...|all",
                    help="held-out (unlabelled) target domain(s), one leave-one-domain-out "
                         "experiment each; 'all' rotates over every domain of the data (cost: "
-                        f"x number of domains). Default: '{SYNTHETIC_TARGET}' for the synthetic data; "
+                        f"x number of domains). Default: '{STORY_TARGET}' for the default data, "
+                        f"'{SYNTHETIC_TARGET}' for other synthetic data; "
                         "required with other data")
     e.add_argument("--variants", default=",".join(VARIANT_KEYS), metavar="V,...",
                    help="which of " + ", ".join(VARIANT_KEYS) + " to train")
@@ -177,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose the knobs per target and adversary on a pseudo-target first "
                         "(the flags above are then ignored)")
     k.add_argument("--pseudo-target", metavar="DOM",
-                   help="the source held out for tuning (default: the first source, sorted)")
+                   help=f"the source held out for tuning (default: '{STORY_PSEUDO_TARGET}' for the "
+                        f"target '{STORY_TARGET}', else the first source, sorted)")
     k.add_argument("--tune-lambdas", default="0.1,0.3,1", metavar="X,...", help="lambda_max grid")
     k.add_argument("--tune-head-mults", default="1,10", metavar="X,...", help="head lr multiplier grid")
     k.add_argument("--tune-prompt-encoders", default="none,mlp,lstm", metavar="E,...",
@@ -202,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=int, default=10, metavar="N",
                    help="steps between loss-curve points (metrics.jsonl)")
     t.add_argument("--data", action="append", metavar="SPEC",
-                   help="trainer data spec, repeatable (default: synthetic), e.g. "
+                   help=f"trainer data spec, repeatable (default: {STORY_BENCHMARK}, the story "
+                        "benchmark), e.g. "
                         "data/gsm8k_train.jsonl#400; see train.py --help")
     t.add_argument("--student", default="tiny", metavar="NAME|DIR", help="student preset or HF dir")
     t.add_argument("--teacher", default="auto", metavar="auto|none|NAME|DIR",
@@ -225,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    args.data = args.data or ["synthetic"]
+    args.data = args.data or [STORY_BENCHMARK]
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -294,7 +300,7 @@ def resolve_targets(args, parser) -> list[str]:
     if args.targets is None:
         if not synthetic:
             parser.error("--targets is required with non-synthetic --data (e.g. --targets aqua)")
-        return [SYNTHETIC_TARGET]
+        return [STORY_TARGET if args.data == [STORY_BENCHMARK] else SYNTHETIC_TARGET]
     names = list(dict.fromkeys(t.strip() for t in args.targets.split(",") if t.strip()))
     if not names:
         parser.error("--targets: name at least one domain, or 'all'")
@@ -491,7 +497,8 @@ def _tag(knobs: dict, v: Variant) -> str:
 def tune_split(args, target: str) -> tuple[str, list[str]]:
     """(pseudo-target, the remaining sources) for a target: the real target is left out."""
     sources = [d for d in data_domains(args.data) if d != target]
-    pseudo = args.pseudo_target or sorted(sources)[0]
+    pseudo = args.pseudo_target or (STORY_PSEUDO_TARGET if target == STORY_TARGET and
+                                    STORY_PSEUDO_TARGET in sources else sorted(sources)[0])
     if pseudo not in sources:
         raise SystemExit(f"error: --pseudo-target {pseudo}: not one of the sources {sources}")
     rest = [d for d in sources if d != pseudo]
