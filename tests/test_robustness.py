@@ -369,11 +369,28 @@ def test_a_signal_stops_the_loop_after_the_step_with_a_checkpoint(loop, tmp_path
     assert saved == [2, 4]  # no second save of step 4
 
 
-def test_launcher_gone_is_a_stop_request():
+def test_the_deepspeed_launcher_above_a_rank_is_watched(monkeypatch):
+    """Under `deepspeed`, the rank's parent is deepspeed.launcher.launch and its parent the
+    deepspeed runner (their /proc entries faked here): the rank stops when either dies."""
+    from prada_fast import preemption
+    launcher, runner = os.getppid(), 4242
+    parents = {launcher: runner}
+    cmd = {launcher: "python -u -m deepspeed.launcher.launch --world_info=e30= prada_fast/train.py",
+           runner: "python /venv/bin/deepspeed --num_gpus 2 prada_fast/train.py"}
+    monkeypatch.setattr(preemption, "_cmdline", lambda pid: cmd.get(pid, ""))
+    monkeypatch.setattr(preemption, "_proc_ppid", lambda pid: parents.get(pid))
     with StopRequest() as stop:
-        assert not stop.requested()
-        stop._launcher = -1  # not our parent any more: the launcher died
-        assert stop.requested() and "launcher" in stop.reason
+        assert (stop._launcher, stop._runner) == (launcher, runner) and not stop.requested()
+        parents[launcher] = 1  # the runner died: its child, the launcher, was re-parented
+        assert stop.requested() and stop.reason == "the deepspeed command died"
+    parents[launcher] = runner
+    with StopRequest() as stop:
+        monkeypatch.setattr(os, "getppid", lambda: 1)  # the launcher died: this rank re-parented
+        assert stop.requested() and stop.reason == "the DeepSpeed launcher process died"
+    monkeypatch.setattr(os, "getppid", lambda: launcher)
+    cmd.clear()
+    with StopRequest() as stop:  # plain python or torchrun: no launcher to watch
+        assert stop._launcher is None and not stop.requested()
 
 
 def test_a_step_without_labelled_tokens_is_never_silent(loop, tmp_path):
