@@ -303,11 +303,16 @@ def test_no_labelled_token_left_is_refused_even_with_truncate():
 
 
 def test_run_on_data_that_cannot_teach_exits_2_before_the_teacher(tmp_path, in_process, capsys):
-    out = tmp_path / "run"
-    assert in_process([*FAST, "--max-len", "24", "--teacher", "auto", "--output-dir", str(out)]) == 2
+    out, teachers = tmp_path / "run", tmp_path / "teachers"
+    # a short run and a cache of its own: without the check this fails in seconds, writing only here
+    assert in_process([*FAST, "--max-len", "24", "--teacher", "auto", "--teacher-cache", str(teachers),
+                       "--teacher-steps", "1", "--max-steps", "1", "--output-dir", str(out)]) == 2
     line = _one_line(capsys)
-    assert "keep no labelled token at --max-len 24" in line and "--on-long truncate" in line, line
-    assert not out.exists() and not os.path.exists("/nonexistent")  # no teacher was fitted
+    assert line == ("error: 96 of 144 labelled training records keep no labelled token at --max-len 24: "
+                    "the prompt alone fills the row (first: synthetic:coinflip:9). --max-len 55 keeps at "
+                    "least one labelled token of each, --max-len 102 every record whole; or pass --on-long "
+                    "truncate to train on the labelled tokens that remain"), line
+    assert not out.exists() and not teachers.exists()  # no teacher was fitted
 
 
 # ----------------------------------------------------------------------------- the training loop
