@@ -31,18 +31,38 @@ def two_rank_reference(tmp_path_factory, cache, ds_config):
     return args, full
 
 
+def _kill_job(proc) -> None:
+    """SIGKILL to the run's process group: the deepspeed command, its launcher and ranks."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _finish(proc, timeout: float) -> str:
+    """The run's output once every process holding its pipe has exited. A run still there
+    after `timeout` (ranks hung in a collective) is killed, all of it, and fails the test."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        _kill_job(proc)
+        out = proc.communicate()[0]
+        raise AssertionError(f"the run did not end within {timeout} s (killed): {out[-3000:]}") from None
+
+
 def _start_and_wait(args, out, cache, steps):
-    """Start a two-rank run; return (process, {rank: pid}) once `steps` steps are logged."""
+    """Start a two-rank run in a process group of its own; return (process, {rank: pid})
+    once `steps` steps are logged."""
     proc = subprocess.Popen(train_cmd([*args, "--output-dir", str(out)], nproc=2), cwd=REPO,
                             env=train_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         logged = (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").is_file() else 0
         if logged >= steps and (out / "ranks.json").is_file():
             return proc, json.loads((out / "ranks.json").read_text())
         time.sleep(0.05)
-    proc.kill()
+    _kill_job(proc)
     raise AssertionError(f"the run ended before step {steps}: {proc.communicate()[0][-3000:]}")
 
 
@@ -58,9 +78,7 @@ def test_killed_rank_fails_fast_and_resume_matches_uninterrupted_run(tmp_path, c
     cut = tmp_path / "cut"
     proc, pids = _start_and_wait(args, cut, cache, 9)  # wait for step 9, then kill rank 1
     os.kill(pids["1"], signal.SIGKILL)
-    t_kill = time.time()
-    out, _ = proc.communicate(timeout=120)
-    assert time.time() - t_kill < 120  # no hang
+    out = _finish(proc, 120)  # no hang
     assert proc.returncode != 0
     assert f"rank 1 (pid {pids['1']}) died" in out or "--local_rank=1" in out, out[-3000:]
 
@@ -82,7 +100,7 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_matches(tmp
     cut = tmp_path / "cut"
     proc, pids = _start_and_wait(args, cut, cache, 5)
     os.kill(pids["1"], signal.SIGTERM)
-    out, _ = proc.communicate(timeout=180)
+    out = _finish(proc, 180)
     assert proc.returncode == 5, out[-3000:]
     last = metrics(cut)[-1]["step"]
     assert 5 <= last < 24 and checkpoint.latest_tag(cut / "checkpoints") == f"step{last}", out[-3000:]
@@ -106,7 +124,7 @@ def test_sigterm_to_the_deepspeed_command_alone_stops_the_ranks(tmp_path, cache,
     cut = tmp_path / "orphan"
     proc, pids = _start_and_wait(args, cut, cache, 3)
     os.kill(proc.pid, signal.SIGTERM)  # the runner only, not its process group
-    out, _ = proc.communicate(timeout=180)  # EOF: every process holding the pipe has exited
+    out = _finish(proc, 180)  # EOF: every process holding the pipe has exited
     assert "preempted (the deepspeed command died)" in out, out[-3000:]
     last = metrics(cut)[-1]["step"]
     assert last < 24 and checkpoint.latest_tag(cut / "checkpoints") == f"step{last}"

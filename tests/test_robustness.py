@@ -1,8 +1,11 @@
 """Reliability, second round, in this process (fast): one line for every bad file (data,
 model directories, DeepSpeed configs, checkpoints) and a traceback for a bug; checkpoints
 that stay usable (manifest, fallback, --keep-checkpoints, a failed save); data that cannot
-teach; the training loop's stop on a signal and its steps without a labelled token; safe
-loading of final/. The two-rank runs (preemption, resume) are in test_reliability.py."""
+teach; the training loop's stop on a signal, the watch on the DeepSpeed launcher, and its
+steps without a labelled token; a real one-rank run (the length distribution, preemption
+with exit 5, --keep-checkpoints, a truncated checkpoint at --resume, resumed losses bit for
+bit); safe loading of final/. The two-rank runs (preemption, resume) are in
+test_reliability.py."""
 import argparse
 import json
 import os
@@ -300,11 +303,16 @@ def test_no_labelled_token_left_is_refused_even_with_truncate():
 
 
 def test_run_on_data_that_cannot_teach_exits_2_before_the_teacher(tmp_path, in_process, capsys):
-    out = tmp_path / "run"
-    assert in_process([*FAST, "--max-len", "24", "--teacher", "auto", "--output-dir", str(out)]) == 2
+    out, teachers = tmp_path / "run", tmp_path / "teachers"
+    # a short run and a cache of its own: without the check this fails in seconds, writing only here
+    assert in_process([*FAST, "--max-len", "24", "--teacher", "auto", "--teacher-cache", str(teachers),
+                       "--teacher-steps", "1", "--max-steps", "1", "--output-dir", str(out)]) == 2
     line = _one_line(capsys)
-    assert "keep no labelled token at --max-len 24" in line and "--on-long truncate" in line, line
-    assert not out.exists() and not os.path.exists("/nonexistent")  # no teacher was fitted
+    assert line == ("error: 96 of 144 labelled training records keep no labelled token at --max-len 24: "
+                    "the prompt alone fills the row (first: synthetic:coinflip:9). --max-len 55 keeps at "
+                    "least one labelled token of each, --max-len 102 every record whole; or pass --on-long "
+                    "truncate to train on the labelled tokens that remain"), line
+    assert not out.exists() and not teachers.exists()  # no teacher was fitted
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -369,11 +377,28 @@ def test_a_signal_stops_the_loop_after_the_step_with_a_checkpoint(loop, tmp_path
     assert saved == [2, 4]  # no second save of step 4
 
 
-def test_launcher_gone_is_a_stop_request():
+def test_the_deepspeed_launcher_above_a_rank_is_watched(monkeypatch):
+    """Under `deepspeed`, the rank's parent is deepspeed.launcher.launch and its parent the
+    deepspeed runner (their /proc entries faked here): the rank stops when either dies."""
+    from prada_fast import preemption
+    launcher, runner = os.getppid(), 4242
+    parents = {launcher: runner}
+    cmd = {launcher: "python -u -m deepspeed.launcher.launch --world_info=e30= prada_fast/train.py",
+           runner: "python /venv/bin/deepspeed --num_gpus 2 prada_fast/train.py"}
+    monkeypatch.setattr(preemption, "_cmdline", lambda pid: cmd.get(pid, ""))
+    monkeypatch.setattr(preemption, "_proc_ppid", lambda pid: parents.get(pid))
     with StopRequest() as stop:
-        assert not stop.requested()
-        stop._launcher = -1  # not our parent any more: the launcher died
-        assert stop.requested() and "launcher" in stop.reason
+        assert (stop._launcher, stop._runner) == (launcher, runner) and not stop.requested()
+        parents[launcher] = 1  # the runner died: its child, the launcher, was re-parented
+        assert stop.requested() and stop.reason == "the deepspeed command died"
+    parents[launcher] = runner
+    with StopRequest() as stop:
+        monkeypatch.setattr(os, "getppid", lambda: 1)  # the launcher died: this rank re-parented
+        assert stop.requested() and stop.reason == "the DeepSpeed launcher process died"
+    monkeypatch.setattr(os, "getppid", lambda: launcher)
+    cmd.clear()
+    with StopRequest() as stop:  # plain python or torchrun: no launcher to watch
+        assert stop._launcher is None and not stop.requested()
 
 
 def test_a_step_without_labelled_tokens_is_never_silent(loop, tmp_path):
@@ -383,6 +408,84 @@ def test_a_step_without_labelled_tokens_is_never_silent(loop, tmp_path):
     assert any(s.startswith("step 2: no labelled token") for s in said), said
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and rows[0]["no_labels"] is True  # logged off-cycle
+
+
+# ----------------------------------------------------------------------------- a real run, in this process
+COMPARED = ("loss", "ce", "kd", "dom", "dom_acc", "grl_lambda", "lr")
+
+
+def _rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_losses(a: list[dict], b: list[dict], steps: int) -> None:
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    for ra, rb in zip(a, b, strict=True):
+        assert all(ra[k] == rb[k] for k in COMPARED), (ra, rb)
+
+
+def test_preemption_keep_checkpoints_and_fallback_in_a_run(tmp_path, in_process, capsys, monkeypatch):
+    """One rank, 6 steps: the length distribution among the first lines and in summary.json;
+    --keep-checkpoints 2; a truncated checkpoint named at --resume and the previous one
+    used; SIGTERM in step 3: that step finished and saved, one line saying how to resume,
+    exit 5. Each --resume gives the losses of the uninterrupted run, bit for bit.
+    (The two-rank version, the signal to one rank or to the launcher: test_reliability.py.)"""
+    common = [*FAST, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "2", "--seed", "4"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert in_process([*common, "--output-dir", str(full)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    first = "[prada] lengths at --max-len 128: tokens per record min "
+    lengths = [i for i, s in enumerate(out) if s.startswith(first)]
+    sharding = [i for i, s in enumerate(out) if s.startswith("[prada] ZeRO-3:")]
+    assert lengths and sharding and lengths[0] < sharding[0], out  # before training starts
+    summary = json.loads((full / "summary.json").read_text())
+    n = summary["lengths"]["records"]
+    assert n > 0 and summary["lengths"]["labelled_records"] <= n
+    assert summary["lengths"]["max_len"] == 128 and summary["lengths"]["unusable"] == 0
+    assert summary["lengths"]["tokens"]["max"] == summary["lengths"]["max_len_whole"] <= 128
+    assert summary["steps_without_labels"] == 0
+    ckpt = full / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step4", "step6"]  # step2 pruned
+    assert (full / "final" / "prada_heads.safetensors").is_file()
+    assert not (full / "final" / "prada_heads.pt").exists()
+    reference = _rows(full)
+
+    # a truncated file of the newest checkpoint: named, step4 used, steps 5-6 recomputed
+    shard = max((ckpt / "step6").glob("*.pt"), key=lambda p: p.stat().st_size)
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[:size // 2])
+    assert in_process([*common, "--output-dir", str(full), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint step6 is unusable: {shard} is truncated ({size // 2} of {size} bytes)" in out, out
+    assert f"using the previous complete checkpoint, {ckpt / 'step4'}" in out
+    assert f"resumed from {ckpt / 'step4'} at step 4" in out
+    _assert_same_losses(reference, _rows(full), 6)
+    assert checkpoint.problem(ckpt / "step6") is None  # written again
+
+    # SIGTERM during step 3
+    real, calls = trainloop._optimizer_step, []
+
+    def sigterm_in_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = [*common, "--output-dir", str(cut)]
+    with monkeypatch.context() as m:
+        m.setattr(trainloop, "_optimizer_step", sigterm_in_step_3)
+        assert in_process(argv) == 5
+    assert signal.getsignal(signal.SIGTERM) == before
+    err = capsys.readouterr().err.strip().splitlines()
+    step3 = cut / "checkpoints" / "step3"
+    assert err == [f"preempted (SIGTERM): stopped after step 3 of 6, checkpoint {step3}. Continue with "
+                   f"the same launcher and: prada_fast/train.py {' '.join(argv)} --resume"], err
+    assert [r["step"] for r in _rows(cut)] == [1, 2, 3] and not (cut / "final").exists()
+    assert checkpoint.latest_tag(cut / "checkpoints") == "step3"  # not a multiple of --save-every
+    assert checkpoint.problem(step3) is None
+    assert in_process([*argv, "--resume"]) == 0
+    assert f"resumed from {step3} at step 3" in capsys.readouterr().out
+    _assert_same_losses(reference, _rows(cut), 6)
 
 
 # ----------------------------------------------------------------------------- safe loading of final/
