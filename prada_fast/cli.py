@@ -135,13 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     obj.add_argument("--temperature", type=float, default=1.0, help="distillation temperature tau")
     obj.add_argument("--no-domain-loss", action="store_true",
                      help="plain CoT distillation: no domain classifier term")
-    obj.add_argument("--adversary", choices=("grl", "confusion"), default="grl",
-                     help="what the student learns against the domain head: 'grl' reverses the "
-                          "head's gradient (DANN); 'confusion' pushes the head's output towards "
-                          "uniform over the domains (bounded)")
-    obj.add_argument("--domain-head-lr-mult", type=float, default=1.0, metavar="X",
+    obj.add_argument("--adversary", choices=("grl", "confusion"), default="confusion",
+                     help="what the student learns against the domain head: 'confusion' pushes the "
+                          "head's output towards uniform over the domains (bounded); 'grl' reverses "
+                          "the head's gradient (DANN; the student can make the head confidently "
+                          "wrong instead). The default is what the comparison's tuning picked "
+                          "(docs/results.md)")
+    obj.add_argument("--domain-head-lr-mult", type=float, default=10.0, metavar="X",
                      help="the domain head's learning rate over the student's (its own optimizer "
-                          "parameter group); DANN practice trains the head faster, e.g. 10")
+                          "parameter group; needs a scheduler that keeps each group's lr, as the "
+                          "shipped configs' WarmupCosineLR; 1 puts the head in the student's group)")
     obj.add_argument("--grl-schedule", choices=("dann", "constant"), default="dann",
                      help="lambda schedule of the adversarial scale")
     obj.add_argument("--lambda-max", type=float, default=1.0, help="largest adversarial scale lambda")

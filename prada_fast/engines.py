@@ -31,7 +31,7 @@ def param_groups(model, head_lr_mult: float, ds_cfg: dict):
     if sched and sched not in GROUP_AWARE_SCHEDULERS:
         raise ConfigError(f"--domain-head-lr-mult needs a scheduler that keeps each group's lr "
                           f"({', '.join(GROUP_AWARE_SCHEDULERS)}); the config's {sched} sets one lr "
-                          "for every group")
+                          "for every group (use WarmupCosineLR, or --domain-head-lr-mult 1)")
     lr = (ds_cfg.get("optimizer") or {}).get("params", {}).get("lr")
     if lr is None:
         raise ConfigError("--domain-head-lr-mult needs the optimizer's lr in the DeepSpeed config")

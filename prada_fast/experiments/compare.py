@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with that adversary; then the prompt encoder is chosen on the PRADA variant. The real "
         "target's records are never looked at before the main runs.")
     k.add_argument("--lambda-max", type=float, default=1.0, help="largest adversarial scale")
-    k.add_argument("--head-lr-mult", type=float, default=1.0, metavar="X",
+    k.add_argument("--head-lr-mult", type=float, default=10.0, metavar="X",
                    help="the domain head's lr over the student's (trainer: --domain-head-lr-mult)")
     k.add_argument("--prompt-encoder", choices=("none", "mlp", "lstm"), default="none",
                    help="P-tuning encoder of the PRADA variants' soft prompt")
