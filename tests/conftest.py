@@ -48,12 +48,13 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
-def in_process(monkeypatch):
-    """prada_fast.train.main called in this process, a world of one."""
+def in_process(monkeypatch, tmp_path):
+    """prada_fast.train.main called in this process, a world of one; a teacher it fits is
+    cached under this test's tmp_path."""
     from prada_fast.distributed import free_port
 
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(free_port()), "PRADA_FAST_CACHE": "/nonexistent"}.items():
+                 "MASTER_PORT": str(free_port()), "PRADA_FAST_CACHE": str(tmp_path / "teacher-cache")}.items():
         monkeypatch.setenv(k, v)
     from prada_fast.train import main
     return main
