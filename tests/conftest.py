@@ -54,7 +54,8 @@ def in_process(monkeypatch, tmp_path):
     from prada_fast.distributed import free_port
 
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(free_port()), "PRADA_FAST_CACHE": str(tmp_path / "teacher-cache")}.items():
+                 "MASTER_PORT": str(free_port()),
+                 "PRADA_FAST_CACHE": str(tmp_path / "teacher-cache")}.items():
         monkeypatch.setenv(k, v)
     from prada_fast.train import main
     return main
