@@ -51,11 +51,14 @@ TARGETS = {"vs_liger_jsd": 0.9, "vs_reference_time": 0.5, "vs_reference_memory":
 def shapes(smoke: bool) -> dict:
     """The cases of each stage: the issue's shapes, or tiny ones for the smoke run."""
     if smoke:
-        return dict(target=rows_case(96, 32, 300, 24, "float32"),
-                    ce=rows_case(96, 32, 300, 0, "float32", D=0),
-                    big=rows_case(128, 32, 600, 32, "float32"), chunks=(16, 32), rows=[(4, 300)],
-                    train=dict(student="tiny", teacher="tiny-teacher", vocab=300, batch=2, seq=16),
-                    max_limit=2, dtype="float32")
+        # interpreted Triton costs per row and tile: 48 rows (chunks of 16 and 32: 3, and 2
+        # with a partial one), 3 tiles of 128 ids (the last partial); the micro-batch search
+        # from 1 to 3: trials 1, 2, 3
+        return dict(target=rows_case(48, 32, 300, 24, "float32"),
+                    ce=rows_case(48, 32, 300, 0, "float32", D=0),
+                    big=rows_case(64, 32, 400, 32, "float32"), chunks=(16, 32), rows=[(4, 300)],
+                    train=dict(student="tiny", teacher="tiny-teacher", vocab=300, batch=1, seq=16),
+                    max_limit=3, dtype="float32")
     return dict(target=rows_case(8192, 4096, 128256, 4096, "bfloat16"),
                 ce=rows_case(8192, 4096, 128256, 0, "bfloat16", D=0),
                 big=rows_case(65536, 4096, 262144, 4096, "bfloat16"),
@@ -147,8 +150,8 @@ def stage_env(s: Session, rec: dict) -> None:
 
 def _op(s: Session, rec: dict, stage: str, case, impls, *, repeats: int, warmup: int = 2,
         chunk_rows=None, oracle: bool = True) -> None:
-    if s.smoke:
-        repeats, warmup = 1, 1
+    if s.smoke:  # plumbing: one call (it compiles too), and the memory probe's
+        repeats, warmup = 1, 0
     args = ["--case", json.dumps(case.to_dict())]
     need = oracle_pieces(case, s.pick(impls))  # only what these implementations need
     pieces = ",".join(need)
@@ -228,7 +231,8 @@ def stage_tune(s: Session, rec: dict) -> None:
     for C, V in s.shapes["rows"]:
         res = s.module("tune", rec, f"rows C={C} V={V}", "benchmarks.run_case",
                        ["rows", "--C", str(C), "--V", str(V), "--Ht", "1", "--dtype", s.shapes["dtype"],
-                        "--device", s.device], interpret=s.device != "cuda")
+                        "--device", s.device, *(["--repeats", "1"] if s.smoke else [])],
+                       interpret=s.device != "cuda")
         if res is not None:
             rec["rows"].append({"rows": f"C={C} V={V}", **{k: res[k] for k in ("bytes", "triton", "torch")}})
 

@@ -34,7 +34,7 @@ ON_GPU = DEVICE.startswith("cuda")
 PARITY_CASES = [
     Case(B=2, T=37, H=48, V=1001, Ht=40, bias=True, ignore_frac=0.25, pool_mask=True, tau=2.0,
          alpha=0.3, lam=0.7, seed=1),
-    Case(B=2, T=96, H=64, V=3001, Ht=96, ignore_frac=0.1, tau=2.0, alpha=0.5, seed=2),
+    Case(B=2, T=48, H=64, V=3001, Ht=96, ignore_frac=0.1, tau=2.0, alpha=0.5, seed=2),
     Case(B=3, T=29, H=72, V=2003, Ht=0, ignore_frac=0.2, seed=3),                     # no teacher
     Case(B=2, T=33, H=64, V=2003, Ht=48, dtype="bfloat16", ignore_frac=0.2, seed=4),
     Case(B=2, T=17, H=32, V=517, Ht=24, ignore_frac=1.0, pool_mask=True, seed=5),     # all ignored

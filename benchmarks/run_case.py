@@ -299,7 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--bias", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls (default: op 3, rows 20)")
     p.add_argument("--chunk-rows", type=int, default=None,
                    help="op: rows per chunk of chunked/triton (default: theirs)")
     p.add_argument("--oracle", help="op: the oracle file to check parity against")
@@ -310,10 +311,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     t0 = time.perf_counter()
+    repeats = a.repeats if a.repeats is not None else (20 if a.mode == "rows" else 3)
     if a.mode == "op":
         case = _case_from_args(a)
         try:
-            res = run_op(a.impl, case, a.device, warmup=a.warmup, repeats=a.repeats,
+            res = run_op(a.impl, case, a.device, warmup=a.warmup, repeats=repeats,
                          oracle_path=a.oracle, chunk_rows=a.chunk_rows)
         except torch.OutOfMemoryError as e:  # CUDA: recorded, not a crash
             res = {"mode": "op", "impl": a.impl, "case": case.to_dict(), "case_id": case.id,
@@ -321,7 +323,7 @@ def main(argv=None) -> int:
     elif a.mode == "ceiling":
         res = {"mode": "ceiling", **gemm_ceiling(a.device, a.dtype)}
     elif a.mode == "rows":
-        res = run_rows(a.C, a.V, a.dtype, bool(a.Ht), a.device)
+        res = run_rows(a.C, a.V, a.dtype, bool(a.Ht), a.device, repeats=repeats)
     elif a.mode == "oracle":
         case = _case_from_args(a)
         pieces = tuple(s for s in a.pieces.split(",") if s) or oracle_pieces(case, list(IMPLS))

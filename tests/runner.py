@@ -9,8 +9,11 @@ from prada_fast.distributed import launch_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick: tiny synthetic data, short generations, a metrics line every step.
-FAST = ["--data", "synthetic:48", "--eval-per-domain", "4", "--max-new-tokens", "24",
+FAST = ["--data", "synthetic:48", "--eval-per-domain", "4", "--max-new-tokens", "8",
         "--no-progress", "--log-every", "1", "--max-len", "128"]
+# The auto teacher of the runs that fit one: the same data (FAST without held-out records),
+# steps and seed, so the session's teacher cache fits it once for all of them.
+FIT = ["--eval-per-domain", "0", "--teacher-steps", "10", "--seed", "2"]
 
 
 def train_cmd(args, nproc=1) -> list[str]:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from runner import FAST, REPO, metrics, train, train_cmd, train_env
+from runner import FAST, FIT, REPO, metrics, train, train_cmd, train_env
 
 from prada_fast import checkpoint
 
@@ -18,14 +18,14 @@ pytestmark = pytest.mark.slow
 NO_DATA = FAST[2:]  # FAST without its --data
 assert FAST[0] == "--data"
 COMPARED = ("loss", "ce", "kd", "dom", "dom_acc", "grl_lambda", "lr")
+STEPS = 16  # checkpoints at 4, 8, 12, 16; the faults come at steps 3 to 9
 
 
 @pytest.fixture(scope="module")
 def two_rank_reference(tmp_path_factory, cache, ds_config):
-    """(args, run directory) of an uninterrupted two-rank run, 24 steps, that the
+    """(args, run directory) of an uninterrupted two-rank run, STEPS steps, that the
     interrupted runs below are compared with."""
-    args = [*FAST, "--ds", str(ds_config), "--max-steps", "24", "--save-every", "4",
-            "--eval-per-domain", "0", "--teacher-steps", "10", "--seed", "2"]
+    args = [*FAST, "--ds", str(ds_config), "--max-steps", str(STEPS), "--save-every", "4", *FIT]
     full = tmp_path_factory.mktemp("full")
     train([*args, "--output-dir", str(full), "--overwrite"], cache, nproc=2)
     return args, full
@@ -68,7 +68,7 @@ def _start_and_wait(args, out, cache, steps):
 
 def _same_losses(full, cut):
     a, b = metrics(full), metrics(cut)
-    assert [r["step"] for r in b] == list(range(1, 25))
+    assert [r["step"] for r in b] == list(range(1, STEPS + 1))
     for ra, rb in zip(a, b, strict=True):
         assert all(ra[k] == rb[k] for k in COMPARED), (ra, rb)
 
@@ -103,9 +103,10 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_matches(tmp
     out = _finish(proc, 180)
     assert proc.returncode == 5, out[-3000:]
     last = metrics(cut)[-1]["step"]
-    assert 5 <= last < 24 and checkpoint.latest_tag(cut / "checkpoints") == f"step{last}", out[-3000:]
+    assert 5 <= last < STEPS and checkpoint.latest_tag(cut / "checkpoints") == f"step{last}", out[-3000:]
     assert checkpoint.problem(cut / "checkpoints" / f"step{last}") is None
-    assert f"preempted (a stop signal to another rank): stopped after step {last} of 24" in out, out[-3000:]
+    stopped = f"preempted (a stop signal to another rank): stopped after step {last} of {STEPS}"
+    assert stopped in out, out[-3000:]
     assert "--resume" in out and "--output-dir" in out
     assert "lengths at --max-len 128: tokens per record" in out  # the first lines of the run
     proc = train([*args, "--output-dir", str(cut), "--resume"], cache, nproc=2)
@@ -127,7 +128,7 @@ def test_sigterm_to_the_deepspeed_command_alone_stops_the_ranks(tmp_path, cache,
     out = _finish(proc, 180)  # EOF: every process holding the pipe has exited
     assert "preempted (the deepspeed command died)" in out, out[-3000:]
     last = metrics(cut)[-1]["step"]
-    assert last < 24 and checkpoint.latest_tag(cut / "checkpoints") == f"step{last}"
+    assert last < STEPS and checkpoint.latest_tag(cut / "checkpoints") == f"step{last}"
     for pid in pids.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -162,9 +163,8 @@ def test_crash_during_save_leaves_previous_checkpoint_latest(tmp_path):
 def test_nan_steps_are_skipped_and_k_in_a_row_stop_the_run(tmp_path, cache):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     out = tmp_path / "nan"
-    proc = train([*FAST, "--output-dir", str(out), "--max-steps", "10", "--save-every", "1",
-                  "--teacher-steps", "10", "--eval-per-domain", "0", "--inject-nan", "4,6,7,8",
-                  "--max-bad-steps", "3"], cache, check=False)
+    proc = train([*FAST, "--output-dir", str(out), "--max-steps", "10", "--save-every", "1", *FIT,
+                  "--inject-nan", "4,6,7,8", "--max-bad-steps", "3"], cache, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "3 steps in a row" in proc.stderr and "step8" in proc.stderr
     rows = {r["step"]: r for r in metrics(out)}

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from runner import FAST, REPO, metrics, train
+from runner import FAST, FIT, REPO, metrics, train
 
 pytestmark = pytest.mark.slow
 
@@ -77,13 +77,13 @@ def test_chunked_and_reference_agree_under_zero3(two_rank_runs):
 def test_resume_continues_with_identical_losses(tmp_path, cache):
     # the confusion adversary and a domain head in an optimizer group of its own (10x lr): its
     # state is checkpointed and resumed exactly too
-    common = [*FAST, "--max-steps", "8", "--save-every", "4", "--teacher-steps", "10", "--seed", "5",
+    common = [*FAST, "--max-steps", "8", "--save-every", "4", *FIT,
               "--adversary", "confusion", "--domain-head-lr-mult", "10"]
     full, part = tmp_path / "full", tmp_path / "part"
-    train([*common, "--output-dir", str(full), "--eval-per-domain", "0"], cache)
-    train([*common, "--output-dir", str(part), "--eval-per-domain", "0", "--stop-after", "4"], cache)
+    train([*common, "--output-dir", str(full)], cache)
+    train([*common, "--output-dir", str(part), "--stop-after", "4"], cache)
     assert not (part / "final").exists() and (part / "checkpoints" / "step4").is_dir()
-    train([*common, "--output-dir", str(part), "--eval-per-domain", "0", "--resume"], cache)
+    train([*common, "--output-dir", str(part), "--resume"], cache)
     a, b = metrics(full), metrics(part)
     assert [r["step"] for r in b] == list(range(1, 9))
     for ra, rb in zip(a, b, strict=True):
