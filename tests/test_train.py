@@ -15,13 +15,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="session")
 def two_rank_runs(tmp_path_factory, cache, ds_config, tied_student):
     """The same 2-rank ZeRO-3 run with the chunked and the reference loss (the soft prompt
-    through a P-tuning encoder, sharded too)."""
+    through a P-tuning encoder, sharded too). The head at the student's lr: at this test's
+    lr 0.01 the default 10x makes the head's steps too large for CE to fall in 6 steps."""
     runs = {}
     for impl in ("chunked", "reference"):
         out = tmp_path_factory.mktemp(f"run-{impl}")
         train([*FAST, "--ds", str(ds_config), "--output-dir", str(out), "--overwrite",
                "--student", str(tied_student), "--teacher", "tiny-teacher", "--max-steps", "6",
-               "--lr", "0.01", "--loss-impl", impl, "--seed", "3", "--prompt-encoder", "mlp"],
+               "--lr", "0.01", "--loss-impl", impl, "--seed", "3", "--prompt-encoder", "mlp",
+               "--domain-head-lr-mult", "1"],
               cache, nproc=2)
         runs[impl] = out
     return runs
@@ -66,7 +68,8 @@ def test_chunked_and_reference_agree_under_zero3(two_rank_runs):
     a, b = (metrics(two_rank_runs[k]) for k in ("chunked", "reference"))
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "ce", "kd", "dom"):
-            assert abs(ra[key] - rb[key]) <= 1e-5 * abs(rb[key]) + 1e-7, (ra["step"], key)
+            # metrics.jsonl rounds to 6 decimals: up to 1e-6 apart from rounding alone
+            assert abs(ra[key] - rb[key]) <= 1e-5 * abs(rb[key]) + 1.5e-6, (ra["step"], key)
     wa, wb = (load_file(two_rank_runs[k] / "final" / "model.safetensors") for k in ("chunked", "reference"))
     assert wa.keys() == wb.keys()
     for k in wa:
