@@ -3,8 +3,10 @@ default --benchmark-json path and the report written at the end of a run.
 
 Markers: parity (correctness against the float64 oracle: fast, CI), speed (timed cases:
 every case that runs in a subprocess and measures), memory (peak memory is recorded),
-train_step (the ZeRO-3 training-step benchmark). Every timed case is also marked `speed`,
-so `-m "not speed"` and `-m parity` both select the parity cases alone.
+train_step (the ZeRO-3 training-step benchmark), heavy (cases skipped unless --bench-full:
+on a CPU the kernels issue's target case, so that a plain `pytest benchmarks/` ends within
+10 minutes on a slow 2-core machine). Every timed case is also marked `speed`, so
+`-m "not speed"` and `-m parity` both select the parity cases alone.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ MARKERS = {
     "speed": "timed in a fresh subprocess (median time, TFLOP/s); slow",
     "memory": "peak memory measured in a fresh subprocess",
     "train_step": "student + teacher training step under ZeRO-3",
+    "heavy": "a heavy case (CPU: the kernels issue's target, N = 4096): skipped unless --bench-full",
 }
 
 
@@ -38,6 +41,9 @@ def pytest_addoption(parser):
                      "loss); off by default: timings are recorded, not asserted")
     g.addoption("--bench-no-report", action="store_true",
                 help="do not write table.md and the plots at the end")
+    g.addoption("--bench-full", action="store_true",
+                help="also run the cases marked heavy (CPU: the kernels issue's target case "
+                     "N = 4096 and its check; ~2x the suite's time)")
 
 
 def pytest_configure(config):
@@ -54,7 +60,13 @@ def pytest_report_header(config):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """Write --benchmark-json to <bench-out>/bench.json by default when timed cases run."""
+    """Skip the heavy cases unless --bench-full; write --benchmark-json to
+    <bench-out>/bench.json by default when timed cases run."""
+    if not config.getoption("--bench-full"):
+        skip = pytest.mark.skip(reason="heavy case: run with --bench-full")
+        for item in items:
+            if item.get_closest_marker("heavy"):
+                item.add_marker(skip)
     bs = getattr(config, "_benchmarksession", None)
     if bs is None or bs.disabled or bs.json or config.option.collectonly:
         return

@@ -6,7 +6,8 @@ Recorded in pytest-benchmark (the per-call times of the subprocess, replayed) wi
 extra_info: peak extra memory, TFLOP/s of the LM-head products and the fraction of the
 matrix-product ceiling measured in this run, the parity errors, and the ratios to the
 reference's time and memory. Timings are recorded, not asserted, unless
---bench-assert-targets is given (test_cpu_kernel_target).
+--bench-assert-targets is given (test_cpu_kernel_target). On a CPU the kernels issue's
+target case (N = 4096) and its check are marked `heavy`: they run with --bench-full.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from benchmarks.harness import (
     DEVICE,
     ON_GPU,
     family,
+    heavy,
     record,
     replay_timer,
     run_module,
@@ -28,13 +30,14 @@ from benchmarks.harness import (
 )
 
 CASES = {c.id: c for c in speed_cases()}
-PARAMS = [(cid, impl) for cid in CASES for impl in speed_impls()]  # the reference first in each case
+PARAMS = [pytest.param(cid, impl, id=f"{cid}-{impl}", marks=[pytest.mark.heavy] if heavy(case) else [])
+          for cid, case in CASES.items() for impl in speed_impls()]  # the reference first in each case
 
 
 @pytest.mark.speed
 @pytest.mark.memory
 @pytest.mark.benchmark(timer=replay_timer)
-@pytest.mark.parametrize("case_id,impl", PARAMS, ids=[f"{c}-{i}" for c, i in PARAMS])
+@pytest.mark.parametrize("case_id,impl", PARAMS)
 def test_op(case_id, impl, benchmark, oracle_file, gemm_ceiling, bench_results, request):
     case = CASES[case_id]
     reason = unavailable_reason(impl, case, DEVICE, mode="speed")
@@ -69,6 +72,7 @@ def test_op(case_id, impl, benchmark, oracle_file, gemm_ceiling, bench_results, 
 
 
 @pytest.mark.speed
+@pytest.mark.heavy
 @pytest.mark.skipif(ON_GPU, reason="the CPU target of the kernels issue")
 def test_cpu_kernel_target(bench_results, request):
     """CPU, fp32, N = 4096, H = 512, V = 32000, H_t = 512: chunked at most 0.8 x the
