@@ -39,6 +39,9 @@ import torch
 # torch.distributed deprecation notices that DeepSpeed triggers on every step
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
+if not __package__:  # run as a script (`deepspeed prada_fast/train.py`): this checkout's package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from prada_fast import checkpoint
 from prada_fast import distributed as dist_util
 from prada_fast.batching import StepBatches
