@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "--resume has a complete one to fall back on")
     io.add_argument("--log-every", type=int, default=10, metavar="N",
                     help="steps between lines of metrics.jsonl")
+    io.add_argument("--probe-every", type=int, default=0, metavar="N",
+                    help="every N steps (and at the last), the domain head's accuracy and a freshly "
+                         "fitted linear probe's (cross-validated) on the held-out records' pooled "
+                         "question features, as probe_head_acc and probe_acc in metrics.jsonl: "
+                         "the curves that say whether the student hides the domain or fools its "
+                         "head (0: off; needs --eval-per-domain >= 2)")
     io.add_argument("--seed", type=int, default=0, help="seed of data order, init and synthetic data")
     io.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     io.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
@@ -200,7 +206,7 @@ def _within(lo, hi):
 # that no value is bad.
 RANGES = {
     "max_steps": _at_least(1), "stop_after": _at_least(0), "save_every": _at_least(0),
-    "keep_checkpoints": _at_least(0), "log_every": _at_least(1), "seed": _within(0, 2**32 - 1),
+    "keep_checkpoints": _at_least(0), "log_every": _at_least(1), "probe_every": _at_least(0), "seed": _within(0, 2**32 - 1),
     "dist_timeout": _above(0), "max_bad_steps": _at_least(1), "local_rank": _at_least(-1),
     "max_len": _at_least(2), "eval_per_domain": _at_least(0),
     "teacher_steps": _at_least(1), "teacher_lr": _above(0), "prompt_len": _at_least(0),
@@ -284,6 +290,9 @@ def _check_combinations(args) -> None:
     if args.prompt_hidden and args.prompt_encoder == "none":
         raise FlagError(f"--prompt-hidden {args.prompt_hidden} sets the width of a prompt encoder: "
                         "it needs --prompt-encoder mlp or lstm")
+    if args.probe_every and args.eval_per_domain < 2:
+        raise FlagError(f"--probe-every {args.probe_every} probes the held-out records: it needs "
+                        f"--eval-per-domain 2 or more (given {args.eval_per_domain})")
     no_teacher = args.teacher == "none" or (args.teacher == "auto" and args.student not in PRESETS)
     if args.alpha == 0 and no_teacher:
         why = " with a non-preset student" if args.teacher == "auto" else ""

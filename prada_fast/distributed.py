@@ -230,13 +230,25 @@ def all_threads():
     return torch_threads(os.cpu_count() or torch.get_num_threads())
 
 
-def teardown() -> None:
+def shm_buffer(rank: int, shm_dir: str | Path = "/dev/shm") -> Path:
+    """The shared-memory all-reduce buffer that DeepSpeed's CPU communication op creates for
+    this rank (about 69 MB, named by user, master address and port, and rank) and never
+    unlinks: in RAM until the machine reboots, one per rank of every run."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path(shm_dir) / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def teardown(shm_dir: str | Path = "/dev/shm") -> None:
     """Destroy the process group (without it, ranks abort at exit on the CPU backend),
     through DeepSpeed when it is loaded, so that it also drops the groups it cached (a
-    later run in the same process then starts clean)."""
+    later run in the same process then starts clean); then remove this rank's DeepSpeed
+    shared-memory buffer (`shm_buffer`; peers that mapped it keep their mapping)."""
     if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
         ds_comm = sys.modules.get("deepspeed.comm.comm")
         if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
             ds_comm.destroy_process_group()
         else:
             dist.destroy_process_group()
+        with contextlib.suppress(OSError):
+            shm_buffer(rank, shm_dir).unlink(missing_ok=True)

@@ -60,6 +60,32 @@ def domain_features(model, batches):
     return torch.cat(feats), torch.cat(labels), torch.cat(preds)
 
 
+@torch.no_grad()
+def alignment_probe(module, batches, *, fit: bool = True, folds: int = 5) -> dict | None:
+    """The curve point of --probe-every, during training: through `module`'s own forward
+    (features_only, so that under ZeRO-3 every rank runs it together and the soft prompt and
+    head are gathered), the head's accuracy on the held-out batches' pooled question features
+    ("probe_head_acc") and a freshly fitted logistic probe's, cross-validated ("probe_acc").
+    fit=False (ranks other than 0): the forward passes only; returns None."""
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    feats, labels, right = [], [], 0
+    for b in batches:
+        f, c = module(b["input_ids"].to(device), b["attention_mask"].to(device),
+                      b["labels"].to(device), None, features_only=True)
+        feats.append(f.float().cpu())
+        labels.append(b["domain_labels"])
+        right += int((c.argmax(-1).cpu() == b["domain_labels"]).sum())
+    module.train(was_training)
+    if not fit:
+        return None
+    y = torch.cat(labels)
+    probe = probe_accuracy(torch.cat(feats), y, folds=folds)
+    return {"probe_head_acc": round(right / max(len(y), 1), 6),
+            "probe_acc": None if probe is None else round(probe, 6)}
+
+
 def domain_alignment(model, batches, *, folds: int = 5) -> dict:
     """On held-out records: the domain head's accuracy, a fresh logistic probe's
     (cross-validated, `folds` folds; None with too few records per domain) and chance.

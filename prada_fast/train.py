@@ -93,8 +93,10 @@ def run(args) -> int:
     ckpt_dir = out / "checkpoints"
     start, skipped = resume(args, engine, ckpt_dir, out / "metrics.jsonl")
     sharding = log_sharding(engine)
+    probe_batches = ([data.collate(data.eval[i:i + 64]) for i in range(0, len(data.eval), 64)]
+                     if args.probe_every else None)
     stats = train_steps(engine, t_engine, batches, args, start=start, out=out,
-                        ckpt_dir=ckpt_dir, log=log, skipped=skipped)
+                        ckpt_dir=ckpt_dir, log=log, skipped=skipped, probe_batches=probe_batches)
     if stats["steps"] < args.max_steps:
         log(f"stopped after step {stats['steps']} of {args.max_steps} (--stop-after); "
             "continue with --resume")

@@ -58,7 +58,10 @@ def tensorboard_writer(args, out):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, skipped=0) -> dict:
+def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, skipped=0,
+                probe_batches=None) -> dict:
+    """Steps start+1 .. max_steps (or --stop-after of them). probe_batches: held-out batches
+    for --probe-every's curve of the head's and a fresh probe's domain accuracy."""
     world = batches.world_size
     rank0 = dist_util.rank() == 0
     metrics = open(out / "metrics.jsonl", "a") if rank0 else None  # noqa: SIM115
@@ -100,6 +103,11 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
             tokens_total += tokens
             dt = time.time() - t0
             last = dict(zip(PARTS, means))
+            probed = None
+            if probe_batches and args.probe_every and (
+                    (step + 1) % args.probe_every == 0 or step + 1 == args.max_steps):
+                from .evaluation import alignment_probe  # every rank: a ZeRO-3 forward
+                probed = alignment_probe(engine.module, probe_batches, fit=rank0)
             if rank0:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", dom_acc=f"{last['dom_acc']:.2f}",
@@ -111,10 +119,11 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
                     log(f"step {step + 1}: no labelled token in this batch (only target-domain "
                         "records, or records cut by --max-len): the task loss is 0, only the "
                         "domain loss trained")
-                if bad or n_valid == 0 or (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+                if (bad or n_valid == 0 or probed or (step + 1) % args.log_every == 0
+                        or step + 1 == args.max_steps):
                     row = {"step": step + 1, **{k: round(v, 6) for k, v in last.items()},
                            "grl_lambda": round(lam, 6), "lr": lr,
-                           "tokens_per_s": round(tokens / max(dt, 1e-9), 1)}
+                           "tokens_per_s": round(tokens / max(dt, 1e-9), 1), **(probed or {})}
                     if bad:
                         row["skipped"] = True
                     if n_valid == 0:
@@ -123,7 +132,7 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
                     metrics.flush()
                     if board:
                         for key, value in row.items():
-                            if key != "step" and not isinstance(value, bool):
+                            if key != "step" and not isinstance(value, bool) and value is not None:
                                 board.add_scalar(f"train/{key}", value, step + 1)
             if bad_in_row >= args.max_bad_steps:
                 save(step + 1)

@@ -33,6 +33,10 @@ def train(args, cache, nproc=1, check=True, timeout=900):
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
+    if check and nproc > 1:  # every rank removed DeepSpeed's shared-memory buffer (69 MB each)
+        port = cmd[cmd.index("--master_port") + 1]
+        left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        assert not left, f"{cmd} left {[p.name for p in left]} in /dev/shm"
     return proc
 
 

@@ -21,6 +21,7 @@ BAD = {
     "--save-every": ["--save-every", "-1"],
     "--keep-checkpoints": ["--keep-checkpoints", "-1"],
     "--log-every": ["--log-every", "0"],
+    "--probe-every": ["--probe-every", "-1"],
     "--seed": ["--seed", "-1"],
     "--dist-timeout": ["--dist-timeout", "0"],
     "--max-bad-steps": ["--max-bad-steps", "0"],
@@ -69,6 +70,7 @@ MORE_BAD = [
     ["--data", "TMP/gsm8k_missing.jsonl"], ["--data", "jsonl:TMP/x.jsonl?color=red"],
     ["--seed", str(2**32)], ["--max-len", "0"], ["--prompt-encoder", "gru"],
     ["--prompt-hidden", "-1", "--prompt-encoder", "lstm"],
+    ["--probe-every", "50", "--eval-per-domain", "1"],
 ]
 
 

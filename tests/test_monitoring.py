@@ -46,14 +46,15 @@ def test_domain_alignment_reports_a_fooled_head_and_a_probe_that_still_separates
     assert not fooled(a, None)                    # no domain loss trained
 
 
-def test_summary_alignment_and_tensorboard(in_process, tmp_path):
+def test_summary_alignment_tensorboard_and_layer_probes(in_process, tmp_path):
     """A short run: summary.json carries the head's and a fresh probe's accuracy on the
-    held-out pooled question features, and every metrics.jsonl value is in TensorBoard."""
+    held-out pooled question features, --probe-every writes their curve, every metrics.jsonl
+    value is in TensorBoard, and layers.py probes every layer of the finished run."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "run"
     code = in_process([*FAST, "--teacher", "none", "--max-steps", "3", "--eval-per-domain", "10",
                        "--output-dir", str(out), "--report-to", "tensorboard",
-                       "--prompt-encoder", "mlp", "--adversary", "confusion"])
+                       "--prompt-encoder", "mlp", "--adversary", "confusion", "--probe-every", "2"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     a = summary["domain_alignment"]
@@ -68,6 +69,48 @@ def test_summary_alignment_and_tensorboard(in_process, tmp_path):
     for key in ("loss", "ce", "dom", "dom_acc", "grl_lambda"):
         got = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
         assert got == [(r["step"], pytest.approx(r[key], rel=1e-6, abs=1e-7)) for r in rows], key
+    # --probe-every 2: the curve at steps 2 and 3 (the last); at the last step the model is the
+    # exported one, so the head's and the probe's accuracy equal the summary's (other code path:
+    # the reloaded final/ model, evaluation.domain_alignment)
+    probed = [r for r in rows if "probe_acc" in r]
+    assert [r["step"] for r in probed] == [2, 3]
+    assert probed[-1]["probe_head_acc"] == pytest.approx(a["head_accuracy"], abs=1e-6)
+    assert probed[-1]["probe_acc"] == pytest.approx(a["probe_accuracy"], abs=1e-6)
+    got = [(e.step, e.value) for e in events.Scalars("train/probe_acc")]
+    assert got == [(r["step"], pytest.approx(r["probe_acc"], abs=1e-7)) for r in probed]
     acc = events.Scalars("eval/accuracy/sorting")
     assert [e.value for e in acc] == [pytest.approx(summary["domains"]["sorting"]["accuracy_after"])]
     assert events.Scalars("eval/domain_probe_accuracy")[0].value == pytest.approx(a["probe_accuracy"])
+
+    # where the domain lives: a probe per layer of the same run (layers.py)
+    from prada_fast.experiments.analysis import pooled_features
+    from prada_fast.experiments.layers import layer_probes, table
+    from prada_fast.model import PradaModel
+    per_layer, y, domains, _ = pooled_features(out, all_layers=True)
+    final, y2, _, _ = pooled_features(out)
+    model, tok, _ = PradaModel.from_final(out / "final", attn="sdpa")
+    assert per_layer.shape[0] == model.student.config.num_hidden_layers + 1 and torch.equal(y, y2)
+    torch.testing.assert_close(per_layer[-1], final)  # the last layer: the head's input
+    res = layer_probes(out)
+    assert [r["layer"] for r in res["layers"]] == list(range(len(per_layer)))
+    assert all(0 <= r["logistic"] <= 1 and 0 <= r["ncm"] <= 1 for r in res["layers"])
+    assert res["chance"] == pytest.approx(1 / len(domains)) and res["n"] == len(y)
+    sub = res["head_subspace"]  # a linear head of rank D - 1 or D
+    assert sub["rank"] in (len(domains) - 1, len(domains)) and 0 <= sub["outside"] <= 1
+    assert table([res]).count("\n| ") == len(per_layer) + 1 + 2  # header rule, layers, subspaces
+
+
+def test_split_by_rows_projects_onto_the_heads_row_space():
+    """split_by_rows against a float64 least-squares projection: the parts add up, the first
+    lies in the rows' span, the second is orthogonal to every row (a rank-deficient head too)."""
+    from prada_fast.experiments.layers import split_by_rows
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(37, 11, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 11, generator=g, dtype=torch.float64)
+    w[4] = w[0] - 2 * w[2]                                   # rank 4
+    inside, outside = split_by_rows(x.float(), w.float())
+    coef = torch.linalg.lstsq(w.T, x.T).solution             # x ~ coef^T w
+    torch.testing.assert_close(inside, (w.T @ coef).T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inside + outside, x, atol=1e-6, rtol=1e-6)
+    assert (outside @ w.T).abs().max() < 1e-5
+

@@ -256,3 +256,23 @@ def test_existing_run_is_refused_and_left_alone(tmp_path, in_process, capsys):
     assert "--resume" in err and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_teardown_removes_this_ranks_deepspeed_shm_buffer(tmp_path, monkeypatch):
+    """DeepSpeed's CPU all-reduce op leaves a 69 MB /dev/shm file per rank and run; teardown
+    removes this rank's (named as DeepSpeed's shm.cpp names it) and nothing else."""
+    import torch.distributed as dist
+
+    from prada_fast.distributed import free_port, shm_buffer, teardown
+    port = str(free_port())
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", port)
+    mine = tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_0"
+    peer, other_run = mine.with_name(mine.name[:-1] + "1"), tmp_path / "deepspeed_allreduce_buffer_x"
+    for f in (mine, peer, other_run):
+        f.write_bytes(b"\0" * 8)
+    assert shm_buffer(0, tmp_path) == mine
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    teardown(shm_dir=tmp_path)
+    assert not dist.is_initialized()
+    assert not mine.exists() and peer.exists() and other_run.exists()

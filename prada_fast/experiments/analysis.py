@@ -92,14 +92,18 @@ def held_out_records(run_config: dict):
 
 
 @torch.no_grad()
-def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | None = None):
-    """Pooled student features (masked mean of the final hidden states over every non-pad
-    position, soft prompt included: the domain head's input) of the run's held-out records of
-    every domain, encoded as in training (target-domain records without the answer).
+def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | None = None,
+                    all_layers: bool = False):
+    """Pooled student features (the final hidden states averaged over the model's pool mask,
+    the question's tokens: the domain head's input) of the run's held-out records of every
+    domain, encoded as in training (target-domain records without the answer).
+    all_layers: the same pooling of every layer's output instead, (L + 1, n, H): the input
+    embeddings first, the final (normed) hidden states last.
 
     Returns (features float32 (n x H), domain ids (n,), domains, roles)."""
     from prada_fast.data import Collator
     from prada_fast.model import PradaModel
+    from prada_fast.op import masked_mean
     from prada_fast.train import encode_all
 
     from transformers.utils import logging as hf_logging
@@ -121,8 +125,20 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
     with torch_threads(1) if dev.type == "cpu" else contextlib.nullcontext():
         for s in range(0, len(examples), batch_size):
             b = collate(examples[s:s + batch_size])
-            f = model.pooled_features(b["input_ids"].to(dev), b["attention_mask"].to(dev),
-                                      b["labels"].to(dev))
+            ids, att, lab = b["input_ids"].to(dev), b["attention_mask"].to(dev), b["labels"].to(dev)
+            if all_layers:
+                f = torch.stack([masked_mean(h, model.pool_mask(att, lab))
+                                 for h in layer_states(model, ids, att)])
+            else:
+                f = model.pooled_features(ids, att, lab)
             feats.append(f.float().cpu())
             labels.append(b["domain_labels"])
-    return torch.cat(feats), torch.cat(labels), domains, meta.get("roles", {})
+    return torch.cat(feats, -2), torch.cat(labels), domains, meta.get("roles", {})
+
+
+def layer_states(model, input_ids, attention_mask) -> tuple:
+    """Every layer's output of the student over [soft prompt | tokens]: the input embeddings,
+    then each decoder layer's (the last one after the final norm, as transformers returns it)."""
+    emb, mask = model.embed(input_ids, attention_mask)
+    return model.backbone(inputs_embeds=emb, attention_mask=mask, use_cache=False,
+                          output_hidden_states=True).hidden_states
