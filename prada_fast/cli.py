@@ -206,7 +206,8 @@ def _within(lo, hi):
 # that no value is bad.
 RANGES = {
     "max_steps": _at_least(1), "stop_after": _at_least(0), "save_every": _at_least(0),
-    "keep_checkpoints": _at_least(0), "log_every": _at_least(1), "probe_every": _at_least(0), "seed": _within(0, 2**32 - 1),
+    "keep_checkpoints": _at_least(0), "log_every": _at_least(1), "probe_every": _at_least(0),
+    "seed": _within(0, 2**32 - 1),
     "dist_timeout": _above(0), "max_bad_steps": _at_least(1), "local_rank": _at_least(-1),
     "max_len": _at_least(2), "eval_per_domain": _at_least(0),
     "teacher_steps": _at_least(1), "teacher_lr": _above(0), "prompt_len": _at_least(0),
