@@ -123,12 +123,12 @@ def test_parity_confusion_adversary(impl, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
 def test_parity_packed_rows(impl, dtype, adversary, seed):
-    """seq_index (packed rows) against the float64 reference at odd sizes: row 0 holds one
-    sequence and -1 padding, row 1 many short sequences (lengths 1-3) with -1 gaps, rows 2-3
-    random ones; -1 positions with pool mask 1 (they must not pool); one sequence with an
-    empty pool mask (it pools to 0); a teacher, a bias, D = 5; chunks of 7 rows."""
-    x = make_batch(seed, B=4, dtype=dtype, teacher="hidden", bias=True, domain=True, pool_mask=True,
-                   D=5, packed=True)
+    """seq_index (packed rows) against the float64 reference at odd sizes (V = 2 tiles + 5):
+    row 0 holds one sequence and -1 padding, row 1 many short sequences (lengths 1-3) with -1
+    gaps, rows 2-3 random ones; -1 positions with pool mask 1 (they must not pool); one
+    sequence with an empty pool mask (it pools to 0); a teacher, a bias, D = 5; chunks of 7."""
+    x = make_batch(seed, B=4, V=261, dtype=dtype, teacher="hidden", bias=True, domain=True,
+                   pool_mask=True, D=5, packed=True)
     seq, m = x["seq_index"], x["pool_mask"]
     S = len(x["domain_labels"])
     assert (seq[0, :-2] == 0).all() and (seq[0, -2:] == -1).all()  # one sequence
@@ -199,8 +199,8 @@ def test_packing_equals_unpacked_batch(impl, adversary, seed):
     into fewer rows with seq_index give the same loss, parts and gradients, the hidden
     gradient mapped back position by position; the packed rows' padding gets none."""
     B, T = 6, 15
-    x = make_batch(seed, B=B, T=T, teacher="hidden", bias=True, domain=True, pool_mask=True, D=4,
-                   ignore_frac=0.0)
+    x = make_batch(seed, B=B, T=T, V=261, teacher="hidden", bias=True, domain=True, pool_mask=True,
+                   D=4, ignore_frac=0.0)
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(2, 6, (B,), generator=g)  # the question (pooled, no target) ...
     n = q + torch.randint(0, T - 5, (B,), generator=g)  # ... then targets up to length n
