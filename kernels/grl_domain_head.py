@@ -16,11 +16,12 @@ B x D x H buffer or atomics.
 
 Packed rows (seq_index (B, T): each position's sequence s in [0, S), -1: none; labels (S,)):
 the sequences are those of seq_index, not the rows. The launcher lists the pooled positions
-(seq >= 0, m != 0) grouped by sequence (a stable sort of their sequence numbers: CSR offsets
-and positions, O(N) small integers); the pooling kernel then runs on an (S, H-tiles) grid,
-program s gathering the rows of its own positions (no atomics: deterministic), and stores the
-clamped sum of m that the head kernel divides by. A sequence with no pooled position pools to
-0, as an empty row does. The head kernel is the same, one program per sequence, with 1/S.
+(seq >= 0, m != 0) grouped by sequence (a stable sort of their sequence numbers: CSR offsets,
+and per position its row, column and mask, O(N) small vectors); the pooling
+kernel then runs on an (S, H-tiles) grid, program s gathering the rows of its own positions
+(no atomics: deterministic), and stores the clamped sum of m that the head kernel divides
+by. A sequence with no pooled position pools to 0, as an empty row does. The head kernel is
+the same, one program per sequence, with 1/S.
 
 `triton_domain_head` is the domain op of the chunk driver (`prada_fast.op.driver`), the
 twin of `prada_fast.op.torch_backend.torch_domain`. On a machine without a GPU it runs
@@ -64,16 +65,14 @@ def _masked_pool_kernel(
 
 @triton.jit
 def _segment_pool_kernel(
-    h_ptr, m_ptr, pos_ptr, off_ptr, f_ptr, msum_ptr,
-    T, H,
-    stride_hb, stride_ht, stride_hh,
-    stride_mb, stride_mt,
-    stride_fb,
+    h_ptr, b_ptr, t_ptr, w_ptr, off_ptr, f_ptr, msum_ptr,
+    H,
+    stride_hb, stride_ht, stride_hh, stride_fb,
     BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Packed rows: f[s, tile] = sum_p m_p * h_p[tile] / max(sum_p m_p, 1) over the flat
-    positions p = b * T + t listed in pos[off[s]:off[s + 1]]; grid (S, cdiv(H, BLOCK_H)).
-    Programs of H-tile 0 store the clamped denominator msum[s]."""
+    """Packed rows: f[s, tile] = sum_p w_p * h[b_p, t_p, tile] / max(sum_p w_p, 1) over the
+    pooled positions p in [off[s], off[s + 1]) (b_p, t_p their row and column, w_p their mask);
+    grid (S, cdiv(H, BLOCK_H)). Programs of H-tile 0 store the clamped denominator msum[s]."""
     s = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
@@ -84,14 +83,14 @@ def _segment_pool_kernel(
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_mask = offs_p < end
-        pos = tl.load(pos_ptr + offs_p, mask=p_mask, other=0)
-        b = pos // T
-        t = pos - b * T
-        m = tl.load(m_ptr + b * stride_mb + t * stride_mt, mask=p_mask, other=0.0).to(tl.float32)
-        h = tl.load(h_ptr + b[:, None] * stride_hb + t[:, None] * stride_ht + offs_h[None, :] * stride_hh,
+        b = tl.load(b_ptr + offs_p, mask=p_mask, other=0).to(tl.int64)
+        t = tl.load(t_ptr + offs_p, mask=p_mask, other=0).to(tl.int64)
+        w = tl.load(w_ptr + offs_p, mask=p_mask, other=0.0)
+        row = b * stride_hb + t * stride_ht  # strides as arguments: their divisibility is known
+        h = tl.load(h_ptr + row[:, None] + offs_h[None, :] * stride_hh,
                     mask=p_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(m[:, None] * h, axis=0)
-        msum += m
+        acc += tl.sum(w[:, None] * h, axis=0)
+        msum += w
     denom = tl.maximum(tl.sum(msum, axis=0), 1.0)  # a sequence with no pooled position pools to 0
     tl.store(f_ptr + s * stride_fb + offs_h, acc / denom, mask=h_mask)
     if tl.program_id(1) == 0:
@@ -178,16 +177,16 @@ def _block_sizes(device: torch.device, T: int, H: int, D: int) -> tuple[int, int
     return 32, min(256, triton.next_power_of_2(H)), block_h_head, block_d
 
 
-def _segments(seq_index: torch.Tensor, m: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions, offsets): the flat positions b * T + t that pool (seq >= 0, m != 0), grouped
-    by sequence in increasing order (a stable sort), and the CSR offsets (S + 1,) into them."""
-    seq = seq_index.reshape(-1)
-    pos = ((seq >= 0) & (m.reshape(-1) != 0)).nonzero().squeeze(1)
-    keys = seq[pos]
-    keys, order = torch.sort(keys, stable=True)
-    offsets = torch.zeros(S + 1, dtype=torch.int64, device=seq.device)
+def _segments(m: torch.Tensor, seq_index: torch.Tensor, S: int):
+    """The pooled positions (seq >= 0, m != 0) grouped by sequence (a stable sort of their
+    sequence numbers): (rows b (P,) int32, columns t (P,) int32, mask weights (P,) fp32, CSR
+    offsets (S + 1,) int64 into them)."""
+    b, t = ((seq_index >= 0) & (m != 0)).nonzero(as_tuple=True)
+    keys, order = torch.sort(seq_index[b, t], stable=True)
+    b, t = b[order], t[order]
+    offsets = torch.zeros(S + 1, dtype=torch.int64, device=seq_index.device)
     torch.cumsum(torch.bincount(keys, minlength=S), 0, out=offsets[1:])
-    return pos[order].contiguous(), offsets
+    return b.to(torch.int32), t.to(torch.int32), m[b, t].contiguous(), offsets
 
 
 def triton_domain_head(hidden, mask, weight, bias, labels, grl_lambda, adversary="grl", seq_index=None):
@@ -212,12 +211,11 @@ def triton_domain_head(hidden, mask, weight, bias, labels, grl_lambda, adversary
     block_t, block_h_pool, block_h_head, block_d = _block_sizes(dev, T, H, D)
     msum = m  # unused without packing
     if packed:
-        pos, offsets = _segments(seq_index, m, n)
+        rows, cols, weights, offsets = _segments(m, seq_index, n)
         msum = torch.empty(n, dtype=torch.float32, device=dev)
         _segment_pool_kernel[(n, triton.cdiv(H, block_h_pool))](
-            hidden, m, pos, offsets, f, msum, T, H,
-            hidden.stride(0), hidden.stride(1), hidden.stride(2),
-            m.stride(0), m.stride(1), f.stride(0),
+            hidden, rows, cols, weights, offsets, f, msum, H,
+            hidden.stride(0), hidden.stride(1), hidden.stride(2), f.stride(0),
             BLOCK_P=block_t, BLOCK_H=block_h_pool, num_warps=4,
         )
     else:
