@@ -357,6 +357,32 @@ def test_nan_in_a_valid_row_propagates(impl, where, seed):
     assert torch.isnan(parts["ce" if where == "hidden" else "kd"])
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("impl", ["triton", "chunked", "reference"])
+def test_packed_nan_outside_every_sequence_stays_out(impl, seed):
+    """Packed rows: a NaN at a -1 position (no target) reaches no sequence, whatever its
+    pool mask; at a pooled position it makes the domain loss NaN."""
+    x = make_batch(seed, B=3, T=11, V=100, domain=True, pool_mask=True, packed=True)
+    seq, m = x["seq_index"], x["pool_mask"]
+    with torch.no_grad():
+        outside = (seq == -1) & (m != 0)
+        x["targets"][outside] = -100
+        x["hidden"][outside] = float("nan")
+    assert outside.any()
+    args = {k: (v.detach().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+            for k, v in x.items()}
+    loss, parts = _call(args, impl, HYPER)
+    assert torch.isfinite(loss) and torch.isfinite(parts["dom"])
+    b, t = [int(i) for i in ((seq >= 0) & (m != 0)).nonzero()[0]]
+    with torch.no_grad():
+        x["targets"][b, t] = -100
+        x["hidden"][b, t, 3] = float("nan")
+    args = {k: (v.detach().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+            for k, v in x.items()}
+    _, parts = _call(args, impl, HYPER)
+    assert torch.isnan(parts["dom"])
+
+
 def test_module_matches_op(seed):
     x = make_batch(seed, teacher="hidden", bias=True, domain=True, pool_mask=True)
     mod = PradaLoss(impl="triton", **{**HYPER, "grl_lambda": 0.2})

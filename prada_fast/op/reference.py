@@ -25,12 +25,11 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tenso
     H = hidden.shape[-1]
     S = int(seq_index.max()) + 1 if num_seqs is None else int(num_seqs)
     acc = torch.promote_types(hidden.dtype, torch.float32)  # sums in fp32 (fp64 for fp64)
-    seq = seq_index.reshape(-1)
-    m = torch.where(seq >= 0, mask.reshape(-1).to(acc), 0)
-    idx = seq.clamp_min(0)
-    weighted = m.unsqueeze(-1) * hidden.reshape(-1, H).to(acc)
-    total = hidden.new_zeros(S, H, dtype=acc).index_add(0, idx, weighted)
-    count = m.new_zeros(S).index_add(0, idx, m)
+    # only the pooled positions are read: a -1 position's values never reach a sequence
+    bi, ti = ((seq_index >= 0) & (mask != 0)).nonzero(as_tuple=True)
+    idx, w = seq_index[bi, ti], mask[bi, ti].to(acc)
+    total = hidden.new_zeros(S, H, dtype=acc).index_add(0, idx, w.unsqueeze(-1) * hidden[bi, ti].to(acc))
+    count = w.new_zeros(S).index_add(0, idx, w)
     return (total / count.clamp_min(1).unsqueeze(-1)).to(hidden.dtype)
 
 
