@@ -48,6 +48,7 @@ class Case:
     bias: bool = False     # student LM-head bias
     ignore_frac: float = 0.0   # fraction of target rows set to ignore_index
     pool_mask: bool = False    # a random 0/1 pooling mask (else all ones)
+    packed: bool = False       # several sequences per row (seq_index; with a pool mask, one empty)
     tau: float = 1.0
     alpha: float = 0.5
     lam: float = 0.7
@@ -68,6 +69,8 @@ class Case:
             s += f"-ign{self.ignore_frac:g}"
         if self.tau != 1.0:
             s += f"-tau{self.tau:g}"
+        if self.packed:
+            s += "-packed"
         return s
 
     def to_dict(self) -> dict:
@@ -104,7 +107,8 @@ def make_inputs(case: Case, device: str | torch.device = "cpu") -> dict:
     a gradient (hidden, lm_weight, lm_bias, domain_weight, domain_bias) require grad."""
     return random_inputs(B=case.B, T=case.T, H=case.H, V=case.V, Ht=case.Ht, D=case.D,
                          dtype=case.dtype, bias=case.bias, ignore_frac=case.ignore_frac,
-                         pool_mask=case.pool_mask, seed=case.seed, device=device)
+                         pool_mask=case.pool_mask, seed=case.seed, device=device, packed=case.packed,
+                         empty_pool_row=case.packed and case.pool_mask)
 
 
 def clear_grads(x: dict) -> None:
@@ -126,7 +130,7 @@ def _op_kwargs(x: dict, case: Case, *, teacher: bool = True, domain: bool = True
         kw.update(teacher_hidden=x["teacher_hidden"], teacher_weight=x["teacher_weight"])
     if domain and "domain_weight" in x:
         kw.update(domain_weight=x["domain_weight"], domain_bias=x["domain_bias"],
-                  domain_labels=x["domain_labels"])
+                  domain_labels=x["domain_labels"], seq_index=x.get("seq_index"))
     return kw
 
 
@@ -185,6 +189,8 @@ def unavailable_reason(impl: str, case: Case, device: str, *, mode: str) -> str 
         return "cut_cross_entropy.linear_cross_entropy takes no LM-head bias"
     if info.kind == "peer" and case.ignore_frac >= 1.0:
         return "every target ignored: a peer's mean over 0 rows is not defined"
+    if info.kind == "peer" and case.packed:
+        return "packed rows change only the domain term, which a peer does not compute"
     if impl == "liger_jsd_chunked" and case.dtype != "float32" and dev != "cuda" and mode == "speed":
         return "Liger's chunked loss on CPU: bf16 products are slow there; fp32 only"
     if impl == "cce":
@@ -302,8 +308,8 @@ def oracle(x: dict, case: Case, pieces=("task", "dom"), block_elems: int | None 
             # a one-id vocabulary and every target ignored: the task term is exactly 0
             loss, _ = prada_loss(h, h.new_zeros(1, H), torch.full_like(f64["targets"], -100),
                                  pool_mask=f64.get("pool_mask"), domain_weight=wd, domain_bias=bd,
-                                 domain_labels=f64["domain_labels"], grl_lambda=case.lam,
-                                 impl="reference")
+                                 domain_labels=f64["domain_labels"], seq_index=f64.get("seq_index"),
+                                 grl_lambda=case.lam, impl="reference")
             loss.backward()
             out[piece] = {"loss": loss.item(), "grads": {"hidden": h.grad, "domain_weight": wd.grad,
                                                          "domain_bias": bd.grad}}

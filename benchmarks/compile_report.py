@@ -11,7 +11,8 @@ stride), pointers, row strides and V divisible by 16 (true for V = 32000, 128256
 262144; not for 50257, whose rows then start misaligned). Every configuration the
 autotuner may pick (kernels/fused_linear_distill.GPU_CONFIGS) is compiled, with and
 without a teacher, in bf16 and fp32; so are the domain term's pooling and head kernels
-(kernels/grl_domain_head.py) with the block sizes they get at H = 4096.
+(kernels/grl_domain_head.py) with the block sizes they get at H = 4096, with and without
+packed rows (seq_index).
 
 What to look for: LOCAL / STACK 0 (no spills); the loads of z and z_t 16 bytes wide
 (LDG.E.128: 8 bf16 or 4 fp32 per thread per load), not 2- or 4-byte ones.
@@ -73,7 +74,8 @@ def compile_row_kernel(fld, *, dtype: str, teacher: bool, block_v: int, num_warp
 
 def compile_domain_kernels(*, dtype: str, H: int, D: int, arch: int, confusion: bool = True) -> dict:
     """The pooling and head kernels with the block sizes the launcher picks on a GPU (the
-    head with the confusion adversary, whose gradient keeps one more D-vector live)."""
+    head with the confusion adversary, whose gradient keeps one more D-vector live), and
+    their packed-rows variants (seq_index): the segment pooling and the head with PACKED."""
     import torch
 
     from prada_kernels import grl_domain_head as gdh
@@ -88,20 +90,34 @@ def compile_domain_kernels(*, dtype: str, H: int, D: int, arch: int, confusion: 
                     {"stride_hh": 1, "stride_mt": 1, "BLOCK_T": bt, "BLOCK_H": bh_pool},
                     ("h_ptr", "m_ptr", "f_ptr", "H", "stride_hb", "stride_ht", "stride_fb"),
                     num_warps=4, arch=arch)
-    head = _compile(gdh._domain_head_kernel,
-                    {"f_ptr": f32, "w_ptr": ptr, "bias_ptr": ptr, "lab_ptr": "*i64", "m_ptr": f32,
-                     "loss_ptr": f32, "correct_ptr": f32, "dc_ptr": f32, "gf_ptr": f32, "T": i32, "H": i32,
-                     "D": i32, "inv_B": "fp32", "grl_lambda": "fp32", "stride_fb": i32, "stride_wd": i32,
-                     "stride_wh": "constexpr", "stride_bias": "constexpr", "stride_lab": "constexpr",
-                     "stride_mb": i32, "stride_mt": "constexpr", "stride_dcb": i32, "stride_gfb": i32,
-                     "HAS_BIAS": "constexpr", "CONFUSION": "constexpr", "BLOCK_D": "constexpr",
-                     "BLOCK_H": "constexpr", "BLOCK_T": "constexpr"},
-                    {"stride_wh": 1, "stride_bias": 1, "stride_lab": 1, "stride_mt": 1, "HAS_BIAS": True,
-                     "CONFUSION": confusion, "BLOCK_D": bd, "BLOCK_H": bh_head, "BLOCK_T": bt},
-                    ("f_ptr", "w_ptr", "m_ptr", "gf_ptr", "H", "stride_fb", "stride_wd", "stride_gfb"),
-                    num_warps=4, arch=arch)
+    segment_pool = _compile(
+        gdh._segment_pool_kernel,
+        {"h_ptr": ptr, "b_ptr": "*i32", "t_ptr": "*i32", "w_ptr": f32, "off_ptr": "*i64", "f_ptr": f32,
+         "msum_ptr": f32, "H": i32, "stride_hb": i32, "stride_ht": i32, "stride_hh": "constexpr",
+         "stride_fb": i32, "BLOCK_P": "constexpr", "BLOCK_H": "constexpr"},
+        {"stride_hh": 1, "BLOCK_P": bt, "BLOCK_H": bh_pool},
+        ("h_ptr", "b_ptr", "t_ptr", "w_ptr", "off_ptr", "f_ptr", "H", "stride_hb", "stride_ht", "stride_fb"),
+        num_warps=4, arch=arch)
+
+    def head(packed: bool):
+        return _compile(
+            gdh._domain_head_kernel,
+            {"f_ptr": f32, "w_ptr": ptr, "bias_ptr": ptr, "lab_ptr": "*i64", "m_ptr": f32, "msum_ptr": f32,
+             "loss_ptr": f32, "correct_ptr": f32, "dc_ptr": f32, "gf_ptr": f32, "T": i32, "H": i32,
+             "D": i32, "inv_B": "fp32", "grl_lambda": "fp32", "stride_fb": i32, "stride_wd": i32,
+             "stride_wh": "constexpr", "stride_bias": "constexpr", "stride_lab": "constexpr",
+             "stride_mb": i32, "stride_mt": "constexpr", "stride_dcb": i32, "stride_gfb": i32,
+             "HAS_BIAS": "constexpr", "CONFUSION": "constexpr", "PACKED": "constexpr",
+             "BLOCK_D": "constexpr", "BLOCK_H": "constexpr", "BLOCK_T": "constexpr"},
+            {"stride_wh": 1, "stride_bias": 1, "stride_lab": 1, "stride_mt": 1, "HAS_BIAS": True,
+             "CONFUSION": confusion, "PACKED": packed, "BLOCK_D": bd, "BLOCK_H": bh_head, "BLOCK_T": bt},
+            ("f_ptr", "w_ptr", "m_ptr", "msum_ptr", "gf_ptr", "H", "stride_fb", "stride_wd", "stride_gfb"),
+            num_warps=4, arch=arch)
+
     return {"pool": (f"BLOCK_T={bt} BLOCK_H={bh_pool}", pool),
-            "head": (f"BLOCK_D={bd} BLOCK_H={bh_head}", head)}
+            "head": (f"BLOCK_D={bd} BLOCK_H={bh_head}", head(False)),
+            "segment pool (packed)": (f"BLOCK_P={bt} BLOCK_H={bh_pool}", segment_pool),
+            "head (packed)": (f"BLOCK_D={bd} BLOCK_H={bh_head}", head(True))}
 
 
 def read_cubin(cubin: bytes) -> dict:

@@ -36,13 +36,14 @@ def assert_close(x, ref, tol, what):
 
 
 def make_batch(seed, *, B=3, T=13, H=40, V=517, D=3, Ht=56, dtype=torch.float32, teacher="none",
-               bias=False, domain=False, pool_mask=False, ignore_frac=0.3):
+               bias=False, domain=False, pool_mask=False, ignore_frac=0.3, packed=False):
     """Random inputs at odd sizes (prada_fast.op.testing.random_inputs) on DEV; with a pool
-    mask, the last row's is empty (it pools to 0)."""
+    mask, the last row's is empty (it pools to 0). packed: several sequences per row
+    (seq_index; one of them with an empty pool mask instead of the last row)."""
     return random_inputs(B=B, T=T, H=H, V=V, Ht=Ht if teacher == "hidden" else 0,
                          teacher_logits=teacher == "logits", D=D if domain else 0, dtype=dtype,
                          bias=bias, ignore_frac=ignore_frac, pool_mask=pool_mask,
-                         empty_pool_row=pool_mask and B > 2, seed=seed, device=DEV)
+                         empty_pool_row=pool_mask and B > 2, seed=seed, device=DEV, packed=packed)
 
 
 HYPER = {"temperature": 2.0, "alpha": 0.3, "grl_lambda": 0.7}
@@ -116,6 +117,114 @@ def test_parity_confusion_adversary(impl, dtype, seed):
     for k in ("domain_weight", "domain_bias", "lm_weight"):
         torch.testing.assert_close(grads[k], grads_grl[k])
     assert not torch.allclose(grads["hidden"], grads_grl["hidden"])
+
+
+@pytest.mark.parametrize("adversary", ["grl", "confusion"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_parity_packed_rows(impl, dtype, adversary, seed):
+    """seq_index (packed rows) against the float64 reference at odd sizes (V = 2 tiles + 5):
+    row 0 holds one sequence and -1 padding, row 1 many short sequences (lengths 1-3) with -1
+    gaps, rows 2-3 random ones; -1 positions with pool mask 1 (they must not pool); one
+    sequence with an empty pool mask (it pools to 0); a teacher, a bias, D = 5; chunks of 7."""
+    x = make_batch(seed, B=4, V=261, dtype=dtype, teacher="hidden", bias=True, domain=True,
+                   pool_mask=True, D=5, packed=True)
+    seq, m = x["seq_index"], x["pool_mask"]
+    S = len(x["domain_labels"])
+    assert (seq[0, :-2] == 0).all() and (seq[0, -2:] == -1).all()  # one sequence
+    assert len(seq[1][seq[1] >= 0].unique()) >= 4  # many short ones
+    assert ((seq == -1) & (m != 0)).any()
+    empty = [s for s in range(S) if not ((seq == s) & (m != 0)).any()]
+    assert len(empty) == 1 and (seq == empty[0]).any()
+    _, parts, grads, _ = check_against_reference(x, impl, dtype, adversary=adversary, chunk_rows=7)
+    g_dom = grads["hidden"][(x["targets"] == -100) & (seq == -1)]
+    assert (g_dom == 0).all()  # no task, no sequence: no gradient
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_parity_packed_rows_all_ignored(impl, seed):
+    """Packed rows of target-domain sequences only (every target ignored): the domain term
+    alone, per sequence, fp32, GRL."""
+    x = make_batch(seed, B=3, T=11, teacher="logits", domain=True, pool_mask=True, ignore_frac=1.0,
+                   packed=True)
+    loss, parts, grads, _ = check_against_reference(x, impl, torch.float32)
+    assert parts["dom"] > 0 and grads["hidden"].abs().sum() > 0
+
+
+def pack_rows(x, T_packed):
+    """The rows of a padded batch x (one sequence per row: its positions with a nonzero
+    pool mask or a target, then padding) packed first-fit into rows of T_packed positions,
+    sequence b keeping its number b (so domain_labels stay): (packed inputs, where) with
+    where[b] = (row, start) of sequence b."""
+    B, T, H = x["hidden"].shape
+    real = (x["pool_mask"] != 0) | (x["targets"] != -100)
+    lengths = [int(r.nonzero().max()) + 1 if r.any() else 1 for r in real]
+    rows, where = [], []
+    for n in lengths:
+        for i, used in enumerate(rows):
+            if used + n <= T_packed:
+                where.append((i, used))
+                rows[i] += n
+                break
+        else:
+            where.append((len(rows), 0))
+            rows.append(n)
+    R = len(rows)
+    y = {}
+    for k, v in x.items():
+        if k in ("hidden", "teacher_hidden", "teacher_logits"):
+            y[k] = torch.randn(R, T_packed, v.shape[-1], device=DEV).to(v.dtype)  # padding: noise
+        elif k == "targets":
+            y[k] = torch.full((R, T_packed), -100, dtype=v.dtype, device=DEV)
+        elif k == "pool_mask":
+            y[k] = torch.ones(R, T_packed, dtype=v.dtype, device=DEV)  # padding: mask 1, seq -1
+        else:
+            y[k] = v
+    y["seq_index"] = torch.full((R, T_packed), -1, dtype=torch.int64, device=DEV)
+    for b, ((r, s), n) in enumerate(zip(where, lengths)):
+        for k in ("hidden", "teacher_hidden", "teacher_logits", "targets", "pool_mask"):
+            if k in x:
+                y[k][r, s: s + n] = x[k][b, :n]
+        y["seq_index"][r, s: s + n] = b
+    for k in GRAD_NAMES:
+        if k in y:
+            y[k] = y[k].detach().requires_grad_(True)
+    return y, where, lengths
+
+
+@pytest.mark.parametrize("adversary", ["grl", "confusion"])
+@pytest.mark.parametrize("impl", ["triton", "chunked", "reference"])
+def test_packing_equals_unpacked_batch(impl, adversary, seed):
+    """A padded batch (one sequence per row, random lengths) and the same sequences packed
+    into fewer rows with seq_index give the same loss, parts and gradients, the hidden
+    gradient mapped back position by position; the packed rows' padding gets none."""
+    B, T = 6, 15
+    x = make_batch(seed, B=B, T=T, V=261, teacher="hidden", bias=True, domain=True, pool_mask=True,
+                   D=4, ignore_frac=0.0)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(2, 6, (B,), generator=g)  # the question (pooled, no target) ...
+    n = q + torch.randint(0, T - 5, (B,), generator=g)  # ... then targets up to length n
+    n[2] = q[2]  # a target-domain sequence: the question alone
+    ar = torch.arange(T)
+    with torch.no_grad():
+        x["pool_mask"].copy_((ar < q[:, None]).to(x["pool_mask"].dtype))
+        x["pool_mask"][4] = 0  # a sequence whose pool is empty: it pools to 0
+        x["targets"][(ar < q[:, None]) | (ar >= n[:, None])] = -100
+    y, where, lengths = pack_rows(x, T_packed=2 * T - 3)
+    assert y["seq_index"].shape[0] < B and (y["seq_index"] == -1).any()
+    assert any(len(y["seq_index"][r].unique()) > 2 for r in range(y["seq_index"].shape[0]))
+    loss_u, parts_u, grads_u, _ = run(x, impl, adversary=adversary)
+    loss_p, parts_p, grads_p, _ = run(y, impl, adversary=adversary)
+    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-6)
+    for k in ("ce", "kd", "dom", "dom_acc", "n_tokens"):
+        torch.testing.assert_close(parts_p[k], parts_u[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in ("lm_weight", "lm_bias", "domain_weight", "domain_bias"):
+        torch.testing.assert_close(grads_p[k], grads_u[k], rtol=1e-4, atol=1e-6, msg=k)
+    mapped = torch.zeros_like(grads_u["hidden"])
+    for b, ((r, s), n_b) in enumerate(zip(where, lengths)):
+        mapped[b, :n_b] = grads_p["hidden"][r, s: s + n_b]
+    torch.testing.assert_close(mapped, grads_u["hidden"], rtol=1e-4, atol=1e-7)
+    assert (grads_p["hidden"][y["seq_index"] == -1] == 0).all()
 
 
 @pytest.mark.parametrize("V", [100, 261], ids=["V<block", "V=2*block+5"])
@@ -246,6 +355,32 @@ def test_nan_in_a_valid_row_propagates(impl, where, seed):
     loss, parts = _call(args, impl, HYPER)
     assert torch.isnan(loss), f"{impl}: NaN input gave a finite loss {loss.item()}"
     assert torch.isnan(parts["ce" if where == "hidden" else "kd"])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("impl", ["triton", "chunked", "reference"])
+def test_packed_nan_outside_every_sequence_stays_out(impl, seed):
+    """Packed rows: a NaN at a -1 position (no target) reaches no sequence, whatever its
+    pool mask; at a pooled position it makes the domain loss NaN."""
+    x = make_batch(seed, B=3, T=11, V=100, domain=True, pool_mask=True, packed=True)
+    seq, m = x["seq_index"], x["pool_mask"]
+    with torch.no_grad():
+        outside = (seq == -1) & (m != 0)
+        x["targets"][outside] = -100
+        x["hidden"][outside] = float("nan")
+    assert outside.any()
+    args = {k: (v.detach().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+            for k, v in x.items()}
+    loss, parts = _call(args, impl, HYPER)
+    assert torch.isfinite(loss) and torch.isfinite(parts["dom"])
+    b, t = [int(i) for i in ((seq >= 0) & (m != 0)).nonzero()[0]]
+    with torch.no_grad():
+        x["targets"][b, t] = -100
+        x["hidden"][b, t, 3] = float("nan")
+    args = {k: (v.detach().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+            for k, v in x.items()}
+    _, parts = _call(args, impl, HYPER)
+    assert torch.isnan(parts["dom"])
 
 
 def test_module_matches_op(seed):
@@ -452,3 +587,35 @@ def test_triton_domain_head_matches_torch_domain(dtype, with_bias, D, adversary,
         assert a.dtype == torch.float32 and a.shape == r.shape, name
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("adversary", ["grl", "confusion"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_domain_head_packed_matches_torch_domain(dtype, adversary, poisoned_empty, seed):
+    """The packed pooling kernel (sequences of seq_index, gathered by CSR offsets) and the head
+    with 1/S against the PyTorch twin: sequences across several position tiles, a sequence
+    number that no position uses and one whose positions all have mask 0 (both pool to 0),
+    non-contiguous hidden and mask, a float 0/1 mask with a fractional weight."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, D = 3, 29, 40, 4
+    hidden = torch.randn(B, T + 3, H, generator=g).to(dtype).to(DEV)[:, 2:-1]  # strided rows
+    mask = (torch.rand(T, B, generator=g) < 0.7).float().to(DEV).t()  # transposed: stride (1, B)
+    mask[0, 3] = 0.5
+    seq = torch.full((B, T), -1, dtype=torch.int64)
+    seq[0, :25] = 0                       # one long sequence (several 8-position tiles)
+    seq[1, :10], seq[1, 11:20] = 1, 3     # sequence 2: no position at all
+    seq[1, 20:] = 4
+    seq[2, :5], seq[2, 5:] = 5, 0         # sequence 0 continues in another row
+    seq = seq.to(DEV)
+    mask[seq == 4] = 0                    # sequence 4: positions, but an empty pool
+    S = 6
+    weight = torch.randn(D, H, generator=g).to(dtype).to(DEV)
+    bias = torch.randn(D, generator=g).to(dtype).to(DEV)
+    labels = torch.randint(0, D, (S,), generator=g).to(DEV)
+    out = triton_domain_head(hidden, mask, weight, bias, labels, 0.7, adversary, seq_index=seq)
+    ref = torch_domain(hidden, mask, weight, bias, labels, 0.7, adversary, seq_index=seq)
+    for name, a, r in zip(("dom", "dom_acc", "gf", "grad_weight", "grad_bias"), out, ref):
+        assert a.dtype == torch.float32 and a.shape == r.shape, name
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6, msg=name)
+    assert out[2].shape == (S, H)

@@ -174,3 +174,123 @@ def test_keywords_are_one_options_object():
         prada_loss(h, w, y, temperature=0.0)
     with pytest.raises(ValueError, match="impl='fast'"):
         prada_loss(h, w, y, impl="fast")
+
+
+def packed_inputs(seed):
+    """inputs() with the rows packed: row 0 one sequence then a -1, row 1 short sequences with
+    a -1 between, row 2 two sequences, the second of which has an empty pool mask; S = 6."""
+    x = inputs(seed)
+    x["seq"] = torch.tensor([[0, 0, 0, 0, 0, 0, -1],
+                             [1, 2, 2, -1, 3, 3, 3],
+                             [4, 4, 4, 4, 5, 5, 5]])
+    x["m"][:, [0, 1, 4]] = 1
+    x["m"][2, 4:] = 0  # sequence 5 pools to 0
+    x["d"] = torch.randint(0, D, (6,), generator=torch.Generator().manual_seed(seed))
+    return x
+
+
+@pytest.mark.parametrize("adversary", ["grl", "confusion"])
+def test_reference_packed_rows_match_hand_computation(adversary, seed):
+    """seq_index: one pooled feature per sequence (its masked mean; -1 positions excluded; an
+    empty pool pools to 0), L_dom, L_conf and dom_acc as means over the S sequences."""
+    x = packed_inputs(seed)
+    lam = 0.6
+    S = len(x["d"])
+    leaves = {k: x[k].clone().requires_grad_() for k in ("h", "Wd", "bd")}
+    none = torch.full_like(x["y"], -100)  # no task term: the domain term alone
+    loss, parts = prada_loss(leaves["h"], x["W"], none, pool_mask=x["m"], seq_index=x["seq"],
+                             domain_weight=leaves["Wd"], domain_bias=leaves["bd"], domain_labels=x["d"],
+                             grl_lambda=lam, adversary=adversary, impl="reference")
+    loss.backward()
+
+    h = x["h"].clone().requires_grad_()
+    Wd, bd = x["Wd"].clone().requires_grad_(), x["bd"].clone().requires_grad_()
+    dom = conf = 0.0
+    hits = 0
+    for s in range(S):
+        w = ((x["seq"] == s).double() * x["m"])[..., None]
+        f = (w * h).sum((0, 1)) / w.sum().clamp_min(1)
+        if s == 5:
+            assert w.sum() == 0  # the empty pool: f = 0
+        c = Wd @ f + bd
+        dom = dom + (torch.logsumexp(c, 0) - c[x["d"][s]]) / S
+        c_frozen = x["Wd"] @ f + x["bd"]
+        conf = conf + (torch.logsumexp(c_frozen, 0) - c_frozen.mean()) / S
+        hits += int(c.argmax() == x["d"][s])
+    torch.testing.assert_close(loss.detach(), dom.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(parts["dom"], dom.detach(), rtol=1e-12, atol=1e-12)
+    assert parts["dom_acc"].item() == pytest.approx(hits / S)
+    g_dom = torch.autograd.grad(dom, [h, Wd, bd], retain_graph=True)
+    g_adv = -lam * g_dom[0] if adversary == "grl" else lam * torch.autograd.grad(conf, h)[0]
+    torch.testing.assert_close(leaves["h"].grad, g_adv, rtol=1e-10, atol=1e-12)
+    assert (leaves["h"].grad[x["seq"] < 0] == 0).all()  # -1 positions: no domain gradient
+    torch.testing.assert_close(leaves["Wd"].grad, g_dom[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(leaves["bd"].grad, g_dom[2], rtol=1e-10, atol=1e-12)
+
+
+def test_masked_mean_per_sequence():
+    """The pooling helper that the MLP head uses (prada_fast.op.masked_mean) with seq_index,
+    under a GRL: the MLP head's domain term over packed rows equals the same term over the rows
+    unpacked into one sequence per row (values and gradients mapped back)."""
+    from prada_fast.op import masked_mean
+
+    x = packed_inputs(3)
+    S = len(x["d"])
+    # unpacked: sequence s alone in row s, at its original positions' values, padded with 0
+    pos = [(x["seq"] == s).nonzero() for s in range(S)]
+    L = max(len(p) for p in pos)
+    h_un = torch.zeros(S, L, H, dtype=torch.float64)
+    m_un = torch.zeros(S, L, dtype=torch.float64)
+    for s, p in enumerate(pos):
+        h_un[s, : len(p)] = x["h"][p[:, 0], p[:, 1]]
+        m_un[s, : len(p)] = x["m"][p[:, 0], p[:, 1]]
+    inner = torch.nn.Linear(H, 8, dtype=torch.float64)
+    out = torch.nn.Linear(8, D, dtype=torch.float64)
+
+    def mlp_dom(f):
+        c = out(torch.relu(inner(grad_reverse(f, 0.5))))
+        return torch.nn.functional.cross_entropy(c, x["d"])
+
+    hp = x["h"].clone().requires_grad_()
+    fp = masked_mean(hp, x["m"], x["seq"], S)
+    hu = h_un.clone().requires_grad_()
+    fu = masked_mean(hu, m_un)
+    assert fp.shape == (S, H) and fp.dtype == torch.float64
+    torch.testing.assert_close(fp, fu, rtol=1e-12, atol=1e-12)
+    assert (fp[5] == 0).all()  # the empty pool
+    torch.testing.assert_close(masked_mean(x["h"], x["m"], x["seq"]), fp.detach())  # S from seq_index
+    mlp_dom(fp).backward()
+    mlp_dom(fu).backward()
+    for s, p in enumerate(pos):
+        torch.testing.assert_close(hp.grad[p[:, 0], p[:, 1]], hu.grad[s, : len(p)], rtol=1e-12, atol=1e-12)
+    assert (hp.grad[x["seq"] < 0] == 0).all()
+    # bf16 hidden: sums in fp32, the features in bf16
+    fb = masked_mean(x["h"].bfloat16(), x["m"], x["seq"], S)
+    assert fb.dtype == torch.bfloat16
+    torch.testing.assert_close(fb.double(), fp.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_seq_index_argument_checks():
+    x = packed_inputs(5)
+    h, W, y = x["h"], x["W"], x["y"]
+    kw = dict(domain_weight=x["Wd"], domain_labels=x["d"])
+    with pytest.raises(ValueError, match=r"seq_index must be \(3, 7\)"):
+        prada_loss(h, W, y, seq_index=x["seq"][:, :-1], **kw)
+    with pytest.raises(ValueError, match="seq_index must be int64"):
+        prada_loss(h, W, y, seq_index=x["seq"].int(), **kw)
+    with pytest.raises(ValueError, match=r"seq_index values must be in \[-1, 6\)"):
+        prada_loss(h, W, y, seq_index=torch.where(x["seq"] == 5, 6, x["seq"]), **kw)
+    with pytest.raises(ValueError, match=r"seq_index values must be in \[-1, 6\)"):
+        prada_loss(h, W, y, seq_index=torch.where(x["seq"] < 0, -2, x["seq"]), **kw)
+    with pytest.raises(ValueError, match=r"domain_labels must be \(S,\)"):
+        prada_loss(h, W, y, seq_index=x["seq"], domain_weight=x["Wd"], domain_labels=x["d"][None])
+    with pytest.raises(ValueError, match=r"domain_labels must be \(3,\)"):  # unpacked: one per row
+        prada_loss(h, W, y, **kw)
+    # S = len(domain_labels): a sequence number may go unused (it pools to 0)
+    loss, _ = prada_loss(h, W, y, seq_index=torch.where(x["seq"] == 5, 4, x["seq"]), impl="reference",
+                         **kw)
+    assert torch.isfinite(loss)
+    # without a domain head seq_index changes nothing
+    a, _ = prada_loss(h, W, y, seq_index=x["seq"], impl="reference")
+    b, _ = prada_loss(h, W, y, impl="reference")
+    torch.testing.assert_close(a, b)

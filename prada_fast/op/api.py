@@ -63,8 +63,10 @@ def prada_loss(hidden, lm_weight, targets, *, impl="auto", **options):
     teacher); ignore_index; num_valid_tokens (the normaliser n; default: the valid targets
     counted); pool_mask (B, T); domain_weight (D, H) [+ domain_bias (D,)] with domain_labels
     (B,) add the domain term, whose gradient into `hidden` is multiplied by -grl_lambda
-    (gradient reversal); chunk_rows: rows per chunk of the driver's logit buffers (chunk_rows
-    x V; None picks it from V and the device; the reference ignores it).
+    (gradient reversal); seq_index (B, T) int64, packed rows: each position's sequence in
+    [0, S) or -1, domain_labels then (S,) and the domain term per sequence; chunk_rows:
+    rows per chunk of the driver's logit buffers (chunk_rows x V; None picks it from V and
+    the device; the reference ignores it).
     impl: "auto" | "triton" | "chunked" | "reference".
 
     Returns (loss, parts): loss a 0-dim tensor; parts "ce", "kd", "dom", "dom_acc",

@@ -29,11 +29,15 @@ None; y (C,) targets; workspace: a dict kept across the chunks of one call; scal
 1/n on every row (the op masks ignored rows itself). ce_i, kd_i: (C,) fp32, 0 on ignored rows.
 
 A domain op has the signature
-    domain_fn(hidden, mask, weight, bias, labels, grl_lambda, adversary)
+    domain_fn(hidden, mask, weight, bias, labels, grl_lambda, adversary, seq_index=None)
         -> (dom, dom_acc, gf (B, H) fp32, grad_weight, grad_bias)
 where gf_b = -grl_lambda * dL_dom/df_b / sum_t m_bt (adversary "grl") or
 +grl_lambda * dL_conf/df_b / sum_t m_bt ("confusion"), so that grad_h[b, t] += m_bt * gf_b;
-grad_weight and grad_bias are those of L_dom for either adversary.
+grad_weight and grad_bias are those of L_dom for either adversary. With seq_index (packed
+rows, labels (S,)) the sequences are those of seq_index: gf is (S, H), its denominators the
+sums of m over each sequence's positions, and grad_h[b, t] += m_bt * gf[seq_bt] (nothing where
+seq_bt = -1); the driver writes that broadcast as the seed of grad_h, one N x H pass as without
+packing.
 
 Every argument of the op reaches the driver as one `LossOptions` (prada_fast.op.options),
 already checked by `prada_loss`.
@@ -109,6 +113,19 @@ def accumulate_path(device_type: str) -> str:
     return _ACCUMULATE_PATHS[_ACCUMULATE_PATH.get(device_type, 0)]
 
 
+def broadcast_per_sequence(gf: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """(N, H) in `dtype`: row (b, t) = m_bt * gf[seq_bt], 0 where seq_bt = -1. One N x H write
+    (an embedding bag of one index per position, weighted by m), no gathered temporary."""
+    seq = seq_index.reshape(-1)
+    S, H = gf.shape
+    if S == 0 or seq.numel() == 0:
+        return torch.zeros(seq.numel(), H, dtype=dtype, device=gf.device)
+    w = torch.where(seq >= 0, mask.reshape(-1).to(dtype), 0).unsqueeze(1)
+    idx = seq.clamp_min(0).unsqueeze(1)
+    return torch.nn.functional.embedding_bag(idx, gf.to(dtype), per_sample_weights=w, mode="sum")
+
+
 def loss_and_grads(hidden, lm_weight, targets, opts: LossOptions, backend: RowBackend,
                    needs_grad=(True, True, True, True, True)):
     """Loss parts and the gradients of (hidden, lm_weight, lm_bias, domain_weight, domain_bias)
@@ -145,11 +162,13 @@ def loss_and_grads(hidden, lm_weight, targets, opts: LossOptions, backend: RowBa
     if domain_weight is not None:
         dom, dom_acc, gf, gw_d, gb_d = backend.domain(hidden, pool_mask, domain_weight, domain_bias,
                                                       opts.domain_labels, opts.grl_lambda,
-                                                      opts.adversary)
+                                                      opts.adversary, seq_index=opts.seq_index)
     # grad_h starts as the domain term's GRL-scaled gradient, broadcast through the mask
     # (zero without a domain head); the LM gradient is then added onto it chunk by chunk.
     grad_h = None
-    if need_h:
+    if need_h and gf is not None and opts.seq_index is not None:  # packed rows: per sequence
+        grad_h = broadcast_per_sequence(gf, pool_mask, opts.seq_index, hidden.dtype)
+    elif need_h:
         grad_h = torch.zeros(B, T, H, dtype=hidden.dtype, device=dev)
         if gf is not None:
             torch.mul(pool_mask.to(acc).unsqueeze(-1), gf.unsqueeze(1), out=grad_h)

@@ -41,7 +41,8 @@ class LossOptions:
     pool_mask: Tensor | None = None          # (B, T) 0/1 pooling mask (default: all ones)
     domain_weight: Tensor | None = None      # (D, H) linear domain head (None: no domain term)
     domain_bias: Tensor | None = None        # (D,)
-    domain_labels: Tensor | None = None      # (B,) int64 domain ids
+    domain_labels: Tensor | None = None      # (B,) int64 domain ids, or (S,) with seq_index
+    seq_index: Tensor | None = None          # (B, T) int64 packed rows: sequence in [0, S), -1: none
     grl_lambda: float = 1.0                  # lambda: scale of the adversarial gradient into h
     adversary: str = "grl"                   # "grl" (reversed L_dom) | "confusion" (towards uniform)
     chunk_rows: int | None = None            # rows per chunk of the fused paths (None: auto)
@@ -98,14 +99,37 @@ class LossOptions:
             D = dw.shape[0]
             _check(self.domain_bias is None or tuple(self.domain_bias.shape) == (D,),
                    f"domain_bias must be ({D},)")
-            _check(self.domain_labels is not None and tuple(self.domain_labels.shape) == (B,),
-                   f"domain_labels must be ({B},) when domain_weight is given")
+            _check(self.domain_labels is not None, "domain_labels must be given with domain_weight")
+            if self.seq_index is None:
+                _check(tuple(self.domain_labels.shape) == (B,),
+                       f"domain_labels must be ({B},) when domain_weight is given (or (S,) with "
+                       f"seq_index), got {tuple(self.domain_labels.shape)}")
+        if self.seq_index is not None:
+            _check_seq_index(self.seq_index, B, T, self.domain_labels if self.has_domain else None)
         _check(self.adversary in ADVERSARIES,
                f"adversary={self.adversary!r}: expected one of {ADVERSARIES}")
         _check(self.chunk_rows is None or int(self.chunk_rows) >= 1,
                f"chunk_rows must be >= 1, got {self.chunk_rows}")
         return replace(self, temperature=float(self.temperature), alpha=alpha, pool_mask=pool_mask,
                        grl_lambda=float(self.grl_lambda))
+
+
+def _check_seq_index(seq: Tensor, B: int, T: int, labels: Tensor | None) -> None:
+    """seq_index (packed rows): (B, T) int64 with values in [-1, S), S = len(domain_labels).
+    The values are checked only when the domain term uses them (one small reduction and a
+    host sync); without a domain head seq_index has no effect."""
+    _check(torch.is_tensor(seq) and tuple(seq.shape) == (B, T),
+           f"seq_index must be ({B}, {T}), got {tuple(seq.shape) if torch.is_tensor(seq) else type(seq)}")
+    _check(seq.dtype == torch.int64, f"seq_index must be int64, got {seq.dtype}")
+    if labels is None:
+        return
+    _check(labels.dim() == 1, f"domain_labels must be (S,) (one per sequence) with seq_index, "
+                              f"got {tuple(labels.shape)}")
+    S = labels.shape[0]
+    if seq.numel():
+        lo, hi = (int(v) for v in torch.stack([seq.min(), seq.max()]).tolist())
+        _check(lo >= -1 and hi < S, f"seq_index values must be in [-1, {S}) (S = len(domain_labels) = "
+                                    f"{S}; -1: no sequence), got values in [{lo}, {hi}]")
 
 
 def options_from_kwargs(kwargs: dict) -> LossOptions:

@@ -10,10 +10,27 @@ from .grl import confusion_term, grad_reverse
 from .options import LossOptions
 
 
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """f_b = sum_t m_bt h_bt / sum_t m_bt  (a row with an empty mask pools to 0)."""
-    m = mask.to(hidden.dtype)
-    return (m.unsqueeze(-1) * hidden).sum(1) / m.sum(1).clamp_min(1).unsqueeze(-1)
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor | None = None,
+                num_seqs: int | None = None) -> torch.Tensor:
+    """Pooled features of the domain term, differentiable in `hidden` (B, T, H).
+
+    Without seq_index, one per row: f_b = sum_t m_bt h_bt / sum_t m_bt, (B, H).
+    With seq_index (B, T) int64 (packed rows: each position's sequence in [0, S), -1: none),
+    one per sequence: f_s = sum_{bt: seq_bt = s} m_bt h_bt / sum_{bt: seq_bt = s} m_bt, (S, H),
+    S = num_seqs (default: max(seq_index) + 1, a host sync). A row or sequence with an empty
+    mask (or, packed, no position at all) pools to 0."""
+    if seq_index is None:
+        m = mask.to(hidden.dtype)
+        return (m.unsqueeze(-1) * hidden).sum(1) / m.sum(1).clamp_min(1).unsqueeze(-1)
+    H = hidden.shape[-1]
+    S = int(seq_index.max()) + 1 if num_seqs is None else int(num_seqs)
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # sums in fp32 (fp64 for fp64)
+    # only the pooled positions are read: a -1 position's values never reach a sequence
+    bi, ti = ((seq_index >= 0) & (mask != 0)).nonzero(as_tuple=True)
+    idx, w = seq_index[bi, ti], mask[bi, ti].to(acc)
+    total = hidden.new_zeros(S, H, dtype=acc).index_add(0, idx, w.unsqueeze(-1) * hidden[bi, ti].to(acc))
+    count = w.new_zeros(S).index_add(0, idx, w)
+    return (total / count.clamp_min(1).unsqueeze(-1)).to(hidden.dtype)
 
 
 def reference_prada_loss(hidden, lm_weight, targets, o: LossOptions):
@@ -50,7 +67,8 @@ def reference_prada_loss(hidden, lm_weight, targets, o: LossOptions):
     # +lambda * dL_conf/df instead (confusion).
     dom = dom_acc = ce.new_zeros(())
     if o.has_domain:
-        f = masked_mean(hidden, o.pool_mask)
+        # one feature per row, or per sequence of packed rows (seq_index; S = len(domain_labels))
+        f = masked_mean(hidden, o.pool_mask, o.seq_index, o.domain_labels.shape[0])
         f_in = grad_reverse(f, o.grl_lambda) if o.adversary == "grl" else f.detach()
         c = F.linear(f_in, o.domain_weight, o.domain_bias).to(acc)
         dom = F.cross_entropy(c, o.domain_labels)

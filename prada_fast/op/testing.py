@@ -46,14 +46,17 @@ def rel_err(x, ref) -> float:
 def random_inputs(*, B: int, T: int, H: int, V: int, Ht: int = 0, D: int = 0,
                   dtype: str | torch.dtype = "float32", bias: bool = False,
                   teacher_logits: bool = False, ignore_frac: float = 0.0, pool_mask: bool = False,
-                  empty_pool_row: bool = False, seed: int = 0, device="cpu") -> dict:
+                  empty_pool_row: bool = False, seed: int = 0, device="cpu",
+                  packed: bool = False) -> dict:
     """Random arguments of `prada_loss` as a dict of leaves (those with a gradient require
     grad), a deterministic function of the arguments and the device type.
 
     Ht > 0: the teacher as hidden states + head weight; teacher_logits: as logits. D > 0: a
     linear domain head with labels. ignore_frac: the fraction of targets set to -100.
     pool_mask: a random 0/1 mask (position 0 kept); empty_pool_row: the last row's mask
-    all 0 (it pools to 0)."""
+    all 0 (it pools to 0). packed: several sequences per row (`packed_seq_index`), with
+    "seq_index" (B, T) and domain_labels (S,); with a pool mask, each sequence keeps its first
+    position, and with empty_pool_row one sequence's mask is all 0 instead of the last row's."""
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
     dt = DTYPES[dtype_name(dtype)]
@@ -84,10 +87,52 @@ def random_inputs(*, B: int, T: int, H: int, V: int, Ht: int = 0, D: int = 0,
         m = (torch.rand(B, T, generator=g, device=device) < 0.7).to(dt) if pool_mask \
             else torch.ones(B, T, dtype=dt, device=device)
         m[:, 0] = 1
-        if empty_pool_row:
+        if empty_pool_row and not packed:
             m[-1] = 0
         x["pool_mask"] = m
+    if packed:  # drawn last: the unpacked inputs of the same arguments stay the same
+        seq, S = packed_seq_index(B, T, g, device)
+        x["seq_index"] = seq
+        if D:
+            x["domain_labels"] = torch.randint(0, D, (S,), generator=g, device=device)
+        if "pool_mask" in x:
+            m = x["pool_mask"]
+            flat = seq.reshape(-1)
+            first = torch.ones_like(flat, dtype=torch.bool)
+            first[1:] = flat[1:] != flat[:-1]
+            m.view(-1)[first & (flat >= 0)] = 1  # every sequence pools over >= 1 position ...
+            if empty_pool_row:
+                m[seq == S // 2] = 0  # ... but one, which pools to 0
     for k in GRAD_NAMES:
         if k in x:
             x[k].requires_grad_(True)
     return x
+
+
+def packed_seq_index(B: int, T: int, generator: torch.Generator, device="cpu") -> tuple[torch.Tensor, int]:
+    """(seq_index (B, T) int64, S): packed rows for tests and benchmarks, sequences numbered
+    0..S-1 in row order. Row 0 holds one sequence and 2 positions of padding (-1); row 1 many
+    short ones (lengths 1, 2, 3, ...) with a -1 after every third; the other rows random lengths
+    in [2, max(2, T // 3)] with -1 gaps, a row's last sequence cut at the row's end."""
+    seq = torch.full((B, T), -1, dtype=torch.int64)
+    s = 0
+
+    def rand(lo, hi):  # an int in [lo, hi]
+        return int(torch.randint(lo, hi + 1, (1,), generator=generator, device=generator.device))
+
+    for b in range(B):
+        t = 0
+        if b == 0:
+            seq[b, : max(1, T - 2)] = s
+            s += 1
+            continue
+        k = 0
+        while t < T:
+            n = min(T - t, 1 + k % 3 if b == 1 else rand(2, max(2, T // 3)))
+            seq[b, t: t + n] = s
+            s += 1
+            k += 1
+            t += n
+            if (b == 1 and k % 3 == 0) or (b > 1 and rand(0, 9) < 3):
+                t += 1  # a position of no sequence
+    return seq.to(device), s

@@ -77,15 +77,31 @@ def torch_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=
     return ce, kd
 
 
-def torch_domain(hidden, mask, weight, bias, labels, grl_lambda, adversary="grl"):
-    """Masked-mean pooling, linear domain head, CE and accuracy, and the gradients (see
-    prada_fast.op.driver for gf). The head's gradients come from L_dom; gf is
-    -lambda * dL_dom/df ("grl") or +lambda * dL_conf/df ("confusion"), over sum_t m_bt."""
-    B = hidden.shape[0]
-    acc = torch.promote_types(hidden.dtype, torch.float32)
+def pool_features(hidden, mask, seq_index, num_seqs, acc):
+    """(f, msum): the masked-mean features and their clamped denominators, in `acc`. One per
+    row ((B, H), (B,)), or with seq_index one per sequence ((S, H), (S,), S = num_seqs): only
+    the positions of a sequence with a nonzero mask are read. An empty pool gives f = 0."""
+    if seq_index is None:
+        m = mask.to(acc)
+        msum = m.sum(1).clamp_min(1)
+        return torch.einsum("bt,bth->bh", m, hidden.to(acc)) / msum[:, None], msum
     m = mask.to(acc)
-    msum = m.sum(1).clamp_min(1)
-    f = torch.einsum("bt,bth->bh", m, hidden.to(acc)) / msum[:, None]
+    bi, ti = ((seq_index >= 0) & (m != 0)).nonzero(as_tuple=True)
+    idx, w = seq_index[bi, ti], m[bi, ti]
+    msum = torch.zeros(num_seqs, dtype=acc, device=hidden.device).index_add_(0, idx, w).clamp_min_(1)
+    f = torch.zeros(num_seqs, hidden.shape[-1], dtype=acc, device=hidden.device)
+    f.index_add_(0, idx, hidden[bi, ti].to(acc) * w[:, None])
+    return f / msum[:, None], msum
+
+
+def torch_domain(hidden, mask, weight, bias, labels, grl_lambda, adversary="grl", seq_index=None):
+    """Masked-mean pooling (per row, or per sequence of packed rows with seq_index), linear
+    domain head, CE and accuracy, and the gradients (see prada_fast.op.driver for gf). The
+    head's gradients come from L_dom; gf is -lambda * dL_dom/df ("grl") or +lambda * dL_conf/df
+    ("confusion"), over the pool's sum of m."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    f, msum = pool_features(hidden, mask, seq_index, labels.shape[0], acc)
+    S = f.shape[0]  # sequences: B, or len(labels) with seq_index
     wf = weight.to(acc)
     c = f @ wf.t()
     if bias is not None:
@@ -95,12 +111,12 @@ def torch_domain(hidden, mask, weight, bias, labels, grl_lambda, adversary="grl"
     hit = (c.argmax(1) == labels).to(acc).mean()
     p = logp.exp()
     dc = p.clone()
-    dc[torch.arange(B, device=c.device), labels] -= 1
-    dc /= B
+    dc[torch.arange(S, device=c.device), labels] -= 1
+    dc /= S
     if adversary == "grl":
         gf = (-grl_lambda) * (dc @ wf) / msum[:, None]
-    else:  # dL_conf/dc_b = (softmax(c_b) - 1/D) / B
-        gf = grl_lambda * (((p - 1.0 / c.shape[1]) / B) @ wf) / msum[:, None]
+    else:  # dL_conf/dc_s = (softmax(c_s) - 1/D) / S
+        gf = grl_lambda * (((p - 1.0 / c.shape[1]) / S) @ wf) / msum[:, None]
     return dom, hit, gf, dc.t() @ f, dc.sum(0)
 
 
