@@ -45,44 +45,32 @@ def answer_accuracy(model, tokenizer, records, *, max_new_tokens: int = 96,
 @torch.no_grad()
 def domain_features(model, batches):
     """(pooled features (n, H) float32, domain labels (n,), the head's predictions (n,)) over
-    collated batches."""
+    collated batches, through the model's own forward (features_only: under ZeRO-3 every
+    rank runs it together, and the soft prompt and the head are gathered for it)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     feats, labels, preds = [], [], []
     for b in batches:
-        f = model.pooled_features(b["input_ids"].to(device), b["attention_mask"].to(device),
-                                  b["labels"].to(device))
+        f, c = model(b["input_ids"].to(device), b["attention_mask"].to(device),
+                     b["labels"].to(device), None, features_only=True)
         feats.append(f.float().cpu())
-        preds.append(model.domain_head(f).argmax(-1).cpu())
+        preds.append(c.argmax(-1).cpu())
         labels.append(b["domain_labels"])
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels), torch.cat(preds)
 
 
-@torch.no_grad()
 def alignment_probe(module, batches, *, fit: bool = True, folds: int = 5) -> dict | None:
-    """The curve point of --probe-every, during training: through `module`'s own forward
-    (features_only, so that under ZeRO-3 every rank runs it together and the soft prompt and
-    head are gathered), the head's accuracy on the held-out batches' pooled question features
-    ("probe_head_acc") and a freshly fitted logistic probe's, cross-validated ("probe_acc").
-    fit=False (ranks other than 0): the forward passes only; returns None."""
-    was_training = module.training
-    module.eval()
-    device = next(module.parameters()).device
-    feats, labels, right = [], [], 0
-    for b in batches:
-        f, c = module(b["input_ids"].to(device), b["attention_mask"].to(device),
-                      b["labels"].to(device), None, features_only=True)
-        feats.append(f.float().cpu())
-        labels.append(b["domain_labels"])
-        right += int((c.argmax(-1).cpu() == b["domain_labels"]).sum())
-    module.train(was_training)
+    """The curve point of --probe-every, during training: the head's accuracy on the held-out
+    batches' pooled question features ("probe_head_acc") and a freshly fitted logistic
+    probe's, cross-validated ("probe_acc"). Every rank runs the forward passes (ZeRO-3);
+    fit=False (ranks other than 0): nothing more, returns None."""
+    f, y, pred = domain_features(module, batches)
     if not fit:
         return None
-    y = torch.cat(labels)
-    probe = probe_accuracy(torch.cat(feats), y, folds=folds)
-    return {"probe_head_acc": round(right / max(len(y), 1), 6),
+    probe = probe_accuracy(f, y, folds=folds)
+    return {"probe_head_acc": round(float((pred == y).float().mean()) if len(y) else 0.0, 6),
             "probe_acc": None if probe is None else round(probe, 6)}
 
 

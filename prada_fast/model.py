@@ -278,10 +278,10 @@ class PradaModel(nn.Module):
         """(loss, parts) of PRADA's objective on a batch. features_only: (pooled features f,
         domain logits) instead, no loss (a forward through this module, so that ZeRO-3
         gathers the soft prompt and the head for it)."""
-        hidden, mask = self.hidden_states(input_ids, attention_mask)
         if features_only:
-            f = masked_mean(hidden, self.pool_mask(attention_mask, labels))
+            f = self.pooled_features(input_ids, attention_mask, labels)
             return f, self.domain_head(f)
+        hidden, mask = self.hidden_states(input_ids, attention_mask)
         B, K = input_ids.shape[0], self.n_prompt
         # next-token targets over [prompt | tokens]: position t predicts token t+1
         targets = torch.full_like(mask, -100, dtype=torch.long)

@@ -93,8 +93,7 @@ def run(args) -> int:
     ckpt_dir = out / "checkpoints"
     start, skipped = resume(args, engine, ckpt_dir, out / "metrics.jsonl")
     sharding = log_sharding(engine)
-    probe_batches = ([data.collate(data.eval[i:i + 64]) for i in range(0, len(data.eval), 64)]
-                     if args.probe_every else None)
+    probe_batches = eval_batches(data.eval, data.collate) if args.probe_every else None
     stats = train_steps(engine, t_engine, batches, args, start=start, out=out,
                         ckpt_dir=ckpt_dir, log=log, skipped=skipped, probe_batches=probe_batches)
     if stats["steps"] < args.max_steps:
@@ -251,6 +250,11 @@ def evaluate_after(args, out: Path, data: Data):
     return evaluate(final_model, final_tok, data.eval_records, data.eval, data.collate, args)
 
 
+def eval_batches(eval_examples, collate, size: int = 64) -> list:
+    """The held-out examples, collated in batches of `size` (the domain probes' input)."""
+    return [collate(eval_examples[i:i + size]) for i in range(0, len(eval_examples), size)]
+
+
 def evaluate(model, tok, eval_records, eval_examples, collate, args):
     """(answer accuracy by domain, domain alignment: the head's and a fresh probe's accuracy
     on the pooled features, evaluation.domain_alignment) on the held-out records."""
@@ -258,8 +262,7 @@ def evaluate(model, tok, eval_records, eval_examples, collate, args):
     with dist_util.all_threads():
         acc = answer_accuracy(model, tok, eval_records, max_new_tokens=args.max_new_tokens,
                               batch_size=args.eval_batch_size)
-        batches = [collate(eval_examples[i:i + 64]) for i in range(0, len(eval_examples), 64)]
-        align = domain_alignment(model, batches)
+        align = domain_alignment(model, eval_batches(eval_examples, collate))
     return acc, align
 
 

@@ -21,8 +21,10 @@ class _Features(torch.nn.Module):
         self.domain_head.out.weight.data.copy_(head_weight)
         self.domain_head.forward = self.domain_head.out.forward
 
-    def pooled_features(self, input_ids, attention_mask, labels):
-        return self.feats[input_ids[:, 0]]
+    def forward(self, input_ids, attention_mask, labels, domain_labels, *, features_only=False):
+        assert features_only
+        f = self.feats[input_ids[:, 0]]
+        return f, self.domain_head(f)
 
 
 def test_domain_alignment_reports_a_fooled_head_and_a_probe_that_still_separates():

@@ -127,8 +127,8 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
             b = collate(examples[s:s + batch_size])
             ids, att, lab = b["input_ids"].to(dev), b["attention_mask"].to(dev), b["labels"].to(dev)
             if all_layers:
-                f = torch.stack([masked_mean(h, model.pool_mask(att, lab))
-                                 for h in layer_states(model, ids, att)])
+                pool = model.pool_mask(att, lab)
+                f = torch.stack([masked_mean(h, pool) for h in layer_states(model, ids, att)])
             else:
                 f = model.pooled_features(ids, att, lab)
             feats.append(f.float().cpu())

@@ -34,13 +34,13 @@ def layer_probes(run_dir, *, folds: int = 5) -> dict:
     feats, labels, domains, _ = pooled_features(run_dir, all_layers=True)
     rows = [{"layer": i, "logistic": probe_accuracy(f, labels, folds=folds),
              "ncm": probe_accuracy(f, labels, kind="ncm", folds=folds)} for i, f in enumerate(feats)]
-    model, _, _ = PradaModel.from_final(Path(run_dir) / "final", attn="sdpa")
+    head = PradaModel.load_heads(Path(run_dir) / "final")["domain_head"]
     sub = None
-    if model.domain_head.kind == "linear":
-        inside, outside = split_by_rows(feats[-1], model.domain_head.out.weight.detach())
+    if "inner.weight" not in head:  # a linear head: its D weight rows are all it reads
+        inside, outside = split_by_rows(feats[-1], head["out.weight"])
         sub = {"in_head_rows": probe_accuracy(inside, labels, folds=folds),
                "outside": probe_accuracy(outside, labels, folds=folds),
-               "rank": int(torch.linalg.matrix_rank(model.domain_head.out.weight.detach()))}
+               "rank": int(torch.linalg.matrix_rank(head["out.weight"]))}
     return {"run": str(run_dir), "layers": rows, "head_subspace": sub,
             "chance": 1 / len(domains), "n": len(labels)}
 
