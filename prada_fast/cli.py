@@ -141,12 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     obj.add_argument("--temperature", type=float, default=1.0, help="distillation temperature tau")
     obj.add_argument("--no-domain-loss", action="store_true",
                      help="plain CoT distillation: no domain classifier term")
-    obj.add_argument("--adversary", choices=("grl", "confusion"), default="confusion",
+    obj.add_argument("--adversary", choices=("grl", "confusion", "mmd"), default="confusion",
                      help="what the student learns against the domain head: 'confusion' pushes the "
                           "head's output towards uniform over the domains (bounded); 'grl' reverses "
                           "the head's gradient (DANN; the student can make the head confidently "
-                          "wrong instead). The default is what the comparison's tuning picked "
-                          "(docs/results.md)")
+                          "wrong instead); 'mmd' is no adversary: lambda times a Gaussian-kernel MMD "
+                          "between the domains' pooled features pulls them together in every "
+                          "direction, and the head only watches (it trains, nothing flows back). "
+                          "The default is what the comparison's tuning picked (docs/results.md)")
     obj.add_argument("--domain-head-lr-mult", type=float, default=10.0, metavar="X",
                      help="the domain head's learning rate over the student's (its own optimizer "
                           "parameter group; needs a scheduler that keeps each group's lr, as the "

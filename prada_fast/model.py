@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .alignment import mmd_term
 from .op import confusion_term, grad_reverse, masked_mean, prada_loss
 from .prompts import PromptEncoder
 
@@ -292,6 +293,8 @@ class PradaModel(nn.Module):
         lm_head = self.student.get_output_embeddings()
         linear_dom = use_domain and self.domain_head.kind == "linear"
         pool = self.pool_mask(attention_mask, labels).to(hidden.dtype)
+        mmd = use_domain and self.adversary == "mmd"  # the head only watches; MMD aligns
+        adversary, adv_lambda = ("confusion", 0.0) if mmd else (self.adversary, grl_lambda)
         loss, parts = prada_loss(
             hidden, lm_head.weight, targets, lm_bias=getattr(lm_head, "bias", None),
             teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
@@ -300,18 +303,22 @@ class PradaModel(nn.Module):
             domain_weight=self.domain_head.out.weight if linear_dom else None,
             domain_bias=self.domain_head.out.bias if linear_dom else None,
             domain_labels=domain_labels if linear_dom else None,
-            grl_lambda=grl_lambda, adversary=self.adversary, impl=self.loss_impl)
+            grl_lambda=adv_lambda, adversary=adversary, impl=self.loss_impl)
         if use_domain and not linear_dom:  # MLP head: plain PyTorch, either adversary
             f = masked_mean(hidden, pool)
-            grl = self.adversary == "grl"
-            c = self.domain_head(grad_reverse(f, grl_lambda) if grl else f.detach())
+            grl = adversary == "grl"
+            c = self.domain_head(grad_reverse(f, adv_lambda) if grl else f.detach())
             c = c.to(torch.promote_types(c.dtype, torch.float32))
             dom = nn.functional.cross_entropy(c, domain_labels)
             loss = loss + dom
             if not grl:
-                loss = loss + confusion_term(f, self.domain_head, grl_lambda).to(loss.dtype)
+                loss = loss + confusion_term(f, self.domain_head, adv_lambda).to(loss.dtype)
             parts["dom"] = dom.detach()
             parts["dom_acc"] = (c.argmax(-1) == domain_labels).to(c.dtype).mean()
+        if mmd:
+            align = mmd_term(masked_mean(hidden, pool), domain_labels)
+            loss = loss + (grl_lambda * align).to(loss.dtype)
+            parts["mmd"] = align.detach()
         return loss, parts
 
     @torch.no_grad()

@@ -29,7 +29,7 @@ from .engines import micro_step
 from .op import lambda_at
 from .preemption import Preempted, StopRequest
 
-PARTS = ("loss", "ce", "kd", "dom", "dom_acc")
+PARTS = ("loss", "ce", "kd", "dom", "dom_acc", "mmd")  # mmd: --adversary mmd only
 
 
 class BadNumerics(RuntimeError):
@@ -45,7 +45,7 @@ def _optimizer_step(engine, t_engine, micro, *, norm, lam, args, inject_nan: boo
                                  temperature=args.temperature, alpha=args.alpha,
                                  use_domain=not args.no_domain_loss,
                                  inject_nan=inject_nan and i == 0)
-        vals = [loss.item()] + [float(parts[k]) for k in PARTS[1:]]
+        vals = [loss.item()] + [float(parts.get(k, 0.0)) for k in PARTS[1:]]
         sums += torch.tensor(vals + [float(mb["attention_mask"].sum())], dtype=torch.float64)
     return sums
 
@@ -103,6 +103,8 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
             tokens_total += tokens
             dt = time.time() - t0
             last = dict(zip(PARTS, means))
+            if getattr(args, "adversary", None) != "mmd" or args.no_domain_loss:
+                del last["mmd"]
             probed = None
             if probe_batches and args.probe_every and (
                     (step + 1) % args.probe_every == 0 or step + 1 == args.max_steps):

@@ -48,7 +48,7 @@ BAD = {
     "--loss-impl": ["--loss-impl", "fast"],
     "--alpha": ["--alpha", "1.5"],
     "--temperature": ["--temperature", "0"],
-    "--adversary": ["--adversary", "mmd"],
+    "--adversary": ["--adversary", "dann"],
     "--domain-head-lr-mult": ["--domain-head-lr-mult", "0"],
     "--grl-schedule": ["--grl-schedule", "linear"],
     "--lambda-max": ["--lambda-max", "nan"],
