@@ -302,6 +302,8 @@ def _check_paths(args) -> None:
         name = (getattr(args, "deprecated_flags", None) or {}).get("teacher_fit_cache")
         raise FlagError(f"{name or '--teacher-fit-cache'} {fit_cache}: a file, not a directory")
     if getattr(args, "teacher_outputs", None):
+        if args.teacher == "none":
+            raise FlagError("--teacher-outputs is a teacher's outputs: it contradicts --teacher none")
         from .teacher_cache import TeacherCacheError, open_manifest
         try:
             open_manifest(Path(args.teacher_outputs))
@@ -328,8 +330,6 @@ def _check_combinations(args) -> None:
     if args.probe_every and args.eval_per_domain < 2:
         raise FlagError(f"--probe-every {args.probe_every} probes the held-out records: it needs "
                         f"--eval-per-domain 2 or more (given {args.eval_per_domain})")
-    if args.teacher_outputs and args.teacher == "none":
-        raise FlagError("--teacher-outputs is a teacher's outputs: it contradicts --teacher none")
     no_teacher = not args.teacher_outputs and (
         args.teacher == "none" or (args.teacher == "auto" and args.student not in PRESETS))
     if args.alpha == 0 and no_teacher:
