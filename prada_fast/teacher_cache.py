@@ -310,7 +310,9 @@ class TeacherOutputs:
                 top_ids[b, pos] = self._tensor(self.entry(key, "ids.bin")).long()
                 top_lp[b, pos] = self._tensor(self.entry(key, "logprobs.bin"))
         if self.mode == "hidden":
-            return {"teacher_hidden": out.to(device), "teacher_weight": self.head.to(device)}
+            if self.head.device != torch.device(device):  # moved once, kept there
+                self.head = self.head.to(device)
+            return {"teacher_hidden": out.to(device), "teacher_weight": self.head}
         return {"teacher_topk_ids": top_ids.to(device), "teacher_topk_logprobs": top_lp.to(device)}
 
 
