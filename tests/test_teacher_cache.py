@@ -331,3 +331,38 @@ def test_two_ranks_cache_what_one_rank_caches(root, teacher, topk_cache, tmp_pat
     assert m["world_size"] == 2 and sorted(m["parts"]) == ["w2-r0", "w2-r1"]
     same_rows(out, topk_cache, "logprobs.bin", 1e-5)
     same_rows(out, topk_cache, "ids.bin", 0)
+
+
+# ----------------------------------------------------------------------------- the command's flags
+@pytest.mark.parametrize("extra", [["--k", "0", "--mode", "topk"], ["--batch-size", "0"],
+                                   ["--mode", "logits"], ["--out", "FILE"], ["--teacher", "none"],
+                                   ["--crash-after", "-1"], ["--max-len", "1"], ["--dtype", "fp8"],
+                                   ["--temperature", "0"], ["--teacher", "TMP/no-teacher"]],
+                         ids=" ".join)
+def test_precompute_refuses_a_bad_flag_in_one_line(extra, tmp_path, capsys):
+    from prada_fast.precompute_teacher import main
+    (tmp_path / "file").write_text("x\n")
+    argv = ["--out", str(tmp_path / "cache"), "--no-progress",
+            *[a.replace("FILE", str(tmp_path / "file")).replace("TMP", str(tmp_path)) for a in extra]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and extra[0] in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written
+
+
+def test_precompute_help_lists_its_flags_and_the_trainers(capsys):
+    from prada_fast.precompute_teacher import main
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for name in ("--out", "--mode", "--k", "--dtype", "--batch-size", "--data", "--source-domains",
+                 "--target-domains", "--teacher", "--teacher-steps", "--max-len", "--seed",
+                 "--temperature", "--student", "--ds"):
+        assert f"{name} " in text or f"{name}\n" in text, name
+
+
+def test_precompute_will_not_mix_other_inputs_into_a_cache(root, teacher, topk_cache, capfd):
+    capfd.readouterr()
+    code = precompute(["--out", str(topk_cache), "--teacher", str(teacher), *DATA], root)  # hidden
+    err = [x for x in capfd.readouterr().err.splitlines() if "error" in x.lower()]
+    assert code == 2 and len(err) == 1 and 'field "mode"' in err[0], err
+    assert tc.read_json(topk_cache / tc.MANIFEST)["mode"] == "topk"
