@@ -366,3 +366,24 @@ def test_precompute_will_not_mix_other_inputs_into_a_cache(root, teacher, topk_c
     err = [x for x in capfd.readouterr().err.splitlines() if "error" in x.lower()]
     assert code == 2 and len(err) == 1 and 'field "mode"' in err[0], err
     assert tc.read_json(topk_cache / tc.MANIFEST)["mode"] == "topk"
+
+
+def test_teacher_identity_follows_what_makes_the_teacher(tmp_path, teacher):
+    """An auto teacher is named by its fit (steps, lr, seed, examples), a directory by its
+    files (not its path), a preset by its name and init seed."""
+    import shutil
+    from argparse import Namespace
+    exs = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "n_labels": 2}]
+    auto = Namespace(teacher="auto", teacher_steps=10, teacher_lr=3e-3, seed=0)
+    ident = tc.teacher_identity(auto, exs)
+    assert ident["kind"] == "auto-fit" and ident == tc.teacher_identity(Namespace(**vars(auto)), exs)
+    for change in ({"teacher_steps": 11}, {"teacher_lr": 1e-3}, {"seed": 1}):
+        assert tc.teacher_identity(Namespace(**{**vars(auto), **change}), exs) != ident, change
+    assert tc.teacher_identity(auto, [{**exs[0], "labels": [-100, -100, 7]}]) != ident
+    moved = shutil.copytree(teacher, tmp_path / "moved")
+    d = tc.teacher_identity(Namespace(teacher=str(teacher), seed=0), exs)
+    assert d == tc.teacher_identity(Namespace(teacher=str(moved), seed=5), exs)
+    (moved / "config.json").write_text((moved / "config.json").read_text().replace("192", "193"))
+    assert tc.teacher_identity(Namespace(teacher=str(moved), seed=0), exs) != d
+    assert tc.teacher_identity(Namespace(teacher="tiny-teacher", seed=0), exs) != \
+        tc.teacher_identity(Namespace(teacher="tiny-teacher", seed=1), exs)
