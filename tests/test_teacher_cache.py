@@ -283,6 +283,30 @@ def test_a_topk_cache_is_refused_until_the_op_takes_it(root, teacher, topk_cache
     assert code == 2 and len(err) == 1 and "teacher_topk_ids" in err[0], err
 
 
+def _op_takes_topk() -> bool:
+    from prada_fast.op import LossOptions
+    return "teacher_topk_ids" in LossOptions.__dataclass_fields__
+
+
+@pytest.mark.skipif(not _op_takes_topk(), reason="the loss op takes no top-k teacher inputs yet")
+def test_training_from_a_topk_cache_with_k_equal_v_equals_the_live_teacher(root, teacher, tmp_path):
+    """At K = V the top-k KD is the full KD: the losses of the live teacher."""
+    cache = tmp_path / "topk-all"
+    from prada_fast.model import byte_tokenizer
+    vocab = len(byte_tokenizer())  # the teacher's vocabulary, every id
+    assert precompute(["--out", str(cache), "--teacher", str(teacher), *DATA, "--mode", "topk",
+                       "--k", str(vocab), "--temperature", str(TAU)], root) == 0
+    rows = {}
+    for name, extra in (("live", []), ("topk", ["--teacher-outputs", str(cache)])):
+        out = tmp_path / f"run-{name}"
+        assert train([*DATA, *TRAIN, "--teacher", str(teacher), "--temperature", str(TAU),
+                      "--output-dir", str(out), *extra], root) == 0
+        rows[name] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows["live"], rows["topk"]):
+        for key in ("loss", "ce", "kd", "dom"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)
+
+
 # ----------------------------------------------------------------------------- processes
 def run_precompute(argv, root, nproc=1, check=True):
     cmd = [*launch_cmd(REPO / "prada_fast" / "precompute_teacher.py", nproc), *argv]
