@@ -31,7 +31,15 @@ if not __package__:  # run as a script: this checkout's package
 
 from prada_fast import distributed as dist_util  # noqa: E402
 from prada_fast import teacher_cache as tc  # noqa: E402
-from prada_fast.cli import RANGES, FlagError, FlagParser, _domains, build_parser, warn_deprecated  # noqa: E402
+from prada_fast.cli import (  # noqa: E402
+    RANGES,
+    FlagError,
+    FlagParser,
+    _domains,
+    build_parser,
+    flag,
+    warn_deprecated,
+)
 from prada_fast.data import DataError  # noqa: E402
 from prada_fast.data.loaders import check_spec  # noqa: E402
 from prada_fast.dsconfig import ConfigError, check_with_deepspeed, inference_config, load_ds_config  # noqa: E402
@@ -95,7 +103,8 @@ def validate(args) -> None:
     for dest, (ok, what) in {**{d: RANGES[d] for d in TRAINER_FLAGS if d in RANGES}, **own}.items():
         v = getattr(args, dest)
         if v is not None and ((isinstance(v, float) and not math.isfinite(v)) or not ok(v)):
-            raise FlagError(f"--{dest.replace('_', '-')} {v}: {what}")
+            name = f"--{dest.replace('_', '-')}" if dest in own else flag(dest)
+            raise FlagError(f"{name} {v}: {what}")
     for spec in args.data:
         try:
             check_spec(spec)
@@ -266,8 +275,9 @@ def compute(args, t_engine, head, todo: list[dict], collate, out: Path, dtype: s
     arrays = tc.row_arrays(args.mode, head.shape[1], args.k, dtype)
     writer = tc.PartWriter(out / tc.PARTS / f"w{info.world_size}-r{info.rank}", arrays)
     device = t_engine.device
-    bar = tqdm(total=len(todo), desc="teacher outputs", dynamic_ncols=True,
-               disable=info.rank != 0 or args.no_progress)
+    bar = tqdm(total=len(mine), desc="teacher outputs" + (" (rank 0's share)" if info.world_size > 1
+                                                          else ""),
+               unit="ex", dynamic_ncols=True, disable=info.rank != 0 or args.no_progress)
     try:
         for i in range(n_batches):
             batch = mine[i * bs:(i + 1) * bs]
@@ -282,7 +292,7 @@ def compute(args, t_engine, head, todo: list[dict], collate, out: Path, dtype: s
                 os._exit(1)  # a crash: no clean-up, half a batch's rows on disk, uncommitted
             writer.write_rows(values)
             writer.commit(keys, counts)
-            bar.update(len(batch) * info.world_size)
+            bar.update(len(batch))
     finally:
         writer.close()
         bar.close()

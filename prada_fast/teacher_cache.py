@@ -174,14 +174,14 @@ class PartWriter:
     def __init__(self, part: Path, arrays: dict):
         self.part, self.arrays = part, arrays
         part.mkdir(parents=True, exist_ok=True)
-        self.rows = sum(sum(b["rows"]) for b in read_progress(part))
+        good = read_progress(part)
+        self.rows = sum(sum(b["rows"]) for b in good)
         self.files = {}
         for name, (dt, width) in arrays.items():
             f = open(part / name, "ab")  # noqa: SIM115 (closed by close())
             f.truncate(self.rows * width * dt.itemsize)
             f.seek(0, os.SEEK_END)
             self.files[name] = f
-        good = read_progress(part)
         with open(part / PROGRESS, "w") as f:  # without a cut last line
             f.writelines(json.dumps(b) + "\n" for b in good)
         self.progress = open(part / PROGRESS, "a")  # noqa: SIM115
