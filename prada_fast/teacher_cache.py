@@ -242,6 +242,22 @@ def open_manifest(path: Path) -> dict:
     return manifest
 
 
+def segments(mb: dict) -> list[tuple[int, int, int]]:
+    """(row, start, end) of each example in a collated batch: a row's real tokens, or with
+    `seq_index` (packed rows) each run of positions with the same sequence number >= 0."""
+    if "seq_index" not in mb:
+        return [(b, 0, int(n)) for b, n in enumerate(mb["attention_mask"].sum(1).tolist())]
+    out = []
+    for b, row in enumerate(mb["seq_index"].tolist()):
+        start = 0
+        for t in range(1, len(row) + 1):
+            if t == len(row) or row[t] != row[start]:
+                if row[start] >= 0:
+                    out.append((b, start, t))
+                start = t
+    return out
+
+
 class TeacherOutputs:
     """The teacher of a training run, read from a finished cache: `op_inputs(mb, device)`
     gives a micro-batch's teacher arguments of the loss op (teacher_hidden and
@@ -284,9 +300,9 @@ class TeacherOutputs:
 
     def op_inputs(self, mb: dict, device) -> dict:
         """The teacher arguments of the loss op for the collated micro-batch `mb` (rows
-        right-padded: attention_mask gives each row's length)."""
+        right-padded: attention_mask gives each row's length; packed rows: `seq_index`
+        gives each position's sequence, -1 none, and each sequence is an example)."""
         ids, labels = mb["input_ids"], mb["labels"]
-        lengths = mb["attention_mask"].sum(1).tolist()
         B, T = ids.shape
         if self.mode == "hidden":
             out = torch.zeros(B, T, self.manifest["hidden_size"], dtype=self.dtype)
@@ -294,16 +310,16 @@ class TeacherOutputs:
             k, vocab = self.manifest["k"], self.manifest["vocab_size"]
             top_ids = torch.arange(k, dtype=torch.long).expand(B, T, k).clone()
             top_lp = torch.full((B, T, k), -math.log(vocab), dtype=torch.float32)  # unused rows
-        for b, n in enumerate(lengths):
-            lab = labels[b, :n].tolist()
+        for b, start, end in segments(mb):
+            lab = labels[b, start:end].tolist()
             pos = labelled_positions(lab)
             if not pos:
                 continue
-            key = example_key(ids[b, :n].tolist(), lab)
+            key = example_key(ids[b, start:end].tolist(), lab)
             if key not in self.rows:
                 raise TeacherCacheError(f"--teacher-outputs {self.path}: field \"records\": an "
                                         f"example of this batch (row {b}) is not in the cache")
-            pos = torch.tensor(pos)
+            pos = torch.tensor(pos) + start
             if self.mode == "hidden":
                 out[b, pos] = self._tensor(self.entry(key, "hidden.bin")).to(self.dtype)
             else:

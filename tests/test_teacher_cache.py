@@ -147,7 +147,8 @@ def test_topk_rows_are_the_top_log_probabilities_at_tau(topk_cache, teacher):
 
 def test_reader_places_each_examples_rows_at_its_labelled_positions(tmp_path):
     """A cache written through PartWriter with random rows (two parts, bf16): op_inputs
-    puts row j of an example at its j-th labelled position and zeros elsewhere."""
+    puts row j of an example at its j-th labelled position and zeros elsewhere, in plain
+    and in packed rows."""
     H, V = 6, 11
     g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     exs = []
@@ -175,12 +176,29 @@ def test_reader_places_each_examples_rows_at_its_labelled_positions(tmp_path):
         "vocab_size": V, "parts": parts, "part_rows": part_rows})
     from prada_fast.data import Collator
     mb = Collator(0)([{"input_ids": i, "labels": lab, "domain": 0} for i, lab in exs])
-    got = tc.TeacherOutputs(tmp_path).op_inputs(mb, "cpu")["teacher_hidden"]
+    reader = tc.TeacherOutputs(tmp_path)
+    got = reader.op_inputs(mb, "cpu")["teacher_hidden"]
     want = torch.zeros_like(got)
     for b, (ids, lab) in enumerate(exs):
         for j, t in enumerate(tc.labelled_positions(lab)):
             want[b, t] = rows[tc.example_key(ids, lab)][j].to(torch.bfloat16).float()
     assert torch.equal(got, want)
+    # packed rows: examples 0, 1 and 2 in one row, 3 and 4 in another, seq_index numbering them
+    packed = {"input_ids": torch.zeros(2, 40, dtype=torch.long),
+              "labels": torch.full((2, 40), -100), "seq_index": torch.full((2, 40), -1)}
+    want = torch.zeros(2, 40, H)
+    at = {0: 0, 1: 0}
+    for s_, (ids, lab) in enumerate(exs):
+        r = 0 if s_ < 3 else 1
+        a, n = at[r], len(ids)
+        packed["input_ids"][r, a:a + n] = torch.tensor(ids)
+        packed["labels"][r, a:a + n] = torch.tensor(lab)
+        packed["seq_index"][r, a:a + n] = s_
+        for j, t in enumerate(tc.labelled_positions(lab)):
+            want[r, a + t] = rows[tc.example_key(ids, lab)][j].to(torch.bfloat16).float()
+        at[r] = a + n
+    packed["attention_mask"] = (packed["seq_index"] >= 0).long()
+    assert torch.equal(reader.op_inputs(packed, "cpu")["teacher_hidden"], want)
 
 
 def test_a_crash_leaves_no_committed_half_batch(tmp_path):
