@@ -13,6 +13,7 @@ import torch
 from deepspeed import zero
 
 from .dsconfig import ConfigError, inference_config
+from .teacher_cache import TeacherOutputs
 
 
 # Schedulers that scale each parameter group's own lr (a multiplier survives them); the
@@ -81,7 +82,7 @@ def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperatu
     averages over both); lam: the GRL coefficient. inject_nan: multiply the loss by NaN
     before the backward pass (fault injection, the trainer's --inject-nan)."""
     device = engine.device
-    if hasattr(t_engine, "op_inputs"):  # cached teacher outputs (teacher_cache.TeacherOutputs)
+    if isinstance(t_engine, TeacherOutputs):  # the teacher's outputs, cached
         teacher, gather = t_engine.op_inputs(mb, device), []
     else:
         th, tw = teacher_hidden(t_engine, mb, device)
