@@ -300,7 +300,11 @@ def compute(args, t_engine, head, todo: list[dict], collate, out: Path, dtype: s
 
 def finish(out: Path, spec: dict, keys: list[str], head: torch.Tensor, dtype: str, info,
            seconds: float) -> None:
-    """Rank 0: the head, the index over every part, then the manifest (last, atomically)."""
+    """Rank 0: the head, the index over every part, then the manifest (last, atomically).
+    Rows a crash left uncommitted in a part no rank reopened are cut off first."""
+    arrays = tc.row_arrays(spec["mode"], head.shape[1], spec["k"] or 0, dtype)
+    for part in sorted(p for p in (out / tc.PARTS).iterdir() if p.is_dir()):
+        tc.PartWriter(part, arrays).close()
     done = tc.committed(out / tc.PARTS)
     missing = [k for k in keys if k not in done]
     if missing:

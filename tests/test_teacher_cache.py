@@ -347,6 +347,7 @@ def same_rows(a, b, name, tol):
 @pytest.mark.slow
 def test_a_crash_while_caching_leaves_no_finished_cache_then_resumes(root, teacher, hidden_cache,
                                                                      tmp_path):
+    """One rank crashes with half a batch on disk; two ranks resume and finish."""
     out = tmp_path / "cache"
     argv = ["--out", str(out), "--teacher", str(teacher), *DATA, "--batch-size", "5"]
     proc = run_precompute([*argv, "--crash-after", "2"], root, check=False)
@@ -355,9 +356,13 @@ def test_a_crash_while_caching_leaves_no_finished_cache_then_resumes(root, teach
     with pytest.raises(tc.TeacherCacheError, match="not a finished teacher cache"):
         tc.open_manifest(out)
     done = tc.committed(out / tc.PARTS)
-    assert len(done) == 10  # two batches of 5 committed; the third's rows dropped on resume
-    proc = run_precompute(argv, root)
+    assert len(done) == 10  # two batches of 5 committed; the third's rows are cut off
+    proc = run_precompute(argv, root, nproc=2)  # resumed by two ranks, in parts of their own
     assert "10 cached already" in proc.stdout
+    m = tc.read_json(out / tc.MANIFEST)
+    assert m["parts"] == ["w1-r0", "w2-r0", "w2-r1"]
+    rows = sum(n for _, _, n in done.values())
+    assert (out / tc.PARTS / "w1-r0" / "hidden.bin").stat().st_size == rows * m["hidden_size"] * 4
     same_rows(out, hidden_cache, "hidden.bin", 1e-5)
     assert tc.read_json(out / tc.MANIFEST)["records"] == tc.read_json(hidden_cache / tc.MANIFEST)["records"]
 
