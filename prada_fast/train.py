@@ -12,7 +12,8 @@ The recipe, one function per stage, in the order `main` and `run` call them:
     setup            processes, DeepSpeed config (read, filled, parsed by DeepSpeed)
     load_data        records, domains and their roles, the held-out split
     build_models     student + tokenizer, the encoded data (refused if it cannot teach),
-                     the PRADA model, the teacher
+                     the PRADA model, the teacher (or, --teacher-outputs, its cached outputs,
+                     checked against the run: prada_fast.teacher_cache)
     evaluate_before  rank 0 claims the output directory, then evaluates the untrained model
     build_engines    DeepSpeed engines of student and teacher (prada_fast.engines), and the
                      batches of each optimizer step (prada_fast.batching)
@@ -54,8 +55,8 @@ from prada_fast.export import export_final
 from prada_fast.model import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
 from prada_fast.preemption import EXIT_PREEMPTED, Preempted
 from prada_fast.report import RunDirError, prepare_output_dir, print_table
-from prada_fast.teacher_cache import TeacherCacheError
 from prada_fast.teacher import AUTO_PRESET, FIT_BATCH, default_cache_dir, fit_teacher
+from prada_fast.teacher_cache import TeacherCacheError
 from prada_fast.trainloop import BadNumerics, tensorboard_writer, train_steps
 
 
