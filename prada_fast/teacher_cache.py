@@ -208,8 +208,9 @@ class PartWriter:
             f.close()
 
 
-def write_index(out: Path, keys: list[str], done: dict) -> dict:
-    """index.npy for `keys` (every one committed) from the parts; returns {part: rows}."""
+def write_index(out: Path, keys: list[str], done: dict) -> list[str]:
+    """index.npy for `keys` (every one committed) from the parts; returns the part names
+    it refers to (its "part" field numbers them in this order)."""
     parts = sorted({done[k][0] for k in keys})
     pid = {p: i for i, p in enumerate(parts)}
     index = np.zeros(len(keys), dtype=INDEX_DTYPE)
