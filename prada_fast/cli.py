@@ -29,6 +29,16 @@ class FlagParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class DeprecatedAlias(argparse.Action):
+    """An old name of a flag: stores into the new flag's dest and remembers the name used,
+    so that `parse_args` warns and errors name the flag as typed."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        used = getattr(namespace, "deprecated_flags", None) or {}
+        namespace.deprecated_flags = {**used, self.dest: option_string}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = FlagParser(
         prog="prada_fast/train.py",
@@ -112,9 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "fit the 'tiny-teacher' preset on the rationales first (cached)")
     model.add_argument("--teacher-steps", type=int, default=300, help="steps of the auto teacher fit")
     model.add_argument("--teacher-lr", type=float, default=3e-3, help="lr of the auto teacher fit")
-    model.add_argument("--teacher-cache", metavar="DIR",
-                       help="cache of fitted teachers (default: $PRADA_FAST_CACHE/teachers or "
-                            "~/.cache/prada_fast/teachers)")
+    model.add_argument("--teacher-fit-cache", metavar="DIR",
+                       help="folder of the fitted auto teachers (default: $PRADA_FAST_CACHE/teachers "
+                            "or ~/.cache/prada_fast/teachers)")
+    model.add_argument("--teacher-cache", dest="teacher_fit_cache", metavar="DIR",
+                       action=DeprecatedAlias, help="deprecated name of --teacher-fit-cache")
+    model.add_argument("--teacher-outputs", metavar="DIR",
+                       help="distil from a cache of the teacher's outputs that `python -m "
+                            "prada_fast.precompute_teacher --out DIR` wrote (hidden states: the "
+                            "exact KD of the live teacher; or top-k log-probabilities): no teacher "
+                            "is built. A cache made from other data, tokenizer, --max-len, "
+                            "--temperature (top-k) or teacher is refused")
     model.add_argument("--prompt-len", type=int, default=8, metavar="K",
                        help="learned soft-prompt vectors before the input (0: none)")
     model.add_argument("--prompt-encoder", choices=PROMPT_ENCODERS, default="none",
@@ -174,7 +192,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         validate(args)
     except FlagError as e:
         parser.error(str(e))
+    warn_deprecated(args)
     return args
+
+
+def warn_deprecated(args) -> None:
+    """One warning line per deprecated flag name used (rank 0)."""
+    for dest, used in (getattr(args, "deprecated_flags", None) or {}).items():
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"warning: {used} is deprecated, use {flag(dest)}\n")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -273,8 +299,18 @@ def _check_paths(args) -> None:
             check_model_dir(name, tokenizer=tokenizer)
         except ModelError as e:
             raise FlagError(f"{flag(dest)}: {e}") from None
-    if args.teacher_cache and Path(args.teacher_cache).exists() and not Path(args.teacher_cache).is_dir():
-        raise FlagError(f"--teacher-cache {args.teacher_cache}: a file, not a directory")
+    fit_cache = args.teacher_fit_cache
+    if fit_cache and Path(fit_cache).exists() and not Path(fit_cache).is_dir():
+        name = (getattr(args, "deprecated_flags", None) or {}).get("teacher_fit_cache")
+        raise FlagError(f"{name or '--teacher-fit-cache'} {fit_cache}: a file, not a directory")
+    if getattr(args, "teacher_outputs", None):
+        if args.teacher == "none":
+            raise FlagError("--teacher-outputs is a teacher's outputs: it contradicts --teacher none")
+        from .teacher_cache import TeacherCacheError, open_manifest
+        try:
+            open_manifest(Path(args.teacher_outputs))
+        except TeacherCacheError as e:
+            raise FlagError(str(e)) from None
 
 
 def _check_combinations(args) -> None:
@@ -296,7 +332,8 @@ def _check_combinations(args) -> None:
     if args.probe_every and args.eval_per_domain < 2:
         raise FlagError(f"--probe-every {args.probe_every} probes the held-out records: it needs "
                         f"--eval-per-domain 2 or more (given {args.eval_per_domain})")
-    no_teacher = args.teacher == "none" or (args.teacher == "auto" and args.student not in PRESETS)
+    no_teacher = not args.teacher_outputs and (
+        args.teacher == "none" or (args.teacher == "auto" and args.student not in PRESETS))
     if args.alpha == 0 and no_teacher:
         why = " with a non-preset student" if args.teacher == "auto" else ""
         raise FlagError("--alpha 0 trains on the distillation term alone, but there is no teacher "

@@ -13,6 +13,7 @@ import torch
 from deepspeed import zero
 
 from .dsconfig import ConfigError, inference_config
+from .teacher_cache import TeacherOutputs
 
 
 # Schedulers that scale each parameter group's own lr (a multiplier survives them); the
@@ -73,20 +74,23 @@ def teacher_hidden(t_engine, mb: dict, device):
 
 def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperature: float,
                alpha: float, use_domain: bool = True, inject_nan: bool = False):
-    """One micro-batch: teacher pass, student forward (the loss op, with the teacher head
-    gathered), `engine.backward` and `engine.step` (DeepSpeed applies the optimizer at the
-    last micro-batch of the accumulation). Returns (loss, parts).
+    """One micro-batch: teacher pass (or its cached outputs), student forward (the loss op,
+    with the teacher head gathered), `engine.backward` and `engine.step` (DeepSpeed applies
+    the optimizer at the last micro-batch of the accumulation). Returns (loss, parts).
 
     norm: the loss normaliser (valid target tokens per rank and micro-batch; DeepSpeed
     averages over both); lam: the GRL coefficient. inject_nan: multiply the loss by NaN
     before the backward pass (fault injection, the trainer's --inject-nan)."""
     device = engine.device
-    th, tw = teacher_hidden(t_engine, mb, device)
-    with zero.GatheredParameters([tw] if tw is not None else [], modifier_rank=None):
+    if isinstance(t_engine, TeacherOutputs):  # the teacher's outputs, cached
+        teacher, gather = t_engine.op_inputs(mb, device), []
+    else:
+        th, tw = teacher_hidden(t_engine, mb, device)
+        teacher, gather = {"teacher_hidden": th, "teacher_weight": tw}, [tw] if tw is not None else []
+    with zero.GatheredParameters(gather, modifier_rank=None):
         loss, parts = engine(
             mb["input_ids"].to(device), mb["attention_mask"].to(device),
-            mb["labels"].to(device), mb["domain_labels"].to(device),
-            teacher_hidden=th, teacher_weight=tw, grl_lambda=lam,
+            mb["labels"].to(device), mb["domain_labels"].to(device), **teacher, grl_lambda=lam,
             num_valid_tokens=max(norm, 1e-9), temperature=temperature, alpha=alpha,
             use_domain=use_domain)
     if inject_nan:

@@ -275,7 +275,8 @@ class PradaModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, domain_labels, *, teacher_hidden=None,
                 teacher_weight=None, grl_lambda=1.0, num_valid_tokens=None, temperature=1.0,
-                alpha=0.5, use_domain=True, features_only=False):
+                alpha=0.5, use_domain=True, features_only=False, teacher_topk_ids=None,
+                teacher_topk_logprobs=None):
         """(loss, parts) of PRADA's objective on a batch. features_only: (pooled features f,
         domain logits) instead, no loss (a forward through this module, so that ZeRO-3
         gathers the soft prompt and the head for it)."""
@@ -290,6 +291,11 @@ class PradaModel(nn.Module):
         if teacher_hidden is not None and K:
             teacher_hidden = torch.cat([teacher_hidden.new_zeros(B, K, teacher_hidden.shape[-1]),
                                         teacher_hidden], 1)
+        topk = {}  # the teacher as cached top-k log-probabilities: the prompt rows are ignored
+        if teacher_topk_ids is not None:
+            topk = {"teacher_topk_ids": teacher_topk_ids, "teacher_topk_logprobs": teacher_topk_logprobs}
+            if K:
+                topk = {n: torch.cat([t[:, :1].expand(-1, K, -1), t], 1) for n, t in topk.items()}
         lm_head = self.student.get_output_embeddings()
         linear_dom = use_domain and self.domain_head.kind == "linear"
         pool = self.pool_mask(attention_mask, labels).to(hidden.dtype)
@@ -303,7 +309,7 @@ class PradaModel(nn.Module):
             domain_weight=self.domain_head.out.weight if linear_dom else None,
             domain_bias=self.domain_head.out.bias if linear_dom else None,
             domain_labels=domain_labels if linear_dom else None,
-            grl_lambda=adv_lambda, adversary=adversary, impl=self.loss_impl)
+            grl_lambda=adv_lambda, adversary=adversary, impl=self.loss_impl, **topk)
         if use_domain and not linear_dom:  # MLP head: plain PyTorch, either adversary
             f = masked_mean(hidden, pool)
             grl = adversary == "grl"

@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 from .model import load_causal_lm
 
 FIT_VERSION = 1
+AUTO_PRESET = "tiny-teacher"  # what `--teacher auto` fits for a preset student
+FIT_BATCH = 32
 
 
 def default_cache_dir() -> Path:

@@ -12,7 +12,8 @@ The recipe, one function per stage, in the order `main` and `run` call them:
     setup            processes, DeepSpeed config (read, filled, parsed by DeepSpeed)
     load_data        records, domains and their roles, the held-out split
     build_models     student + tokenizer, the encoded data (refused if it cannot teach),
-                     the PRADA model, the teacher
+                     the PRADA model, the teacher (or, --teacher-outputs, its cached outputs,
+                     checked against the run: prada_fast.teacher_cache)
     evaluate_before  rank 0 claims the output directory, then evaluates the untrained model
     build_engines    DeepSpeed engines of student and teacher (prada_fast.engines), and the
                      batches of each optimizer step (prada_fast.batching)
@@ -31,7 +32,7 @@ import shlex
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -54,7 +55,8 @@ from prada_fast.export import export_final
 from prada_fast.model import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
 from prada_fast.preemption import EXIT_PREEMPTED, Preempted
 from prada_fast.report import RunDirError, prepare_output_dir, print_table
-from prada_fast.teacher import default_cache_dir, fit_teacher
+from prada_fast.teacher import AUTO_PRESET, FIT_BATCH, default_cache_dir, fit_teacher
+from prada_fast.teacher_cache import TeacherCacheError
 from prada_fast.trainloop import BadNumerics, tensorboard_writer, train_steps
 
 
@@ -86,7 +88,12 @@ def run(args) -> int:
     data = load_data(args)
     model, teacher, tok = build_models(args, data)
     before = evaluate_before(args, out, model, tok, data)
-    engine, t_engine = build_engines(model, teacher, ds_cfg, head_lr_mult=args.domain_head_lr_mult)
+    cached = teacher if args.teacher_outputs else None
+    engine, t_engine = build_engines(model, None if cached else teacher, ds_cfg,
+                                     head_lr_mult=args.domain_head_lr_mult)
+    if cached:  # the teacher's tensors in the precision DeepSpeed trains the student in
+        cached.set_dtype(next(engine.module.parameters()).dtype)
+    t_engine = cached or t_engine
     batches = StepBatches(data.train, data.collate, global_batch=ds_cfg["train_batch_size"],
                           micro_batch=ds_cfg["train_micro_batch_size_per_gpu"],
                           world_size=info.world_size, rank=info.rank, seed=args.seed)
@@ -152,10 +159,34 @@ def build_models(args, data: Data):
     model = PradaModel(student, len(data.domains), args.prompt_len, args.domain_head,
                        args.mlp_hidden, args.loss_impl, pool=args.pool, adversary=args.adversary,
                        prompt_encoder=args.prompt_encoder, prompt_hidden=args.prompt_hidden)
+    if args.teacher_outputs:  # no teacher model: its outputs, read per micro-batch
+        return model, open_teacher_outputs(args, tok, data, student), tok
     teacher = resolve_teacher(args, tok, data.train, data.collate)
     if teacher is not None:
         check_same_vocab(student, teacher)
     return model, teacher, tok
+
+
+def open_teacher_outputs(args, tok, data: Data, student):
+    """The --teacher-outputs cache, checked against this run (teacher_cache.open_for_run:
+    TeacherCacheError names the field that does not match) and against the student's
+    vocabulary; a top-k cache needs the op's sparse-teacher inputs."""
+    from prada_fast.op import LossOptions
+    from prada_fast.teacher_cache import open_for_run
+    outputs = open_for_run(args, tok, data.train)
+    m = outputs.manifest
+    if m["vocab_size"] != student.get_output_embeddings().weight.shape[0]:
+        raise TeacherCacheError(f"--teacher-outputs {args.teacher_outputs}: field \"vocab_size\": "
+                                f"the cache has {m['vocab_size']}, the student "
+                                f"{student.get_output_embeddings().weight.shape[0]}")
+    if m["mode"] == "topk" and "teacher_topk_ids" not in {f.name for f in fields(LossOptions)}:
+        raise TeacherCacheError(f"--teacher-outputs {args.teacher_outputs}: a top-k cache needs the "
+                                "loss op's teacher_topk_ids/teacher_topk_logprobs inputs, which this "
+                                "version of prada_loss does not have yet; cache --mode hidden instead")
+    log(f"teacher: outputs cached in {args.teacher_outputs} ({m['mode']}"
+        + (f", K={m['k']}, tau={m['temperature']}" if m["mode"] == "topk" else f", {m['dtype']}")
+        + f", {m['records']['count']} examples); no teacher model is built")
+    return outputs
 
 
 def resolve_teacher(args, tok, train_examples, collate):
@@ -167,12 +198,12 @@ def resolve_teacher(args, tok, train_examples, collate):
         if args.student not in PRESETS:
             log("no --teacher given for a non-preset student: training without KD")
             return None
-        cache = Path(args.teacher_cache) if args.teacher_cache else default_cache_dir()
+        cache = Path(args.teacher_fit_cache) if args.teacher_fit_cache else default_cache_dir()
         path = None
         if dist_util.rank() == 0:
             with dist_util.all_threads():
-                path = fit_teacher("tiny-teacher", tok, train_examples, collate,
-                                   steps=args.teacher_steps, lr=args.teacher_lr, batch=32,
+                path = fit_teacher(AUTO_PRESET, tok, train_examples, collate,
+                                   steps=args.teacher_steps, lr=args.teacher_lr, batch=FIT_BATCH,
                                    seed=args.seed, cache_dir=cache,
                                    show_progress=not args.no_progress, log=log)
         choice = str(dist_util.wait_for_rank0("teacher", path))
@@ -333,7 +364,8 @@ def main(argv=None) -> int:
     code = 0
     try:
         code = run(args)
-    except (DataError, ModelError, ConfigError, RunDirError, checkpoint.CheckpointError) as e:
+    except (DataError, ModelError, ConfigError, RunDirError, checkpoint.CheckpointError,
+            TeacherCacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except BadNumerics as e:

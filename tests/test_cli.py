@@ -37,7 +37,9 @@ BAD = {
     "--teacher": ["--teacher", "TMP/no-teacher"],
     "--teacher-steps": ["--teacher-steps", "0"],
     "--teacher-lr": ["--teacher-lr", "0"],
-    "--teacher-cache": ["--teacher-cache", "FILE"],
+    "--teacher-fit-cache": ["--teacher-fit-cache", "FILE"],
+    "--teacher-cache": ["--teacher-cache", "FILE"],  # the deprecated name of --teacher-fit-cache
+    "--teacher-outputs": ["--teacher-outputs", "TMP/no-cache"],
     "--prompt-len": ["--prompt-len", "-1"],
     "--prompt-encoder": ["--prompt-encoder", "mlp", "--prompt-len", "0"],
     "--prompt-hidden": ["--prompt-hidden", "16"],  # without --prompt-encoder
@@ -71,7 +73,18 @@ MORE_BAD = [
     ["--seed", str(2**32)], ["--max-len", "0"], ["--prompt-encoder", "gru"],
     ["--prompt-hidden", "-1", "--prompt-encoder", "lstm"],
     ["--probe-every", "50", "--eval-per-domain", "1"],
+    ["--teacher-outputs", "TMP"],  # a folder without a manifest: no finished cache
+    ["--teacher-outputs", "TMP", "--teacher", "none"],
 ]
+
+
+def test_the_old_name_of_teacher_fit_cache_warns(tmp_path, capsys):
+    args = parse_args(["--output-dir", str(tmp_path / "run"), "--teacher-cache", str(tmp_path / "fits")])
+    assert args.teacher_fit_cache == str(tmp_path / "fits")
+    assert capsys.readouterr().err.strip() == ("warning: --teacher-cache is deprecated, use "
+                                               "--teacher-fit-cache")
+    args = parse_args(["--output-dir", str(tmp_path / "run"), "--teacher-fit-cache", str(tmp_path / "f")])
+    assert args.teacher_fit_cache == str(tmp_path / "f") and not capsys.readouterr().err
 
 
 def _long(action) -> str:

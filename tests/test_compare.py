@@ -119,7 +119,7 @@ def test_trainer_commands_differ_only_in_the_variant_flags(tmp_path):
             out = cmd[cmd.index("--output-dir") + 1]
             assert out == str(tmp_path / "runs" / "sorting" / k / f"seed{seed}")
             # one teacher cache for every variant: a seed's teacher is fitted once
-            assert cmd[cmd.index("--teacher-cache") + 1] == str(tmp_path / "teachers")
+            assert cmd[cmd.index("--teacher-fit-cache") + 1] == str(tmp_path / "teachers")
             assert cmd[cmd.index("--seed") + 1] == str(seed)
             assert cmd[cmd.index("--target-domains") + 1] == "sorting"
             assert cmd[-2:] == ["--max-len", "128"]

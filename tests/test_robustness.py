@@ -305,7 +305,7 @@ def test_no_labelled_token_left_is_refused_even_with_truncate():
 def test_run_on_data_that_cannot_teach_exits_2_before_the_teacher(tmp_path, in_process, capsys):
     out, teachers = tmp_path / "run", tmp_path / "teachers"
     # a short run and a cache of its own: without the check this fails in seconds, writing only here
-    assert in_process([*FAST, "--max-len", "24", "--teacher", "auto", "--teacher-cache", str(teachers),
+    assert in_process([*FAST, "--max-len", "24", "--teacher", "auto", "--teacher-fit-cache", str(teachers),
                        "--teacher-steps", "1", "--max-steps", "1", "--output-dir", str(out)]) == 2
     line = _one_line(capsys)
     assert line == ("error: 96 of 144 labelled training records keep no labelled token at --max-len 24: "

@@ -274,8 +274,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--extra: {e}")
     owned = {"--output-dir", "--seed", "--max-steps", "--teacher-steps", "--target-domains",
              "--prompt-len", "--no-domain-loss", "--overwrite", "--resume", "--teacher-cache",
-             "--source-domains", "--adversary", "--lambda-max", "--domain-head-lr-mult",
-             "--prompt-encoder"}
+             "--teacher-fit-cache", "--source-domains", "--adversary", "--lambda-max",
+             "--domain-head-lr-mult", "--prompt-encoder"}
     clash = sorted({f.split("=")[0] for f in args.extra} & owned)
     if clash:
         p.error(f"--extra must not set {', '.join(clash)}: the comparison sets them")
@@ -333,7 +333,7 @@ def trainer_args(args, target: str, v: Variant, seed: int, knobs: dict | None = 
          "--max-steps", str(args.max_steps), "--teacher-steps", str(args.teacher_steps),
          "--eval-per-domain", str(args.eval_per_domain), "--log-every", str(args.log_every),
          "--target-domains", target, "--student", args.student, "--teacher", args.teacher,
-         "--teacher-cache", str(args.teacher_cache), "--save-every", "0", "--no-progress"]
+         "--teacher-fit-cache", str(args.teacher_cache), "--save-every", "0", "--no-progress"]
     if sources:
         a += ["--source-domains", ",".join(sources)]
     if args.ds:
@@ -375,7 +375,7 @@ def _comparable(argv: list[str]) -> list[str]:
     for a in argv:
         if skip:
             skip = False
-        elif a in ("--output-dir", "--teacher-cache"):
+        elif a in ("--output-dir", "--teacher-fit-cache", "--teacher-cache"):
             skip = True
         else:
             out.append(a)

@@ -1,0 +1,148 @@
+"""Training from a cached teacher against the live teacher, end to end on this machine:
+the trainer (`prada_fast/train.py`, a world of one) with `--teacher DIR` and with
+`--teacher-outputs CACHE` on the same data, student and seed.
+
+    python -m benchmarks.cached_teacher [--steps 30 --records 200 --threads 1]
+        [--out benchmarks/out/cached_teacher]
+
+The teacher is the tiny-teacher preset widened and deepened (random weights: the speed does
+not depend on them) to several times the `tiny` student's FLOPs per token. For each cache
+mode: the build time of `python -m prada_fast.precompute_teacher` and its bytes per cached
+token (one token = one labelled position). For each training run: the median tokens/s of the
+steps after the first `--warmup` (the trainer's own per-step figure in metrics.jsonl: input
+tokens of the global batch over the step's wall time) and the peak resident memory of the
+process (GNU time's maximum RSS). A top-k cache is trained from only where the loss op takes
+top-k teacher inputs. Not a pytest case: a run takes minutes. Prints a markdown table and
+writes OUT/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# the teacher: the tiny-teacher preset, larger (the student, `tiny`: H 128, 3 layers)
+TEACHER = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6,
+               num_attention_heads=8, num_key_value_heads=8)
+
+
+def flops_per_token(cfg) -> int:
+    """2 x the weights one token's forward pass multiplies by (attention scores left out)."""
+    h, i, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
+    return 2 * (n * (2 * h * h + 2 * h * kv + 3 * h * i) + v * h)
+
+
+def timed(cmd, env, log: Path) -> tuple[float, int]:
+    """(wall seconds, peak RSS in MiB) of a command, its output kept in `log`."""
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", *cmd], cwd=REPO, env=env,
+                              stdout=f, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    text = log.read_text()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd))} exited {proc.returncode}; see {log}\n{text[-3000:]}")
+    kb = int(text.rsplit("maxrss_kb=", 1)[1].split()[0])
+    return wall, kb // 1024
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cached_teacher", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per training run")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the median")
+    p.add_argument("--records", type=int, default=200, help="synthetic records per domain")
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=64,
+                   help="sequences per optimizer step (train_batch_size of ds_configs/zero3.json)")
+    p.add_argument("--k", type=int, default=32, help="K of the top-k cache")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
+    p.add_argument("--out", default="benchmarks/out/cached_teacher", metavar="DIR")
+    args = p.parse_args(argv)
+    out = (REPO / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO),
+               PRADA_FAST_CACHE=str(out / "fit-cache"))
+    sys.path.insert(0, str(REPO))
+    from prada_fast.model import load_causal_lm
+    from prada_fast.op import LossOptions
+
+    teacher_dir = out / "teacher"
+    teacher, tok = load_causal_lm("tiny-teacher", config_overrides=TEACHER, seed=1)
+    teacher.save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    student, _ = load_causal_lm("tiny")
+    ratio = flops_per_token(teacher.config) / flops_per_token(student.config)
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["train_batch_size"] = args.batch
+    (out / "zero3.json").write_text(json.dumps(ds))
+    common = ["--ds", str(out / "zero3.json"), "--data", f"synthetic:{args.records}",
+              "--eval-per-domain", "0", "--max-len", str(args.max_len), "--seed", "0", "--no-progress",
+              "--teacher", str(teacher_dir)]
+
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
+               "batch": args.batch, "load_before": os.getloadavg()[0],
+               "teacher_flops_over_student": round(ratio, 2), "caches": {}, "runs": {}}
+    caches = {"hidden": ["--mode", "hidden", "--dtype", "float32"],
+              "topk": ["--mode", "topk", "--k", str(args.k)]}
+    for mode, flags in caches.items():
+        cache = out / f"cache-{mode}"
+        if cache.exists():
+            import shutil
+            shutil.rmtree(cache)
+        wall, rss = timed([sys.executable, "-m", "prada_fast.precompute_teacher", "--out", str(cache),
+                           *common, *flags], env, out / f"precompute-{mode}.log")
+        m = json.loads((cache / "manifest.json").read_text())
+        size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+        results["caches"][mode] = {"seconds": round(wall, 1), "positions": m["rows"],
+                                   "bytes": size, "bytes_per_token": round(size / m["rows"], 1),
+                                   "peak_rss_mib": rss}
+
+    topk_ok = "teacher_topk_ids" in LossOptions.__dataclass_fields__
+    runs = {"live teacher": [], "hidden cache": ["--teacher-outputs", str(out / "cache-hidden")]}
+    if topk_ok:
+        runs["top-k cache"] = ["--teacher-outputs", str(out / "cache-topk")]
+    for name, flags in runs.items():
+        run_dir = out / ("run-" + name.replace(" ", "-"))
+        wall, rss = timed([sys.executable, "prada_fast/train.py", *common, *flags, "--output-dir",
+                           str(run_dir), "--overwrite", "--max-steps", str(args.steps),
+                           "--log-every", "1", "--save-every", "0"], env, out / f"{run_dir.name}.log")
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        tps = [r["tokens_per_s"] for r in rows if r["step"] > args.warmup]
+        results["runs"][name] = {"tokens_per_s": round(statistics.median(tps), 1),
+                                 "final_loss": rows[-1]["loss"], "peak_rss_mib": rss,
+                                 "wall_s": round(wall, 1)}
+    live = results["runs"]["live teacher"]["tokens_per_s"]
+    for r in results["runs"].values():
+        r["speedup"] = round(r["tokens_per_s"] / live, 2)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"\nteacher {ratio:.1f}x the student's FLOPs per token; {args.batch} sequences per step; "
+          f"{args.threads} thread(s); {results['date']}; load average before "
+          f"{results['load_before']:.1f}\n")
+    print("| run | tokens/s (median) | vs live | peak RSS | final loss |\n"
+          "| --- | ---: | ---: | ---: | ---: |")
+    for name, r in results["runs"].items():
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['peak_rss_mib']} MiB | "
+              f"{r['final_loss']:.4f} |")
+    if not topk_ok:
+        print("| top-k cache | - (the loss op takes no top-k teacher inputs yet) | | | |")
+    print("\n| cache | build time | positions | bytes per cached token | size |\n"
+          "| --- | ---: | ---: | ---: | ---: |")
+    for mode, c in results["caches"].items():
+        print(f"| {mode} | {c['seconds']:.0f} s | {c['positions']} | {c['bytes_per_token']:.0f} | "
+              f"{c['bytes'] / 2**20:.1f} MiB |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
