@@ -183,13 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The flags, each checked (`validate`); a bad one exits 2 with one line naming it."""
-    parser = build_parser()
+def parse_args(argv=None, parser=None, check=None) -> argparse.Namespace:
+    """The flags, each checked (`check`, default `validate`); a bad one exits 2 with one line
+    naming it. `parser` and `check` let another command with the trainer's flags reuse this."""
+    parser = parser or build_parser()
+    check = check or validate
     args = parser.parse_args(argv)
     args.data = args.data or ["synthetic"]
     try:
-        validate(args)
+        check(args)
     except FlagError as e:
         parser.error(str(e))
     warn_deprecated(args)

@@ -38,8 +38,8 @@ from prada_fast.cli import (  # noqa: E402
     _domains,
     build_parser,
     flag,
-    warn_deprecated,
 )
+from prada_fast.cli import parse_args as cli_parse_args  # noqa: E402
 from prada_fast.data import DataError  # noqa: E402
 from prada_fast.data.loaders import check_spec  # noqa: E402
 from prada_fast.dsconfig import ConfigError, check_with_deepspeed, inference_config, load_ds_config  # noqa: E402
@@ -85,15 +85,7 @@ def build_precompute_parser() -> FlagParser:
 
 
 def parse_args(argv=None):
-    parser = build_precompute_parser()
-    args = parser.parse_args(argv)
-    args.data = args.data or ["synthetic"]
-    try:
-        validate(args)
-    except FlagError as e:
-        parser.error(str(e))
-    warn_deprecated(args)
-    return args
+    return cli_parse_args(argv, build_precompute_parser(), validate)
 
 
 def validate(args) -> None:
