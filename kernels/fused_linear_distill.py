@@ -151,8 +151,8 @@ def _distill_topk_rows_kernel(
     m_in = float("-inf")
     s_in = 0.0
     s_in_tau = 0.0
-    m_q = float("-inf")
-    s_q = 0.0
+    m_q = tl.full([], float("-inf"), tl.float64)  # the teacher's sums in fp64: r_t = 1 - sum p_t is
+    s_q = tl.full([], 0.0, tl.float64)            # tiny when the K hold nearly all the mass
     y_in = 0.0
     z_y_in = 0.0
     for k0 in range(0, n_k, BLOCK_K):
@@ -160,7 +160,7 @@ def _distill_topk_rows_kernel(
         km = ko < K
         ids = tl.load(ids_row + ko * stride_ik, mask=km, other=-1)
         zk = tl.load(zk_row + ko, mask=km, other=float("-inf"))
-        q = tl.load(q_row + ko * stride_qk, mask=km, other=float("-inf")).to(tl.float32)
+        q = tl.load(q_row + ko * stride_qk, mask=km, other=float("-inf")).to(tl.float64)
         m_new = tl.maximum(m_in, tl.max(zk, axis=0))  # finite: a tile holds >= 1 id
         s_in = s_in * tl.exp(m_in - m_new) + tl.sum(tl.exp(zk - m_new), axis=0)
         s_in_tau = (s_in_tau * tl.exp((m_in - m_new) * inv_tau)
@@ -199,7 +199,7 @@ def _distill_topk_rows_kernel(
     lse_tau = tl.where(has_out, _logaddexp(lse_out_tau, lse_in_tau), lse_in_tau)
     # the teacher's tail r_t = -expm1(lse_q), and the student's r_s = exp(lse_out_tau - lse_tau)
     lse_q = tl.where(s_q > 0.0, m_q + tl.log(tl.where(s_q > 0.0, s_q, 1.0)), float("-inf"))
-    r_t = tl.maximum(-_expm1(lse_q), 0.0)
+    r_t = tl.maximum(-_expm1(lse_q), 0.0).to(tl.float32)
     log_r_s = tl.where(has_out, lse_out_tau - lse_tau, 0.0)
     r_s = tl.where(has_out, tl.exp(log_r_s), 0.0)
     tail = tl.where(has_out & (r_t > 0.0), r_t * (tl.log(tl.where(r_t > 0.0, r_t, 1.0)) - log_r_s), 0.0)
@@ -245,8 +245,10 @@ def _distill_topk_rows_kernel(
 
 
 # Interpreter (CPU): 128-wide tiles, so that small test vocabularies walk several tiles and a
-# remainder (the interpreter is slow; shapes there are tiny).
+# remainder (the interpreter is slow; shapes there are tiny); the top-K kernel's ids in tiles of
+# at most 32, so that a test's K walks several too.
 INTERPRETER_CONFIG = dict(BLOCK_V=128, num_warps=4)
+INTERPRETER_BLOCK_K = 32
 
 # GPU: autotuned per (V, teacher or not) over tiles of 1024-8192 ids and 4-16 warps. The row
 # is streamed twice (read z, z_t; then read z, z_t and write dL/dz): memory-bound, so a tile
@@ -269,7 +271,7 @@ _distill_rows_tuned = autotuned(_distill_rows_kernel)
 # The top-K kernel: the same tiles over the vocabulary (two passes, no teacher row: lighter
 # than the teacher kernel's), the K ids in tiles of at most TOPK_BLOCK_K.
 _distill_topk_rows_tuned = autotuned(_distill_topk_rows_kernel, key=("V", "K"))
-TOPK_BLOCK_K = 1024
+TOPK_BLOCK_K = 1024  # K = 1024 ids: 3 fp32/int64 vectors of 8 KiB in one tile (K is 20-100 in practice)
 
 
 def autotuned_choices() -> dict:
@@ -350,7 +352,7 @@ def _topk_rows(z, ids, q, y, scale, ce, kd, tau, alpha, ignore_index, kernel):
     zk = z.gather(1, ids).float()
     z.scatter_(1, ids, float("-inf"))
     gk = torch.empty(C, K, dtype=torch.float32, device=z.device)
-    meta = {"BLOCK_K": min(triton.next_power_of_2(K), TOPK_BLOCK_K)}
+    meta = {"BLOCK_K": min(triton.next_power_of_2(K), TOPK_BLOCK_K if z.is_cuda else INTERPRETER_BLOCK_K)}
     if kernel is None:
         pinned = pinned_config()
         if not z.is_cuda or pinned:

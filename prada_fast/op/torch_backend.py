@@ -99,9 +99,11 @@ def topk_prepare(z, ids, q, y, ignore_index):
 
 
 def teacher_tail(q):
-    """The teacher's tail mass r_t = 1 - sum exp(q) = -expm1(logsumexp(q)) per row,
-    clamped at 0 (rounding may leave sum exp(q) slightly above 1), from (C, K) log-probabilities."""
-    return (-torch.expm1(torch.logsumexp(q, 1))).clamp_min(0)
+    """The teacher's tail mass r_t = 1 - sum exp(q) = -expm1(logsumexp(q)) per row, from (C, K)
+    log-probabilities, clamped at 0 (rounding may leave sum exp(q) slightly above 1). The sum is
+    taken in fp64 (C x K values: cheap): in fp32 its rounding alone is ~1e-7, all of r_t when
+    the K ids hold nearly all the mass."""
+    return (-torch.expm1(torch.logsumexp(q.double(), 1))).clamp_min(0).to(q.dtype)
 
 
 def _topk_rows(z, ids, q, y, scale, tau, a, ignore_index, workspace):
