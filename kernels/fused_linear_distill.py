@@ -117,8 +117,9 @@ def _expm1(x):
 
 @triton.jit
 def _logaddexp(a, b):
-    """log(exp(a) + exp(b)) for b finite, a finite or -inf."""
+    """log(exp(a) + exp(b)), -inf when both are (no -inf - -inf)."""
     m = tl.maximum(a, b)
+    m = tl.where(m == float("-inf"), 0.0, m)
     return m + tl.log(tl.exp(a - m) + tl.exp(b - m))
 
 
@@ -200,7 +201,7 @@ def _distill_topk_rows_kernel(
     # the teacher's tail r_t = -expm1(lse_q), and the student's r_s = exp(lse_out_tau - lse_tau)
     lse_q = tl.where(s_q > 0.0, m_q + tl.log(tl.where(s_q > 0.0, s_q, 1.0)), float("-inf"))
     r_t = tl.maximum(-_expm1(lse_q), 0.0).to(tl.float32)
-    log_r_s = tl.where(has_out, lse_out_tau - lse_tau, 0.0)
+    log_r_s = tl.where(has_out, lse_out_tau - tl.where(has_out, lse_tau, 0.0), 0.0)  # no -inf - -inf
     r_s = tl.where(has_out, tl.exp(log_r_s), 0.0)
     tail = tl.where(has_out & (r_t > 0.0), r_t * (tl.log(tl.where(r_t > 0.0, r_t, 1.0)) - log_r_s), 0.0)
 

@@ -748,3 +748,54 @@ def test_triton_domain_head_packed_matches_torch_domain(dtype, adversary, poison
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6, msg=name)
     assert out[2].shape == (S, H)
+
+
+@pytest.mark.parametrize("V,K", [(100, 1), (100, 100), (300, 45)], ids=["K=1", "K=V", "K=45"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_topk_rows_match_torch_rows(dtype, V, K, poisoned_empty, seed):
+    """The top-K row op, Triton against its PyTorch twin (in fp32 on the same values) and
+    the per-row kd against the float64 reference's: ids in any order and walking several K
+    tiles under the interpreter (tiles of 32), a target inside the K and one outside, a
+    teacher probability of 0 (q = -inf), log-probabilities whose exp sums a little over 1
+    (r_t clamped to 0), ignored rows holding garbage (ids out of range, NaN)."""
+    from prada_fast.op.reference import topk_kd
+
+    g = torch.Generator().manual_seed(seed)
+    C, tau = 9, 1.7
+    z = (torch.randn(C, V, generator=g) * 3).to(dtype)
+    logp = torch.log_softmax(torch.randn(C, V, generator=g, dtype=torch.float64) * 3 / tau, -1)
+    q, ids = logp.topk(K, -1)
+    perm = torch.rand(C, K, generator=g).argsort(-1)
+    ids, q = ids.gather(1, perm), q.gather(1, perm)
+    y = torch.randint(0, V, (C,), generator=g)
+    y[0] = ids[0, K // 2]                  # the target is one of the K
+    if K < V:
+        q[2, 0] = float("-inf")            # a teacher probability of 0
+        q[3] += 1e-6 - torch.logsumexp(q[3], 0)  # sum p_t = 1 + 1e-6: r_t = 0, no NaN
+    y[[1, 4]] = -100
+    ids[1], q[4] = V + 3, float("nan")     # garbage on ignored rows
+    q = q.to(dtype)
+    z, ids, q, y = z.to(DEV), ids.to(DEV), q.to(DEV), y.to(DEV)
+    scale = torch.full((C,), 1 / 7, dtype=torch.float32, device=DEV)
+    opts = dict(temperature=tau, alpha=0.4, ignore_index=-100)
+    z_ref = z.float().clone()
+    ce_r, kd_r = torch_rows(z_ref, None, y, scale, topk=(ids, q.float()), **opts)
+    z_tri = z.clone()
+    ce, kd = triton_rows(z_tri, None, y, scale, topk=(ids, q), **opts)
+    assert ce.dtype == kd.dtype == torch.float32 and z_tri.dtype == dtype
+    assert torch.isfinite(ce).all() and torch.isfinite(kd).all() and torch.isfinite(z_tri).all()
+    torch.testing.assert_close(ce, ce_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kd, kd_r, rtol=1e-5, atol=1e-5)
+    assert (ce[[1, 4]] == 0).all() and (kd[[1, 4]] == 0).all() and (z_tri[[1, 4]] == 0).all()
+    dz_tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(z_tri.float(), z_ref, rtol=dz_tol, atol=1e-7)
+    ok = torch.tensor([i not in (1, 4) for i in range(C)], device=DEV)
+    kd64 = topk_kd(z.double()[ok], ids[ok], q.double()[ok], tau)
+    torch.testing.assert_close(kd[ok].double(), kd64, rtol=1e-5, atol=1e-6)
+    # the KD gradient of the float64 reference, on the same logits
+    zz = z.double()[ok].requires_grad_()
+    (0.6 * (1 / 7) * topk_kd(zz, ids[ok], q.double()[ok], tau).sum()).backward()
+    zc = z.double()[ok].requires_grad_()
+    ce64 = torch.nn.functional.cross_entropy(zc, y[ok], reduction="sum") * 0.4 / 7
+    ce64.backward()
+    assert_close(z_tri[ok], zz.grad + zc.grad, 1e-5 if dtype == torch.float32 else 1e-2, "dL/dz")
