@@ -49,7 +49,7 @@ def topk_kd(z_s: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, tau: float) -
     q = q.detach().to(acc)
     p_t = q.exp()
     log_ps_k = x.gather(1, ids) - lse.unsqueeze(1)
-    inside = torch.where(p_t > 0, p_t * (q - log_ps_k), 0).sum(-1)  # p_t = 0: adds 0, not 0 * -inf
+    inside = torch.where(p_t != 0, p_t * (q - log_ps_k), 0).sum(-1)  # p_t = 0: adds 0, not 0 * -inf
     if ids.shape[1] == x.shape[1]:  # K = V (ids distinct): nothing outside
         return tau**2 * inside
     r_t = (-torch.expm1(torch.logsumexp(q, -1))).clamp_min(0)

@@ -82,7 +82,7 @@ def torch_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=
 
 
 def topk_prepare(z, ids, q, y, ignore_index):
-    """What both backends do before a top-K chunk's passes over the vocabulary: the ids of
+    """Before a top-K chunk's passes over the vocabulary (the Triton launcher does the same): the ids of
     ignored rows replaced by 0..K-1 (they are never read, and may be anything), the student's
     logits at the ids (zk, (C, K)) and at the target (z_y, (C,)) read out, then z set to -inf
     at the ids, so that a pass over z sees the ids outside the K alone. Ignored rows get
@@ -141,7 +141,7 @@ def _topk_rows(z, ids, q, y, scale, tau, a, ignore_index, workspace):
     p_t = q.exp()
     r_t = teacher_tail(q)
     log_ps_k = zk / tau - lse_tau.unsqueeze(1)
-    inside = torch.where(p_t > 0, p_t * (q - log_ps_k), 0).sum(1)
+    inside = torch.where(p_t != 0, p_t * (q - log_ps_k), 0).sum(1)  # p_t = 0 adds 0; NaN stays
     log_r_s = torch.where(has_out, lse_out_tau - lse_tau, 0)
     r_s = torch.where(has_out, log_r_s.exp(), 0)
     tail = torch.where(has_out, torch.special.xlogy(r_t, r_t) - r_t * log_r_s, 0)  # 0 at K = V
