@@ -174,6 +174,7 @@ def _distill_topk_rows_kernel(
         hit = km & (ids == yc)
         y_in += tl.sum(hit.to(tl.float32), axis=0)
         z_y_in += tl.sum(tl.where(hit, zk, 0.0), axis=0)
+    m_in = tl.where(valid, m_in, 0.0)  # ignored rows: finite, unused values below (no log(0))
     # z[y] outside the K is still in z (inside it is -inf there: zk has it)
     z_y = tl.load(z_row + yc * stride_zv, mask=valid & (y_in == 0.0), other=0.0).to(tl.float32)
     z_y = tl.where(y_in > 0.0, z_y_in, z_y)
