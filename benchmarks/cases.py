@@ -42,13 +42,14 @@ class Case:
     T: int
     H: int
     V: int
-    Ht: int = 0            # teacher hidden size; 0: no teacher
+    Ht: int = 0            # teacher hidden size; 0: no teacher (unless topk)
     D: int = 4             # domains; 0: no domain head
     dtype: str = "float32"
     bias: bool = False     # student LM-head bias
     ignore_frac: float = 0.0   # fraction of target rows set to ignore_index
     pool_mask: bool = False    # a random 0/1 pooling mask (else all ones)
     packed: bool = False       # several sequences per row (seq_index; with a pool mask, one empty)
+    topk: int = 0              # K > 0: the teacher as top-K log-probabilities at tau (Ht = 0)
     tau: float = 1.0
     alpha: float = 0.5
     lam: float = 0.7
@@ -59,9 +60,13 @@ class Case:
         return self.B * self.T
 
     @property
+    def has_teacher(self) -> bool:
+        return bool(self.Ht or self.topk)
+
+    @property
     def id(self) -> str:
         s = f"N{self.N}-H{self.H}-V{self.V}"
-        s += f"-Ht{self.Ht}" if self.Ht else "-noteacher"
+        s += f"-Ht{self.Ht}" if self.Ht else (f"-topk{self.topk}" if self.topk else "-noteacher")
         s += "-bf16" if self.dtype == "bfloat16" else ("-fp16" if self.dtype == "float16" else "")
         if self.bias:
             s += "-bias"
@@ -95,7 +100,8 @@ def rows_case(N: int, H: int, V: int, Ht: int, dtype: str = "float32", **kw) -> 
 
 def matmul_flops(case: Case, piece: str) -> float:
     """Nominal FLOPs of the LM-head matrix products of one forward + backward over all N
-    rows: student logits, grad_h and grad_W (3 x 2NHV) plus the teacher's logits (2NH_tV)."""
+    rows: student logits, grad_h and grad_W (3 x 2NHV) plus the teacher's logits (2NH_tV;
+    none for a top-K teacher)."""
     student = 3 * 2.0 * case.N * case.H * case.V
     teacher = 2.0 * case.N * case.Ht * case.V if (case.Ht and piece != "ce") else 0.0
     return student + teacher
@@ -108,7 +114,7 @@ def make_inputs(case: Case, device: str | torch.device = "cpu") -> dict:
     return random_inputs(B=case.B, T=case.T, H=case.H, V=case.V, Ht=case.Ht, D=case.D,
                          dtype=case.dtype, bias=case.bias, ignore_frac=case.ignore_frac,
                          pool_mask=case.pool_mask, seed=case.seed, device=device, packed=case.packed,
-                         empty_pool_row=case.packed and case.pool_mask)
+                         empty_pool_row=case.packed and case.pool_mask, topk=case.topk, tau=case.tau)
 
 
 def clear_grads(x: dict) -> None:
@@ -128,6 +134,8 @@ def _op_kwargs(x: dict, case: Case, *, teacher: bool = True, domain: bool = True
               num_valid_tokens=num_valid_tokens, pool_mask=x.get("pool_mask"))
     if teacher and "teacher_hidden" in x:
         kw.update(teacher_hidden=x["teacher_hidden"], teacher_weight=x["teacher_weight"])
+    if teacher and "teacher_topk_ids" in x:
+        kw.update(teacher_topk_ids=x["teacher_topk_ids"], teacher_topk_logprobs=x["teacher_topk_logprobs"])
     if domain and "domain_weight" in x:
         kw.update(domain_weight=x["domain_weight"], domain_bias=x["domain_bias"],
                   domain_labels=x["domain_labels"], seq_index=x.get("seq_index"))
@@ -175,6 +183,8 @@ def unavailable_reason(impl: str, case: Case, device: str, *, mode: str) -> str 
     dev = torch.device(device).type
     if info.piece in ("task", "kd") and not case.Ht:
         return f"{impl} needs a teacher (hidden states + head)"
+    if info.kind == "peer" and case.topk:
+        return "a top-K teacher (cached log-probabilities): no peer here takes one"
     if impl in TRITON_IMPLS:
         if not _module_available("triton"):
             return "triton is not installed"
@@ -316,22 +326,28 @@ def oracle(x: dict, case: Case, pieces=("task", "dom"), block_elems: int | None 
             _move_grads(out[piece], grads_to)
             continue
         teacher = piece in ("task", "kd")
-        if teacher and "teacher_hidden" not in f64:
+        topk = "teacher_topk_ids" in f64
+        if teacher and "teacher_hidden" not in f64 and not topk:
             continue
         alpha = {"task": case.alpha, "ce": 1.0, "kd": 0.0}[piece]
         h = f64["hidden"].reshape(N, H).detach().requires_grad_()
         w = f64["lm_weight"].detach().requires_grad_()
         b = f64["lm_bias"].detach().requires_grad_() if "lm_bias" in f64 else None
-        u = f64["teacher_hidden"].reshape(N, -1) if teacher else None
+        u = f64["teacher_hidden"].reshape(N, -1) if teacher and not topk else None
+        if teacher and topk:
+            ids, lp = (f64[k].reshape(N, -1) for k in ("teacher_topk_ids", "teacher_topk_logprobs"))
         rows = max(1, block_elems // case.V)
         total = 0.0
         for s in range(0, N, rows):
             e = min(s + rows, N)
-            loss, _ = prada_loss(
-                h[s:e].unsqueeze(0), w, y[s:e].unsqueeze(0), lm_bias=b,
-                teacher_hidden=u[s:e].unsqueeze(0) if teacher else None,
-                teacher_weight=f64["teacher_weight"] if teacher else None,
-                temperature=case.tau, alpha=alpha, num_valid_tokens=n_valid, impl="reference")
+            tk = {}
+            if teacher and topk:
+                tk = dict(teacher_topk_ids=ids[s:e].unsqueeze(0), teacher_topk_logprobs=lp[s:e].unsqueeze(0))
+            elif teacher:
+                tk = dict(teacher_hidden=u[s:e].unsqueeze(0), teacher_weight=f64["teacher_weight"])
+            loss, _ = prada_loss(h[s:e].unsqueeze(0), w, y[s:e].unsqueeze(0), lm_bias=b, **tk,
+                                 temperature=case.tau, alpha=alpha, num_valid_tokens=n_valid,
+                                 impl="reference")
             loss.backward()
             total += loss.item()
         grads = {"hidden": h.grad.reshape(B, T, H), "lm_weight": w.grad}
@@ -368,7 +384,8 @@ def oracle_pieces(case: Case, impls) -> tuple:
     for name in impls:
         p = IMPLS[name].piece
         if p == "full":
-            need.update(["task" if case.Ht else "ce", "dom"] if case.D else ["task" if case.Ht else "ce"])
+            task = "task" if case.has_teacher else "ce"
+            need.update([task, "dom"] if case.D else [task])
         else:
             need.add(p)
     order = ("task", "ce", "kd", "dom")

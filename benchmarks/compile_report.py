@@ -1,4 +1,4 @@
-"""Compile the Triton row kernel for a GPU without having one, and read what the compiler
+"""Compile the Triton row kernels for a GPU without having one, and read what the compiler
 made of each configuration: registers per thread, spills (local memory), shared memory,
 and how wide the global loads are in the machine code. It costs no device time.
 
@@ -10,9 +10,10 @@ The row kernel is specialised as the trainer launches it: contiguous rows (unit 
 stride), pointers, row strides and V divisible by 16 (true for V = 32000, 128256, 151936,
 262144; not for 50257, whose rows then start misaligned). Every configuration the
 autotuner may pick (kernels/fused_linear_distill.GPU_CONFIGS) is compiled, with and
-without a teacher, in bf16 and fp32; so are the domain term's pooling and head kernels
-(kernels/grl_domain_head.py) with the block sizes they get at H = 4096, with and without
-packed rows (seq_index).
+without a teacher, in bf16 and fp32, and so is the top-K teacher's row kernel
+(`_distill_topk_rows_kernel`, K ids in tiles of BLOCK_K = 64: K = 64, a typical cache); so are
+the domain term's pooling and head kernels (kernels/grl_domain_head.py) with the block sizes
+they get at H = 4096, with and without packed rows (seq_index).
 
 What to look for: LOCAL / STACK 0 (no spills); the loads of z and z_t 16 bytes wide
 (LDG.E.128: 8 bf16 or 4 fp32 per thread per load), not 2- or 4-byte ones.
@@ -70,6 +71,23 @@ def compile_row_kernel(fld, *, dtype: str, teacher: bool, block_v: int, num_warp
               "BLOCK_V": block_v}
     aligned = ("z_ptr", "zt_ptr", "y_ptr", "scale_ptr", "ce_ptr", "kd_ptr", "V", "stride_zr", "stride_tr")
     return _compile(fld._distill_rows_kernel, sig, consts, aligned, num_warps=num_warps, arch=arch)
+
+
+def compile_topk_row_kernel(fld, *, dtype: str, block_v: int, block_k: int, num_warps: int, arch: int):
+    """The top-K row kernel as the launcher calls it: contiguous z, fresh contiguous ids, q,
+    zk and gk (their row stride K need not be a multiple of 16)."""
+    ptr = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
+    sig = {"z_ptr": ptr, "ids_ptr": "*i64", "q_ptr": ptr, "zk_ptr": "*fp32", "gk_ptr": "*fp32",
+           "y_ptr": "*i64", "scale_ptr": "*fp32", "ce_ptr": "*fp32", "kd_ptr": "*fp32", "V": "i32",
+           "K": "i32", "stride_zr": "i32", "stride_zv": "constexpr", "stride_ir": "i32",
+           "stride_ik": "constexpr", "stride_qr": "i32", "stride_qk": "constexpr", "stride_y": "constexpr",
+           "stride_s": "constexpr", "inv_tau": "fp32", "tau": "fp32", "alpha": "fp32", "ignore_index": "i32",
+           "BLOCK_V": "constexpr", "BLOCK_K": "constexpr"}
+    consts = {"stride_zv": 1, "stride_ik": 1, "stride_qk": 1, "stride_y": 1, "stride_s": 1,
+              "BLOCK_V": block_v, "BLOCK_K": block_k}
+    aligned = ("z_ptr", "ids_ptr", "q_ptr", "zk_ptr", "gk_ptr", "y_ptr", "scale_ptr", "ce_ptr", "kd_ptr",
+               "V", "stride_zr")
+    return _compile(fld._distill_topk_rows_kernel, sig, consts, aligned, num_warps=num_warps, arch=arch)
 
 
 def compile_domain_kernels(*, dtype: str, H: int, D: int, arch: int, confusion: bool = True) -> dict:
@@ -157,6 +175,12 @@ def report(arch: int = 90) -> list[dict]:
                 rows.append({"kernel": "_distill_rows_kernel", "dtype": dtype, "teacher": teacher,
                              "config": f"BLOCK_V={bv} warps={nw} ({bv // (32 * nw)} ids/thread)",
                              **read_cubin(c.asm["cubin"])})
+        for cfg in fld.GPU_CONFIGS:
+            bv, nw = cfg.kwargs["BLOCK_V"], cfg.num_warps
+            c = compile_topk_row_kernel(fld, dtype=dtype, block_v=bv, block_k=64, num_warps=nw, arch=arch)
+            rows.append({"kernel": "_distill_topk_rows_kernel", "dtype": dtype, "teacher": "top-K",
+                         "config": f"BLOCK_V={bv} BLOCK_K=64 warps={nw} ({bv // (32 * nw)} ids/thread)",
+                         **read_cubin(c.asm["cubin"])})
         for name, (config, c) in compile_domain_kernels(dtype=dtype, H=4096, D=4, arch=arch).items():
             rows.append({"kernel": f"domain {name} (H=4096, D=4)", "dtype": dtype, "teacher": None,
                          "config": config + " warps=4", **read_cubin(c.asm["cubin"])})
@@ -170,7 +194,8 @@ def table(rows: list[dict], arch: int) -> str:
              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         loads = ", ".join(f"{k}: {v}" for k, v in r["loads_by_bits"].items())
-        teacher = "–" if r["teacher"] is None else ("yes" if r["teacher"] else "no")
+        teacher = r["teacher"] if isinstance(r["teacher"], str) else (
+            "–" if r["teacher"] is None else ("yes" if r["teacher"] else "no"))
         lines.append(f"| {r['kernel']} | {r['dtype']} | {teacher} | {r['config']} | {r['reg']} "
                      f"| {r['local']} | {r['stack']} | {r['shared']} | {loads} |")
     return "\n".join(lines)

@@ -30,8 +30,9 @@ ON_GPU = DEVICE.startswith("cuda")
 
 # ----------------------------------------------------------------------------- parity cases
 # Small and odd: N, V, H not multiples of any block, ignored rows, a pooling mask, a bias,
-# tau != 1, bf16, a batch whose every target is ignored (domain term only), and packed rows
-# (seq_index: one sequence in a row, many short ones, -1 positions, an empty pool).
+# tau != 1, bf16, a batch whose every target is ignored (domain term only), packed rows
+# (seq_index: one sequence in a row, many short ones, -1 positions, an empty pool), and the
+# teacher as top-K log-probabilities (a cached teacher).
 PARITY_CASES = [
     Case(B=2, T=37, H=48, V=1001, Ht=40, bias=True, ignore_frac=0.25, pool_mask=True, tau=2.0,
          alpha=0.3, lam=0.7, seed=1),
@@ -41,6 +42,8 @@ PARITY_CASES = [
     Case(B=2, T=17, H=32, V=517, Ht=24, ignore_frac=1.0, pool_mask=True, seed=5),     # all ignored
     Case(B=4, T=23, H=40, V=1003, Ht=32, D=5, bias=True, ignore_frac=0.3, pool_mask=True, packed=True,
          tau=2.0, alpha=0.4, seed=6),                                                   # packed rows
+    Case(B=3, T=19, H=56, V=1501, topk=37, bias=True, ignore_frac=0.2, pool_mask=True, tau=2.0,
+         alpha=0.4, seed=7),                                                            # top-K teacher
 ]
 PARITY_IMPLS = ["reference", "reference_compiled", "chunked", "triton", "liger_jsd_chunked",
                 "liger_jsd", "liger_flce", "cce"]

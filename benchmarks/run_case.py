@@ -275,8 +275,10 @@ def _case_from_args(a) -> Case:
         return Case.from_dict(json.loads(a.case))
     if not (a.N and a.H and a.V):
         raise SystemExit("give --case JSON or --N, --H and --V")
+    if a.topk and a.Ht:
+        raise SystemExit("give the teacher as --Ht (hidden states + head) or as --topk, not both")
     return rows_case(a.N, a.H, a.V, a.Ht, a.dtype, D=a.D, tau=a.tau, alpha=a.alpha,
-                     ignore_frac=a.ignore_frac, bias=a.bias)
+                     ignore_frac=a.ignore_frac, bias=a.bias, topk=a.topk)
 
 
 def main(argv=None) -> int:
@@ -291,6 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--H", type=int)
     p.add_argument("--V", type=int)
     p.add_argument("--Ht", type=int, default=0, help="teacher hidden size (0: no teacher)")
+    p.add_argument("--topk", type=int, default=0,
+                   help="op, oracle: the teacher as its top-K log-probabilities at --tau (with --Ht 0)")
     p.add_argument("--D", type=int, default=4, help="domains (0: no domain head)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--tau", type=float, default=1.0)

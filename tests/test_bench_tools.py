@@ -107,13 +107,17 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     rows = json.loads(out.read_text())
     from prada_kernels.fused_linear_distill import GPU_CONFIGS
     row_kernel = [r for r in rows if r["kernel"] == "_distill_rows_kernel"]
+    topk_kernel = [r for r in rows if r["kernel"] == "_distill_topk_rows_kernel"]
     # domain: pooling and head, unpacked and packed (seq_index), in bf16 and fp32
-    assert len(row_kernel) == 4 * len(GPU_CONFIGS) and len(rows) == len(row_kernel) + 8
+    assert len(row_kernel) == 4 * len(GPU_CONFIGS) and len(topk_kernel) == 2 * len(GPU_CONFIGS)
+    assert len(rows) == len(row_kernel) + len(topk_kernel) + 8
     for r in rows:
         assert r["local"] == 0 and r["stack"] == 0, r  # no spills
         assert 0 < r["reg"] <= 255, r
     for r in row_kernel:
         assert r["loads_by_bits"].get("128", 0) >= (4 if r["teacher"] else 2), r  # z (and z_t), twice
+    for r in topk_kernel:
+        assert r["loads_by_bits"].get("128", 0) >= 2, r  # z, twice
 
 
 def test_run_group_kills_the_whole_group_on_timeout(tmp_path):

@@ -35,18 +35,20 @@ def assert_close(x, ref, tol, what):
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"  # NaN fails too
 
 
-def make_batch(seed, *, B=3, T=13, H=40, V=517, D=3, Ht=56, dtype=torch.float32, teacher="none",
+HYPER = {"temperature": 2.0, "alpha": 0.3, "grl_lambda": 0.7}
+
+
+def make_batch(seed, *, B=3, T=13, H=40, V=517, D=3, Ht=56, K=37, dtype=torch.float32, teacher="none",
                bias=False, domain=False, pool_mask=False, ignore_frac=0.3, packed=False):
     """Random inputs at odd sizes (prada_fast.op.testing.random_inputs) on DEV; with a pool
     mask, the last row's is empty (it pools to 0). packed: several sequences per row
-    (seq_index; one of them with an empty pool mask instead of the last row)."""
+    (seq_index; one of them with an empty pool mask instead of the last row). teacher: "none",
+    "hidden", "logits" or "topk" (K ids per position, log-probabilities at HYPER's temperature)."""
     return random_inputs(B=B, T=T, H=H, V=V, Ht=Ht if teacher == "hidden" else 0,
                          teacher_logits=teacher == "logits", D=D if domain else 0, dtype=dtype,
                          bias=bias, ignore_frac=ignore_frac, pool_mask=pool_mask,
-                         empty_pool_row=pool_mask and B > 2, seed=seed, device=DEV, packed=packed)
-
-
-HYPER = {"temperature": 2.0, "alpha": 0.3, "grl_lambda": 0.7}
+                         empty_pool_row=pool_mask and B > 2, seed=seed, device=DEV, packed=packed,
+                         topk=K if teacher == "topk" else 0, tau=HYPER["temperature"])
 
 
 def run(x, impl, upcast=False, **kw):
@@ -97,7 +99,7 @@ CONFIGS = {  # (lm_bias, domain head, pool mask)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("teacher", ["none", "hidden", "logits"])
+@pytest.mark.parametrize("teacher", ["none", "hidden", "logits", "topk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
 def test_parity_with_reference(impl, dtype, teacher, config, seed):
@@ -105,13 +107,14 @@ def test_parity_with_reference(impl, dtype, teacher, config, seed):
     check_against_reference(x, impl, dtype)
 
 
+@pytest.mark.parametrize("teacher", ["hidden", "topk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
-def test_parity_confusion_adversary(impl, dtype, seed):
+def test_parity_confusion_adversary(impl, dtype, teacher, seed):
     """adversary="confusion": odd sizes, a teacher, a bias, a random pool mask with an empty
     row, against the float64 reference; and the head's gradients equal the GRL run's (the
     head learns from L_dom under either adversary) while hidden's differ."""
-    x = make_batch(seed, dtype=dtype, teacher="hidden", bias=True, domain=True, pool_mask=True, D=5)
+    x = make_batch(seed, dtype=dtype, teacher=teacher, bias=True, domain=True, pool_mask=True, D=5)
     _, _, grads, _ = check_against_reference(x, impl, dtype, adversary="confusion")
     _, _, grads_grl, _ = run(x, impl, adversary="grl")
     for k in ("domain_weight", "domain_bias", "lm_weight"):
@@ -383,6 +386,132 @@ def test_packed_nan_outside_every_sequence_stays_out(impl, seed):
     assert torch.isnan(parts["dom"])
 
 
+# ---------------------------------------------------------------- the top-K teacher
+
+
+def _shuffled(ids, q, seed):
+    """The K ids of each position in a random order (the op must not depend on it)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.rand(ids.shape, generator=g).argsort(-1).to(ids.device)
+    return ids.gather(-1, perm), q.gather(-1, perm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["triton", "chunked", "reference"])
+def test_topk_of_every_id_is_the_full_kd(impl, dtype, seed):
+    """K = V: the top-K path with every id, from the teacher's own logits, gives the full KD
+    of those logits (the float64 reference with teacher_logits), loss, parts and gradients;
+    the reference in float64 on unrounded log-probabilities to 1e-10."""
+    V = 261
+    x = make_batch(seed, V=V, dtype=dtype, teacher="logits", bias=True, domain=True, pool_mask=True)
+    tau = HYPER["temperature"]
+    logp = torch.log_softmax(x["teacher_logits"].double() / tau, -1)
+    ids, q = _shuffled(*reversed(logp.topk(V, -1)), seed)
+    x_k = {k: v for k, v in x.items() if k != "teacher_logits"}
+    loss_f, parts_f, grads_f, _ = run(x, "reference", upcast=True)  # the full KD, float64
+    if impl == "reference":
+        loss, parts, grads, _ = run({**x_k, "teacher_topk_ids": ids, "teacher_topk_logprobs": q},
+                                    "reference", upcast=True)
+        tol = {"loss": 1e-10, "grad": 1e-10}
+    else:
+        loss, parts, grads, _ = run({**x_k, "teacher_topk_ids": ids, "teacher_topk_logprobs": q.to(dtype)},
+                                    impl)
+        tol = {w: tolerance(dtype, w) for w in ("loss", "grad")}
+    assert_close(loss, loss_f, tol["loss"], "loss")
+    assert_close(parts["kd"], parts_f["kd"], tol["loss"], "kd")
+    for k in grads_f:
+        assert_close(grads[k], grads_f[k], tol["grad"], f"grad {k}")
+
+
+def near_full_mass_batch(seed, dtype, r_t=1e-7, B=3, T=11, V=261, K=41):
+    """A batch whose top-K hold nearly all the mass of both distributions: every position's K
+    ids are one set S (in its own order), the teacher's tail r_t = 1 - sum p_t is ~r_t (set in
+    float64 on the rounded log-probabilities, fp32), and the student's bias puts -40 on the ids
+    outside S (not +40 on S: bf16 logits near 40 are 0.25 apart), so its tail r_s is ~1e-8:
+    1 - sum p_s(S) would be 0 or negative in fp32."""
+    x = make_batch(seed, B=B, T=T, V=V, dtype=dtype, bias=True, domain=True, pool_mask=True)
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randperm(V, generator=g)[:K]
+    with torch.no_grad():
+        x["lm_bias"] -= 40.0
+        x["lm_bias"][S] += 40.0
+    perm = torch.rand(B, T, K, generator=g).argsort(-1)
+    ids = S[perm]
+    p = torch.exp(2 * torch.randn(B, T, K, generator=g, dtype=torch.float64))
+    r = r_t * 10 ** (0.6 * torch.rand(B, T, 1, generator=g, dtype=torch.float64) - 0.3)
+    p = p / p.sum(-1, keepdim=True) * (1 - r)
+    q = p.log().to(dtype)
+    if dtype == torch.float32:  # the smallest probability takes up the rounding of the others
+        j = p.argmin(-1, keepdim=True)
+        rest = q.double().exp().sum(-1, keepdim=True) - q.double().gather(-1, j).exp()
+        q.scatter_(-1, j, (1 - r - rest).log().to(dtype))
+    x["teacher_topk_ids"], x["teacher_topk_logprobs"] = ids.to(DEV), q.to(DEV)
+    return x, S
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_topk_holding_nearly_all_the_mass(impl, dtype, seed):
+    """Teacher tail r_t ~ 1e-7 and student tail r_s ~ 1e-8 (near_full_mass_batch): parity with
+    the float64 reference, and (fp32) the KD gradient outside the K ids, which is
+    tau w (r_s - r_t) softmax_out(z / tau) and shows in lm_bias's gradient there, to 1e-3 of
+    its own size: r_t and r_s must come out right, not as what is left of 1 - sum."""
+    x, S = near_full_mass_batch(seed, dtype)
+    q = x["teacher_topk_logprobs"].double()
+    r_t = -torch.expm1(torch.logsumexp(q, -1))
+    if dtype == torch.float32:
+        assert ((r_t > 3e-8) & (r_t < 3e-7)).all(), r_t
+    check_against_reference(x, impl, dtype)
+    if dtype == torch.float32:
+        _, parts, grads, _ = run(x, impl, alpha=0.0)
+        _, parts_r, grads_r, _ = run(x, "reference", upcast=True, alpha=0.0)
+        out = torch.ones(x["lm_bias"].shape[0], dtype=torch.bool)
+        out[S] = False
+        g_out, g_out_r = grads["lm_bias"][out.to(DEV)], grads_r["lm_bias"][out.to(DEV)]
+        assert 0 < g_out_r.abs().max() < 1e-6  # the tail's gradient is there, and tiny
+        assert_close(g_out, g_out_r, 1e-3, "KD gradient outside the K ids")
+        assert_close(parts["kd"], parts_r["kd"], 1e-5, "kd")
+
+
+@pytest.mark.parametrize("adversary", ["grl", "confusion"])
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_topk_packed_rows(impl, adversary, seed):
+    """The top-K teacher with packed rows (seq_index) and several chunks, fp32."""
+    x = make_batch(seed, B=4, V=261, K=19, teacher="topk", bias=True, domain=True, pool_mask=True, D=5,
+                   packed=True)
+    check_against_reference(x, impl, torch.float32, adversary=adversary, chunk_rows=7)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy NaN warnings of the interpreter
+@pytest.mark.parametrize("impl", ["triton", "chunked", "reference"])
+def test_topk_rows_without_target_are_not_read(impl, seed):
+    """Positions whose target is ignored may hold anything in teacher_topk_ids / _logprobs
+    (ids out of range, repeated, NaN log-probabilities): same loss and gradients as clean
+    ones; the teacher's log-probabilities get no gradient; a NaN on a row with a target
+    makes kd NaN."""
+    x = make_batch(seed, teacher="topk", bias=True, domain=True)
+    ign = x["targets"] == -100
+    assert ign.any()
+    x["teacher_topk_logprobs"].requires_grad_(True)
+    loss, parts, grads, args = run(x, impl)
+    assert args["teacher_topk_logprobs"].grad is None
+    dirty = dict(x)
+    dirty["teacher_topk_ids"] = torch.where(ign[..., None], -7, x["teacher_topk_ids"])
+    b0, t0 = ign.nonzero()[0].tolist()
+    dirty["teacher_topk_ids"][b0, t0] = 10**6  # out of range, and K times the same id
+    dirty["teacher_topk_logprobs"] = torch.where(ign[..., None], float("nan"), x["teacher_topk_logprobs"])
+    loss_d, parts_d, grads_d, _ = run(dirty, impl)
+    torch.testing.assert_close(loss_d, loss)
+    for k in grads:
+        torch.testing.assert_close(grads_d[k], grads[k], msg=k)
+    b, t = [int(i) for i in (~ign).nonzero()[0]]
+    nan = dict(x)
+    nan["teacher_topk_logprobs"] = x["teacher_topk_logprobs"].detach().clone()
+    nan["teacher_topk_logprobs"][b, t, 2] = float("nan")
+    _, parts_n, _, _ = run(nan, impl)
+    assert torch.isnan(parts_n["kd"])
+
+
 def test_module_matches_op(seed):
     x = make_batch(seed, teacher="hidden", bias=True, domain=True, pool_mask=True)
     mod = PradaLoss(impl="triton", **{**HYPER, "grl_lambda": 0.2})
@@ -619,3 +748,54 @@ def test_triton_domain_head_packed_matches_torch_domain(dtype, adversary, poison
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6, msg=name)
     assert out[2].shape == (S, H)
+
+
+@pytest.mark.parametrize("V,K", [(100, 1), (100, 100), (300, 45)], ids=["K=1", "K=V", "K=45"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_topk_rows_match_torch_rows(dtype, V, K, poisoned_empty, seed):
+    """The top-K row op, Triton against its PyTorch twin (in fp32 on the same values) and
+    the per-row kd against the float64 reference's: ids in any order and walking several K
+    tiles under the interpreter (tiles of 32), a target inside the K and one outside, a
+    teacher probability of 0 (q = -inf), log-probabilities whose exp sums a little over 1
+    (r_t clamped to 0), ignored rows holding garbage (ids out of range, NaN)."""
+    from prada_fast.op.reference import topk_kd
+
+    g = torch.Generator().manual_seed(seed)
+    C, tau = 9, 1.7
+    z = (torch.randn(C, V, generator=g) * 3).to(dtype)
+    logp = torch.log_softmax(torch.randn(C, V, generator=g, dtype=torch.float64) * 3 / tau, -1)
+    q, ids = logp.topk(K, -1)
+    perm = torch.rand(C, K, generator=g).argsort(-1)
+    ids, q = ids.gather(1, perm), q.gather(1, perm)
+    y = torch.randint(0, V, (C,), generator=g)
+    y[0] = ids[0, K // 2]                  # the target is one of the K
+    if K < V:
+        q[2, 0] = float("-inf")            # a teacher probability of 0
+        q[3] += 1e-6 - torch.logsumexp(q[3], 0)  # sum p_t = 1 + 1e-6: r_t = 0, no NaN
+    y[[1, 4]] = -100
+    ids[1], q[4] = V + 3, float("nan")     # garbage on ignored rows
+    q = q.to(dtype)
+    z, ids, q, y = z.to(DEV), ids.to(DEV), q.to(DEV), y.to(DEV)
+    scale = torch.full((C,), 1 / 7, dtype=torch.float32, device=DEV)
+    opts = dict(temperature=tau, alpha=0.4, ignore_index=-100)
+    z_ref = z.float().clone()
+    ce_r, kd_r = torch_rows(z_ref, None, y, scale, topk=(ids, q.float()), **opts)
+    z_tri = z.clone()
+    ce, kd = triton_rows(z_tri, None, y, scale, topk=(ids, q), **opts)
+    assert ce.dtype == kd.dtype == torch.float32 and z_tri.dtype == dtype
+    assert torch.isfinite(ce).all() and torch.isfinite(kd).all() and torch.isfinite(z_tri).all()
+    torch.testing.assert_close(ce, ce_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kd, kd_r, rtol=1e-5, atol=1e-5)
+    assert (ce[[1, 4]] == 0).all() and (kd[[1, 4]] == 0).all() and (z_tri[[1, 4]] == 0).all()
+    dz_tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(z_tri.float(), z_ref, rtol=dz_tol, atol=1e-7)
+    ok = torch.tensor([i not in (1, 4) for i in range(C)], device=DEV)
+    kd64 = topk_kd(z.double()[ok], ids[ok], q.double()[ok], tau)
+    torch.testing.assert_close(kd[ok].double(), kd64, rtol=1e-5, atol=1e-6)
+    # the KD gradient of the float64 reference, on the same logits
+    zz = z.double()[ok].requires_grad_()
+    (0.6 * (1 / 7) * topk_kd(zz, ids[ok], q.double()[ok], tau).sum()).backward()
+    zc = z.double()[ok].requires_grad_()
+    ce64 = torch.nn.functional.cross_entropy(zc, y[ok], reduction="sum") * 0.4 / 7
+    ce64.backward()
+    assert_close(z_tri[ok], zz.grad + zc.grad, 1e-5 if dtype == torch.float32 else 1e-2, "dL/dz")

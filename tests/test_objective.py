@@ -294,3 +294,148 @@ def test_seq_index_argument_checks():
     a, _ = prada_loss(h, W, y, seq_index=x["seq"], impl="reference")
     b, _ = prada_loss(h, W, y, impl="reference")
     torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------- the teacher as top-K log-probabilities
+def hand_topk_task(h, W, b, y, ids, q, tau, alpha):
+    """L_task with a top-K teacher in float64, token by token, as a KL between two K + 1 bucket
+    distributions: the teacher's (exp(q_1..q_K), r_t = 1 - sum exp(q)) and the student's
+    (p_s^tau at the K ids, r_s = 1 - their sum), times tau^2 (docs/design.md)."""
+    ce_sum = kd_sum = 0.0
+    valid = 0
+    for bi in range(h.shape[0]):
+        for t in range(h.shape[1]):
+            if y[bi, t] == -100:
+                continue
+            valid += 1
+            z = W @ h[bi, t] + b
+            ce_sum = ce_sum + torch.logsumexp(z, 0) - z[y[bi, t]]
+            p_s = torch.softmax(z / tau, 0)[ids[bi, t]]
+            p_t = q[bi, t].exp()
+            P = torch.cat([p_s, (1 - p_s.sum()).reshape(1)])
+            Q = torch.cat([p_t, (1 - p_t.sum()).reshape(1)])
+            kd_sum = kd_sum + tau**2 * (Q * (Q.log() - P.log())).sum()
+    return (alpha * ce_sum + (1 - alpha) * kd_sum) / max(valid, 1)
+
+
+def topk_of(logits, K, tau):
+    """The top-K ids and log-probabilities at tau of teacher logits (B, T, V), float64."""
+    q, ids = torch.log_softmax(logits / tau, -1).topk(K, -1)
+    return ids, q
+
+
+@pytest.mark.parametrize("adversary", ["grl", "confusion"])
+def test_reference_topk_matches_hand_computation(adversary, seed):
+    """The reference's top-K KD against the two-bucket-distribution KL written by hand, loss
+    and gradients (hidden, lm_weight, lm_bias), with a domain head."""
+    x = inputs(seed)
+    tau, alpha, K = 1.7, 0.3, 5
+    ids, q = topk_of(torch.einsum("btk,vk->btv", x["u"], x["Wt"]), K, tau)
+    leaves = {k: x[k].clone().requires_grad_() for k in ("h", "W", "b")}
+    loss, parts = prada_loss(leaves["h"], leaves["W"], x["y"], lm_bias=leaves["b"], teacher_topk_ids=ids,
+                             teacher_topk_logprobs=q, temperature=tau, alpha=alpha, pool_mask=x["m"],
+                             domain_weight=x["Wd"], domain_bias=x["bd"], domain_labels=x["d"],
+                             adversary=adversary, impl="reference")
+    _, parts_no_dom = prada_loss(x["h"], x["W"], x["y"], lm_bias=x["b"], teacher_topk_ids=ids,
+                                 teacher_topk_logprobs=q, temperature=tau, alpha=alpha, impl="reference")
+    hand = {k: x[k].clone().requires_grad_() for k in ("h", "W", "b")}
+    task = hand_topk_task(hand["h"], hand["W"], hand["b"], x["y"], ids, q, tau, alpha)
+    torch.testing.assert_close(loss.detach() - parts["dom"], task.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(parts["kd"], parts_no_dom["kd"])
+    assert torch.isfinite(parts["kd"]) and parts["kd"] > 0
+    task.backward()
+    h_no_dom = x["h"].clone().requires_grad_()
+    W2, b2 = x["W"].clone().requires_grad_(), x["b"].clone().requires_grad_()
+    l2, _ = prada_loss(h_no_dom, W2, x["y"], lm_bias=b2, teacher_topk_ids=ids, teacher_topk_logprobs=q,
+                       temperature=tau, alpha=alpha, impl="reference")
+    l2.backward()
+    torch.testing.assert_close(h_no_dom.grad, hand["h"].grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(W2.grad, hand["W"].grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b2.grad, hand["b"].grad, rtol=1e-10, atol=1e-12)
+    loss.backward()  # with the domain term: W and b see the task term alone
+    torch.testing.assert_close(leaves["W"].grad, hand["W"].grad, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_topk_bounds_and_limits(seed):
+    """K = V is the full KD (ids in any order); a smaller K gives at most the full KD (the
+    buckets merge ids: KL can only shrink), and more ids give more of it."""
+    x = inputs(seed)
+    tau = 2.0
+    z_t = torch.einsum("btk,vk->btv", x["u"], x["Wt"])
+    common = dict(temperature=tau, alpha=0.0, impl="reference")
+    _, full = prada_loss(x["h"], x["W"], x["y"], teacher_logits=z_t, **common)
+    ids, q = topk_of(z_t, V, tau)
+    perm = torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed)).argsort(-1)
+    _, every = prada_loss(x["h"], x["W"], x["y"], teacher_topk_ids=ids.gather(-1, perm),
+                          teacher_topk_logprobs=q.gather(-1, perm), **common)
+    torch.testing.assert_close(every["kd"], full["kd"], rtol=1e-12, atol=1e-12)
+    kds = [prada_loss(x["h"], x["W"], x["y"], teacher_topk_ids=ids[..., :k], teacher_topk_logprobs=q[..., :k],
+                      **common)[1]["kd"] for k in (1, 4, 11, V - 1)]
+    assert all(a <= b + 1e-12 for a, b in zip(kds, kds[1:] + [full["kd"]])), kds
+
+
+def test_reference_topk_tail_of_1e7(seed):
+    """A top-K holding all but r_t ~ 1e-7 of the teacher's mass, and a student whose tail is
+    ~1e-10: the float64 reference equals the hand KL of the two bucket distributions (whose
+    1 - sum is exact enough in float64), and so does its float32 run to 1e-6. The student's
+    logits are given directly: hidden = z with an identity head (H = V)."""
+    y = inputs(seed)["y"]
+    tau, K = 1.0, 6
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(B * T)]).reshape(B, T, K)
+    p = torch.rand(B, T, K, generator=g, dtype=torch.float64) + 0.1
+    r_t = 1e-7 * (1 + torch.rand(B, T, 1, generator=g, dtype=torch.float64))
+    q = (p / p.sum(-1, keepdim=True) * (1 - r_t)).log()
+    z = torch.randn(B, T, V, generator=g, dtype=torch.float64) - 25.0  # -25 outside the K ids
+    z.scatter_add_(2, ids, torch.full(ids.shape, 25.0, dtype=torch.float64))
+    W = torch.eye(V, dtype=torch.float64)
+    kw = dict(teacher_topk_ids=ids, temperature=tau, alpha=0.0, impl="reference")
+    loss, _ = prada_loss(z, W, y, teacher_topk_logprobs=q, **kw)
+    task = hand_topk_task(z, W, torch.zeros(V, dtype=torch.float64), y, ids, q, tau, 0.0)
+    torch.testing.assert_close(loss, task, rtol=1e-9, atol=0)
+    loss32, _ = prada_loss(z.float(), W.float(), y, teacher_topk_logprobs=q.float(), **kw)
+    assert abs(loss32.item() - task.item()) <= 1e-6 * task.item()
+
+
+def test_topk_argument_checks():
+    x = inputs(5)
+    h, W, y = x["h"], x["W"], x["y"]
+    ids, q = topk_of(torch.randn(B, T, V, dtype=torch.float64), 4, 1.0)
+    with pytest.raises(ValueError, match="go together"):
+        prada_loss(h, W, y, teacher_topk_ids=ids)
+    with pytest.raises(ValueError, match="go together"):
+        prada_loss(h, W, y, teacher_topk_logprobs=q)
+    with pytest.raises(ValueError, match="in one form"):
+        prada_loss(h, W, y, teacher_topk_ids=ids, teacher_topk_logprobs=q, teacher_hidden=x["u"],
+                   teacher_weight=x["Wt"])
+    with pytest.raises(ValueError, match="in one form"):
+        prada_loss(h, W, y, teacher_topk_ids=ids, teacher_topk_logprobs=q,
+                   teacher_logits=torch.zeros(B, T, V, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"teacher_topk_ids must be \(3, 7, K\)"):
+        prada_loss(h, W, y, teacher_topk_ids=ids[:, :, 0], teacher_topk_logprobs=q)
+    with pytest.raises(ValueError, match=r"teacher_topk_logprobs must be \(3, 7, 4\)"):
+        prada_loss(h, W, y, teacher_topk_ids=ids, teacher_topk_logprobs=q[..., :3])
+    with pytest.raises(ValueError, match="int64"):
+        prada_loss(h, W, y, teacher_topk_ids=ids.int(), teacher_topk_logprobs=q)
+    with pytest.raises(ValueError, match="floating point"):
+        prada_loss(h, W, y, teacher_topk_ids=ids, teacher_topk_logprobs=ids)
+    wide = torch.arange(V + 1).expand(B, T, V + 1)
+    with pytest.raises(ValueError, match=r"K = 24 ids per position, expected 1 <= K <= V = 23"):
+        prada_loss(h, W, y, teacher_topk_ids=wide, teacher_topk_logprobs=wide.double())
+    with pytest.raises(ValueError, match="K = 0"):
+        prada_loss(h, W, y, teacher_topk_ids=ids[..., :0], teacher_topk_logprobs=q[..., :0])
+    b, t = (y != -100).nonzero()[0].tolist()
+    for bad, what in ((V, r"\[0, 23\)"), (-1, r"\[0, 23\)")):
+        ids_bad = ids.clone()
+        ids_bad[b, t, 1] = bad
+        with pytest.raises(ValueError, match=what):
+            prada_loss(h, W, y, teacher_topk_ids=ids_bad, teacher_topk_logprobs=q)
+    ids_dup = ids.clone()
+    ids_dup[b, t, 2] = ids_dup[b, t, 0]
+    with pytest.raises(ValueError, match="distinct"):
+        prada_loss(h, W, y, teacher_topk_ids=ids_dup, teacher_topk_logprobs=q)
+    # rows without a target are not read: anything goes there
+    junk = torch.where((y == -100)[..., None], -5, ids)
+    loss, parts = prada_loss(h, W, y, teacher_topk_ids=junk, teacher_topk_logprobs=q, impl="reference")
+    ref, _ = prada_loss(h, W, y, teacher_topk_ids=ids, teacher_topk_logprobs=q, impl="reference")
+    torch.testing.assert_close(loss, ref)

@@ -59,8 +59,11 @@ def prada_loss(hidden, lm_weight, targets, *, impl="auto", **options):
     next-token ids (ignore_index: no loss). The keyword arguments are the fields of
     `LossOptions` (see its source for shapes and defaults):
     lm_bias (V,); the teacher, frozen, as teacher_hidden (B, T, H_t) with teacher_weight
-    (V, H_t), or as teacher_logits (B, T, V); temperature; alpha (taken as 1 without a
-    teacher); ignore_index; num_valid_tokens (the normaliser n; default: the valid targets
+    (V, H_t), or as teacher_logits (B, T, V), or as teacher_topk_ids (B, T, K) int64 with
+    teacher_topk_logprobs (B, T, K), its top-K ids and their log-probabilities at
+    `temperature` (a cached teacher: the KD over the K ids plus one bucket for the rest, no
+    teacher product; rows without a target are not read); temperature; alpha (taken as 1
+    without a teacher); ignore_index; num_valid_tokens (the normaliser n; default: the valid targets
     counted); pool_mask (B, T); domain_weight (D, H) [+ domain_bias (D,)] with domain_labels
     (B,) add the domain term, whose gradient into `hidden` is multiplied by -grl_lambda
     (gradient reversal); seq_index (B, T) int64, packed rows: each position's sequence in
@@ -93,7 +96,8 @@ class PradaLoss(nn.Module):
 
     Shape:
         - hidden: (B, T, H); lm_weight: (V, H); targets: (B, T) int64
-        - keyword tensors as in `prada_loss` (teacher_hidden (B, T, H_t), domain_labels (B,), ...)
+        - keyword tensors as in `prada_loss` (teacher_hidden (B, T, H_t), teacher_topk_ids (B, T, K),
+          domain_labels (B,), ...)
         - output: (loss, parts), loss a 0-dim tensor
 
     Example::

@@ -20,13 +20,18 @@ an fp32 accumulator of W_s's size beyond that (the error grows as sqrt(chunks)).
 
 A backend (`RowBackend`) gives the driver a row op, a domain op, the dtype of the matrix
 products and the rule for the rows per chunk. A row op has the signature
-    rows_fn(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace) -> (ce_i, kd_i)
+    rows_fn(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace, topk=None)
+        -> (ce_i, kd_i)
 z (C, V) student logits, overwritten in place with
     dL/dz = scale_i * (alpha * (softmax(z) - onehot(y))
                        + (1 - alpha) * tau * (softmax(z/tau) - softmax(z_t/tau)))
 (zero on ignored rows); z_t (C, V) teacher logits (scratch: the op may overwrite them) or
 None; y (C,) targets; workspace: a dict kept across the chunks of one call; scale (C,) fp32 =
 1/n on every row (the op masks ignored rows itself). ce_i, kd_i: (C,) fp32, 0 on ignored rows.
+topk = (ids (C, K) int64, logprobs (C, K)): the teacher as top-K log-probabilities at tau
+(z_t is None); then p_t above is p_t on the K ids and r_t * softmax(z / tau) restricted to the
+ids outside the K and renormalised there (the tail, r_t = 1 - sum exp(logprobs)). This path
+has no teacher product and no teacher buffer: three N x V x H products instead of four.
 
 A domain op has the signature
     domain_fn(hidden, mask, weight, bias, labels, grl_lambda, adversary, seq_index=None)
@@ -58,7 +63,8 @@ class RowBackend:
 
     rows: the row op; domain: the domain op; compute_dtype(input dtype) -> dtype of the
     matrix products; chunk_rows(n_rows, vocab, hidden, has_teacher) -> rows per chunk when
-    the caller gives none."""
+    the caller gives none (has_teacher: a teacher logit buffer per chunk, i.e. a teacher given
+    as hidden states or logits; a top-K teacher needs none)."""
 
     name: str
     rows: Callable
@@ -140,6 +146,7 @@ def loss_and_grads(hidden, lm_weight, targets, opts: LossOptions, backend: RowBa
     need_h, need_w, need_b, need_dw, need_db = needs_grad
     lm_bias, pool_mask, ignore_index = opts.lm_bias, opts.pool_mask, opts.ignore_index
     teacher_hidden, teacher_logits = opts.teacher_hidden, opts.teacher_logits
+    topk_ids, topk_lp = opts.teacher_topk_ids, opts.teacher_topk_logprobs
     domain_weight, domain_bias = opts.domain_weight, opts.domain_bias
     need_b = need_b and lm_bias is not None
 
@@ -150,6 +157,8 @@ def loss_and_grads(hidden, lm_weight, targets, opts: LossOptions, backend: RowBa
     u = teacher_hidden.reshape(N, -1) if teacher_hidden is not None else None
     wt = opts.teacher_weight.to(cdt) if teacher_hidden is not None else None
     zt_all = teacher_logits.reshape(N, V) if teacher_logits is not None else None
+    if topk_ids is not None:
+        topk_ids, topk_lp = topk_ids.reshape(N, -1), topk_lp.reshape(N, -1)
 
     n_tokens = (y != ignore_index).sum()
     n = n_tokens if opts.num_valid_tokens is None else torch.as_tensor(opts.num_valid_tokens, device=dev)
@@ -178,7 +187,7 @@ def loss_and_grads(hidden, lm_weight, targets, opts: LossOptions, backend: RowBa
     valid_rows = (y != ignore_index).nonzero().squeeze(1)
     all_valid = valid_rows.numel() == N
     M = valid_rows.numel()
-    C = opts.chunk_rows or backend.chunk_rows(M, V, hidden, opts.has_teacher)
+    C = opts.chunk_rows or backend.chunk_rows(M, V, hidden, opts.has_dense_teacher)
     few_chunks = -(-M // C) <= LOW_PRECISION_GRAD_W_CHUNKS
     gw_dtype = cdt if (cdt == lm_weight.dtype and few_chunks) else acc
     grad_w = torch.zeros(V, H, dtype=gw_dtype, device=dev) if need_w else None
@@ -202,8 +211,10 @@ def loss_and_grads(hidden, lm_weight, targets, opts: LossOptions, backend: RowBa
             z_t = torch.mm(u[r].to(cdt), wt.t(), out=ztbuf[: e - s])
         elif zt_all is not None:  # the row op may overwrite z_t: never hand it the caller's logits
             z_t = zt_all[r].to(cdt, copy=True) if all_valid else zt_all[r].to(cdt)
+        topk = None if topk_ids is None else (topk_ids[r], topk_lp[r])  # (C, K): small copies
         ce_i, kd_i = backend.rows(z, z_t, y[r], inv_n.expand(e - s), temperature=opts.temperature,
-                                  alpha=opts.alpha, ignore_index=ignore_index, workspace=workspace)
+                                  alpha=opts.alpha, ignore_index=ignore_index, workspace=workspace,
+                                  topk=topk)
         ce_sum += ce_i.sum()
         kd_sum += kd_i.sum()
         del z_t

@@ -33,7 +33,9 @@ class LossOptions:
     lm_bias: Tensor | None = None            # (V,) student LM head bias
     teacher_hidden: Tensor | None = None     # (B, T, H_t) } the frozen teacher: hidden states
     teacher_weight: Tensor | None = None     # (V, H_t)    } and head weight,
-    teacher_logits: Tensor | None = None     # (B, T, V)   } or its logits
+    teacher_logits: Tensor | None = None     # (B, T, V)   } or its logits,
+    teacher_topk_ids: Tensor | None = None   # (B, T, K) int64 } or its top-K ids and their
+    teacher_topk_logprobs: Tensor | None = None  # (B, T, K) } log-probabilities at temperature
     temperature: float = 1.0                 # distillation temperature tau > 0
     alpha: float = 0.5                       # weight of hard CE vs KD (1 without a teacher)
     ignore_index: int = -100                 # target id that means "no loss here"
@@ -49,7 +51,17 @@ class LossOptions:
 
     @property
     def has_teacher(self) -> bool:
+        """A teacher in any form (hidden states + head, logits, or top-k)."""
+        return self.has_dense_teacher or self.has_topk_teacher
+
+    @property
+    def has_dense_teacher(self) -> bool:
+        """A teacher whose logits the op computes or reads (a V-wide teacher row per token)."""
         return self.teacher_logits is not None or self.teacher_hidden is not None
+
+    @property
+    def has_topk_teacher(self) -> bool:
+        return self.teacher_topk_ids is not None or self.teacher_topk_logprobs is not None
 
     @property
     def has_domain(self) -> bool:
@@ -84,6 +96,8 @@ class LossOptions:
             _check(tuple(tw.shape) == (V, th.shape[2]),
                    f"teacher_weight must be ({V}, {th.shape[2]}) (same vocabulary as the "
                    f"student), got {tuple(tw.shape)}")
+        if self.has_topk_teacher:
+            _check_topk(self, targets, V)
         _check(float(self.temperature) > 0, f"temperature must be > 0, got {self.temperature}")
         alpha = float(self.alpha) if self.has_teacher else 1.0
         _check(0.0 <= alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
@@ -112,6 +126,40 @@ class LossOptions:
                f"chunk_rows must be >= 1, got {self.chunk_rows}")
         return replace(self, temperature=float(self.temperature), alpha=alpha, pool_mask=pool_mask,
                        grl_lambda=float(self.grl_lambda))
+
+
+def _check_topk(o: LossOptions, targets: Tensor, V: int) -> None:
+    """teacher_topk_ids / teacher_topk_logprobs: given together, alone (no other teacher form),
+    (B, T, K) with 1 <= K <= V, int64 ids and floating log-probabilities. On the rows with a
+    target the ids must be in [0, V) and distinct within a row (one small reduction and a host
+    sync); rows whose target is ignore_index are never read."""
+    ids, lp = o.teacher_topk_ids, o.teacher_topk_logprobs
+    _check(ids is not None and lp is not None,
+           "teacher_topk_ids and teacher_topk_logprobs go together (give both or neither)")
+    _check(not o.has_dense_teacher,
+           "give the teacher in one form: teacher_topk_ids + teacher_topk_logprobs, or "
+           "teacher_hidden + teacher_weight, or teacher_logits, not several")
+    B, T = targets.shape
+    _check(torch.is_tensor(ids) and ids.dim() == 3 and tuple(ids.shape[:2]) == (B, T),
+           f"teacher_topk_ids must be ({B}, {T}, K), got "
+           f"{tuple(ids.shape) if torch.is_tensor(ids) else type(ids)}")
+    K = ids.shape[2]
+    _check(torch.is_tensor(lp) and tuple(lp.shape) == (B, T, K),
+           f"teacher_topk_logprobs must be ({B}, {T}, {K}) like teacher_topk_ids, got "
+           f"{tuple(lp.shape) if torch.is_tensor(lp) else type(lp)}")
+    _check(ids.dtype == torch.int64, f"teacher_topk_ids must be int64, got {ids.dtype}")
+    _check(lp.is_floating_point(), f"teacher_topk_logprobs must be floating point, got {lp.dtype}")
+    _check(1 <= K <= V, f"teacher_topk_ids: K = {K} ids per position, expected 1 <= K <= V = {V}")
+    rows = ids[targets != o.ignore_index]  # (M, K): only these are read
+    if rows.numel() == 0:
+        return
+    srt = rows.sort(1).values
+    dup = (srt[:, 1:] == srt[:, :-1]).any() if K > 1 else srt.new_zeros((), dtype=torch.bool)
+    lo, hi, d = (int(v) for v in torch.stack([srt[:, 0].min(), srt[:, -1].max(), dup.long()]).tolist())
+    _check(lo >= 0 and hi < V, f"teacher_topk_ids values must be in [0, {V}) on the rows with a "
+                               f"target, got values in [{lo}, {hi}]")
+    _check(not d, "teacher_topk_ids must be distinct within each position's K ids (a repeated id "
+                  "would count its probability twice)")
 
 
 def _check_seq_index(seq: Tensor, B: int, T: int, labels: Tensor | None) -> None:

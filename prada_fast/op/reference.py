@@ -33,6 +33,31 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tenso
     return (total / count.clamp_min(1).unsqueeze(-1)).to(hidden.dtype)
 
 
+def topk_kd(z_s: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-row KD from a top-K teacher (docs/design.md), differentiable in the student logits.
+
+    z_s (M, V) student logits; ids (M, K) distinct teacher ids; q (M, K) the teacher's
+    log-probabilities at tau of those ids. With p_t = exp(q), the teacher's tail mass
+    r_t = 1 - sum p_t = -expm1(logsumexp(q)) (clamped at 0: rounding may leave sum p_t > 1),
+    p_s = softmax(z_s / tau) and r_s its mass outside the ids:
+        kd = tau^2 * [sum_j p_t,j (q_j - log p_s(ids_j)) + r_t (log r_t - log r_s)]
+    log r_s is a log-sum-exp over the ids outside the K minus the full one (no 1 - sum). At
+    K = V there is no id outside and the tail term is 0, whatever rounding leaves in r_t."""
+    acc = z_s.dtype
+    x = z_s / tau
+    lse = torch.logsumexp(x, -1)
+    q = q.detach().to(acc)
+    p_t = q.exp()
+    log_ps_k = x.gather(1, ids) - lse.unsqueeze(1)
+    inside = torch.where(p_t != 0, p_t * (q - log_ps_k), 0).sum(-1)  # p_t = 0: adds 0, not 0 * -inf
+    if ids.shape[1] == x.shape[1]:  # K = V (ids distinct): nothing outside
+        return tau**2 * inside
+    r_t = (-torch.expm1(torch.logsumexp(q, -1))).clamp_min(0)
+    log_r_s = torch.logsumexp(x.scatter(1, ids, float("-inf")), -1) - lse
+    tail = torch.special.xlogy(r_t, r_t) - r_t * log_r_s
+    return tau**2 * (inside + tail)
+
+
 def reference_prada_loss(hidden, lm_weight, targets, o: LossOptions):
     """(loss, parts) of the objective; `o` is checked (prada_loss does it)."""
     acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for the oracle
@@ -48,7 +73,12 @@ def reference_prada_loss(hidden, lm_weight, targets, o: LossOptions):
     ce_i = torch.logsumexp(z_s, -1) - z_s.gather(1, y.clamp_min(0).unsqueeze(1)).squeeze(1)
     ce = torch.where(valid, ce_i, 0).sum() / n
 
-    if o.has_teacher:
+    if o.has_topk_teacher:
+        kd_i = topk_kd(z_s[valid], o.teacher_topk_ids.reshape(-1, o.teacher_topk_ids.shape[-1])[valid],
+                       o.teacher_topk_logprobs.reshape(-1, o.teacher_topk_ids.shape[-1])[valid],
+                       o.temperature)
+        kd = kd_i.sum() / n
+    elif o.has_teacher:
         if o.teacher_logits is None:
             z_t = F.linear(o.teacher_hidden.reshape(-1, o.teacher_hidden.shape[-1]), o.teacher_weight)
         else:

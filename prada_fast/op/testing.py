@@ -47,11 +47,13 @@ def random_inputs(*, B: int, T: int, H: int, V: int, Ht: int = 0, D: int = 0,
                   dtype: str | torch.dtype = "float32", bias: bool = False,
                   teacher_logits: bool = False, ignore_frac: float = 0.0, pool_mask: bool = False,
                   empty_pool_row: bool = False, seed: int = 0, device="cpu",
-                  packed: bool = False) -> dict:
+                  packed: bool = False, topk: int = 0, tau: float = 1.0) -> dict:
     """Random arguments of `prada_loss` as a dict of leaves (those with a gradient require
     grad), a deterministic function of the arguments and the device type.
 
-    Ht > 0: the teacher as hidden states + head weight; teacher_logits: as logits. D > 0: a
+    Ht > 0: the teacher as hidden states + head weight; teacher_logits: as logits; topk = K > 0:
+    as the top-K log-probabilities at temperature `tau` of random logits (teacher_topk_ids,
+    teacher_topk_logprobs, the latter in `dtype`; ids in descending order of probability). D > 0: a
     linear domain head with labels. ignore_frac: the fraction of targets set to -100.
     pool_mask: a random 0/1 mask (position 0 kept); empty_pool_row: the last row's mask
     all 0 (it pools to 0). packed: several sequences per row (`packed_seq_index`), with
@@ -79,6 +81,11 @@ def random_inputs(*, B: int, T: int, H: int, V: int, Ht: int = 0, D: int = 0,
         x["teacher_weight"] = randn(V, Ht, scale=2 / math.sqrt(Ht))
     if teacher_logits:
         x["teacher_logits"] = randn(B, T, V, scale=2.0)
+    if topk:
+        logp = torch.log_softmax(torch.randn(B, T, V, generator=g, device=device, dtype=torch.float64)
+                                 * (2.0 / tau), -1)
+        q, ids = logp.topk(topk, -1)
+        x["teacher_topk_ids"], x["teacher_topk_logprobs"] = ids, q.to(dt)
     if D:
         x["domain_weight"] = randn(D, H, scale=1 / math.sqrt(H))
         x["domain_bias"] = randn(D, scale=0.5)

@@ -27,11 +27,15 @@ def _scratch(workspace: dict | None, name: str, like: torch.Tensor) -> torch.Ten
     return buf[: like.shape[0]]
 
 
-def torch_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=None):
+def torch_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=None, topk=None):
     """Per-row ce and kd of one chunk; overwrites z with dL/dz and uses z_t as scratch (see
     prada_fast.op.driver). Every pass over the chunk is in place or into a reused buffer:
     shifted logits, their exponentials, and row sums; the softmaxes are never normalised
-    as tensors, their normalisers are folded into the final scaling of the gradient."""
+    as tensors, their normalisers are folded into the final scaling of the gradient.
+    topk = (ids, logprobs), (C, K) each: the teacher as top-K log-probabilities (z_t is None)."""
+    if topk is not None:
+        return _topk_rows(z, topk[0], topk[1], y, scale, float(temperature), float(alpha),
+                          ignore_index, workspace)
     valid = y != ignore_index
     yc = torch.where(valid, y, 0).unsqueeze(1)
     w = torch.where(valid, scale, 0).to(z.dtype)  # 0 on ignored rows
@@ -74,6 +78,89 @@ def torch_rows(z, z_t, y, scale, *, temperature, alpha, ignore_index, workspace=
         z.addcmul_(e_s, (g / s_tau).unsqueeze(1))
         z.addcmul_(e_t, (g / s_t).unsqueeze(1), value=-1.0)
     z.scatter_add_(1, yc, (-a * w).unsqueeze(1))  # - alpha * w * onehot(y)
+    return ce, kd
+
+
+def topk_prepare(z, ids, q, y, ignore_index):
+    """Before a top-K chunk's passes over the vocabulary (the Triton launcher does the same): the ids of
+    ignored rows replaced by 0..K-1 (they are never read, and may be anything), the student's
+    logits at the ids (zk, (C, K)) and at the target (z_y, (C,)) read out, then z set to -inf
+    at the ids, so that a pass over z sees the ids outside the K alone. Ignored rows get
+    q = 0 (finite; their loss and gradient are 0 anyway). Returns (ids, q in fp32 or fp64, zk,
+    z_y), zk and z_y in z's dtype."""
+    valid = y != ignore_index
+    K = ids.shape[1]
+    ids = torch.where(valid.unsqueeze(1), ids, torch.arange(K, device=ids.device))
+    q = torch.where(valid.unsqueeze(1), q.to(torch.promote_types(z.dtype, torch.float32)), 0)
+    zk = z.gather(1, ids)
+    z_y = z.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
+    z.scatter_(1, ids, float("-inf"))
+    return ids, q, zk, z_y
+
+
+def teacher_tail(q):
+    """The teacher's tail mass r_t = 1 - sum exp(q) = -expm1(logsumexp(q)) per row, from (C, K)
+    log-probabilities, clamped at 0 (rounding may leave sum exp(q) slightly above 1). The sum is
+    taken in fp64 (C x K values: cheap): in fp32 its rounding alone is ~1e-7, all of r_t when
+    the K ids hold nearly all the mass."""
+    return (-torch.expm1(torch.logsumexp(q.double(), 1))).clamp_min(0).to(q.dtype)
+
+
+def _topk_rows(z, ids, q, y, scale, tau, a, ignore_index, workspace):
+    """The row op with a top-K teacher (docs/design.md): the teacher's distribution is its K
+    probabilities p_t,j = exp(q_j) plus the tail r_t on the ids outside the K, and
+        dL/dz = w * (alpha * (softmax(z) - onehot(y)) + (1 - alpha) * tau * (softmax(z / tau) - t))
+    with t = p_t on the K ids and t = r_t * softmax_out(z / tau) outside them (the tail spread
+    like the student's own distribution there); outside, the KD part is then
+    (r_s - r_t) * softmax_out(z / tau). The sums over the ids outside the K are taken with
+    their own max (z is -inf at the ids), so r_s = exp(lse_out - lse) never comes from 1 - sum."""
+    valid = y != ignore_index
+    w = torch.where(valid, scale, 0).to(z.dtype)
+    ids, q, zk, z_y = topk_prepare(z, ids, q, y, ignore_index)
+    acc = q.dtype
+    zk = zk.to(acc)
+    # outside the K: max, then sum-exp at tau and at 1 (z is -inf at the ids; no id outside
+    # at K = V: m_out = -inf, shift by 0 and the sums are 0)
+    m_out = z.amax(1)
+    has_out = torch.isfinite(m_out)
+    z.sub_(torch.where(has_out, m_out, 0).unsqueeze(1))
+    if tau != 1.0:
+        e_s = torch.mul(z, 1.0 / tau, out=_scratch(workspace, "e_s", z)).exp_()
+        s_out_tau = e_s.sum(1, dtype=acc)
+    z.exp_()
+    s_out = z.sum(1, dtype=acc)
+    if tau == 1.0:
+        e_s, s_out_tau = z, s_out
+    m_o = torch.where(has_out, m_out.to(acc), 0)
+    lse_out = torch.where(has_out, m_o + s_out.log(), float("-inf"))
+    lse_out_tau = torch.where(has_out, m_o / tau + s_out_tau.log(), float("-inf"))
+    lse = torch.logaddexp(lse_out, torch.logsumexp(zk, 1))
+    lse_tau = torch.logaddexp(lse_out_tau, torch.logsumexp(zk / tau, 1))
+    ce = torch.where(valid, lse - z_y.to(acc), 0)
+    # teacher: p_t on the K ids, r_t outside
+    p_t = q.exp()
+    r_t = teacher_tail(q)
+    log_ps_k = zk / tau - lse_tau.unsqueeze(1)
+    inside = torch.where(p_t != 0, p_t * (q - log_ps_k), 0).sum(1)  # p_t = 0 adds 0; NaN stays
+    log_r_s = torch.where(has_out, lse_out_tau - lse_tau, 0)
+    r_s = torch.where(has_out, log_r_s.exp(), 0)
+    tail = torch.where(has_out, torch.special.xlogy(r_t, r_t) - r_t * log_r_s, 0)  # 0 at K = V
+    kd = torch.where(valid, tau * tau * (inside + tail), 0)
+    # dL/dz outside the K: alpha * w * softmax(z), plus (1 - alpha) tau w (r_s - r_t) softmax_out(z / tau)
+    g = (1 - a) * tau * w.to(acc)
+    c_ce = a * w.to(acc) * torch.where(has_out, (m_o - lse).exp(), 0)  # z now holds exp(z - m_out)
+    c_kd = torch.where(has_out, g * (r_s - r_t) / torch.where(has_out, s_out_tau, 1), 0)
+    if tau == 1.0:
+        z.mul_((c_ce + c_kd).to(z.dtype).unsqueeze(1))
+    else:
+        z.mul_(c_ce.to(z.dtype).unsqueeze(1))
+        z.addcmul_(e_s, c_kd.to(z.dtype).unsqueeze(1))
+    yc = torch.where(valid, y, 0).unsqueeze(1)
+    z.scatter_add_(1, yc, (-a * w).unsqueeze(1))  # - alpha w onehot(y); overwritten below if y is an id
+    # the K ids: alpha w (softmax(z) - onehot(y)) + (1 - alpha) tau w (p_s^tau - p_t)
+    gk = a * w.to(acc).unsqueeze(1) * ((zk - lse.unsqueeze(1)).exp() - (ids == yc).to(acc))
+    gk += g.unsqueeze(1) * (log_ps_k.exp() - p_t)
+    z.scatter_(1, ids, gk.to(z.dtype))
     return ce, kd
 
 
