@@ -74,7 +74,6 @@ def main(argv=None) -> int:
                PRADA_FAST_CACHE=str(out / "fit-cache"))
     sys.path.insert(0, str(REPO))
     from prada_fast.model import load_causal_lm
-    from prada_fast.op import LossOptions
 
     teacher_dir = out / "teacher"
     teacher, tok = load_causal_lm("tiny-teacher", config_overrides=TEACHER, seed=1)
@@ -107,10 +106,8 @@ def main(argv=None) -> int:
                                    "bytes": size, "bytes_per_token": round(size / m["rows"], 1),
                                    "peak_rss_mib": rss}
 
-    topk_ok = "teacher_topk_ids" in LossOptions.__dataclass_fields__
-    runs = {"live teacher": [], "hidden cache": ["--teacher-outputs", str(out / "cache-hidden")]}
-    if topk_ok:
-        runs["top-k cache"] = ["--teacher-outputs", str(out / "cache-topk")]
+    runs = {"live teacher": [], "hidden cache": ["--teacher-outputs", str(out / "cache-hidden")],
+            "top-k cache": ["--teacher-outputs", str(out / "cache-topk")]}
     for name, flags in runs.items():
         run_dir = out / ("run-" + name.replace(" ", "-"))
         wall, rss = timed([sys.executable, "prada_fast/train.py", *common, *flags, "--output-dir",
@@ -134,8 +131,6 @@ def main(argv=None) -> int:
     for name, r in results["runs"].items():
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['peak_rss_mib']} MiB | "
               f"{r['final_loss']:.4f} |")
-    if not topk_ok:
-        print("| top-k cache | - (the loss op takes no top-k teacher inputs yet) | | | |")
     print("\n| cache | build time | positions | bytes per cached token | size |\n"
           "| --- | ---: | ---: | ---: | ---: |")
     for mode, c in results["caches"].items():

@@ -32,7 +32,7 @@ import shlex
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -170,8 +170,7 @@ def build_models(args, data: Data):
 def open_teacher_outputs(args, tok, data: Data, student):
     """The --teacher-outputs cache, checked against this run (teacher_cache.open_for_run:
     TeacherCacheError names the field that does not match) and against the student's
-    vocabulary; a top-k cache needs the op's sparse-teacher inputs."""
-    from prada_fast.op import LossOptions
+    vocabulary."""
     from prada_fast.teacher_cache import open_for_run
     outputs = open_for_run(args, tok, data.train)
     m = outputs.manifest
@@ -179,10 +178,6 @@ def open_teacher_outputs(args, tok, data: Data, student):
         raise TeacherCacheError(f"--teacher-outputs {args.teacher_outputs}: field \"vocab_size\": "
                                 f"the cache has {m['vocab_size']}, the student "
                                 f"{student.get_output_embeddings().weight.shape[0]}")
-    if m["mode"] == "topk" and "teacher_topk_ids" not in {f.name for f in fields(LossOptions)}:
-        raise TeacherCacheError(f"--teacher-outputs {args.teacher_outputs}: a top-k cache needs the "
-                                "loss op's teacher_topk_ids/teacher_topk_logprobs inputs, which this "
-                                "version of prada_loss does not have yet; cache --mode hidden instead")
     log(f"teacher: outputs cached in {args.teacher_outputs} ({m['mode']}"
         + (f", K={m['k']}, tau={m['temperature']}" if m["mode"] == "topk" else f", {m['dtype']}")
         + f", {m['records']['count']} examples); no teacher model is built")

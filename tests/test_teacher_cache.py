@@ -288,25 +288,6 @@ def test_a_cache_that_does_not_match_the_run_is_refused(case, root, teacher, hid
     assert not out.exists()
 
 
-def test_a_topk_cache_is_refused_until_the_op_takes_it(root, teacher, topk_cache, tmp_path,
-                                                      stderr_lines):
-    """The op has no top-k teacher inputs yet: a clear refusal, not a crash mid-run."""
-    from prada_fast.op import LossOptions
-    if "teacher_topk_ids" in LossOptions.__dataclass_fields__:
-        pytest.skip("the op takes top-k teacher inputs")
-    stderr_lines()
-    code = train([*DATA, *TRAIN, "--teacher", str(teacher), "--temperature", str(TAU),
-                  "--output-dir", str(tmp_path / "run"), "--teacher-outputs", str(topk_cache)], root)
-    err = [x for x in stderr_lines() if "error" in x.lower()]
-    assert code == 2 and len(err) == 1 and "teacher_topk_ids" in err[0], err
-
-
-def _op_takes_topk() -> bool:
-    from prada_fast.op import LossOptions
-    return "teacher_topk_ids" in LossOptions.__dataclass_fields__
-
-
-@pytest.mark.skipif(not _op_takes_topk(), reason="the loss op takes no top-k teacher inputs yet")
 def test_training_from_a_topk_cache_with_k_equal_v_equals_the_live_teacher(root, teacher, tmp_path):
     """At K = V the top-k KD is the full KD: the losses of the live teacher."""
     cache = tmp_path / "topk-all"
