@@ -71,6 +71,10 @@ def teacher_hidden(t_engine, mb: dict, device):
     return th.last_hidden_state, teacher.get_output_embeddings().weight
 
 
+def _to(t, device):
+    return None if t is None else t.to(device)
+
+
 def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperature: float,
                alpha: float, use_domain: bool = True, inject_nan: bool = False):
     """One micro-batch: teacher pass, student forward (the loss op, with the teacher head
@@ -88,7 +92,7 @@ def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperatu
             mb["labels"].to(device), mb["domain_labels"].to(device),
             teacher_hidden=th, teacher_weight=tw, grl_lambda=lam,
             num_valid_tokens=max(norm, 1e-9), temperature=temperature, alpha=alpha,
-            use_domain=use_domain)
+            use_domain=use_domain, question_index=_to(mb.get("question_index"), device))
     if inject_nan:
         loss = loss * float("nan")
     engine.backward(loss)
