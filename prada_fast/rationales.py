@@ -411,6 +411,8 @@ def generate_all(args) -> int:
                        sum(len(b) for _, b in todo), desc=f"rationales (rank {rank})",
                        disable=args.no_progress, dynamic_ncols=True, position=rank)
             with part.open("a", encoding="utf-8") as fh:
+                if fh.tell() and not part.read_bytes().endswith(b"\n"):
+                    fh.write("\n")  # after a line torn by a crash: start a fresh one
                 for j, batch in todo:
                     rows = run_batch(gen, prompter, batch, args, seed=args.seed * 1_000_003 + j)
                     for row in rows:
