@@ -133,8 +133,9 @@ class HFGenerator:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device),
-                                      max_new_tokens=max_new_tokens, num_return_sequences=n,
+            out = self.model.generate(ids.repeat_interleave(n, 0).to(self.device),
+                                      attention_mask=mask.repeat_interleave(n, 0).to(self.device),
+                                      max_new_tokens=max_new_tokens,
                                       pad_token_id=self.pad, eos_token_id=self.tok.eos_token_id,
                                       use_cache=True, **kwargs)
         new = out[:, T:].cpu()
@@ -273,7 +274,8 @@ def read_partial(part_dir: Path) -> dict[int, dict]:
 
 
 def check_settings(part_dir: Path, settings: dict, rank: int) -> None:
-    """Claim OUT.partial for these settings (rank 0), or refuse one left by other flags."""
+    """Refuse an OUT.partial left by other flags; rank 0 claims a new one for these
+    settings (written whole, by a rename: another rank reads it whole or not at all)."""
     meta = part_dir / "settings.json"
     if meta.is_file():
         old = json.loads(meta.read_text())
@@ -388,10 +390,8 @@ def generate_all(args) -> int:
             raise RationaleError(f"--out {out} exists: pass --overwrite to replace it")
         questions = load_questions(args.data, args.skip_bad, args.seed)
         settings = settings_of(args, len(questions))
-        if rank == 0:
-            check_settings(part_dir, settings, rank)
+        check_settings(part_dir, settings, rank)  # every rank: a refusal stops them all
         barrier()
-        check_settings(part_dir, settings, rank)
         done = read_partial(part_dir)
         per_batch = max(1, args.batch_size // args.samples)
         batches = make_batches(questions, per_batch)
