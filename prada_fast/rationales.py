@@ -398,17 +398,16 @@ def generate_all(args) -> int:
         mine = [(j, b) for j, b in enumerate(batches) if j % world == rank]
         todo = [(j, b) for j, b in mine if any(q.index not in done for q in b)]
         if rank == 0:
+            resumed = f"; {len(done)} questions already done (resumed)" if done else ""
             print(f"[rationales] {len(questions)} questions, {args.samples} samples each, "
-                  f"{len(batches)} batches over {world} rank(s); "
-                  f"{len(done)} questions already done (resumed)" if done else
-                  f"[rationales] {len(questions)} questions, {args.samples} samples each, "
-                  f"{len(batches)} batches over {world} rank(s)", flush=True)
+                  f"{len(batches)} batches over {world} rank(s){resumed}", flush=True)
         if todo:
             gen = build_generator(args, device)
             prompter = make_prompter(args.prompt, args.prompt_template, args.teacher, gen_tokenizer(gen))
             part = part_dir / f"rank{rank}.jsonl"
-            bar = tqdm(total=sum(len(b) for _, b in mine), initial=sum(len(b) for _, b in mine) -
-                       sum(len(b) for _, b in todo), desc=f"rationales (rank {rank})",
+            total = sum(len(b) for _, b in mine)
+            bar = tqdm(total=total, initial=total - sum(len(b) for _, b in todo),
+                       desc=f"rationales (rank {rank})", unit="question",
                        disable=args.no_progress, dynamic_ncols=True, position=rank)
             with part.open("a", encoding="utf-8") as fh:
                 if fh.tell() and not part.read_bytes().endswith(b"\n"):
