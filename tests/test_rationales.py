@@ -14,7 +14,7 @@ import torch
 from prada_fast import rationales
 from prada_fast.data import Collator, Record, encode, generate_all, load_spec
 from prada_fast.data.prepare import hold_out
-from prada_fast.distributed import free_port
+from prada_fast.distributed import free_port, torch_threads
 from runner import REPO
 
 # The command's sampling settings shared by the runs compared below.
@@ -35,7 +35,7 @@ def teacher(tmp_path_factory):
         ex = encode(r, tok, 96, 0)
         ex["n_labels"] = sum(x != -100 for x in ex["labels"][1:])
         examples.append(ex)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch_threads(1):  # one thread: a shared, loaded CPU
         return fit_teacher("tiny-teacher", tok, examples, Collator(tok.pad_token_id), steps=60,
                            lr=3e-3, batch=16, seed=0, show_progress=False, log=lambda _: None,
                            cache_dir=os.environ.get("PRADA_FAST_TEST_TEACHERS")
