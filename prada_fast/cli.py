@@ -95,9 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", action="append", metavar="SPEC",
                       help="a data source, repeatable (default: synthetic): 'synthetic[:N[:dom,..]]' "
                            "(built-in generator, N per domain); a file named gsm8k*.jsonl, "
-                           "aqua*.json or strategyqa*.json; 'FORMAT:PATH[?key=value&...]' with "
-                           "FORMAT gsm8k|aqua|strategyqa|jsonl|hf (jsonl/hf take question=, "
-                           "rationale=, answer=, domain= or domain_field=; hf also split=); a "
+                           "aqua*.json or strategyqa*.json, or written by prada_fast.rationales; "
+                           "'FORMAT:PATH[?key=value&...]' with FORMAT "
+                           "gsm8k|aqua|strategyqa|jsonl|hf|rationales (jsonl/hf take question=, "
+                           "rationale=, answer=, domain= or domain_field=, a column or a template "
+                           "of several, question={Body} {Question}; hf also split=); a "
                            "'#N' suffix keeps the first N records")
     data.add_argument("--source-domains", metavar="A,B",
                       help="labelled domains (default: every domain not named as a target)")

@@ -72,6 +72,10 @@ def teacher_hidden(t_engine, mb: dict, device):
     return th.last_hidden_state, teacher.get_output_embeddings().weight
 
 
+def _to(t, device):
+    return None if t is None else t.to(device)
+
+
 def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperature: float,
                alpha: float, use_domain: bool = True, inject_nan: bool = False):
     """One micro-batch: teacher pass (or its cached outputs), student forward (the loss op,
@@ -92,7 +96,7 @@ def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperatu
             mb["input_ids"].to(device), mb["attention_mask"].to(device),
             mb["labels"].to(device), mb["domain_labels"].to(device), **teacher, grl_lambda=lam,
             num_valid_tokens=max(norm, 1e-9), temperature=temperature, alpha=alpha,
-            use_domain=use_domain)
+            use_domain=use_domain, question_index=_to(mb.get("question_index"), device))
     if inject_nan:
         loss = loss * float("nan")
     engine.backward(loss)

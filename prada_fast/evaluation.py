@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .data.format import answer_correct, extract_answer, prompt_text
+from .data.format import grade, prompt_text
 from .probes import probe_accuracy
 
 
@@ -37,7 +37,7 @@ def answer_accuracy(model, tokenizer, records, *, max_new_tokens: int = 96,
                              tokenizer.eos_token_id, tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
         for r, text in zip(batch, texts):
-            hits.setdefault(r.domain, []).append(answer_correct(extract_answer(text), r.answer))
+            hits.setdefault(r.domain, []).append(grade(text, r.answer)[1])
     model.train(was_training)
     return {d: sum(h) / len(h) for d, h in sorted(hits.items())}
 

@@ -276,10 +276,12 @@ class PradaModel(nn.Module):
     def forward(self, input_ids, attention_mask, labels, domain_labels, *, teacher_hidden=None,
                 teacher_weight=None, grl_lambda=1.0, num_valid_tokens=None, temperature=1.0,
                 alpha=0.5, use_domain=True, features_only=False, teacher_topk_ids=None,
-                teacher_topk_logprobs=None):
+                teacher_topk_logprobs=None, question_index=None):
         """(loss, parts) of PRADA's objective on a batch. features_only: (pooled features f,
         domain logits) instead, no loss (a forward through this module, so that ZeRO-3
-        gathers the soft prompt and the head for it)."""
+        gathers the soft prompt and the head for it). question_index (B,): rows that share
+        a question (several rationales of it, numbered 0..S-1) pool into one feature, so
+        that the question counts once in the domain loss; each row keeps its task loss."""
         if features_only:
             f = self.pooled_features(input_ids, attention_mask, labels)
             return f, self.domain_head(f)
@@ -301,6 +303,9 @@ class PradaModel(nn.Module):
         pool = self.pool_mask(attention_mask, labels).to(hidden.dtype)
         mmd = use_domain and self.adversary == "mmd"  # the head only watches; MMD aligns
         adversary, adv_lambda = ("confusion", 0.0) if mmd else (self.adversary, grl_lambda)
+        seq_index = None
+        if use_domain and question_index is not None:
+            seq_index, domain_labels = self.per_question(question_index, domain_labels, hidden.shape[1])
         loss, parts = prada_loss(
             hidden, lm_head.weight, targets, lm_bias=getattr(lm_head, "bias", None),
             teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
@@ -309,9 +314,11 @@ class PradaModel(nn.Module):
             domain_weight=self.domain_head.out.weight if linear_dom else None,
             domain_bias=self.domain_head.out.bias if linear_dom else None,
             domain_labels=domain_labels if linear_dom else None,
-            grl_lambda=adv_lambda, adversary=adversary, impl=self.loss_impl, **topk)
+            grl_lambda=adv_lambda, adversary=adversary, impl=self.loss_impl, **topk,
+            seq_index=seq_index if linear_dom else None)
+        n_seq = None if seq_index is None else len(domain_labels)
         if use_domain and not linear_dom:  # MLP head: plain PyTorch, either adversary
-            f = masked_mean(hidden, pool)
+            f = masked_mean(hidden, pool, seq_index, n_seq)
             grl = adversary == "grl"
             c = self.domain_head(grad_reverse(f, adv_lambda) if grl else f.detach())
             c = c.to(torch.promote_types(c.dtype, torch.float32))
@@ -322,10 +329,21 @@ class PradaModel(nn.Module):
             parts["dom"] = dom.detach()
             parts["dom_acc"] = (c.argmax(-1) == domain_labels).to(c.dtype).mean()
         if mmd:
-            align = mmd_term(masked_mean(hidden, pool), domain_labels)
+            align = mmd_term(masked_mean(hidden, pool, seq_index, n_seq), domain_labels)
             loss = loss + (grl_lambda * align).to(loss.dtype)
             parts["mmd"] = align.detach()
         return loss, parts
+
+    @staticmethod
+    def per_question(question_index, domain_labels, width: int):
+        """(seq_index (B, width): every position of a row carries its question's number,
+        domain labels (S,), one per question): the op then pools the rows of a question
+        together. Their question tokens come first and are the same, so under causal
+        attention their pooled features are the same too: the pool is that feature, with
+        the question's weight that of one row."""
+        S = int(question_index.max()) + 1
+        labels = domain_labels.new_zeros(S).scatter_(0, question_index, domain_labels)
+        return question_index[:, None].expand(-1, width).contiguous(), labels
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int,

@@ -418,3 +418,80 @@ def test_split_errors() -> None:
     with pytest.raises(DataError, match=r'u\.jsonl:9: field "answer"'):
         split_domains(unanswered, ["a"], None)
     assert len(split_domains(unanswered, ["b"], ["a"])) == 5
+
+
+# ---------------------------------------------------------------- questions without rationales
+
+
+def test_template_joins_columns_of_a_json_array(tmp_path: Path) -> None:
+    """SVAMP: one JSON array, the question = Body + Question, a numeric Answer, no rationale."""
+    path = tmp_path / "SVAMP.json"
+    path.write_text(json.dumps([
+        {"Body": "Dan had 5 pens.", "Question": "He gave away 2. How many now?", "Answer": 3.0},
+        {"Body": "A box holds 1,200 pins.", "Question": "How many in 2 boxes?", "Answer": "2,400"},
+    ]))
+    records, _ = load_spec(f"jsonl:{path}?question={{Body}} {{Question}}&answer=Answer&domain=svamp")
+    assert [(r.question, r.rationale, r.answer, r.domain, r.origin) for r in records] == [
+        ("Dan had 5 pens. He gave away 2. How many now?", None, "3", "svamp", "SVAMP.json[0]"),
+        ("A box holds 1,200 pins. How many in 2 boxes?", None, "2400", "svamp", "SVAMP.json[1]")]
+
+
+def test_template_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "svamp.jsonl"
+    path.write_text('{"Body": "x", "Question": "y", "Answer": 1}\n{"Body": "x", "Answer": 1}\n')
+    with pytest.raises(DataError, match=r'^svamp\.jsonl:2: field "Question": missing$'):
+        load_spec(f"jsonl:{path}?question={{Body}} {{Question}}&answer=Answer&domain=s")
+    path.write_text('{"Body": "x", "Question": ["y"], "Answer": 1}\n')
+    with pytest.raises(DataError, match=r'svamp\.jsonl:1: field "Question": expected str or int'):
+        load_spec(f"jsonl:{path}?question={{Body}} {{Question}}&answer=Answer&domain=s")
+    with pytest.raises(DataError, match=r"a template names columns in braces"):
+        load_spec(f"jsonl:{path}?question={{Body}} {{Question&answer=Answer&domain=s")
+    path.write_text('{"q": "x", "a": ""}\n')
+    with pytest.raises(DataError, match=r'svamp\.jsonl:1: field "a": empty answer'):
+        load_spec(f"jsonl:{path}?question=q&answer=a&domain=s")
+
+
+@pytest.mark.parametrize(("spelled", "plain"), [
+    ("1,234", "1234"), ("$5", "5"), ("5.0", "5"), ("5.50", "5.5"), ("-3", "-3"), ("-$3", "-3"),
+    ("50%", "50"), ("1/2", "1/2"), (" 3 / 4 ", "3/4"), ("7.", "7"), (12, "12"), (2.5, "2.5"),
+    ("B", "B"), ("yes", "yes"), ("1/0", "1/0"), ("12 apples", "12 apples"),
+])
+def test_numeric_answers_in_usual_spellings(tmp_path: Path, spelled, plain) -> None:
+    path = tmp_path / "n.jsonl"
+    path.write_text(json.dumps({"q": "how many?", "a": spelled}) + "\n")
+    [record], _ = load_spec(f"jsonl:{path}?question=q&answer=a&domain=n")
+    assert record.answer == plain
+    if plain not in ("B", "yes", "1/0", "12 apples"):
+        assert answer_correct(str(spelled), plain) and answer_correct(plain, str(spelled))
+
+
+@pytest.mark.parametrize(("pred", "gold", "ok"), [
+    ("1/2", "0.5", True), ("0.5", "1/2", True), ("3/4", "0.7", False), ("$1,234.00", "1234", True),
+    ("-$3", "-3", True), ("1/0", "1/0", True), ("1/0", "0", False),
+])
+def test_answer_correct_fractions(pred: str, gold: str, ok: bool) -> None:
+    assert answer_correct(pred, gold) is ok
+
+
+def test_rationales_file_is_read_by_name_or_content(tmp_path: Path) -> None:
+    rows = [{"question": "2+2?", "rationale": "2+2=4.", "answer": "4", "domain": "math",
+             "sample": k, "teacher": "t", "origin": "x:1"} for k in range(2)]
+    rows.append({**rows[0], "question": "3+3?", "rationale": "6.", "answer": "6"})
+    path = tmp_path / "teacher_cot.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for spec in (str(path), f"rationales:{path}"):
+        records, _ = load_spec(spec)
+        assert [(r.question, r.rationale, r.answer, r.domain) for r in records] == [
+            ("2+2?", "2+2=4.", "4", "math"), ("2+2?", "2+2=4.", "4", "math"),
+            ("3+3?", "6.", "6", "math")]
+        assert [r.question_id for r in records] == ["math:2+2?", "math:2+2?", "math:3+3?"]
+    path.write_text(path.read_text() + '{"question": "q", "answer": "1", "domain": "m", '
+                    '"teacher": "t"}\n')
+    with pytest.raises(DataError, match=r'teacher_cot\.jsonl:4: field "rationale": missing'):
+        load_spec(str(path))
+    with pytest.raises(DataError, match="this format takes no options"):
+        load_spec(f"rationales:{path}?domain=x")
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"question": "q", "answer": "1"}\n')
+    with pytest.raises(DataError, match="cannot tell the format"):
+        load_spec(str(other))

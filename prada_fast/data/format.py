@@ -15,6 +15,7 @@ IGNORE_INDEX = -100
 
 _SENTENCE_END = re.compile(r"\.(?=\s|$)")
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+_FRACTION = re.compile(r"([-+]?\d+)\s*/\s*(\d+)")
 _BOOLEANS = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
 
 
@@ -50,6 +51,34 @@ def extract_answer(text: str) -> str | None:
     return answer or None
 
 
+def parse_number(text: str) -> float | None:
+    """The value of a number in one of the usual spellings, else None: ``1,234``, ``$5``,
+    ``5.0``, ``-3``, ``50%`` (50), ``1e3``, ``1/2`` (0.5), with a final "." allowed."""
+    text = text.strip().rstrip(".").strip()
+    if text.startswith("-$"):
+        text = "-" + text[2:]
+    text = re.sub(r"(?<=\d),(?=\d)", "", text).lstrip("$").rstrip("%").strip()
+    if _NUMBER.fullmatch(text):
+        return float(text)
+    fraction = _FRACTION.fullmatch(text)
+    if fraction and int(fraction.group(2)) != 0:
+        return int(fraction.group(1)) / int(fraction.group(2))
+    return None
+
+
+def canonical_number(text: str) -> str | None:
+    """A number's plain spelling (``"$1,234.00"`` -> ``"1234"``, ``"5.50"`` -> ``"5.5"``,
+    ``"1/2"`` stays ``"1/2"``), or None when `text` is not a number."""
+    value = parse_number(text)
+    if value is None:
+        return None
+    if _FRACTION.fullmatch(text.strip().rstrip(".").strip()):
+        return "".join(text.split()).rstrip(".")
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
 def _normalise(text: str) -> str | float:
     """A comparable form: a float for numbers, else lower-case text without decoration."""
     text = text.strip().rstrip(".").strip().lower()
@@ -57,9 +86,9 @@ def _normalise(text: str) -> str | float:
         text = text[1:-1].strip()
     if text in _BOOLEANS:
         return _BOOLEANS[text]
-    number = re.sub(r"(?<=\d),(?=\d)", "", text).lstrip("$").rstrip("%").strip()
-    if _NUMBER.fullmatch(number):
-        return float(number)
+    number = parse_number(text)
+    if number is not None:
+        return number
     return " ".join(text.split())
 
 
@@ -71,6 +100,13 @@ def answer_correct(pred: str | None, gold: str) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
     return a == b
+
+
+def grade(text: str, gold: str | None) -> tuple[str | None, bool]:
+    """The answer checker of the evaluation and of the teacher's rationales, one for every
+    domain: (the answer extracted from a generated `text`, whether it matches `gold`)."""
+    pred = extract_answer(text)
+    return pred, gold is not None and answer_correct(pred, gold)
 
 
 def encode(
@@ -124,9 +160,22 @@ class Collator:
             attention_mask[row, :length] = 1
             labels[row, :length] = torch.tensor(ex["labels"], dtype=torch.long)
         domain_labels = torch.tensor([ex["domain"] for ex in examples], dtype=torch.long)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "domain_labels": domain_labels,
         }
+        index = question_index([ex.get("qid") for ex in examples])
+        if index is not None:
+            batch["question_index"] = index
+        return batch
+
+
+def question_index(qids: list) -> torch.Tensor | None:
+    """(B,) int64: each row's question numbered 0..S-1 in order of appearance, where some
+    rows share a question (several rationales of it); None where every row is its own."""
+    if None in qids or len(set(qids)) == len(qids):
+        return None
+    order: dict = {}
+    return torch.tensor([order.setdefault(q, len(order)) for q in qids], dtype=torch.long)

@@ -12,19 +12,25 @@ Data spec grammar (``load_spec``, the ``--data`` flag)::
                                   lastletter, sorting, and the story domains shopping,
                                   travel, recipes, garden, wordshop, market, zoo, harbor)
     PATH                          a file whose name says its format: gsm8k*.jsonl,
-                                  aqua*.json(l), strategyqa*.json
-    FORMAT:PATH                   FORMAT is gsm8k | aqua | strategyqa | jsonl | hf
+                                  aqua*.json(l), strategyqa*.json; or the JSON lines
+                                  that `python -m prada_fast.rationales` writes
+    FORMAT:PATH                   FORMAT is gsm8k | aqua | strategyqa | jsonl | hf |
+                                  rationales
     ...?key=value&key=value       options:
                                     every format: domain=NAME (the domain's name)
                                     jsonl, hf: question=COL rationale=COL answer=COL
                                       (default: columns named question, rationale,
                                       answer), domain_field=COL (domain read per row;
-                                      default domain: the file's stem or dataset's name)
+                                      default domain: the file's stem or dataset's name);
+                                      a column may be a template joining several,
+                                      question={Body} {Question}; jsonl also reads a
+                                      file holding one JSON array
                                     hf only: split=NAME (default train), config=NAME
     ...#N                         keep the first N records
 
 Examples: ``/data/gsm8k_train.jsonl#300``, ``aqua:/data/aqua_dev.json?domain=algebra``,
 ``jsonl:/p/x.jsonl?question=q&rationale=r&answer=a&domain=math``,
+``jsonl:/p/SVAMP.json?question={Body} {Question}&answer=Answer&domain=svamp``,
 ``hf:/p/parquet_dir?split=test&domain_field=task``, ``hf:openai/gsm8k?config=main``
 (a hub name needs network).
 """
@@ -32,14 +38,19 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from . import synthetic
+from .format import canonical_number
 from .records import DataError, Record
 
-FORMATS = ("gsm8k", "aqua", "strategyqa", "jsonl", "hf")
+FORMATS = ("gsm8k", "aqua", "strategyqa", "jsonl", "hf", "rationales")
+# the columns of `python -m prada_fast.rationales` output (a JSON-lines file with them is
+# recognised whatever its name)
+RATIONALE_COLUMNS = ("question", "rationale", "answer", "domain", "teacher")
 DEFAULT_SYNTHETIC_N = 400
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
@@ -174,6 +185,21 @@ def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path.name}[{index}]", element
 
 
+def _first_char(path: Path) -> str:
+    """The first non-blank character of a file ("" for an empty or unreadable one)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4096).lstrip()
+    except OSError:
+        return ""
+    return head[:1].decode("ascii", "replace")
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """A JSON array file (SVAMP.json) element by element, else JSON lines."""
+    return _json_array(path) if _first_char(path) == "[" else _json_lines(path)
+
+
 def _collect(
     rows: Iterable[tuple[str, Any]], convert: Converter, skip_bad: bool
 ) -> tuple[list[Record], int]:
@@ -264,6 +290,30 @@ def load_strategyqa(
 # ---------------------------------------------------------------- generic tables
 
 
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def _template_columns(template: str) -> list[str]:
+    """The columns a ``{Body} {Question}`` template names (none: a plain column name)."""
+    return _PLACEHOLDER.findall(template)
+
+
+def _joined(row: Any, template: str, origin: str, required: bool) -> str | None:
+    """A column, or several joined by a template (``{Body} {Question}``): each named column
+    must hold text or a number; None when a plain column is absent and not required."""
+    names = _template_columns(template)
+    if not names:
+        value = _field(row, template, origin, (str, int, float, bool), required)
+        if value is None or isinstance(value, str):
+            return value if value is None else value.strip()
+        return _answer_text(value, template, origin)
+    parts = {}
+    for name in names:
+        value = _field(row, name, origin, (str, int, float))
+        parts[name] = value.strip() if isinstance(value, str) else _answer_text(value, name, origin)
+    return " ".join(_PLACEHOLDER.sub(lambda m: parts[m.group(1)], template).split())
+
+
 def _table_converter(fields: dict[str, str], domain: str | None) -> Converter:
     """Convert a row of a generic table using a field mapping (see ``load_jsonl``)."""
     unknown = set(fields) - {*_COLUMN_KEYS, "domain"}
@@ -272,19 +322,26 @@ def _table_converter(fields: dict[str, str], domain: str | None) -> Converter:
                         f"{', '.join((*_COLUMN_KEYS, 'domain'))}")
     if domain is None and "domain" not in fields:
         raise DataError("no domain: give a fixed domain or a domain field")
+    for key, template in fields.items():
+        names, rest = _template_columns(template), _PLACEHOLDER.sub("", template)
+        if "{" in rest or "}" in rest or any(not n.strip() for n in names):
+            raise DataError(f"{key}={template!r}: a template names columns in braces, "
+                            "e.g. {Body} {Question}")
     columns = {key: fields.get(key, key) for key in _COLUMN_KEYS}
     # Columns named explicitly must be there; the default ones are optional.
     required = {key: key in fields for key in _COLUMN_KEYS}
 
     def convert(row: Any, origin: str) -> Record:
-        question = _question(row, columns["question"], origin)
-        rationale = _field(row, columns["rationale"], origin, str, required["rationale"])
-        raw_answer = _field(
-            row, columns["answer"], origin, (str, int, float, bool), required["answer"]
-        )
-        answer = None
-        if raw_answer is not None:
-            answer = _answer_text(raw_answer, columns["answer"], origin)
+        _as_object(row, origin)
+        question = _joined(row, columns["question"], origin, True)
+        if not question:
+            raise DataError("empty question", origin=origin, field=columns["question"])
+        rationale = _joined(row, columns["rationale"], origin, required["rationale"])
+        answer = _joined(row, columns["answer"], origin, required["answer"])
+        if answer is not None:
+            if not answer:
+                raise DataError("empty answer", origin=origin, field=columns["answer"])
+            answer = canonical_number(answer) or answer
         row_domain = domain
         if "domain" in fields:
             row_domain = _field(row, fields["domain"], origin, str).strip()
@@ -298,16 +355,19 @@ def _table_converter(fields: dict[str, str], domain: str | None) -> Converter:
 def load_jsonl(
     path: str | Path, fields: dict[str, str], domain: str | None, skip_bad: bool = False
 ) -> tuple[list[Record], int]:
-    """Generic JSON lines.
+    """Generic JSON lines (or one JSON array).
 
     ``fields`` maps ``question``/``rationale``/``answer``/``domain`` to column names, e.g.
     ``{"question": "q", "rationale": "r", "answer": "a"}``; unmapped ones default to a
     column of the same name and are then optional (``None`` when absent), mapped ones are
     required. The domain is ``domain`` (fixed) or, when ``fields`` maps ``domain``, read
-    from that column. Answers may be strings, numbers or booleans (``yes``/``no``).
+    from that column. A column name may be a template joining several columns,
+    ``{"question": "{Body} {Question}"}`` (SVAMP). Answers may be strings, numbers or
+    booleans (``yes``/``no``); a number in a usual spelling (``"1,234"``, ``"$5"``,
+    ``5.0``) becomes its plain one (``1234``, ``5``); fractions (``1/2``) stay.
     """
     convert = _table_converter(fields, domain)
-    return _collect(_json_lines(_existing_file(path)), convert, skip_bad)
+    return _collect(_json_rows(_existing_file(path)), convert, skip_bad)
 
 
 def load_hf(
@@ -371,7 +431,7 @@ def _parse_options(text: str, allowed: tuple[str, ...], spec: str) -> dict[str, 
             raise DataError(f"option {item!r} is not key=value", origin=repr(spec))
         if key not in allowed:
             raise DataError(
-                f"unknown option {key!r}; this format takes {', '.join(allowed)}",
+                f"unknown option {key!r}; this format takes {', '.join(allowed) or 'no options'}",
                 origin=repr(spec),
             )
         if key in options:
@@ -382,8 +442,30 @@ def _parse_options(text: str, allowed: tuple[str, ...], spec: str) -> dict[str, 
     return options
 
 
+def _is_rationales_file(path: Path) -> bool:
+    """Whether a JSON-lines file's first record has the columns of a rationales file."""
+    try:
+        with path.open("rb") as fh:
+            first = next((line for line in fh if line.strip()), b"")
+        row = json.loads(first.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(row, dict) and all(k in row for k in RATIONALE_COLUMNS)
+
+
+def load_rationales(path: str | Path, skip_bad: bool = False) -> tuple[list[Record], int]:
+    """The output of ``python -m prada_fast.rationales``: question, rationale, answer and
+    domain per line (sample number and teacher are informational). The rationales of one
+    question share a ``question_id``."""
+    fields = {key: key for key in (*_COLUMN_KEYS, "domain")}
+    records, skipped = load_jsonl(path, fields, None, skip_bad=skip_bad)
+    return [replace(r, question_id=f"{r.domain}:{r.question}") for r in records], skipped
+
+
 def _format_from_name(path: str, spec: str) -> str:
     name = Path(path).name.lower()
+    if name.endswith(".jsonl") and Path(path).is_file() and _is_rationales_file(Path(path)):
+        return "rationales"
     if name.startswith("gsm8k") and name.endswith(".jsonl"):
         return "gsm8k"
     if name.startswith("aqua") and name.endswith((".json", ".jsonl")):
@@ -431,7 +513,8 @@ def _file_args(fmt: str, rest: str, spec: str) -> tuple[str, dict[str, str]]:
     """(path or dataset name, options) of ``FORMAT:PATH?options``; a missing file raises."""
     target, _, option_text = rest.partition("?")
     table_keys = ("domain", "domain_field", *_COLUMN_KEYS)
-    allowed = {"jsonl": table_keys, "hf": (*table_keys, "split", "config")}.get(fmt, ("domain",))
+    allowed = {"jsonl": table_keys, "hf": (*table_keys, "split", "config"),
+               "rationales": ()}.get(fmt, ("domain",))
     options = _parse_options(option_text, allowed, spec)
     if not target:
         raise DataError("no path after the format", origin=repr(spec))
@@ -442,6 +525,8 @@ def _file_args(fmt: str, rest: str, spec: str) -> tuple[str, dict[str, str]]:
 
 def _load_file(fmt: str, rest: str, spec: str, skip_bad: bool) -> tuple[list[Record], int]:
     target, options = _file_args(fmt, rest, spec)
+    if fmt == "rationales":
+        return load_rationales(target, skip_bad=skip_bad)
     if fmt in ("gsm8k", "aqua", "strategyqa"):
         loader = {"gsm8k": load_gsm8k, "aqua": load_aqua, "strategyqa": load_strategyqa}[fmt]
         return loader(target, domain=options.get("domain", fmt), skip_bad=skip_bad)

@@ -27,26 +27,31 @@ def load_records(args):
 
 
 def hold_out(records, per_domain: int, seed: int):
-    """Split each domain into (train, eval): `per_domain` shuffled records are held out."""
-    by_dom: dict[str, list] = {}
-    for r in records:
-        by_dom.setdefault(r.domain, []).append(r)
+    """Split each domain into (train, eval) by question: `per_domain` shuffled questions are
+    held out, once each: records that share a `question_id` (several teacher rationales of
+    one question) never straddle the split; any other record is a question of its own."""
+    by_dom: dict[str, dict] = {}
+    for i, r in enumerate(records):
+        key = i if r.question_id is None else r.question_id
+        by_dom.setdefault(r.domain, {}).setdefault(key, []).append(r)
     train, evaluation = [], []
     for d in sorted(by_dom):
-        recs = by_dom[d][:]
-        random.Random(f"{seed}:{d}").shuffle(recs)
-        k = min(per_domain, len(recs) // 2)
-        evaluation += recs[:k]
-        train += recs[k:]
+        groups = list(by_dom[d].values())
+        random.Random(f"{seed}:{d}").shuffle(groups)
+        k = min(per_domain, len(groups) // 2)
+        evaluation += [g[0] for g in groups[:k]]
+        train += [r for g in groups[k:] for r in g]
     return train, evaluation
 
 
 def encode_all(records, tok, args, domain_ids):
     """(encoded examples, length statistics: see `length_stats`). Records longer than
     --max-len are cut here; whether that is acceptable is `check_lengths`'s call."""
-    examples = []
-    for r in records:
+    examples, qids = [], {}
+    for i, r in enumerate(records):
         ex = encode(r, tok, args.max_len, domain_ids[r.domain], truncate=True)
+        # one id per question: the rationales of one question count once in the domain loss
+        ex["qid"] = qids.setdefault(i if r.question_id is None else r.question_id, len(qids))
         ex["n_labels"] = sum(1 for x in ex["labels"][1:] if x != -100)
         ex["labelled"] = r.labelled
         ex["origin"] = r.origin

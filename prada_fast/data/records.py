@@ -11,7 +11,10 @@ class Record:
     ``rationale`` and ``answer`` may be ``None`` for unlabelled data; ``labelled`` says
     whether the record's rationale and answer are trained on (source domain) or only its
     question is seen (target domain). ``origin`` ("file:line", "file[index]" or
-    "synthetic:<domain>:<i>") points back to where the record came from.
+    "synthetic:<domain>:<i>") points back to where the record came from. Records with
+    the same ``question_id`` are several rationales of one question (a teacher's samples):
+    they are held out together and count once in the domain loss; ``None``: a record of
+    its own.
     """
 
     question: str
@@ -20,6 +23,7 @@ class Record:
     domain: str
     labelled: bool = True
     origin: str = ""
+    question_id: str | None = None
 
 
 class DataError(ValueError):
