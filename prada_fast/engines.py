@@ -13,6 +13,7 @@ import torch
 from deepspeed import zero
 
 from .dsconfig import ConfigError, inference_config
+from .packing import backbone_forward
 
 
 # Schedulers that scale each parameter group's own lr (a multiplier survives them); the
@@ -66,9 +67,14 @@ def teacher_hidden(t_engine, mb: dict, device):
     teacher = t_engine.module
     with torch.no_grad():
         backbone = getattr(teacher, teacher.base_model_prefix)
-        th = backbone(input_ids=mb["input_ids"].to(device),
-                      attention_mask=mb["attention_mask"].to(device), use_cache=False)
-    return th.last_hidden_state, teacher.get_output_embeddings().weight
+        if "teacher_position_ids" in mb:  # packed rows: the same rows, sequences kept apart
+            th = backbone_forward(backbone, mb["teacher_position_ids"].to(device),
+                                  input_ids=mb["input_ids"].to(device))
+        else:
+            th = backbone(input_ids=mb["input_ids"].to(device),
+                          attention_mask=mb["attention_mask"].to(device),
+                          use_cache=False).last_hidden_state
+    return th, teacher.get_output_embeddings().weight
 
 
 def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperature: float,
@@ -77,18 +83,20 @@ def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperatu
     gathered), `engine.backward` and `engine.step` (DeepSpeed applies the optimizer at the
     last micro-batch of the accumulation). Returns (loss, parts).
 
+    mb: a padded batch, or packed rows (packing.PackedCollator).
     norm: the loss normaliser (valid target tokens per rank and micro-batch; DeepSpeed
     averages over both); lam: the GRL coefficient. inject_nan: multiply the loss by NaN
     before the backward pass (fault injection, the trainer's --inject-nan)."""
     device = engine.device
     th, tw = teacher_hidden(t_engine, mb, device)
+    packed = {k: mb[k].to(device) for k in ("position_ids", "seq_index") if k in mb}
     with zero.GatheredParameters([tw] if tw is not None else [], modifier_rank=None):
         loss, parts = engine(
             mb["input_ids"].to(device), mb["attention_mask"].to(device),
             mb["labels"].to(device), mb["domain_labels"].to(device),
             teacher_hidden=th, teacher_weight=tw, grl_lambda=lam,
             num_valid_tokens=max(norm, 1e-9), temperature=temperature, alpha=alpha,
-            use_domain=use_domain)
+            use_domain=use_domain, **packed)
     if inject_nan:
         loss = loss * float("nan")
     engine.backward(loss)

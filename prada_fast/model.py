@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .op import confusion_term, grad_reverse, masked_mean, prada_loss
+from .packing import backbone_forward
 from .prompts import PromptEncoder
 
 # Llama-shaped presets small enough to train on a CPU in minutes. Vocabulary: bytes.
@@ -272,26 +273,58 @@ class PradaModel(nn.Module):
         hidden, _ = self.hidden_states(input_ids, attention_mask)
         return masked_mean(hidden, self.pool_mask(attention_mask, labels))
 
-    def forward(self, input_ids, attention_mask, labels, domain_labels, *, teacher_hidden=None,
-                teacher_weight=None, grl_lambda=1.0, num_valid_tokens=None, temperature=1.0,
-                alpha=0.5, use_domain=True, features_only=False):
-        """(loss, parts) of PRADA's objective on a batch. features_only: (pooled features f,
-        domain logits) instead, no loss (a forward through this module, so that ZeRO-3
-        gathers the soft prompt and the head for it)."""
-        if features_only:
-            f = self.pooled_features(input_ids, attention_mask, labels)
-            return f, self.domain_head(f)
+    def packed_hidden_states(self, input_ids, attention_mask, position_ids, seq_index):
+        """Final hidden states (rows, T, H) of packed rows (packing.py): each sequence's
+        prompt slots (seq_index >= 0, attention_mask 0) hold the soft prompt, vector p at
+        position id p; attention stays within each sequence."""
+        emb = self.student.get_input_embeddings()(input_ids)
+        if self.soft_prompt is not None:
+            slot = ((seq_index >= 0) & (attention_mask == 0)).unsqueeze(-1)
+            prompt = self.prompt_vectors().to(emb.dtype)[position_ids.clamp(max=self.n_prompt - 1)]
+            emb = torch.where(slot, prompt, emb)
+        return backbone_forward(self.backbone, position_ids, inputs_embeds=emb)
+
+    def _padded_inputs(self, input_ids, attention_mask, labels, teacher_hidden):
+        """(hidden, next-token targets, pool mask, teacher hidden) over [prompt | tokens]."""
         hidden, mask = self.hidden_states(input_ids, attention_mask)
         B, K = input_ids.shape[0], self.n_prompt
-        # next-token targets over [prompt | tokens]: position t predicts token t+1
         targets = torch.full_like(mask, -100, dtype=torch.long)
-        targets[:, K:-1] = labels[:, 1:]
+        targets[:, K:-1] = labels[:, 1:]  # position t predicts token t+1
         if teacher_hidden is not None and K:
             teacher_hidden = torch.cat([teacher_hidden.new_zeros(B, K, teacher_hidden.shape[-1]),
                                         teacher_hidden], 1)
+        return hidden, targets, self.pool_mask(attention_mask, labels), teacher_hidden
+
+    def _packed_inputs(self, input_ids, attention_mask, labels, position_ids, seq_index):
+        """(hidden, targets, pool mask) of packed rows: a token's target is the next token of
+        its own sequence (none for the last, nor for prompt slots and padding)."""
+        hidden = self.packed_hidden_states(input_ids, attention_mask, position_ids, seq_index)
+        targets = torch.full_like(labels, -100)
+        same = (seq_index[:, 1:] == seq_index[:, :-1]) & (attention_mask[:, :-1] != 0)
+        targets[:, :-1] = torch.where(same, labels[:, 1:], targets[:, 1:])
+        pool = attention_mask.bool() & (labels == -100) if self.pool == "question" \
+            else attention_mask.bool()
+        return hidden, targets, pool.to(attention_mask.dtype)
+
+    def forward(self, input_ids, attention_mask, labels, domain_labels, *, teacher_hidden=None,
+                teacher_weight=None, grl_lambda=1.0, num_valid_tokens=None, temperature=1.0,
+                alpha=0.5, use_domain=True, features_only=False, position_ids=None, seq_index=None):
+        """(loss, parts) of PRADA's objective on a batch. features_only: (pooled features f,
+        domain logits) instead, no loss (a forward through this module, so that ZeRO-3
+        gathers the soft prompt and the head for it). Packed rows (packing.py): position_ids
+        and seq_index (rows, T), domain_labels (S,), teacher_hidden in the rows' layout."""
+        if features_only:
+            f = self.pooled_features(input_ids, attention_mask, labels)
+            return f, self.domain_head(f)
+        if seq_index is not None:
+            hidden, targets, pool = self._packed_inputs(input_ids, attention_mask, labels,
+                                                        position_ids, seq_index)
+        else:
+            hidden, targets, pool, teacher_hidden = self._padded_inputs(
+                input_ids, attention_mask, labels, teacher_hidden)
         lm_head = self.student.get_output_embeddings()
         linear_dom = use_domain and self.domain_head.kind == "linear"
-        pool = self.pool_mask(attention_mask, labels).to(hidden.dtype)
+        pool = pool.to(hidden.dtype)
         loss, parts = prada_loss(
             hidden, lm_head.weight, targets, lm_bias=getattr(lm_head, "bias", None),
             teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
@@ -300,9 +333,10 @@ class PradaModel(nn.Module):
             domain_weight=self.domain_head.out.weight if linear_dom else None,
             domain_bias=self.domain_head.out.bias if linear_dom else None,
             domain_labels=domain_labels if linear_dom else None,
+            seq_index=seq_index if linear_dom else None,
             grl_lambda=grl_lambda, adversary=self.adversary, impl=self.loss_impl)
         if use_domain and not linear_dom:  # MLP head: plain PyTorch, either adversary
-            f = masked_mean(hidden, pool)
+            f = masked_mean(hidden, pool, seq_index, len(domain_labels))
             grl = self.adversary == "grl"
             c = self.domain_head(grad_reverse(f, grl_lambda) if grl else f.detach())
             c = c.to(torch.promote_types(c.dtype, torch.float32))
