@@ -98,14 +98,14 @@ class PackedCollator:
                 "seq_index": seq_index}
 
 
-def position_counts(mb: dict, n_prompt: int) -> tuple[int, int]:
-    """(real tokens, padding positions) of the student's input for batch `mb`, padded
-    (B x (K + T)) or packed (rows x width); soft-prompt slots are neither."""
+def position_counts(mb: dict, n_prompt: int) -> tuple[int, int, int]:
+    """(real tokens, padding, all positions) of the student's input for batch `mb`, padded
+    (B x (K + T)) or packed (rows x width); the soft-prompt slots are the rest."""
     real = int(mb["attention_mask"].sum())
     n_seq = len(mb["domain_labels"])
     B, T = mb["input_ids"].shape
     positions = B * T if "seq_index" in mb else B * (n_prompt + T)
-    return real, positions - real - n_seq * n_prompt
+    return real, positions - real - n_seq * n_prompt, positions
 
 
 # ----------------------------------------------------------------------------- attention

@@ -52,6 +52,7 @@ from prada_fast.dsconfig import ConfigError, check_with_deepspeed, load_ds_confi
 from prada_fast.engines import build_engines
 from prada_fast.export import export_final
 from prada_fast.model import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
+from prada_fast.packing import PackedCollator
 from prada_fast.preemption import EXIT_PREEMPTED, Preempted
 from prada_fast.report import RunDirError, prepare_output_dir, print_table
 from prada_fast.teacher import default_cache_dir, fit_teacher
@@ -87,9 +88,10 @@ def run(args) -> int:
     model, teacher, tok = build_models(args, data)
     before = evaluate_before(args, out, model, tok, data)
     engine, t_engine = build_engines(model, teacher, ds_cfg, head_lr_mult=args.domain_head_lr_mult)
-    batches = StepBatches(data.train, data.collate, global_batch=ds_cfg["train_batch_size"],
+    batches = StepBatches(data.train, train_collate(args, data), global_batch=ds_cfg["train_batch_size"],
                           micro_batch=ds_cfg["train_micro_batch_size_per_gpu"],
-                          world_size=info.world_size, rank=info.rank, seed=args.seed)
+                          world_size=info.world_size, rank=info.rank, seed=args.seed,
+                          tokens_per_batch=args.tokens_per_batch, n_prompt=args.prompt_len)
     ckpt_dir = out / "checkpoints"
     start, skipped = resume(args, engine, ckpt_dir, out / "metrics.jsonl")
     sharding = log_sharding(engine)
@@ -156,6 +158,14 @@ def build_models(args, data: Data):
     if teacher is not None:
         check_same_vocab(student, teacher)
     return model, teacher, tok
+
+
+def train_collate(args, data: Data):
+    """The training micro-batches' collator: packed rows with --packing (rows as wide as a
+    full-length padded example, --max-len + --prompt-len), else padded."""
+    if not args.packing:
+        return data.collate
+    return PackedCollator(data.collate.pad_id, args.prompt_len, args.max_len + args.prompt_len)
 
 
 def resolve_teacher(args, tok, train_examples, collate):
@@ -282,6 +292,7 @@ def summarise(args, out: Path, info, data: Data, stats: dict, sharding: dict, be
                      "probe_accuracy_before": align_before["probe_accuracy"],
                      "fooled": fooled(align_after, final_dom)}
     summary = {"steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"],
+               "real_tokens": stats["real_tokens"], "padding_fraction": stats["padding_fraction"],
                "final_loss": stats["final_loss"],
                "domain_classifier_accuracy": (align_after or {}).get("head_accuracy"),
                "domain_probe_accuracy": (align_after or {}).get("probe_accuracy"),

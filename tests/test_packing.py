@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from prada_fast.batching import StepBatches
 from prada_fast.data.format import Collator
 from prada_fast.engines import teacher_hidden
 from prada_fast.model import PradaModel, load_causal_lm
@@ -86,11 +87,12 @@ def test_packed_collator_layout(seed, K):
     assert sorted(seen) == list(range(S))
     pad = b["seq_index"] < 0
     assert (b["labels"][pad] == -100).all() and (b["attention_mask"][pad] == 0).all()
-    real, padding = position_counts(b, K)
+    real, padding, positions = position_counts(b, K)
     assert real == sum(len(e["input_ids"]) for e in exs) and padding == int(pad.sum())
-    real_p, padding_p = position_counts(Collator(PAD)(exs), K)
+    assert positions == R * T
+    real_p, padding_p, positions_p = position_counts(Collator(PAD)(exs), K)
     longest = max(len(e["input_ids"]) for e in exs)
-    assert real_p == real and padding_p == S * longest - real
+    assert real_p == real and padding_p == S * longest - real and positions_p == S * (K + longest)
 
 
 def test_block_causal_mask_against_loops():
@@ -192,6 +194,81 @@ def test_packed_step_equals_padded_step(seed, teacher, head, adversary):
 
 
 def packed_is_smaller(exs):
-    real_pad, pad_pad = position_counts(Collator(PAD)(exs), 5)
-    real_pack, pad_pack = position_counts(PackedCollator(PAD, 5, 42)(exs), 5)
+    real_pad, pad_pad, _ = position_counts(Collator(PAD)(exs), 5)
+    real_pack, pad_pack, _ = position_counts(PackedCollator(PAD, 5, 42)(exs), 5)
     return real_pad == real_pack and pad_pack < pad_pad
+
+
+# ----------------------------------------------------------------------------- batches by tokens
+def test_tokens_per_batch_cuts_the_stream_deterministically(seed):
+    """Micro-batches by tokens: within the budget (or one example), consecutive in the
+    epochs' stream across steps, ranks and micro-steps; the normaliser counts the whole
+    global batch; a fresh instance (a resumed run) gives the same step at once."""
+    g = torch.Generator().manual_seed(seed)
+    exs = examples(g, 37, hi=60)
+    K, budget, world, accum = 4, 150, 2, 3
+
+    def make(rank):
+        return StepBatches(exs, lambda b: [id(e) for e in b], global_batch=world * accum, micro_batch=1,
+                           world_size=world, rank=rank, seed=seed % 1000, tokens_per_batch=budget, n_prompt=K)
+    ranks = [make(0), make(1)]
+    cost_of = {id(e): K + len(e["input_ids"]) for e in exs}
+    stream, cuts = [], []
+    for step in range(9):
+        per_rank = [r.step(step) for r in ranks]
+        assert per_rank[0][1] == per_rank[1][1]
+        micro = [per_rank[r][0][a] for a in range(accum) for r in range(world)]  # global order
+        assert len(micro) == accum * world
+        for mb in micro:
+            assert sum(cost_of[i] for i in mb) <= budget or len(mb) == 1
+        cuts += micro
+        ids = [i for mb in micro for i in mb]
+        assert per_rank[0][1] == sum(e["n_labels"] for i in ids for e in exs if id(e) == i)
+        stream += ids
+    n = len(exs)
+    for e in range(len(stream) // n):  # every full epoch is a permutation of the examples
+        assert sorted(stream[e * n:(e + 1) * n]) == sorted(map(id, exs))
+    assert len(stream) > n  # the steps crossed an epoch boundary
+    resumed = make(1)
+    assert resumed.step(7) == ranks[1].step(7)
+    for mb, after in zip(cuts, cuts[1:]):  # greedy: the stream's next example did not fit
+        assert sum(cost_of[i] for i in mb) + cost_of[after[0]] > budget
+
+
+def test_normaliser_is_exact_under_accumulation_and_ranks(seed):
+    """One optimizer step of packed micro-batches by tokens over 2 ranks x 3 micro-steps,
+    each loss normalised by n_valid / (world x accum) and the gradients averaged as
+    DeepSpeed does, equals the loss and gradient of the whole global batch as one batch."""
+    student, _ = load_causal_lm("tiny", seed=seed % 1000)
+    model = PradaModel(student, n_domains=4, n_prompt=3, loss_impl="chunked")
+    g = torch.Generator().manual_seed(seed)
+    exs = examples(g, 23, hi=45)
+    world, accum = 2, 3
+    collate = PackedCollator(PAD, 3, 48)
+    loss_sum = 0.0
+    model.zero_grad(set_to_none=True)
+    n_tokens = 0
+    for rank in range(world):
+        batches = StepBatches(exs, collate, global_batch=world * accum, micro_batch=1, world_size=world,
+                              rank=rank, seed=seed % 1000, tokens_per_batch=130, n_prompt=3)
+        micro, n_valid = batches.step(0)
+        norm = n_valid / (world * batches.accum)
+        for mb in micro:
+            loss, parts = model(mb["input_ids"], mb["attention_mask"], mb["labels"], mb["domain_labels"],
+                                num_valid_tokens=norm, use_domain=False, position_ids=mb["position_ids"],
+                                seq_index=mb["seq_index"])
+            (loss / (accum * world)).backward()  # DeepSpeed: 1/accum per micro-step, mean over ranks
+            loss_sum += float(loss.detach()) / (accum * world)
+            n_tokens += int(parts["n_tokens"])
+    got = _grads(model)
+    everything = [exs[i] for i in batches.global_indices(0)]
+    assert n_tokens == n_valid == sum(e["n_labels"] for e in everything)
+    assert len(everything) > world * accum  # by tokens, more than one example per micro-batch
+    b = Collator(PAD)(everything)
+    model.zero_grad(set_to_none=True)
+    whole, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["domain_labels"], use_domain=False)
+    whole.backward()
+    assert abs(loss_sum - float(whole)) <= 1e-5 * abs(float(whole))
+    want = _grads(model)
+    for k in want:
+        assert rel(got[k], want[k]) < 1e-5, k
