@@ -50,9 +50,25 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def balanced_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """`first_fit_decreasing` into as few rows as `capacity` allows, then again at the
+    smallest capacity (binary search) that keeps that number of rows: the rows come out
+    about equally long, so that the batch's width (its longest row) wastes little."""
+    rows = first_fit_decreasing(lengths, capacity)
+    lo, hi = max(max(lengths), -(-sum(lengths) // len(rows))), capacity
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(first_fit_decreasing(lengths, mid)) <= len(rows):
+            hi = mid
+        else:
+            lo = mid + 1
+    return first_fit_decreasing(lengths, hi) if hi < capacity else rows
+
+
 class PackedCollator:
     """Packs encoded examples into rows of at most `width` positions (soft prompts
-    included; the trainer uses --max-len + K, the width of a full-length padded row).
+    included; the trainer uses --max-len + K, the width of a full-length padded row), as
+    few rows as fit them, about equally long (`balanced_rows`).
 
     Returns the batch dict of the padded collator (input_ids, attention_mask: 1 on real
     tokens only, labels, domain_labels (S,)) in the packed layout, plus position_ids,
@@ -68,7 +84,7 @@ class PackedCollator:
             raise ValueError("cannot collate an empty batch")
         K = self.n_prompt
         sizes = [K + len(ex["input_ids"]) for ex in examples]
-        rows = first_fit_decreasing(sizes, self.width)
+        rows = balanced_rows(sizes, self.width)
         shape = (len(rows), max(sum(sizes[i] for i in row) for row in rows))
         input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros(shape, dtype=torch.long)

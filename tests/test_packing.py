@@ -15,6 +15,7 @@ from prada_fast.model import PradaModel, load_causal_lm
 from prada_fast.packing import (
     PackedCollator,
     attention_mode,
+    balanced_rows,
     backbone_forward,
     block_causal_mask,
     first_fit_decreasing,
@@ -57,6 +58,18 @@ def test_first_fit_decreasing_fills_rows_within_capacity(seed):
     assert rows == first_fit_decreasing(list(lengths), 31)  # a function of its input
     with pytest.raises(ValueError, match="does not fit"):
         first_fit_decreasing([5, 32], 31)
+
+
+def test_balanced_rows_keep_the_fewest_rows_and_narrow_them(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, 120, (29,), generator=g).tolist()
+    fewest = first_fit_decreasing(lengths, 160)
+    rows = balanced_rows(lengths, 160)
+    assert sorted(i for r in rows for i in r) == list(range(29)) and len(rows) == len(fewest)
+    width = max(sum(lengths[i] for i in r) for r in rows)
+    assert width <= max(sum(lengths[i] for i in r) for r in fewest)
+    assert width < 160 or len(fewest) == 1
+    assert rows == balanced_rows(list(lengths), 160)
 
 
 @pytest.mark.parametrize("K", [0, 3])
