@@ -97,12 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--skip-bad", action="store_true",
                       help="skip malformed records (and report their count) instead of stopping")
     data.add_argument("--max-len", type=int, default=192, help="tokens per sequence")
-    data.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False,
+    data.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                       help="pack the examples of each micro-batch into rows of at most --max-len + "
                            "--prompt-len positions (each sequence with its own soft prompt, its "
-                           "position ids restarting at 0, attention kept within it), instead of "
+                           "position ids restarting at 0, attention kept within it) instead of "
                            "padding each example to the longest: the same loss and gradients, "
-                           "less compute spent on padding")
+                           "less compute spent on padding; --no-packing pads")
     data.add_argument("--tokens-per-batch", type=int, default=0, metavar="N",
                       help="fill each micro-batch with examples up to N tokens (soft prompt "
                            "included; at least one example) instead of the DeepSpeed config's "

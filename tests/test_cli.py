@@ -135,6 +135,6 @@ def test_defaults_and_edge_values_pass(tmp_path):
                 "--mlp-hidden", "16", "--inject-nan", "3,4", "--on-long", "truncate",
                 "--source-domains", "arithmetic", "--target-domains", "sorting",
                 "--packing", "--tokens-per-batch", "1"])
-    assert not args.packing and args.tokens_per_batch == 0
-    assert not parse_args([*out, "--packing", "--no-packing"]).packing
+    assert args.packing and args.tokens_per_batch == 0
+    assert not parse_args([*out, "--no-packing"]).packing
     parse_args([*out, "--alpha", "0"])  # the auto teacher of the preset student: KD is possible

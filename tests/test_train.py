@@ -83,25 +83,25 @@ def test_chunked_and_reference_agree_under_zero3(two_rank_runs):
 
 def test_packed_two_rank_run_equals_the_padded_one(two_rank_runs, tmp_path_factory, cache, ds_config,
                                                    tied_student):
-    """--packing under 2-rank ZeRO-3, live teacher and domain head: the same losses step by
-    step and the same trained weights as the padded run, with less padding."""
+    """Packed rows (the default) under 2-rank ZeRO-3, live teacher and domain head: the same
+    losses step by step and the same trained weights as the padded run, with less padding."""
     from safetensors.torch import load_file
-    packed = _two_rank_run(tmp_path_factory, cache, ds_config, tied_student, "chunked", "--packing")
-    a, b = metrics(packed), metrics(two_rank_runs["chunked"])
+    packed = two_rank_runs["chunked"]
+    padded = _two_rank_run(tmp_path_factory, cache, ds_config, tied_student, "chunked", "--no-packing")
+    a, b = metrics(packed), metrics(padded)
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "ce", "kd", "dom", "dom_acc"):
             assert abs(ra[key] - rb[key]) <= 1e-5 * abs(rb[key]) + 1.5e-6, (ra["step"], key)
-    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (packed, two_rank_runs["chunked"]))
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (packed, padded))
     assert sa["real_tokens"] == sb["real_tokens"] > 0
     assert sa["padding_fraction"] < sb["padding_fraction"]
-    wa, wb = (load_file(d / "final" / "model.safetensors") for d in (packed, two_rank_runs["chunked"]))
+    wa, wb = (load_file(d / "final" / "model.safetensors") for d in (packed, padded))
     for k in wb:
         diff = (wa[k].double() - wb[k].double()).norm() / wb[k].double().norm()
         assert diff <= 1e-5, (k, float(diff))
 
 
-@pytest.mark.parametrize("batching", [[], ["--packing", "--tokens-per-batch", "900"]],
-                         ids=["padded", "packed-by-tokens"])
+@pytest.mark.parametrize("batching", [[], ["--tokens-per-batch", "900"]], ids=["examples", "by-tokens"])
 def test_resume_continues_with_identical_losses(tmp_path, cache, batching):
     # the confusion adversary and a domain head in an optimizer group of its own (10x lr): its
     # state is checkpointed and resumed exactly too; packed micro-batches cut by tokens too
