@@ -15,7 +15,8 @@ The recipe, one function per stage, in the order `main` and `run` call them:
                      the PRADA model, the teacher
     evaluate_before  rank 0 claims the output directory, then evaluates the untrained model
     build_engines    DeepSpeed engines of student and teacher (prada_fast.engines), and the
-                     batches of each optimizer step (prada_fast.batching)
+                     batches of each optimizer step (prada_fast.batching), packed rows by
+                     default (prada_fast.packing)
     resume           the checkpoint to continue from, if any
     log_sharding     how ZeRO-3 partitioned the student
     train_steps      the optimisation loop (prada_fast.trainloop; SIGTERM/SIGUSR1: checkpoint, exit 5)
