@@ -284,3 +284,18 @@ def test_normaliser_is_exact_under_accumulation_and_ranks(seed):
     want = _grads(model)
     for k in want:
         assert rel(got[k], want[k]) < 1e-5, k
+
+
+def test_attention_mode_picks_varlen_masks_or_the_4d_fallback():
+    """flash_attention_2: flattened rows (varlen); a model whose module builds its masks with
+    transformers' create_causal_mask: the position ids; any other model: the 4-D mask."""
+    student, _ = load_causal_lm("tiny", attn="sdpa", seed=1)
+    assert attention_mode(student.model) == "positions"
+    student.config._attn_implementation = "flash_attention_2"
+    assert attention_mode(student.model) == "flash"
+
+    class Foreign(torch.nn.Module):  # a model of its own, building no transformers masks
+        config = SimpleNamespace(_attn_implementation="sdpa")
+    assert attention_mode(Foreign()) == "mask4d"
+    with pytest.raises(ValueError, match="mode"):
+        backbone_forward(Foreign(), torch.zeros(1, 3, dtype=torch.long), "dense", input_ids=None)
