@@ -3,10 +3,11 @@ under DeepSpeed ZeRO-3 (a world of one), the trainer's own forward (PradaModel, 
 with --loss-impl) and teacher pass, on a fixed random batch.
 
     python -m benchmarks.train_step --loss-impl chunked [--student tiny --teacher tiny-teacher
-        --vocab 32000 --batch 8 --seq 256 --warmup 2 --steps 3] [--json out.json]
+        --vocab 32000 --batch 8 --seq 256 --min-seq 256 --packing --warmup 2 --steps 3]
+        [--json out.json]
 
 `warmup` steps first (allocator, optimizer state), then `steps` timed steps: tokens per
-second (input tokens of the batch / median step time), and the peak memory of a step above
+second (real tokens of the batch, no padding / median step time), and the peak memory of a step above
 the state after warm-up (weights, optimizer state, ZeRO buffers) and in total, measured as
 in benchmarks.run_case (CUDA: max_memory_allocated over the timed steps; CPU: the resident
 set over one more, untimed step with glibc in exact mode). Running out of CUDA memory is a
@@ -32,7 +33,7 @@ from benchmarks.run_case import hwm_bytes, measure_cpu_peak
 def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vocab: int = 32000,
                      batch: int = 8, seq: int = 256, loss_impl: str = "auto", ds_config=None,
                      n_domains: int = 4, prompt_len: int = 8, target_frac: float = 0.25,
-                     seed: int = 0):
+                     seed: int = 0, min_seq: int | None = None, packing: bool = False):
     """A function step() -> (loss, tokens) running one ZeRO-3 optimizer step of student +
     teacher on a fixed random batch, and a dict describing the set-up. step.for_batch(b)
     gives the same step on a batch of b sequences.
@@ -40,15 +41,19 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
     student / teacher: presets (random weights from their configs) or local model
     directories; vocab > 0 replaces a preset's vocabulary (the byte vocabulary of the tiny
     presets has 259 ids, too few for the loss to matter). The batch: `batch` sequences of
-    `seq` tokens; a quarter of each sequence is the question (no target) and `target_frac`
-    of the sequences are unlabelled target-domain rows (domain loss only), as in PRADA.
+    `seq` tokens (or of random lengths in [min_seq, seq]); a quarter of each sequence is
+    the question (no target) and `target_frac` of the sequences are unlabelled
+    target-domain rows (domain loss only), as in PRADA. Padded to the longest, or with
+    `packing` packed into rows of seq + prompt_len positions (the trainer's --packing).
     The engines and the micro-step are the trainer's (prada_fast.engines), in a world of
     one: one micro-batch per optimizer step, GRL lambda 0.5, temperature 1, alpha 0.5."""
     from prada_fast import distributed as dist_util
     from prada_fast.cli import DEFAULT_DS
+    from prada_fast.data import Collator
     from prada_fast.dsconfig import load_ds_config
     from prada_fast.engines import build_engines, micro_step
     from prada_fast.model import PRESETS, PradaModel, check_same_vocab, load_causal_lm
+    from prada_fast.packing import PackedCollator, position_counts
 
     info = dist_util.setup(10.0)
     cfg = load_ds_config(ds_config or DEFAULT_DS, world_size=info.world_size, device=info.device,
@@ -75,25 +80,26 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
         """A step() on a fixed random batch of b sequences (same engines: ZeRO-3 does not
         fix the batch size, so a search for the largest batch needs no new process)."""
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(3, V, (b, seq), generator=g)
-        mask = torch.ones(b, seq, dtype=torch.long)
-        labels = ids.clone()
-        labels[:, : seq // 4] = -100                       # the question: no target
         n_target = int(round(b * target_frac))
-        if n_target:
-            labels[b - n_target:] = -100                   # unlabelled target-domain sequences
-        doms = torch.arange(b) % n_domains
-        mb = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev),
-              "domain_labels": doms.to(dev)}
-        n_valid = int((labels[:, 1:] != -100).sum())
-        tokens = int(mask.sum())
+        lengths = torch.randint(min_seq or seq, seq + 1, (b,), generator=g).tolist()
+        examples = []
+        for i, L in enumerate(lengths):
+            ids = torch.randint(3, V, (L,), generator=g).tolist()
+            labels = [-100] * (L // 4) + ids[L // 4:]      # the question: no target
+            if i >= b - n_target:
+                labels = [-100] * L                        # unlabelled target-domain sequences
+            examples.append({"input_ids": ids, "labels": labels, "domain": i % n_domains})
+        collate = PackedCollator(0, prompt_len, seq + prompt_len) if packing else Collator(0)
+        mb = {k: v.to(dev) for k, v in collate(examples).items()}
+        n_valid = sum(sum(y != -100 for y in ex["labels"][1:]) for ex in examples)
+        tokens, padding, positions = position_counts(mb, prompt_len)
 
         def step():
             loss, _ = micro_step(engine, t_engine, mb, norm=max(n_valid, 1), lam=0.5,
                                  temperature=1.0, alpha=0.5)
             return float(loss.detach()), tokens
 
-        step.n_valid, step.tokens = n_valid, tokens
+        step.n_valid, step.tokens, step.padding_fraction = n_valid, tokens, padding / positions
         return step
 
     step = for_batch(batch)
@@ -101,7 +107,9 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
     n_valid, tokens = step.n_valid, step.tokens
 
     desc = {"student": student, "teacher": teacher, "vocab": V, "batch": batch, "seq": seq,
-            "tokens_per_step": tokens, "loss_rows_per_step": n_valid, "loss_impl": loss_impl,
+            "min_seq": min_seq or seq, "packing": packing,
+            "padding_fraction": round(step.padding_fraction, 4), "tokens_per_step": tokens,
+            "loss_rows_per_step": n_valid, "loss_impl": loss_impl,
             "device": str(dev), "bf16": bool(cfg.get("bf16", {}).get("enabled")),
             "zero_stage": cfg.get("zero_optimization", {}).get("stage"),
             "student_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
@@ -117,7 +125,12 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default="tiny-teacher")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary of the presets (0: theirs)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (the longest)")
+    p.add_argument("--min-seq", type=int, default=None,
+                   help="sequences of random lengths in [min-seq, seq] (default: all seq)")
+    p.add_argument("--packing", action="store_true",
+                   help="pack the sequences into rows of seq + 8 positions (the trainer's "
+                        "--packing) instead of padding them to the longest")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--ds", default=None, help="DeepSpeed config (default: ds_configs/zero3.json)")
@@ -139,7 +152,8 @@ def measure(a) -> dict:
 
     t_setup = time.perf_counter()
     step, desc = build_train_step(student=a.student, teacher=a.teacher, vocab=a.vocab,
-                                  batch=a.batch, seq=a.seq, loss_impl=a.loss_impl, ds_config=a.ds)
+                                  batch=a.batch, seq=a.seq, loss_impl=a.loss_impl, ds_config=a.ds,
+                                  min_seq=a.min_seq, packing=a.packing)
     dev = torch.device(desc["device"])
     setup_s = time.perf_counter() - t_setup
 

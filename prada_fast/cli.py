@@ -109,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--skip-bad", action="store_true",
                       help="skip malformed records (and report their count) instead of stopping")
     data.add_argument("--max-len", type=int, default=192, help="tokens per sequence")
+    data.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                      help="pack the examples of each micro-batch into rows of at most --max-len + "
+                           "--prompt-len positions (each sequence with its own soft prompt, its "
+                           "position ids restarting at 0, attention kept within it) instead of "
+                           "padding each example to the longest: the same loss and gradients, "
+                           "less compute spent on padding; --no-packing pads")
+    data.add_argument("--tokens-per-batch", type=int, default=0, metavar="N",
+                      help="fill each micro-batch with examples up to N tokens (soft prompt "
+                           "included; at least one example) instead of the DeepSpeed config's "
+                           "train_micro_batch_size_per_gpu examples; the config's batch sizes then "
+                           "set only the accumulation steps (0: off)")
     data.add_argument("--on-long", choices=("truncate", "refuse"), default=None,
                       help="training records over --max-len: 'truncate' cuts them, even to no "
                            "labelled token; 'refuse' stops at the first. Default: cut them, but "
@@ -241,7 +252,7 @@ RANGES = {
     "keep_checkpoints": _at_least(0), "log_every": _at_least(1), "probe_every": _at_least(0),
     "seed": _within(0, 2**32 - 1),
     "dist_timeout": _above(0), "max_bad_steps": _at_least(1), "local_rank": _at_least(-1),
-    "max_len": _at_least(2), "eval_per_domain": _at_least(0),
+    "max_len": _at_least(2), "eval_per_domain": _at_least(0), "tokens_per_batch": _at_least(0),
     "teacher_steps": _at_least(1), "teacher_lr": _above(0), "prompt_len": _at_least(0),
     "mlp_hidden": _at_least(0), "prompt_hidden": _at_least(0),
     "alpha": _within(0, 1), "temperature": _above(0), "lambda_max": _at_least(0),

@@ -13,6 +13,7 @@ import torch
 from deepspeed import zero
 
 from .dsconfig import ConfigError, inference_config
+from .packing import backbone_forward
 from .teacher_cache import TeacherOutputs
 
 
@@ -67,13 +68,14 @@ def teacher_hidden(t_engine, mb: dict, device):
     teacher = t_engine.module
     with torch.no_grad():
         backbone = getattr(teacher, teacher.base_model_prefix)
-        th = backbone(input_ids=mb["input_ids"].to(device),
-                      attention_mask=mb["attention_mask"].to(device), use_cache=False)
-    return th.last_hidden_state, teacher.get_output_embeddings().weight
-
-
-def _to(t, device):
-    return None if t is None else t.to(device)
+        if "teacher_position_ids" in mb:  # packed rows: the same rows, sequences kept apart
+            th = backbone_forward(backbone, mb["teacher_position_ids"].to(device),
+                                  input_ids=mb["input_ids"].to(device))
+        else:
+            th = backbone(input_ids=mb["input_ids"].to(device),
+                          attention_mask=mb["attention_mask"].to(device),
+                          use_cache=False).last_hidden_state
+    return th, teacher.get_output_embeddings().weight
 
 
 def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperature: float,
@@ -82,6 +84,7 @@ def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperatu
     with the teacher head gathered), `engine.backward` and `engine.step` (DeepSpeed applies
     the optimizer at the last micro-batch of the accumulation). Returns (loss, parts).
 
+    mb: a padded batch, or packed rows (packing.PackedCollator).
     norm: the loss normaliser (valid target tokens per rank and micro-batch; DeepSpeed
     averages over both); lam: the GRL coefficient. inject_nan: multiply the loss by NaN
     before the backward pass (fault injection, the trainer's --inject-nan)."""
@@ -91,12 +94,13 @@ def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperatu
     else:
         th, tw = teacher_hidden(t_engine, mb, device)
         teacher, gather = {"teacher_hidden": th, "teacher_weight": tw}, [tw] if tw is not None else []
+    packed = {k: mb[k].to(device) for k in ("position_ids", "seq_index", "question_index") if k in mb}
     with zero.GatheredParameters(gather, modifier_rank=None):
         loss, parts = engine(
             mb["input_ids"].to(device), mb["attention_mask"].to(device),
             mb["labels"].to(device), mb["domain_labels"].to(device), **teacher, grl_lambda=lam,
             num_valid_tokens=max(norm, 1e-9), temperature=temperature, alpha=alpha,
-            use_domain=use_domain, question_index=_to(mb.get("question_index"), device))
+            use_domain=use_domain, **packed)
     if inject_nan:
         loss = loss * float("nan")
     engine.backward(loss)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .alignment import mmd_term
 from .op import confusion_term, grad_reverse, masked_mean, prada_loss
+from .packing import backbone_forward
 from .prompts import PromptEncoder
 
 # Llama-shaped presets small enough to train on a CPU in minutes. Vocabulary: bytes.
@@ -273,39 +274,74 @@ class PradaModel(nn.Module):
         hidden, _ = self.hidden_states(input_ids, attention_mask)
         return masked_mean(hidden, self.pool_mask(attention_mask, labels))
 
-    def forward(self, input_ids, attention_mask, labels, domain_labels, *, teacher_hidden=None,
-                teacher_weight=None, grl_lambda=1.0, num_valid_tokens=None, temperature=1.0,
-                alpha=0.5, use_domain=True, features_only=False, teacher_topk_ids=None,
-                teacher_topk_logprobs=None, question_index=None):
-        """(loss, parts) of PRADA's objective on a batch. features_only: (pooled features f,
-        domain logits) instead, no loss (a forward through this module, so that ZeRO-3
-        gathers the soft prompt and the head for it). question_index (B,): rows that share
-        a question (several rationales of it, numbered 0..S-1) pool into one feature, so
-        that the question counts once in the domain loss; each row keeps its task loss."""
-        if features_only:
-            f = self.pooled_features(input_ids, attention_mask, labels)
-            return f, self.domain_head(f)
+    def packed_hidden_states(self, input_ids, attention_mask, position_ids, seq_index):
+        """Final hidden states (rows, T, H) of packed rows (packing.py): each sequence's
+        prompt slots (seq_index >= 0, attention_mask 0) hold the soft prompt, vector p at
+        position id p; attention stays within each sequence."""
+        emb = self.student.get_input_embeddings()(input_ids)
+        if self.soft_prompt is not None:
+            slot = ((seq_index >= 0) & (attention_mask == 0)).unsqueeze(-1)
+            prompt = self.prompt_vectors().to(emb.dtype)[position_ids.clamp(max=self.n_prompt - 1)]
+            emb = torch.where(slot, prompt, emb)
+        return backbone_forward(self.backbone, position_ids, inputs_embeds=emb)
+
+    def _padded_inputs(self, input_ids, attention_mask, labels, teacher_hidden, topk):
+        """(hidden, next-token targets, pool mask, teacher hidden, top-k teacher) over
+        [prompt | tokens]; the teacher's prompt rows are ignored."""
         hidden, mask = self.hidden_states(input_ids, attention_mask)
         B, K = input_ids.shape[0], self.n_prompt
-        # next-token targets over [prompt | tokens]: position t predicts token t+1
         targets = torch.full_like(mask, -100, dtype=torch.long)
-        targets[:, K:-1] = labels[:, 1:]
+        targets[:, K:-1] = labels[:, 1:]  # position t predicts token t+1
         if teacher_hidden is not None and K:
             teacher_hidden = torch.cat([teacher_hidden.new_zeros(B, K, teacher_hidden.shape[-1]),
                                         teacher_hidden], 1)
-        topk = {}  # the teacher as cached top-k log-probabilities: the prompt rows are ignored
+        if K:
+            topk = {n: torch.cat([t[:, :1].expand(-1, K, -1), t], 1) for n, t in topk.items()}
+        return hidden, targets, self.pool_mask(attention_mask, labels), teacher_hidden, topk
+
+    def _packed_inputs(self, input_ids, attention_mask, labels, position_ids, seq_index):
+        """(hidden, targets, pool mask) of packed rows: a token's target is the next token of
+        its own sequence (none for the last, nor for prompt slots and padding)."""
+        hidden = self.packed_hidden_states(input_ids, attention_mask, position_ids, seq_index)
+        targets = torch.full_like(labels, -100)
+        same = (seq_index[:, 1:] == seq_index[:, :-1]) & (attention_mask[:, :-1] != 0)
+        targets[:, :-1] = torch.where(same, labels[:, 1:], targets[:, 1:])
+        pool = attention_mask.bool() & (labels == -100) if self.pool == "question" \
+            else attention_mask.bool()
+        return hidden, targets, pool.to(attention_mask.dtype)
+
+    def forward(self, input_ids, attention_mask, labels, domain_labels, *, teacher_hidden=None,
+                teacher_weight=None, grl_lambda=1.0, num_valid_tokens=None, temperature=1.0,
+                alpha=0.5, use_domain=True, features_only=False, teacher_topk_ids=None,
+                teacher_topk_logprobs=None, position_ids=None, seq_index=None, question_index=None):
+        """(loss, parts) of PRADA's objective on a batch. features_only: (pooled features f,
+        domain logits) instead, no loss (a forward through this module, so that ZeRO-3
+        gathers the soft prompt and the head for it). Packed rows (packing.py): position_ids
+        and seq_index (rows, T), domain_labels (S,), the teacher's inputs in the rows' layout.
+        question_index (one per row, or per packed sequence): rows that share a question
+        (several rationales of it, numbered 0..Q-1) pool into one feature, so that the
+        question counts once in the domain loss; each row keeps its task loss."""
+        if features_only:
+            f = self.pooled_features(input_ids, attention_mask, labels)
+            return f, self.domain_head(f)
+        topk = {}  # the teacher as cached top-k log-probabilities
         if teacher_topk_ids is not None:
             topk = {"teacher_topk_ids": teacher_topk_ids, "teacher_topk_logprobs": teacher_topk_logprobs}
-            if K:
-                topk = {n: torch.cat([t[:, :1].expand(-1, K, -1), t], 1) for n, t in topk.items()}
+        if seq_index is not None:
+            hidden, targets, pool = self._packed_inputs(input_ids, attention_mask, labels,
+                                                        position_ids, seq_index)
+        else:
+            hidden, targets, pool, teacher_hidden, topk = self._padded_inputs(
+                input_ids, attention_mask, labels, teacher_hidden, topk)
         lm_head = self.student.get_output_embeddings()
         linear_dom = use_domain and self.domain_head.kind == "linear"
-        pool = self.pool_mask(attention_mask, labels).to(hidden.dtype)
+        pool = pool.to(hidden.dtype)
         mmd = use_domain and self.adversary == "mmd"  # the head only watches; MMD aligns
         adversary, adv_lambda = ("confusion", 0.0) if mmd else (self.adversary, grl_lambda)
-        seq_index = None
         if use_domain and question_index is not None:
-            seq_index, domain_labels = self.per_question(question_index, domain_labels, hidden.shape[1])
+            seq_index, domain_labels = self.per_question(question_index, domain_labels, seq_index,
+                                                         hidden.shape[1])
+        n_seq = None if seq_index is None else len(domain_labels)
         loss, parts = prada_loss(
             hidden, lm_head.weight, targets, lm_bias=getattr(lm_head, "bias", None),
             teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
@@ -314,9 +350,8 @@ class PradaModel(nn.Module):
             domain_weight=self.domain_head.out.weight if linear_dom else None,
             domain_bias=self.domain_head.out.bias if linear_dom else None,
             domain_labels=domain_labels if linear_dom else None,
-            grl_lambda=adv_lambda, adversary=adversary, impl=self.loss_impl, **topk,
-            seq_index=seq_index if linear_dom else None)
-        n_seq = None if seq_index is None else len(domain_labels)
+            seq_index=seq_index if linear_dom else None,
+            grl_lambda=adv_lambda, adversary=adversary, impl=self.loss_impl, **topk)
         if use_domain and not linear_dom:  # MLP head: plain PyTorch, either adversary
             f = masked_mean(hidden, pool, seq_index, n_seq)
             grl = adversary == "grl"
@@ -335,15 +370,18 @@ class PradaModel(nn.Module):
         return loss, parts
 
     @staticmethod
-    def per_question(question_index, domain_labels, width: int):
-        """(seq_index (B, width): every position of a row carries its question's number,
-        domain labels (S,), one per question): the op then pools the rows of a question
-        together. Their question tokens come first and are the same, so under causal
-        attention their pooled features are the same too: the pool is that feature, with
-        the question's weight that of one row."""
-        S = int(question_index.max()) + 1
-        labels = domain_labels.new_zeros(S).scatter_(0, question_index, domain_labels)
-        return question_index[:, None].expand(-1, width).contiguous(), labels
+    def per_question(question_index, domain_labels, seq_index, width: int):
+        """(seq_index: every position carries its question's number (-1: none), domain
+        labels (Q,), one per question): the op then pools the rows (or packed sequences) of
+        a question together. question_index and domain_labels have one entry per row, or
+        per packed sequence when seq_index is given. Their question tokens come first and
+        are the same, so under causal attention (per sequence) their pooled features are
+        the same too: the pool is that feature, with the question's weight that of one row."""
+        Q = int(question_index.max()) + 1
+        labels = domain_labels.new_zeros(Q).scatter_(0, question_index, domain_labels)
+        if seq_index is None:
+            return question_index[:, None].expand(-1, width).contiguous(), labels
+        return torch.where(seq_index >= 0, question_index[seq_index.clamp(min=0)], -1), labels
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int,

@@ -54,4 +54,6 @@ def print_table(summary: dict) -> None:
           f"features: {_fmt(summary.get('domain_probe_accuracy'))} "
           f"(before {_fmt((summary.get('domain_alignment') or {}).get('probe_accuracy_before'))})")
     print(f"final loss {summary['final_loss']:.4f}  steps {summary['steps']}  "
-          f"tokens/s {summary['tokens_per_s']:.0f}  wall {summary['wall_seconds']}s", flush=True)
+          f"tokens/s {summary['tokens_per_s']:.0f} (real tokens; padding "
+          f"{summary.get('padding_fraction', 0):.1%} of positions)  wall {summary['wall_seconds']}s",
+          flush=True)

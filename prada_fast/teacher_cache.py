@@ -245,16 +245,18 @@ def open_manifest(path: Path) -> dict:
 
 def segments(mb: dict) -> list[tuple[int, int, int]]:
     """(row, start, end) of each example in a collated batch: a row's real tokens, or with
-    `seq_index` (packed rows) each run of positions with the same sequence number >= 0."""
+    `seq_index` (packed rows) each run of positions with the same sequence number >= 0,
+    less its soft-prompt slots in front (attention_mask 0: packing.PackedCollator)."""
     if "seq_index" not in mb:
         return [(b, 0, int(n)) for b, n in enumerate(mb["attention_mask"].sum(1).tolist())]
     out = []
-    for b, row in enumerate(mb["seq_index"].tolist()):
+    for b, (row, real) in enumerate(zip(mb["seq_index"].tolist(), mb["attention_mask"].tolist())):
         start = 0
         for t in range(1, len(row) + 1):
             if t == len(row) or row[t] != row[start]:
                 if row[start] >= 0:
-                    out.append((b, start, t))
+                    first = next((i for i in range(start, t) if real[i]), t)
+                    out.append((b, first, t))
                 start = t
     return out
 

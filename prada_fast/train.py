@@ -16,7 +16,8 @@ The recipe, one function per stage, in the order `main` and `run` call them:
                      checked against the run: prada_fast.teacher_cache)
     evaluate_before  rank 0 claims the output directory, then evaluates the untrained model
     build_engines    DeepSpeed engines of student and teacher (prada_fast.engines), and the
-                     batches of each optimizer step (prada_fast.batching)
+                     batches of each optimizer step (prada_fast.batching), packed rows by
+                     default (prada_fast.packing)
     resume           the checkpoint to continue from, if any
     log_sharding     how ZeRO-3 partitioned the student
     train_steps      the optimisation loop (prada_fast.trainloop; SIGTERM/SIGUSR1: checkpoint, exit 5)
@@ -53,6 +54,7 @@ from prada_fast.dsconfig import ConfigError, check_with_deepspeed, load_ds_confi
 from prada_fast.engines import build_engines
 from prada_fast.export import export_final
 from prada_fast.model import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
+from prada_fast.packing import PackedCollator
 from prada_fast.preemption import EXIT_PREEMPTED, Preempted
 from prada_fast.report import RunDirError, prepare_output_dir, print_table
 from prada_fast.teacher import AUTO_PRESET, FIT_BATCH, default_cache_dir, fit_teacher
@@ -94,9 +96,10 @@ def run(args) -> int:
     if cached:  # the teacher's tensors in the precision DeepSpeed trains the student in
         cached.set_dtype(next(engine.module.parameters()).dtype)
     t_engine = cached or t_engine
-    batches = StepBatches(data.train, data.collate, global_batch=ds_cfg["train_batch_size"],
+    batches = StepBatches(data.train, train_collate(args, data), global_batch=ds_cfg["train_batch_size"],
                           micro_batch=ds_cfg["train_micro_batch_size_per_gpu"],
-                          world_size=info.world_size, rank=info.rank, seed=args.seed)
+                          world_size=info.world_size, rank=info.rank, seed=args.seed,
+                          tokens_per_batch=args.tokens_per_batch, n_prompt=args.prompt_len)
     ckpt_dir = out / "checkpoints"
     start, skipped = resume(args, engine, ckpt_dir, out / "metrics.jsonl")
     sharding = log_sharding(engine)
@@ -182,6 +185,14 @@ def open_teacher_outputs(args, tok, data: Data, student):
         + (f", K={m['k']}, tau={m['temperature']}" if m["mode"] == "topk" else f", {m['dtype']}")
         + f", {m['records']['count']} examples); no teacher model is built")
     return outputs
+
+
+def train_collate(args, data: Data):
+    """The training micro-batches' collator: packed rows with --packing (rows as wide as a
+    full-length padded example, --max-len + --prompt-len), else padded."""
+    if not args.packing:
+        return data.collate
+    return PackedCollator(data.collate.pad_id, args.prompt_len, args.max_len + args.prompt_len)
 
 
 def resolve_teacher(args, tok, train_examples, collate):
@@ -308,6 +319,7 @@ def summarise(args, out: Path, info, data: Data, stats: dict, sharding: dict, be
                      "probe_accuracy_before": align_before["probe_accuracy"],
                      "fooled": fooled(align_after, final_dom)}
     summary = {"steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"],
+               "real_tokens": stats["real_tokens"], "padding_fraction": stats["padding_fraction"],
                "final_loss": stats["final_loss"],
                "domain_classifier_accuracy": (align_after or {}).get("head_accuracy"),
                "domain_probe_accuracy": (align_after or {}).get("probe_accuracy"),

@@ -27,6 +27,7 @@ from . import checkpoint
 from . import distributed as dist_util
 from .engines import micro_step
 from .op import lambda_at
+from .packing import position_counts
 from .preemption import Preempted, StopRequest
 
 PARTS = ("loss", "ce", "kd", "dom", "dom_acc", "mmd")  # mmd: --adversary mmd only
@@ -38,15 +39,17 @@ class BadNumerics(RuntimeError):
 
 def _optimizer_step(engine, t_engine, micro, *, norm, lam, args, inject_nan: bool):
     """Forward/backward of every micro-batch and the optimizer step; returns the summed
-    parts and input tokens of this rank. inject_nan: a NaN loss in the first micro-batch."""
-    sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64)
+    parts, and the real tokens, padding and positions of this rank (`packing.position_counts`).
+    inject_nan: a NaN loss in the first micro-batch."""
+    sums = torch.zeros(len(PARTS) + 3, dtype=torch.float64)
     for i, mb in enumerate(micro):
         loss, parts = micro_step(engine, t_engine, mb, norm=norm, lam=lam,
                                  temperature=args.temperature, alpha=args.alpha,
                                  use_domain=not args.no_domain_loss,
                                  inject_nan=inject_nan and i == 0)
         vals = [loss.item()] + [float(parts.get(k, 0.0)) for k in PARTS[1:]]
-        sums += torch.tensor(vals + [float(mb["attention_mask"].sum())], dtype=torch.float64)
+        sums += torch.tensor(vals + list(position_counts(mb, engine.module.n_prompt)),
+                             dtype=torch.float64)
     return sums
 
 
@@ -69,7 +72,8 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
     bar = tqdm(total=args.max_steps, initial=start, desc="train", dynamic_ncols=True,
                disable=not rank0 or args.no_progress)
     inject = {int(s) for s in args.inject_nan.split(",") if s} if args.inject_nan else set()
-    t_start, tokens_total, last, end = time.time(), 0, {}, start
+    t_start, tokens_total, padding_total, last, end = time.time(), 0, 0, {}, start
+    positions_total = 0
     bad_in_row = no_labels = 0
     def save(step: int) -> None:
         checkpoint.save(engine, ckpt_dir, step, {"skipped_steps": skipped}, keep=args.keep_checkpoints)
@@ -91,16 +95,20 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
             except (RuntimeError, dist_util.DistError) as e:
                 dist_util.raise_if_peer_failed(e, f"step {step + 1}")
                 raise
-            # the parts' means over ranks, and whether any rank was asked to stop
-            means = dist_util.all_mean((sums[:-1] / len(micro)).tolist() + [float(stop.requested())],
-                                       engine.device)
+            # the parts' means over ranks, the tokens' sums, and whether any rank was asked to stop
+            means = dist_util.all_mean((sums[:-3] / len(micro)).tolist() + sums[-3:].tolist()
+                                       + [float(stop.requested())], engine.device)
             stopping = means.pop() > 0
+            positions = round(means.pop() * world)
+            padding = round(means.pop() * world)
+            tokens = round(means.pop() * world)  # real tokens, every rank
             bad = engine.skipped_steps > skipped_before or not all(map(math.isfinite, means[:4]))
             skipped += bad
             bad_in_row = bad_in_row + 1 if bad else 0
             no_labels += n_valid == 0
-            tokens = int(sums[-1]) * world
             tokens_total += tokens
+            padding_total += padding
+            positions_total += positions
             dt = time.time() - t0
             last = dict(zip(PARTS, means))
             if getattr(args, "adversary", None) != "mmd" or args.no_domain_loss:
@@ -125,7 +133,8 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
                         or step + 1 == args.max_steps):
                     row = {"step": step + 1, **{k: round(v, 6) for k, v in last.items()},
                            "grl_lambda": round(lam, 6), "lr": lr,
-                           "tokens_per_s": round(tokens / max(dt, 1e-9), 1), **(probed or {})}
+                           "tokens_per_s": round(tokens / max(dt, 1e-9), 1),
+                           "padding_fraction": round(padding / max(positions, 1), 4), **(probed or {})}
                     if bad:
                         row["skipped"] = True
                     if n_valid == 0:
@@ -161,5 +170,6 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
             board.close()
     elapsed = time.time() - t_start
     return {"steps": end, "final_loss": last.get("loss", float("nan")), "final_parts": last,
+            "padding_fraction": padding_total / max(positions_total, 1), "real_tokens": tokens_total,
             "skipped_steps": skipped,
             "steps_without_labels": no_labels, "tokens_per_s": tokens_total / max(elapsed, 1e-9)}

@@ -32,6 +32,7 @@ BAD = {
     "--target-domains": ["--source-domains", "arithmetic", "--target-domains", "arithmetic"],
     "--max-len": ["--max-len", "1"],
     "--on-long": ["--on-long", "cut"],
+    "--tokens-per-batch": ["--tokens-per-batch", "-1"],
     "--eval-per-domain": ["--eval-per-domain", "-1"],
     "--student": ["--student", "TMP/no-model"],
     "--teacher": ["--teacher", "TMP/no-teacher"],
@@ -63,6 +64,7 @@ NO_BAD_VALUE = {  # flag -> why no value of it is wrong on its own
     "--help": "prints the help",
     "--no-progress": "a switch with no combination to contradict",
     "--skip-bad": "a switch with no combination to contradict",
+    "--packing": "a switch (--no-packing: off) with no combination to contradict",
     "--no-domain-loss": "a switch; the flags it makes moot are still valid",
 }
 # more bad values where a flag has several ways to be wrong
@@ -144,5 +146,8 @@ def test_defaults_and_edge_values_pass(tmp_path):
                 "--max-len", "2", "--stop-after", "0", "--save-every", "0", "--lambda-max", "0",
                 "--eval-per-domain", "0", "--prompt-len", "0", "--domain-head", "mlp",
                 "--mlp-hidden", "16", "--inject-nan", "3,4", "--on-long", "truncate",
-                "--source-domains", "arithmetic", "--target-domains", "sorting"])
+                "--source-domains", "arithmetic", "--target-domains", "sorting",
+                "--packing", "--tokens-per-batch", "1"])
+    assert args.packing and args.tokens_per_batch == 0
+    assert not parse_args([*out, "--no-packing"]).packing
     parse_args([*out, "--alpha", "0"])  # the auto teacher of the preset student: KD is possible
