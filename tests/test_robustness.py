@@ -319,6 +319,7 @@ def test_run_on_data_that_cannot_teach_exits_2_before_the_teacher(tmp_path, in_p
 class LoopEngine:
     skipped_steps = 0
     device = torch.device("cpu")
+    module = argparse.Namespace(n_prompt=0)
 
     def get_lr(self):
         return [0.1]
@@ -331,7 +332,9 @@ class Batches:
         self.empty = set(empty)
 
     def step(self, step):
-        return [{"attention_mask": torch.ones(2, 4)}], 0 if step + 1 in self.empty else 8
+        mb = {"attention_mask": torch.ones(2, 4), "input_ids": torch.zeros(2, 4, dtype=torch.long),
+              "domain_labels": torch.zeros(2, dtype=torch.long)}
+        return [mb], 0 if step + 1 in self.empty else 8
 
 
 def _loop_args(**kw):
