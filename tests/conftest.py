@@ -17,6 +17,9 @@ def pytest_addoption(parser):
     parser.addoption("--seed", type=int, default=None,
                      help="the random seed of every test (default: one per test, from its id); "
                           "a failing test prints its seed and the command that replays it")
+    parser.addoption("--gpu-rehearsal", action="store_true",
+                     help="also run every stage of benchmarks/gpu_session.py at tiny shapes on this "
+                          "machine (about 4 minutes on 2 cores): do it before a GPU session")
 
 
 @pytest.fixture(autouse=True)

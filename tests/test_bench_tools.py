@@ -42,8 +42,9 @@ def test_train_step_reports_out_of_memory(monkeypatch, tmp_path):
     assert res["oom"] is True and res["batch"] == 64 and "out of memory" in res["error"]
 
 
-def test_gpu_session_smoke(tmp_path):
-    """Every stage of the GPU session script at tiny shapes on this machine (the Triton
+def test_gpu_session_smoke(tmp_path, request):
+    """Opt-in (--gpu-rehearsal: 4 minutes of a CI run's budget). Every stage of the GPU
+    session script at tiny shapes on this machine (the Triton
     implementations interpreted on a CPU): the plumbing that a GPU call must not waste time
     on. Each stage writes its JSON, the parity checks inside pass, the report renders. The
     maxbatch stage is also the micro-batch search end to end on the CPU: real training steps
@@ -53,6 +54,8 @@ def test_gpu_session_smoke(tmp_path):
 
     from benchmarks import gpu_session
 
+    if not request.config.getoption("--gpu-rehearsal"):
+        pytest.skip("the GPU session's CPU rehearsal runs with --gpu-rehearsal")
     out = tmp_path / "gpu"
     # the deadline budgets a GPU call's time; here it only has to let every stage run, also on
     # a loaded CPU (the train stage's set-up alone took 300 s at a load of 7 on 2 cores)
