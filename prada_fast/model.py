@@ -352,8 +352,9 @@ class PradaModel(nn.Module):
             domain_labels=domain_labels if linear_dom else None,
             seq_index=seq_index if linear_dom else None,
             grl_lambda=adv_lambda, adversary=adversary, impl=self.loss_impl, **topk)
+        # the pooled features, where plain PyTorch needs them (an MLP head, the MMD term)
+        f = masked_mean(hidden, pool, seq_index, n_seq) if use_domain and (mmd or not linear_dom) else None
         if use_domain and not linear_dom:  # MLP head: plain PyTorch, either adversary
-            f = masked_mean(hidden, pool, seq_index, n_seq)
             grl = adversary == "grl"
             c = self.domain_head(grad_reverse(f, adv_lambda) if grl else f.detach())
             c = c.to(torch.promote_types(c.dtype, torch.float32))
@@ -364,7 +365,7 @@ class PradaModel(nn.Module):
             parts["dom"] = dom.detach()
             parts["dom_acc"] = (c.argmax(-1) == domain_labels).to(c.dtype).mean()
         if mmd:
-            align = mmd_term(masked_mean(hidden, pool, seq_index, n_seq), domain_labels)
+            align = mmd_term(f, domain_labels)
             loss = loss + (grl_lambda * align).to(loss.dtype)
             parts["mmd"] = align.detach()
         return loss, parts
