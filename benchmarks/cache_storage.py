@@ -55,10 +55,12 @@ except ImportError:  # pragma: no cover - a message, not a failure deep inside
     raise SystemExit("benchmarks.cache_storage needs safetensors: pip install safetensors") from None
 
 CASES = {  # name: (mode, H_t, K)
-    "hidden H_t=1024 bf16": ("hidden", 1024, 0),
-    "hidden H_t=4096 bf16": ("hidden", 4096, 0),
-    "top-k K=32": ("topk", 0, 32),
+    "hidden1024": ("hidden", 1024, 0),
+    "hidden4096": ("hidden", 4096, 0),
+    "topk32": ("topk", 0, 32),
 }
+LABELS = {"hidden1024": "hidden H_t=1024 bf16", "hidden4096": "hidden H_t=4096 bf16",
+          "topk32": "top-k K=32"}
 LAYOUTS = ("numpy", "st-shard", "st-example")
 VOCAB = 256  # the synthetic head (hidden mode) is tiny: it is no part of the comparison
 DROP = Path("/proc/sys/vm/drop_caches")
@@ -309,7 +311,7 @@ def run_case(name: str, case: tuple, args, spawn) -> list[dict]:
         with cf.ProcessPoolExecutor(1, mp_context=spawn) as pool:
             res = pool.submit(read_job, layout, str(path), batches, args.warm_batches,
                               args.cold_batches).result()
-        row = {"case": name, "layout": layout, "examples": len(examples),
+        row = {"case": LABELS[name], "layout": layout, "examples": len(examples),
                "rows": sum(len(ex["ids"]) - 1 for ex in examples), "payload_mb": payload / 1e6,
                "write_s": write_s, "disk_mb": disk_bytes(path) / 1e6, **res}
         rows.append(row)
@@ -350,7 +352,7 @@ def main(argv=None) -> None:
                    help="timed micro-batches each after dropping the page cache (0: none)")
     p.add_argument("--shard-mb", type=float, default=32, help="MB of rows per safetensors shard")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
-                   help="which row shapes to measure")
+                   help="which row shapes to measure: " + ", ".join(f"{k} ({v})" for k, v in LABELS.items()))
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
                    help="which layouts to measure")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic rows and of the batches")
