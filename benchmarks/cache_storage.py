@@ -27,8 +27,7 @@ mapped), opening the reader + `fetch` with a cold one (caches dropped, `sync; ec
 /proc/sys/vm/drop_caches`, before each micro-batch: needs root; skipped otherwise), and the
 reader process's peak RSS growth over the warm phase (opening the reader included; mapped
 file pages count). Prints a markdown table and writes OUT/results.json; the cache folders
-are deleted unless --keep. Needs the `safetensors` package (not a dependency of the
-trainer): `pip install safetensors`.
+are deleted unless --keep. Uses the `safetensors` package (installed with transformers).
 """
 from __future__ import annotations
 
@@ -52,7 +51,8 @@ try:
     from safetensors import safe_open
     from safetensors.torch import save_file
 except ImportError:  # pragma: no cover - a message, not a failure deep inside
-    raise SystemExit("benchmarks.cache_storage needs safetensors: pip install safetensors") from None
+    raise SystemExit("benchmarks.cache_storage needs safetensors (a dependency of transformers): "
+                     "pip install safetensors") from None
 
 CASES = {  # name: (mode, H_t, K)
     "hidden1024": ("hidden", 1024, 0),
