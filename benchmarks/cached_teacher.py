@@ -3,10 +3,17 @@ the trainer (`prada_fast/train.py`, a world of one) with `--teacher DIR` and wit
 `--teacher-outputs CACHE` on the same data, student and seed.
 
     python -m benchmarks.cached_teacher [--steps 30 --records 200 --threads 1]
+        [--vocab V] [--student-width H --student-layers L] [--teacher-width H --teacher-layers L]
         [--out benchmarks/out/cached_teacher]
 
 The teacher is the tiny-teacher preset widened and deepened (random weights: the speed does
-not depend on them) to several times the `tiny` student's FLOPs per token. For each cache
+not depend on them) to several times the `tiny` student's FLOPs per token; the flags above
+scale both models and give them a larger vocabulary (the byte tokenizer's ids stay below 260,
+the heads and the loss op run over all V), so that the LM heads weigh what they do in real
+models. Beside the measured ratios it prints the FLOP-bound ones: what each run would reach
+if a step cost only its matrix products (student forward + backward, teacher body, teacher
+head product). The gap between the two is the per-step cost that does not shrink with the
+teacher (DeepSpeed's hooks and optimizer step, the data path, Python). For each cache
 mode: the build time of `python -m prada_fast.precompute_teacher` and its bytes per cached
 token (one token = one labelled position). For each training run: the median tokens/s of the
 steps after the first `--warmup` (the trainer's own per-step figure in metrics.jsonl: input
@@ -27,16 +34,37 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# the teacher: the tiny-teacher preset, larger (the student, `tiny`: H 128, 3 layers)
-TEACHER = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6,
-               num_attention_heads=8, num_key_value_heads=8)
+# the default teacher: the tiny-teacher preset, larger (the student, `tiny`: H 128, 3 layers)
+TEACHER_WIDTH, TEACHER_LAYERS = 256, 6
+
+
+def shape(width: int, layers: int, vocab: int | None) -> dict:
+    """Config overrides of a Llama-shaped preset: heads of 32 dims, the MLP at 2.75x."""
+    cfg = dict(hidden_size=width, intermediate_size=int(width * 2.75), num_hidden_layers=layers,
+               num_attention_heads=width // 32, num_key_value_heads=width // 32)
+    return {**cfg, "vocab_size": vocab} if vocab else cfg
+
+
+def body_flops(cfg) -> int:
+    """2 x the weights one token's forward pass through the layers multiplies by (attention
+    scores left out)."""
+    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
+    return 2 * n * (2 * h * h + 2 * h * kv + 3 * h * i)
 
 
 def flops_per_token(cfg) -> int:
-    """2 x the weights one token's forward pass multiplies by (attention scores left out)."""
-    h, i, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
-    return 2 * (n * (2 * h * h + 2 * h * kv + 3 * h * i) + v * h)
+    """Forward FLOPs per token, LM head included."""
+    return body_flops(cfg) + 2 * cfg.vocab_size * cfg.hidden_size
+
+
+def flop_bound(student, teacher) -> dict:
+    """FLOPs per token of a training step with each teacher source: the student's forward and
+    backward (3x its forward), the teacher's layers (live only) and the teacher's head product
+    inside the loss op (live and hidden cache; the top-k cache needs none)."""
+    s = 3 * flops_per_token(student)
+    head = 2 * teacher.vocab_size * teacher.hidden_size
+    return {"live teacher": s + body_flops(teacher) + head, "hidden cache": s + head, "top-k cache": s}
 
 
 def timed(cmd, env, log: Path) -> tuple[float, int]:
@@ -64,6 +92,13 @@ def main(argv=None) -> int:
                    help="sequences per optimizer step (train_batch_size of ds_configs/zero3.json)")
     p.add_argument("--k", type=int, default=32, help="K of the top-k cache")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
+    p.add_argument("--vocab", type=int, default=0,
+                   help="vocabulary of both models (0: the byte tokenizer's, 259)")
+    p.add_argument("--student-width", type=int, default=0,
+                   help="student hidden size (0: the `tiny` preset, 128, 3 layers)")
+    p.add_argument("--student-layers", type=int, default=3, help="student layers (with --student-width)")
+    p.add_argument("--teacher-width", type=int, default=TEACHER_WIDTH, help="teacher hidden size")
+    p.add_argument("--teacher-layers", type=int, default=TEACHER_LAYERS, help="teacher layers")
     p.add_argument("--out", default="benchmarks/out/cached_teacher", metavar="DIR")
     args = p.parse_args(argv)
     out = (REPO / args.out).resolve()
@@ -76,21 +111,35 @@ def main(argv=None) -> int:
     from prada_fast.model import load_causal_lm
 
     teacher_dir = out / "teacher"
-    teacher, tok = load_causal_lm("tiny-teacher", config_overrides=TEACHER, seed=1)
+    teacher, tok = load_causal_lm(
+        "tiny-teacher", config_overrides=shape(args.teacher_width, args.teacher_layers, args.vocab), seed=1)
     teacher.save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
-    student, _ = load_causal_lm("tiny")
+    student_arg = "tiny"
+    if args.student_width or args.vocab:
+        student, _ = load_causal_lm("tiny", config_overrides=shape(
+            args.student_width or 128, args.student_layers, args.vocab), seed=0)
+        student_arg = str(out / "student")
+        student.save_pretrained(student_arg)
+        tok.save_pretrained(student_arg)
+    else:
+        student, _ = load_causal_lm("tiny")
     ratio = flops_per_token(teacher.config) / flops_per_token(student.config)
+    bound = flop_bound(student.config, teacher.config)
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     ds["train_batch_size"] = args.batch
     (out / "zero3.json").write_text(json.dumps(ds))
     common = ["--ds", str(out / "zero3.json"), "--data", f"synthetic:{args.records}",
               "--eval-per-domain", "0", "--max-len", str(args.max_len), "--seed", "0", "--no-progress",
-              "--teacher", str(teacher_dir)]
+              "--teacher", str(teacher_dir), "--student", student_arg]
 
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
                "batch": args.batch, "load_before": os.getloadavg()[0],
-               "teacher_flops_over_student": round(ratio, 2), "caches": {}, "runs": {}}
+               "teacher_flops_over_student": round(ratio, 2),
+               "models": {"vocab": student.config.vocab_size,
+                          "student": [student.config.hidden_size, student.config.num_hidden_layers],
+                          "teacher": [teacher.config.hidden_size, teacher.config.num_hidden_layers]},
+               "flops_per_token": bound, "caches": {}, "runs": {}}
     caches = {"hidden": ["--mode", "hidden", "--dtype", "float32"],
               "topk": ["--mode", "topk", "--k", str(args.k)]}
     for mode, flags in caches.items():
@@ -121,16 +170,21 @@ def main(argv=None) -> int:
     live = results["runs"]["live teacher"]["tokens_per_s"]
     for r in results["runs"].values():
         r["speedup"] = round(r["tokens_per_s"] / live, 2)
+    for name, r in results["runs"].items():
+        r["flop_bound_speedup"] = round(bound["live teacher"] / bound[name], 2)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    print(f"\nteacher {ratio:.1f}x the student's FLOPs per token; {args.batch} sequences per step; "
+    m = results["models"]
+    print(f"\nvocabulary {m['vocab']}; student H {m['student'][0]} x {m['student'][1]} layers, teacher "
+          f"H {m['teacher'][0]} x {m['teacher'][1]} layers; "
+          f"teacher {ratio:.1f}x the student's FLOPs per token; {args.batch} sequences per step; "
           f"{args.threads} thread(s); {results['date']}; load average before "
           f"{results['load_before']:.1f}\n")
-    print("| run | tokens/s (median) | vs live | peak RSS | final loss |\n"
-          "| --- | ---: | ---: | ---: | ---: |")
+    print("| run | tokens/s (median) | vs live | FLOP-bound vs live | MFLOP per token | peak RSS | "
+          "final loss |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results["runs"].items():
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['peak_rss_mib']} MiB | "
-              f"{r['final_loss']:.4f} |")
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['flop_bound_speedup']:.2f}x | "
+              f"{bound[name] / 1e6:.1f} | {r['peak_rss_mib']} MiB | {r['final_loss']:.4f} |")
     print("\n| cache | build time | positions | bytes per cached token | size |\n"
           "| --- | ---: | ---: | ---: | ---: |")
     for mode, c in results["caches"].items():
