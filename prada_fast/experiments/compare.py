@@ -749,8 +749,9 @@ def write_markdown(report: dict, path: Path) -> None:
           "- Fresh probes: a logistic-regression and a nearest-class-mean classifier fitted on "
           "the pooled features of the held-out records (stratified cross-validation). They measure "
           "how much domain information the features still carry, whatever the head learned. "
-          "Source-domain records are encoded with their rationale and answer and target-domain "
-          "records without (as in training), which by itself makes the target easy to tell apart.",
+          "The features are the final hidden states averaged over each record's question tokens "
+          "(the domain head's input, `--pool question`); the question comes first and attention is "
+          "causal, so a source record's rationale and answer do not reach them.",
           "- final loss is the task loss plus L_dom, and (a) has no L_dom: compare the variants' "
           "task fit by final CE and KD.",
           "- final L_dom compared with ln D: the domain cross-entropy at chance; far above it means "
