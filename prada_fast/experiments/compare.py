@@ -728,8 +728,8 @@ def write_markdown(report: dict, path: Path) -> None:
             L.append(f"| {x['label']} | {head} | {fmt(x['probe_accuracy'])} | {fmt(x['ncm_accuracy'])} "
                      f"| {dom} | {fmt(x['final_ce'])} | {fmt(x['final_kd'])} | {fmt(x['final_loss'])} "
                      f"| {fmt(x['wall_seconds'], 0)} |")
-        L += ["", f"¹ the first variant of each seed ({vs[keys[0]]['label']}) also fits that seed's "
-              "teacher.", ""]
+        L += ["", "¹ the first run of each seed to need its teacher also fitted it (in one invocation "
+              f"that is {vs[keys[0]]['label']}; the fit times are listed above).", ""]
         plots = report["plots"].get(target, {})
         if plots.get("pca"):
             L += [f"### Pooled student features, PCA (seed {plots['pca_seed']}, held-out records)", "",
