@@ -1,6 +1,7 @@
 """Running prada_fast/train.py as a user would: a subprocess, one process or the deepspeed
 launcher with N ranks on the CPU."""
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -42,3 +43,12 @@ def train(args, cache, nproc=1, check=True, timeout=900):
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_metrics(ra: dict, rb: dict, keys) -> bool:
+    """Two metrics.jsonl rows equal in `keys` to one fp32 rounding step: the file prints 6
+    decimals, and a loss near 7 is a float32 with an ulp of 5e-7, so two identical runs were
+    seen to print 7.363482 and 7.363483 (one uninterrupted run, from one invocation of a test
+    to the next)."""
+    return all(math.isclose(ra[k], rb[k], rel_tol=1e-6, abs_tol=1e-6) for k in keys)
+

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from runner import FAST, FIT, REPO, metrics, train, train_cmd, train_env
+from runner import FAST, FIT, REPO, metrics, same_metrics, train, train_cmd, train_env
 
 from prada_fast import checkpoint
 
@@ -70,7 +70,7 @@ def _same_losses(full, cut):
     a, b = metrics(full), metrics(cut)
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))
     for ra, rb in zip(a, b, strict=True):
-        assert all(ra[k] == rb[k] for k in COMPARED), (ra, rb)
+        assert same_metrics(ra, rb, COMPARED), (ra, rb)
 
 
 def test_killed_rank_fails_fast_and_resume_matches_uninterrupted_run(tmp_path, cache, two_rank_reference):
@@ -82,9 +82,9 @@ def test_killed_rank_fails_fast_and_resume_matches_uninterrupted_run(tmp_path, c
     assert proc.returncode != 0
     assert f"rank 1 (pid {pids['1']}) died" in out or "--local_rank=1" in out, out[-3000:]
 
-    before = metrics(cut)  # the steps logged before the kill: same seed, same losses, bit for bit
+    before = metrics(cut)  # the steps logged before the kill: same seed, same losses (to fp32 rounding)
     for ra, rb in zip(metrics(full), before):
-        assert all(ra[k] == rb[k] for k in COMPARED), (ra, rb)
+        assert same_metrics(ra, rb, COMPARED), (ra, rb)
 
     train([*args, "--output-dir", str(cut), "--resume"], cache, nproc=2)
     _same_losses(full, cut)

@@ -8,13 +8,13 @@ bit); safe loading of final/. The two-rank runs (preemption, resume) are in
 test_reliability.py."""
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
 
 import pytest
 import torch
+from runner import same_metrics
 
 from prada_fast import checkpoint, trainloop
 from prada_fast.data import DataError, Record, load_spec
@@ -423,12 +423,9 @@ def _rows(run) -> list[dict]:
 
 
 def _assert_same_losses(a: list[dict], b: list[dict], steps: int) -> None:
-    """Equal to one fp32 rounding step: metrics.jsonl prints 6 decimals, and a loss near 7 is
-    a float32 with an ulp of 5e-7, so two identical runs were seen to print 7.363482 and
-    7.363483 (the reference run itself, from one invocation of the test to the next)."""
     assert [r["step"] for r in b] == list(range(1, steps + 1))
     for ra, rb in zip(a, b, strict=True):
-        assert all(math.isclose(ra[k], rb[k], rel_tol=1e-6, abs_tol=1e-6) for k in COMPARED), (ra, rb)
+        assert same_metrics(ra, rb, COMPARED), (ra, rb)
 
 
 def test_preemption_keep_checkpoints_and_fallback_in_a_run(tmp_path, in_process, capsys, monkeypatch):
