@@ -94,9 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
     p.add_argument("--vocab", type=int, default=0,
                    help="vocabulary of both models (0: the byte tokenizer's, 259)")
-    p.add_argument("--student-width", type=int, default=0,
-                   help="student hidden size (0: the `tiny` preset, 128, 3 layers)")
-    p.add_argument("--student-layers", type=int, default=3, help="student layers (with --student-width)")
+    p.add_argument("--student-width", type=int, default=128, help="student hidden size (`tiny`: 128)")
+    p.add_argument("--student-layers", type=int, default=3, help="student layers (`tiny`: 3)")
     p.add_argument("--teacher-width", type=int, default=TEACHER_WIDTH, help="teacher hidden size")
     p.add_argument("--teacher-layers", type=int, default=TEACHER_LAYERS, help="teacher layers")
     p.add_argument("--out", default="benchmarks/out/cached_teacher", metavar="DIR")
@@ -115,15 +114,12 @@ def main(argv=None) -> int:
         "tiny-teacher", config_overrides=shape(args.teacher_width, args.teacher_layers, args.vocab), seed=1)
     teacher.save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
-    student_arg = "tiny"
-    if args.student_width or args.vocab:
-        student, _ = load_causal_lm("tiny", config_overrides=shape(
-            args.student_width or 128, args.student_layers, args.vocab), seed=0)
-        student_arg = str(out / "student")
-        student.save_pretrained(student_arg)
-        tok.save_pretrained(student_arg)
-    else:
-        student, _ = load_causal_lm("tiny")
+    # the default shape() is the `tiny` preset's own (H 128, MLP 352, 4 heads, 3 layers)
+    student, _ = load_causal_lm("tiny", config_overrides=shape(
+        args.student_width, args.student_layers, args.vocab), seed=0)
+    student_arg = str(out / "student")
+    student.save_pretrained(student_arg)
+    tok.save_pretrained(student_arg)
     ratio = flops_per_token(teacher.config) / flops_per_token(student.config)
     bound = flop_bound(student.config, teacher.config)
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
@@ -168,9 +164,8 @@ def main(argv=None) -> int:
                                  "final_loss": rows[-1]["loss"], "peak_rss_mib": rss,
                                  "wall_s": round(wall, 1)}
     live = results["runs"]["live teacher"]["tokens_per_s"]
-    for r in results["runs"].values():
-        r["speedup"] = round(r["tokens_per_s"] / live, 2)
     for name, r in results["runs"].items():
+        r["speedup"] = round(r["tokens_per_s"] / live, 2)
         r["flop_bound_speedup"] = round(bound["live teacher"] / bound[name], 2)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 

@@ -52,3 +52,9 @@ def same_metrics(ra: dict, rb: dict, keys) -> bool:
     to the next)."""
     return all(math.isclose(ra[k], rb[k], rel_tol=1e-6, abs_tol=1e-6) for k in keys)
 
+
+def assert_same_losses(a: list[dict], b: list[dict], steps: int, keys) -> None:
+    """Runs a and b logged steps 1..steps with the same metrics (same_metrics)."""
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    for ra, rb in zip(a, b, strict=True):
+        assert same_metrics(ra, rb, keys), (ra, rb)

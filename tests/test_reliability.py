@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from runner import FAST, FIT, REPO, metrics, same_metrics, train, train_cmd, train_env
+from runner import FAST, FIT, REPO, assert_same_losses, metrics, same_metrics, train, train_cmd, train_env
 
 from prada_fast import checkpoint
 
@@ -67,10 +67,7 @@ def _start_and_wait(args, out, cache, steps):
 
 
 def _same_losses(full, cut):
-    a, b = metrics(full), metrics(cut)
-    assert [r["step"] for r in b] == list(range(1, STEPS + 1))
-    for ra, rb in zip(a, b, strict=True):
-        assert same_metrics(ra, rb, COMPARED), (ra, rb)
+    assert_same_losses(metrics(full), metrics(cut), STEPS, COMPARED)
 
 
 def test_killed_rank_fails_fast_and_resume_matches_uninterrupted_run(tmp_path, cache, two_rank_reference):
