@@ -45,7 +45,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prada_fast import precompute_teacher
 from prada_fast import teacher_cache as tc
+from prada_fast.data import Collator
+from prada_fast.data.format import IGNORE_INDEX
 
 try:
     from safetensors import safe_open
@@ -64,12 +67,13 @@ LABELS = {"hidden1024": "hidden H_t=1024 bf16", "hidden4096": "hidden H_t=4096 b
 LAYOUTS = ("numpy", "st-shard", "st-example")
 VOCAB = 256  # the synthetic head (hidden mode) is tiny: it is no part of the comparison
 DROP = Path("/proc/sys/vm/drop_caches")
+COLLATE = Collator(pad_id=0)  # right-padded micro-batches, as the trainer's (no soft prompt)
 
 
 # ----------------------------------------------------------------------------- data
 def make_examples(mode: str, width: int, k: int, size_mb: float, rows: int, seed: int,
                   least: int) -> list[dict]:
-    """Examples ({ids, labels, key, values: {array name: torch tensor of rows}}) of about
+    """Examples ({input_ids, labels, domain, key, values: {array name: torch tensor of rows}}) of about
     `size_mb` MB of rows in all, at least `least`; an example of n rows has n + 1 tokens,
     all but the first labelled."""
     g = torch.Generator().manual_seed(seed)
@@ -79,21 +83,22 @@ def make_examples(mode: str, width: int, k: int, size_mb: float, rows: int, seed
     while total < size_mb * 1e6 or len(out) < least:
         n = rng.randint(rows // 2, rows * 3 // 2)
         ids = [rng.randrange(VOCAB) for _ in range(n + 1)]
-        labels = [-100] + ids[1:]
+        labels = [IGNORE_INDEX] + ids[1:]
         if mode == "hidden":
             values = {"hidden.bin": torch.randn(n, width, generator=g).to(torch.bfloat16)}
         else:
             lp = -torch.rand(n, k, generator=g).mul(10).sort(dim=1).values
             values = {"ids.bin": torch.randint(0, VOCAB, (n, k), generator=g, dtype=torch.int32),
                       "logprobs.bin": lp}
-        out.append({"ids": ids, "labels": labels, "key": tc.example_key(ids, labels), "values": values})
+        out.append({"input_ids": ids, "labels": labels, "domain": 0, "key": tc.example_key(ids, labels),
+                    "values": values})
         total += n * row_bytes
     return out
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
-    """The cache's on-disk numpy form (bfloat16 as uint16), as precompute_teacher writes it."""
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    """The cache's on-disk numpy form, as precompute_teacher writes it."""
+    return precompute_teacher.as_numpy(t, "bfloat16" if t.dtype == torch.bfloat16 else "float32")
 
 
 def manifest(mode: str, width: int, k: int, parts: list[str], part_rows: list[int]) -> dict:
@@ -122,7 +127,7 @@ def write_numpy(out: Path, case: tuple, examples: list[dict], batch: int) -> Non
             chunk = examples[i:i + batch]
             writer.write_rows({name: np.concatenate([as_numpy(ex["values"][name]) for ex in chunk])
                                for name in chunk[0]["values"]})
-            writer.commit([ex["key"] for ex in chunk], [len(ex["ids"]) - 1 for ex in chunk])
+            writer.commit([ex["key"] for ex in chunk], [len(ex["input_ids"]) - 1 for ex in chunk])
     finally:
         writer.close()
     finish(out, mode, width, k, examples, tc.committed(out / tc.PARTS))
@@ -141,7 +146,7 @@ def write_safetensors(out: Path, case: tuple, examples: list[dict], shard_mb: fl
         name = f"s{len(set(p for p, _, _ in done.values())):05d}"
         row = 0
         for ex in shard:
-            n = len(ex["ids"]) - 1
+            n = len(ex["input_ids"]) - 1
             done[ex["key"]] = (name, row, n)
             row += n
         if per_example:
@@ -194,18 +199,6 @@ def open_reader(layout: str, path: Path) -> tc.TeacherOutputs:
 
 
 # ----------------------------------------------------------------------------- reading
-def collate(examples: list[dict]) -> dict:
-    """A right-padded micro-batch as the trainer's collator gives it (no soft prompt)."""
-    T = max(len(ex["ids"]) for ex in examples)
-    ids = torch.zeros(len(examples), T, dtype=torch.long)
-    labels = torch.full((len(examples), T), -100, dtype=torch.long)
-    mask = torch.zeros(len(examples), T, dtype=torch.long)
-    for b, ex in enumerate(examples):
-        n = len(ex["ids"])
-        ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(ex["ids"]), torch.tensor(ex["labels"]), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 def fetch(reader: tc.TeacherOutputs, keys: list[str], names: list[str]) -> dict:
     """The storage part of op_inputs: each example's rows, one tensor per array."""
     return {n: torch.cat([reader._tensor(reader.entry(key, n)) for key in keys]) for n in names}
@@ -243,7 +236,7 @@ def read_job(layout: str, path: str, batches: list[list[dict]], warm: int, cold:
         t0 = time.perf_counter()
         fetch(reader, keys, names)
         t1 = time.perf_counter()
-        reader.op_inputs(collate(mb), "cpu")
+        reader.op_inputs(COLLATE(mb), "cpu")
         t2 = time.perf_counter()
         if i >= 3:
             times_fetch.append(t1 - t0)
@@ -312,7 +305,7 @@ def run_case(name: str, case: tuple, args, spawn) -> list[dict]:
             res = pool.submit(read_job, layout, str(path), batches, args.warm_batches,
                               args.cold_batches).result()
         row = {"case": LABELS[name], "layout": layout, "examples": len(examples),
-               "rows": sum(len(ex["ids"]) - 1 for ex in examples), "payload_mb": payload / 1e6,
+               "rows": sum(len(ex["input_ids"]) - 1 for ex in examples), "payload_mb": payload / 1e6,
                "write_s": write_s, "disk_mb": disk_bytes(path) / 1e6, **res}
         rows.append(row)
         print(json.dumps(row), flush=True)
