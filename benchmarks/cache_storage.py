@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from prada_fast import precompute_teacher
-from prada_fast import teacher_cache as tc
+from prada_fast.teacher import cache as tc
 from prada_fast.data import Collator
 from prada_fast.data.format import IGNORE_INDEX
 

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     env.update(OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO),
                PRADA_FAST_CACHE=str(out / "fit-cache"))
     sys.path.insert(0, str(REPO))
-    from prada_fast.model import load_causal_lm
+    from prada_fast.models import load_causal_lm
 
     teacher_dir = out / "teacher"
     teacher, tok = load_causal_lm(

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from prada_fast.envinfo import versions
+from prada_fast.common.envinfo import versions
 from prada_fast.op.testing import DTYPES, GRAD_NAMES, random_inputs, rel_err, tolerance  # noqa: F401
 
 

@@ -101,7 +101,7 @@ def pytest_benchmark_generate_commit_info(config):
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    from prada_fast.envinfo import machine, versions
+    from prada_fast.common.envinfo import machine, versions
     output_json["prada"] = {
         "device": DEVICE, "versions": versions(), "machine": machine(),
         "command": "pytest " + " ".join(sys.argv[1:]) if sys.argv else "pytest",

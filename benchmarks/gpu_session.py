@@ -43,7 +43,7 @@ import torch
 from benchmarks.cases import check_errors, oracle_pieces, rows_case, unavailable_reason
 from benchmarks.harness import REPO, CaseFailed, child_env, run_group, run_module
 from benchmarks.report import MiB, fmt, md_table, op_table, train_table, update_results, versions_text
-from prada_fast.envinfo import machine, versions
+from prada_fast.common.envinfo import machine, versions
 
 STAGES = ("env", "correct", "op", "train", "maxbatch", "big", "tune", "compiled")
 TARGETS = {"vs_liger_jsd": 0.9, "vs_reference_time": 0.5, "vs_reference_memory": 0.10,

@@ -62,8 +62,7 @@ def main(argv=None) -> int:
 
     from benchmarks.cases import emit_result
     from benchmarks.train_step import build_train_step
-    from prada_fast import distributed as dist_util
-
+    from prada_fast.common import distributed as dist_util
     sizes = batch_sizes(a.start, a.limit, a.factor)
     t0 = time.perf_counter()
     step, desc = build_train_step(student=a.student, teacher=a.teacher, vocab=a.vocab, batch=a.start,

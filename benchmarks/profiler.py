@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         res = profile(fn, out, dev, title, warmup=a.warmup)
         print(f"wrote {res['trace']} and {res['table']} ({res['wall_s']:.2f} s profiled)")
     if a.what == "step":
-        from prada_fast import distributed as dist_util
+        from prada_fast.common import distributed as dist_util
         dist_util.teardown()
     return 0
 

@@ -47,13 +47,13 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
     `packing` packed into rows of seq + prompt_len positions (the trainer's --packing).
     The engines and the micro-step are the trainer's (prada_fast.engines), in a world of
     one: one micro-batch per optimizer step, GRL lambda 0.5, temperature 1, alpha 0.5."""
-    from prada_fast import distributed as dist_util
-    from prada_fast.cli import DEFAULT_DS
+    from prada_fast.common import distributed as dist_util
+    from prada_fast.trainer.flags import DEFAULT_DS
     from prada_fast.data import Collator
-    from prada_fast.dsconfig import load_ds_config
-    from prada_fast.engines import build_engines, micro_step
-    from prada_fast.model import PRESETS, PradaModel, check_same_vocab, load_causal_lm
-    from prada_fast.packing import PackedCollator, position_counts
+    from prada_fast.trainer.dsconfig import load_ds_config
+    from prada_fast.trainer.engines import build_engines, micro_step
+    from prada_fast.models import PRESETS, PradaModel, check_same_vocab, load_causal_lm
+    from prada_fast.trainer.packing import PackedCollator, position_counts
 
     info = dist_util.setup(10.0)
     cfg = load_ds_config(ds_config or DEFAULT_DS, world_size=info.world_size, device=info.device,
@@ -148,8 +148,7 @@ def main(argv=None) -> int:
 
 
 def measure(a) -> dict:
-    from prada_fast import distributed as dist_util
-
+    from prada_fast.common import distributed as dist_util
     t_setup = time.perf_counter()
     step, desc = build_train_step(student=a.student, teacher=a.teacher, vocab=a.vocab,
                                   batch=a.batch, seq=a.seq, loss_impl=a.loss_impl, ds_config=a.ds,

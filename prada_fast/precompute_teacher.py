@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 if not __package__:  # run as a script: this checkout's package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prada_fast import distributed as dist_util  # noqa: E402
-from prada_fast import teacher_cache as tc  # noqa: E402
-from prada_fast.cli import (  # noqa: E402
+from prada_fast.common import distributed as dist_util  # noqa: E402
+from prada_fast.teacher import cache as tc  # noqa: E402
+from prada_fast.trainer.flags import (  # noqa: E402
     RANGES,
     FlagError,
     FlagParser,
@@ -39,11 +39,11 @@ from prada_fast.cli import (  # noqa: E402
     build_parser,
     flag,
 )
-from prada_fast.cli import parse_args as cli_parse_args  # noqa: E402
+from prada_fast.trainer.flags import parse_args as cli_parse_args  # noqa: E402
 from prada_fast.data import DataError  # noqa: E402
 from prada_fast.data.loaders import check_spec  # noqa: E402
-from prada_fast.dsconfig import ConfigError, check_with_deepspeed, inference_config, load_ds_config  # noqa: E402
-from prada_fast.model import PRESETS, ModelError, byte_tokenizer, check_model_dir  # noqa: E402
+from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, inference_config, load_ds_config  # noqa: E402
+from prada_fast.models import PRESETS, ModelError, byte_tokenizer, check_model_dir  # noqa: E402
 
 # the trainer's flags that decide the examples, the tokenizer, the teacher and how it runs
 TRAINER_FLAGS = ("ds", "seed", "no_progress", "dist_timeout", "local_rank", "data", "source_domains",

@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataError, Record, load_spec
-from .data.format import ANSWER_MARKER, PROMPT, grade
-from .model import PRESETS, ModelError, load_causal_lm
+from prada_fast.data import DataError, Record, load_spec
+from prada_fast.data.format import ANSWER_MARKER, PROMPT, grade
+from prada_fast.models import PRESETS, ModelError, load_causal_lm
 
 COT_TRIGGER = "Let's think step by step."
 PROMPTS = ("auto", "cot", "prada")

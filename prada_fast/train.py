@@ -44,22 +44,23 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 if not __package__:  # run as a script (`deepspeed prada_fast/train.py`): this checkout's package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prada_fast import checkpoint
-from prada_fast import distributed as dist_util
-from prada_fast.batching import StepBatches
-from prada_fast.cli import parse_args
+from prada_fast.trainer import checkpoint
+from prada_fast.common import distributed as dist_util
+from prada_fast.trainer.batching import StepBatches
+from prada_fast.trainer.flags import parse_args
 from prada_fast.data import Collator, DataError
 from prada_fast.data.prepare import check_lengths, describe_lengths, encode_all, hold_out, load_records
-from prada_fast.dsconfig import ConfigError, check_with_deepspeed, load_ds_config
-from prada_fast.engines import build_engines
-from prada_fast.export import export_final
-from prada_fast.model import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
-from prada_fast.packing import PackedCollator
-from prada_fast.preemption import EXIT_PREEMPTED, Preempted
-from prada_fast.report import RunDirError, prepare_output_dir, print_table
-from prada_fast.teacher import AUTO_PRESET, FIT_BATCH, default_cache_dir, fit_teacher
-from prada_fast.teacher_cache import TeacherCacheError
-from prada_fast.trainloop import BadNumerics, tensorboard_writer, train_steps
+from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, load_ds_config
+from prada_fast.trainer.engines import build_engines
+from prada_fast.models.final import export_final
+from prada_fast.models import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
+from prada_fast.trainer.packing import PackedCollator
+from prada_fast.trainer.preemption import EXIT_PREEMPTED, Preempted
+from prada_fast.trainer.report import print_table
+from prada_fast.trainer.rundir import RunDirError, prepare_output_dir
+from prada_fast.teacher.fit import AUTO_PRESET, FIT_BATCH, default_cache_dir, fit_teacher
+from prada_fast.teacher.cache import TeacherCacheError
+from prada_fast.trainer.loop import BadNumerics, tensorboard_writer, train_steps
 
 
 def log(msg: str) -> None:
@@ -174,7 +175,7 @@ def open_teacher_outputs(args, tok, data: Data, student):
     """The --teacher-outputs cache, checked against this run (teacher_cache.open_for_run:
     TeacherCacheError names the field that does not match) and against the student's
     vocabulary."""
-    from prada_fast.teacher_cache import open_for_run
+    from prada_fast.teacher.cache import open_for_run
     outputs = open_for_run(args, tok, data.train)
     m = outputs.manifest
     if m["vocab_size"] != student.get_output_embeddings().weight.shape[0]:
@@ -274,7 +275,7 @@ def export(args, engine, tok, data: Data, out: Path) -> None:
     meta = {"domains": data.domains, "roles": data.roles, "n_prompt": args.prompt_len,
             "domain_head": args.domain_head, "mlp_hidden": args.mlp_hidden, "pool": args.pool,
             "adversary": args.adversary, "prompt_encoder": args.prompt_encoder}
-    export_final(engine.module, tok, out / "final", meta)
+    export_final(engine.module, tok, out / "final", meta, rank0=dist_util.rank() == 0)
 
 
 def evaluate_after(args, out: Path, data: Data):
@@ -295,7 +296,7 @@ def eval_batches(eval_examples, collate, size: int = 64) -> list:
 def evaluate(model, tok, eval_records, eval_examples, collate, args):
     """(answer accuracy by domain, domain alignment: the head's and a fresh probe's accuracy
     on the pooled features, evaluation.domain_alignment) on the held-out records."""
-    from prada_fast.evaluation import answer_accuracy, domain_alignment
+    from prada_fast.trainer.evaluation import answer_accuracy, domain_alignment
     with dist_util.all_threads():
         acc = answer_accuracy(model, tok, eval_records, max_new_tokens=args.max_new_tokens,
                               batch_size=args.eval_batch_size)
@@ -306,7 +307,7 @@ def evaluate(model, tok, eval_records, eval_examples, collate, args):
 def summarise(args, out: Path, info, data: Data, stats: dict, sharding: dict, before, after) -> None:
     """Rank 0: DIR/summary.json and the end-of-run table, with a warning when the student
     fools its domain head rather than aligning the domains."""
-    from prada_fast.evaluation import fooled
+    from prada_fast.trainer.evaluation import fooled
     if dist_util.rank() != 0:
         return
     (acc_before, align_before), (acc_after, align_after) = before, after

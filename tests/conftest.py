@@ -54,7 +54,7 @@ def pytest_runtest_makereport(item, call):
 def in_process(monkeypatch, tmp_path):
     """prada_fast.train.main called in this process, a world of one; a teacher it fits is
     cached under this test's tmp_path."""
-    from prada_fast.distributed import free_port
+    from prada_fast.common.distributed import free_port
 
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(free_port()),
@@ -86,7 +86,7 @@ def tied_student(tmp_path_factory):
     """A tiny Llama with tied input/output embeddings, saved as a local HF directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prada_fast.model import byte_tokenizer
+    from prada_fast.models import byte_tokenizer
     tok = byte_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,

@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from prada_fast.distributed import launch_cmd
+from prada_fast.common.distributed import launch_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick: tiny synthetic data, short generations, a metrics line every step.

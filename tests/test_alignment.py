@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from prada_fast.alignment import SCALES, mmd_term
-from prada_fast.model import PradaModel, load_causal_lm
+from prada_fast.models.mmd import SCALES, mmd_term
+from prada_fast.models import PradaModel, load_causal_lm
 from prada_fast.op import masked_mean
 
 

@@ -6,7 +6,7 @@ checked once the run has started fails here."""
 import pytest
 
 from prada_fast import train
-from prada_fast.cli import build_parser, parse_args
+from prada_fast.trainer.flags import build_parser, parse_args
 
 # flag -> the arguments that make it bad (TMP: this test's tmp_path; FILE: a file there).
 # A combination names the flag of its row, possibly with another one.

@@ -3,7 +3,7 @@ the soft prompt, the MLP domain head with its GRL, batched greedy decoding, and 
 import pytest
 import torch
 
-from prada_fast.model import ModelError, PradaModel, check_same_vocab, load_causal_lm, pick_attention
+from prada_fast.models import ModelError, PradaModel, check_same_vocab, load_causal_lm, pick_attention
 from prada_fast.op import masked_mean
 
 
@@ -89,7 +89,7 @@ def test_prompt_encoder_output_is_the_prompt_and_trains(kind):
 def test_export_bakes_the_prompt_encoder(tmp_path):
     """final/ holds the encoder's output as plain vectors: the reloaded model has no encoder
     and gives the same logits as the trained one."""
-    from prada_fast.export import export_final
+    from prada_fast.models.final import export_final
     student, tok = load_causal_lm("tiny", seed=14)
     model = PradaModel(student, n_domains=3, n_prompt=4, prompt_encoder="lstm").eval()
     with torch.no_grad():
@@ -161,8 +161,8 @@ def test_pool_mask_is_the_question(tiny):
 def test_domain_head_learning_rate_group():
     """--domain-head-lr-mult: the head in an optimizer group of its own at X times the lr;
     refused with a scheduler that would set one lr for every group."""
-    from prada_fast.dsconfig import ConfigError
-    from prada_fast.engines import param_groups
+    from prada_fast.trainer.dsconfig import ConfigError
+    from prada_fast.trainer.engines import param_groups
 
     student, _ = load_causal_lm("tiny", seed=1)
     model = PradaModel(student, n_domains=3, n_prompt=2)
@@ -182,7 +182,7 @@ def test_batched_greedy_decoding_matches_one_at_a_time(tiny):
     model = PradaModel(student, n_domains=4, n_prompt=4).eval()
     prompts = [tok("Q: 3+4-1=?\nA:", add_special_tokens=False).input_ids,
                tok("Q: Sort 9 1 5.\nA:", add_special_tokens=False).input_ids]
-    from prada_fast.evaluation import _left_pad
+    from prada_fast.trainer.evaluation import _left_pad
     ids, mask = _left_pad(prompts, tok.pad_token_id)
     both = model.generate(ids, mask, 12, tok.eos_token_id, tok.pad_token_id)
     for i, p in enumerate(prompts):

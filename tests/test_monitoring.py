@@ -7,7 +7,7 @@ import pytest
 import torch
 from runner import FAST
 
-from prada_fast.evaluation import domain_alignment, fooled
+from prada_fast.trainer.evaluation import domain_alignment, fooled
 
 
 class _Features(torch.nn.Module):
@@ -87,7 +87,7 @@ def test_summary_alignment_tensorboard_and_layer_probes(in_process, tmp_path):
     # where the domain lives: a probe per layer of the same run (layers.py)
     from prada_fast.experiments.analysis import pooled_features
     from prada_fast.experiments.layers import layer_probes, table
-    from prada_fast.model import PradaModel
+    from prada_fast.models import PradaModel
     per_layer, y, domains, _ = pooled_features(out, all_layers=True)
     final, y2, _, _ = pooled_features(out)
     model, tok, _ = PradaModel.from_final(out / "final", attn="sdpa")

@@ -1,4 +1,4 @@
-"""Packed rows (prada_fast/packing.py): the layout, attention that never crosses a
+"""Packed rows (trainer/packing.py, models/packed_attention.py): the layout, attention that never crosses a
 sequence (each packed sequence's hidden states and logits equal those of the sequence run
 alone, on every attention path that runs on the CPU), and a packed step equal to the
 padded step on the same examples: loss, parts and every gradient (fp32, 1e-5 relative),
@@ -8,19 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prada_fast.batching import StepBatches
+from prada_fast.trainer.batching import StepBatches
 from prada_fast.data.format import Collator
-from prada_fast.engines import teacher_hidden
-from prada_fast.model import PradaModel, load_causal_lm
-from prada_fast.packing import (
-    PackedCollator,
-    attention_mode,
-    balanced_rows,
-    backbone_forward,
-    block_causal_mask,
-    first_fit_decreasing,
-    position_counts,
-)
+from prada_fast.trainer.engines import teacher_hidden
+from prada_fast.models import PradaModel, load_causal_lm
+from prada_fast.models.packed_attention import attention_mode, backbone_forward, block_causal_mask
+from prada_fast.trainer.packing import PackedCollator, balanced_rows, first_fit_decreasing, position_counts
 
 V, PAD = 259, 0
 
@@ -131,7 +124,7 @@ def test_each_packed_sequence_equals_the_sequence_alone(seed, attn, mode, monkey
     exs = examples(g, 9, hi=30)
     b = PackedCollator(PAD, 3, 34)(exs)
     if mode is not None:
-        monkeypatch.setattr("prada_fast.model.backbone_forward",
+        monkeypatch.setattr("prada_fast.models.prada.backbone_forward",
                             lambda bb, pos, **kw: backbone_forward(bb, pos, mode, **kw))
     with torch.no_grad():
         packed = model.packed_hidden_states(b["input_ids"], b["attention_mask"],

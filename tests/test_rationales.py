@@ -14,7 +14,7 @@ import torch
 from prada_fast import rationales
 from prada_fast.data import Collator, Record, encode, generate_all, load_spec
 from prada_fast.data.prepare import hold_out
-from prada_fast.distributed import free_port, torch_threads
+from prada_fast.common.distributed import free_port, torch_threads
 from runner import REPO
 
 # The command's sampling settings shared by the runs compared below.
@@ -27,8 +27,8 @@ def teacher(tmp_path_factory):
     """The tiny-teacher preset fitted on the synthetic coinflip sources as the trainer fits
     it (teacher.fit_teacher), briefly: it learns coinflip, not sorting. Cached under this
     session's tmp directory, or under $PRADA_FAST_TEST_TEACHERS across sessions."""
-    from prada_fast.model import byte_tokenizer
-    from prada_fast.teacher import fit_teacher
+    from prada_fast.models import byte_tokenizer
+    from prada_fast.teacher.fit import fit_teacher
     tok = byte_tokenizer()
     examples = []
     for r in generate_all(100, 0, ("coinflip",)):
@@ -232,7 +232,7 @@ def test_rationales_of_a_question_count_once_in_the_domain_loss():
     """Two rationales of one question and another question: the domain loss and accuracy
     are those of one row per question, each rationale keeps its own task loss."""
     from prada_fast.data.format import question_index
-    from prada_fast.model import PradaModel, load_causal_lm
+    from prada_fast.models import PradaModel, load_causal_lm
     student, tok = load_causal_lm("tiny", seed=0)
     model = PradaModel(student, 2, 4, loss_impl="chunked", adversary="confusion")
     recs = [Record("3+5-2=?", "3+5=8. 8-2=6.", "6", "a"), Record("3+5-2=?", "8 then 6.", "6", "a"),

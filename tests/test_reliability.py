@@ -12,8 +12,7 @@ import pytest
 import torch
 from runner import FAST, FIT, REPO, assert_same_losses, metrics, same_metrics, train, train_cmd, train_env
 
-from prada_fast import checkpoint
-
+from prada_fast.trainer import checkpoint
 pytestmark = pytest.mark.slow
 NO_DATA = FAST[2:]  # FAST without its --data
 assert FAST[0] == "--data"
@@ -188,7 +187,7 @@ def _bad_ds(tmp_path):
 
 
 def _other_vocab_teacher(tmp_path):
-    from prada_fast.model import load_causal_lm
+    from prada_fast.models import load_causal_lm
     model, tok = load_causal_lm("tiny")
     model.resize_token_embeddings(300)
     path = tmp_path / "teacher300"
@@ -260,7 +259,7 @@ def test_teardown_removes_this_ranks_deepspeed_shm_buffer(tmp_path, monkeypatch)
     removes this rank's (named as DeepSpeed's shm.cpp names it) and nothing else."""
     import torch.distributed as dist
 
-    from prada_fast.distributed import free_port, shm_buffer, teardown
+    from prada_fast.common.distributed import free_port, shm_buffer, teardown
     port = str(free_port())
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", port)

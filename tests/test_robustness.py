@@ -16,12 +16,13 @@ import pytest
 import torch
 from runner import assert_same_losses
 
-from prada_fast import checkpoint, trainloop
+from prada_fast.trainer import checkpoint
+from prada_fast.trainer import loop as trainloop
 from prada_fast.data import DataError, Record, load_spec
 from prada_fast.data.prepare import check_lengths, describe_lengths, encode_all
-from prada_fast.dsconfig import ConfigError, load_ds_config
-from prada_fast.model import ModelError, PradaModel, byte_tokenizer, check_model_dir, load_causal_lm
-from prada_fast.preemption import Preempted, StopRequest
+from prada_fast.trainer.dsconfig import ConfigError, load_ds_config
+from prada_fast.models import ModelError, PradaModel, byte_tokenizer, check_model_dir, load_causal_lm
+from prada_fast.trainer.preemption import Preempted, StopRequest
 
 FAST = ["--data", "synthetic:48", "--eval-per-domain", "0", "--no-progress", "--log-every", "1",
         "--max-len", "128", "--teacher", "none"]
@@ -384,7 +385,7 @@ def test_a_signal_stops_the_loop_after_the_step_with_a_checkpoint(loop, tmp_path
 def test_the_deepspeed_launcher_above_a_rank_is_watched(monkeypatch):
     """Under `deepspeed`, the rank's parent is deepspeed.launcher.launch and its parent the
     deepspeed runner (their /proc entries faked here): the rank stops when either dies."""
-    from prada_fast import preemption
+    from prada_fast.trainer import preemption
     launcher, runner = os.getppid(), 4242
     parents = {launcher: runner}
     cmd = {launcher: "python -u -m deepspeed.launcher.launch --world_info=e30= prada_fast/train.py",

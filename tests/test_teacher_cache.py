@@ -13,8 +13,8 @@ import pytest
 import torch
 from runner import REPO, train_env
 
-from prada_fast import teacher_cache as tc
-from prada_fast.distributed import free_port, launch_cmd
+from prada_fast.teacher import cache as tc
+from prada_fast.common.distributed import free_port, launch_cmd
 
 TAU = 1.7
 # small training data without held-out records; a metrics line every step
@@ -54,7 +54,7 @@ def root(tmp_path_factory):
 
 def save_teacher(path, seed):
     """The tiny-teacher preset with random weights (seeded) as a model directory."""
-    from prada_fast.model import load_causal_lm
+    from prada_fast.models import load_causal_lm
     model, tok = load_causal_lm("tiny-teacher", seed=seed, attn="eager")
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -291,7 +291,7 @@ def test_a_cache_that_does_not_match_the_run_is_refused(case, root, teacher, hid
 def test_training_from_a_topk_cache_with_k_equal_v_equals_the_live_teacher(root, teacher, tmp_path):
     """At K = V the top-k KD is the full KD: the losses of the live teacher."""
     cache = tmp_path / "topk-all"
-    from prada_fast.model import byte_tokenizer
+    from prada_fast.models import byte_tokenizer
     vocab = len(byte_tokenizer())  # the teacher's vocabulary, every id
     assert precompute(["--out", str(cache), "--teacher", str(teacher), *DATA, "--mode", "topk",
                        "--k", str(vocab), "--temperature", str(TAU)], root) == 0

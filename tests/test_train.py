@@ -55,7 +55,7 @@ def test_two_rank_zero3_partitions_parameters_and_learns(two_rank_runs):
 def test_final_model_loads_with_from_pretrained(two_rank_runs, tied_student):
     from transformers import AutoModelForCausalLM
 
-    from prada_fast.model import PradaModel
+    from prada_fast.models import PradaModel
     final = two_rank_runs["chunked"] / "final"
     model = AutoModelForCausalLM.from_pretrained(final)
     start = AutoModelForCausalLM.from_pretrained(tied_student)

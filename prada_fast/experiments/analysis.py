@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from prada_fast.distributed import torch_threads
-from prada_fast.probes import one_thread, probe_accuracy  # noqa: F401 (probe_accuracy: re-exported)
+from prada_fast.common.distributed import torch_threads
+from prada_fast.trainer.probes import one_thread, probe_accuracy  # noqa: F401 (probe_accuracy: re-exported)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -83,7 +83,7 @@ def mean_curves(runs: list[list[dict]], keys=("ce", "kd", "dom")) -> dict:
 def held_out_records(run_config: dict):
     """The held-out records of a finished run, exactly as the trainer chose and encoded
     them (from its run_config.json): (records, domains, args)."""
-    from prada_fast.train import hold_out, load_records
+    from prada_fast.data.prepare import hold_out, load_records
     args = argparse.Namespace(**run_config)
     records, _ = load_records(args)
     domains = sorted({r.domain for r in records})
@@ -102,9 +102,9 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
 
     Returns (features float32 (n x H), domain ids (n,), domains, roles)."""
     from prada_fast.data import Collator
-    from prada_fast.model import PradaModel
+    from prada_fast.models import PradaModel
     from prada_fast.op import masked_mean
-    from prada_fast.train import encode_all
+    from prada_fast.data.prepare import encode_all
 
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()

@@ -44,8 +44,8 @@ import torch
 
 from prada_fast.data import SYNTHETIC_TARGET
 from prada_fast.data.synthetic import STORY_BENCHMARK, STORY_PSEUDO_TARGET, STORY_TARGET
-from prada_fast.distributed import launch_cmd
-from prada_fast.envinfo import machine, versions
+from prada_fast.common.distributed import launch_cmd
+from prada_fast.common.envinfo import machine, versions
 
 from .analysis import aggregate, load_metrics, mean_curves, pca_2d, pooled_features, probe_accuracy
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from prada_fast.experiments.analysis import pooled_features
-from prada_fast.probes import one_thread, probe_accuracy
+from prada_fast.trainer.probes import one_thread, probe_accuracy
 
 
 @one_thread
@@ -29,7 +29,7 @@ def layer_probes(run_dir, *, folds: int = 5) -> dict:
     logistic probe on the final features projected onto the span of the head's D weight rows
     ("in_head_rows", all the head can see) and onto its orthogonal complement ("outside"):
     a student that hides the domain from its head alone leaves it in "outside"."""
-    from prada_fast.model import PradaModel
+    from prada_fast.models import PradaModel
 
     feats, labels, domains, _ = pooled_features(run_dir, all_layers=True)
     rows = [{"layer": i, "logistic": probe_accuracy(f, labels, folds=folds),

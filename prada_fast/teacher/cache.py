@@ -339,8 +339,8 @@ class TeacherOutputs:
 def teacher_identity(args, train_examples) -> dict:
     """What names the teacher of a run: the auto fit's key (its preset, flags and training
     examples), a preset's name and init seed, or a hash of a model directory's files."""
-    from .model import PRESETS
-    from .teacher import AUTO_PRESET, FIT_BATCH, cache_key
+    from prada_fast.models import PRESETS
+    from prada_fast.teacher.fit import AUTO_PRESET, FIT_BATCH, cache_key
     if args.teacher == "auto":
         return {"kind": "auto-fit", "preset": AUTO_PRESET,
                 "fit_key": cache_key(AUTO_PRESET, train_examples, args.teacher_steps,

@@ -9,13 +9,13 @@ import os
 import sys
 from pathlib import Path
 
-from .data import SYNTHETIC_TARGET, DataError
-from .data.loaders import check_spec
-from .model import PRESETS, ModelError, check_model_dir
-from .prompts import PROMPT_ENCODERS
-from .report import RunDirError, check_output_dir
+from prada_fast.data import SYNTHETIC_TARGET, DataError
+from prada_fast.data.loaders import check_spec
+from prada_fast.models import PRESETS, ModelError, check_model_dir
+from prada_fast.models.prompts import PROMPT_ENCODERS
+from prada_fast.trainer.rundir import RunDirError, check_output_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DS = REPO / "ds_configs" / "zero3.json"
 
 
@@ -321,7 +321,7 @@ def _check_paths(args) -> None:
     if getattr(args, "teacher_outputs", None):
         if args.teacher == "none":
             raise FlagError("--teacher-outputs is a teacher's outputs: it contradicts --teacher none")
-        from .teacher_cache import TeacherCacheError, open_manifest
+        from prada_fast.teacher.cache import TeacherCacheError, open_manifest
         try:
             open_manifest(Path(args.teacher_outputs))
         except TeacherCacheError as e:

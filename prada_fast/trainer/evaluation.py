@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from .data.format import grade, prompt_text
-from .probes import probe_accuracy
+from prada_fast.data.format import grade, prompt_text
+from prada_fast.trainer.probes import probe_accuracy
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int):

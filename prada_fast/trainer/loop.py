@@ -23,12 +23,12 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
-from . import distributed as dist_util
-from .engines import micro_step
-from .op import lambda_at
-from .packing import position_counts
-from .preemption import Preempted, StopRequest
+from prada_fast.trainer import checkpoint
+from prada_fast.common import distributed as dist_util
+from prada_fast.trainer.engines import micro_step
+from prada_fast.op import lambda_at
+from prada_fast.trainer.packing import position_counts
+from prada_fast.trainer.preemption import Preempted, StopRequest
 
 PARTS = ("loss", "ce", "kd", "dom", "dom_acc", "mmd")  # mmd: --adversary mmd only
 
@@ -116,7 +116,7 @@ def train_steps(engine, t_engine, batches, args, *, start, out, ckpt_dir, log, s
             probed = None
             if probe_batches and args.probe_every and (
                     (step + 1) % args.probe_every == 0 or step + 1 == args.max_steps):
-                from .evaluation import alignment_probe  # every rank: a ZeRO-3 forward
+                from prada_fast.trainer.evaluation import alignment_probe  # every rank: a ZeRO-3 forward
                 probed = alignment_probe(engine.module, probe_batches, fit=rank0)
             if rank0:
                 bar.update(1)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from deepspeed import zero
 
-from .dsconfig import ConfigError, inference_config
-from .packing import backbone_forward
-from .teacher_cache import TeacherOutputs
+from prada_fast.trainer.dsconfig import ConfigError, inference_config
+from prada_fast.models.packed_attention import backbone_forward
+from prada_fast.teacher.cache import TeacherOutputs
 
 
 # Schedulers that scale each parameter group's own lr (a multiplier survives them); the

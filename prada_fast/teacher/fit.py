@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .model import load_causal_lm
+from prada_fast.models import load_causal_lm
 
 FIT_VERSION = 1
 AUTO_PRESET = "tiny-teacher"  # what `--teacher auto` fits for a preset student

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist_util
-
+from prada_fast.common import distributed as dist_util
 LATEST = "latest"
 MANIFEST = "prada_manifest.json"
 _TAG = re.compile(r"^step(\d+)$")

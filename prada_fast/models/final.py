@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist_util
-from .model import PradaModel
+from prada_fast.models.prada import PradaModel
 
 
 def gather_state(module, rank0: bool) -> dict:
@@ -36,9 +35,9 @@ def baked_prompt(model: PradaModel, rank0: bool):
         return model.prompt_vectors().detach().to("cpu", copy=True) if rank0 else None
 
 
-def export_final(model: PradaModel, tok, out_dir: Path, meta: dict) -> None:
-    """DIR/final: the student as a Hugging Face model directory plus soft prompt and head."""
-    rank0 = dist_util.rank() == 0
+def export_final(model: PradaModel, tok, out_dir: Path, meta: dict, rank0: bool = True) -> None:
+    """DIR/final: the student as a Hugging Face model directory plus soft prompt and head.
+    Every rank takes part in the gathers (ZeRO-3); rank 0 (`rank0`) writes."""
     student_sd = gather_state(model.student, rank0)
     heads_sd = gather_state(model.domain_head, rank0)
     prompt = baked_prompt(model, rank0)

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from .distributed import torch_threads
+from prada_fast.common.distributed import torch_threads
 
 
 def one_thread(fn):

@@ -7,26 +7,16 @@ ids restart at 0 (prompt slots 0..K-1, tokens K..K+L-1); the padding at the end 
 from 0 too, as a sequence of its own that nobody reads. `seq_index` gives each slot its
 sequence (row-major order; -1: padding), and the domain labels are one per sequence.
 
-Attention never crosses a sequence boundary (`backbone_forward`):
-- flash_attention_2: the rows are flattened into one, whose position ids give
-  flash-attn's variable-length path its sequence boundaries;
-- a model whose masks transformers builds (`masking_utils.create_causal_mask`, with
-  sdpa, eager or flex attention): no 2-D mask, the position ids alone; transformers then
-  builds a causal mask that is also block-diagonal over the runs of increasing positions;
-- otherwise: an explicit block-diagonal causal 4-D mask (`block_causal_mask`).
-tests/test_packing.py checks that each packed sequence's logits equal those of the
-sequence run alone, for each of these paths that runs on the CPU.
+Attention never crosses a sequence boundary: prada_fast.models.packed_attention.
 
 The teacher sees the same rows; its position ids (`teacher_position_ids`) restart at 0 at
 each sequence's first token, so its prompt slots (pad tokens, which it never reads) form
 sequences of their own, and its tokens see exactly what they see unpacked."""
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from .data.format import IGNORE_INDEX, question_index
+from prada_fast.data.format import IGNORE_INDEX, question_index
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -128,59 +118,3 @@ def position_counts(mb: dict, n_prompt: int) -> tuple[int, int, int]:
     B, T = mb["input_ids"].shape
     positions = B * T if "seq_index" in mb else B * (n_prompt + T)
     return real, positions - real - n_seq * n_prompt, positions
-
-
-# ----------------------------------------------------------------------------- attention
-def segments(position_ids: torch.Tensor) -> torch.Tensor:
-    """(rows, T) number of each position's run of consecutive position ids in its row (a
-    new run wherever the id is not the previous one + 1), as transformers reads them."""
-    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
-    return (step != 1).cumsum(-1)
-
-
-def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(rows, 1, T, T) additive mask: 0 where query i may read key j (j <= i, the same
-    run of `segments`), the dtype's lowest value elsewhere."""
-    seg = segments(position_ids)
-    T = seg.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
-    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-
-
-MODES = ("flash", "positions", "mask4d")
-
-
-def attention_mode(model) -> str:
-    """How packed rows are kept apart in `model` (a transformers model or its backbone);
-    see the module docstring."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl.startswith("flash_attention"):
-        return "flash"
-    builds_masks = hasattr(sys.modules.get(type(model).__module__), "create_causal_mask")
-    if builds_masks and impl in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        return "positions"
-    return "mask4d"
-
-
-def backbone_forward(backbone, position_ids: torch.Tensor, mode: str | None = None, **inputs):
-    """Last hidden states (rows, T, H) of `backbone` on packed rows (`inputs`: input_ids or
-    inputs_embeds), no attention across sequences. mode: one of MODES (default:
-    `attention_mode(backbone)`)."""
-    mode = mode or attention_mode(backbone)
-    if mode not in MODES:
-        raise ValueError(f"packed attention mode {mode!r}: expected one of {MODES}")
-    (name, x), = inputs.items()
-    rows, T = position_ids.shape
-    if mode == "flash":  # flash-attn's varlen path reads boundaries from one flattened row
-        flat = x.reshape(1, rows * T, *x.shape[2:])
-        out = backbone(**{name: flat}, position_ids=position_ids.reshape(1, -1), use_cache=False)
-        return out.last_hidden_state.reshape(rows, T, -1)
-    mask = None
-    if mode == "mask4d":
-        dtype = x.dtype if x.is_floating_point() else backbone.get_input_embeddings().weight.dtype
-        mask = block_causal_mask(position_ids, dtype)
-    out = backbone(**{name: x}, attention_mask=mask, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state

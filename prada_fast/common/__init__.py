@@ -1,0 +1,1 @@
+"""What every command shares: flag machinery, exit codes, file writing, environment info."""
