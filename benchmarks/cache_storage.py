@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prada_fast.common.files import write_json_atomic  # noqa: E402
 from prada_fast import precompute_teacher
 from prada_fast.teacher import cache as tc
 from prada_fast.data import Collator
@@ -114,7 +115,7 @@ def finish(out: Path, mode: str, width: int, k: int, examples: list[dict], done:
     part_rows = [sum(n for p, _, n in done.values() if p == name) for name in parts]
     if mode == "hidden":
         np.save(out / tc.HEAD, as_numpy(torch.randn(VOCAB, width).to(torch.bfloat16)))
-    tc.write_json_atomic(out / tc.MANIFEST, manifest(mode, width, k, parts, part_rows))
+    write_json_atomic(out / tc.MANIFEST, manifest(mode, width, k, parts, part_rows))
 
 
 # ----------------------------------------------------------------------------- writers

@@ -53,6 +53,7 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
     from prada_fast.trainer.dsconfig import load_ds_config
     from prada_fast.trainer.engines import build_engines, micro_step
     from prada_fast.models import PRESETS, PradaModel, check_same_vocab, load_causal_lm
+    from prada_fast.teacher.resolve import TeacherSpec
     from prada_fast.trainer.packing import PackedCollator, position_counts
 
     info = dist_util.setup(10.0)
@@ -71,7 +72,7 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
     model = PradaModel(s_model, n_domains, prompt_len, "linear", 0, loss_impl)
     t_model = None
     if teacher and teacher != "none":
-        t_model = load(teacher, seed + 7)
+        t_model = load(teacher, TeacherSpec(seed=seed).init_seed)
         check_same_vocab(s_model, t_model)
     engine, t_engine = build_engines(model, t_model, cfg)
     dev = engine.device

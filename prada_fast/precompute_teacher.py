@@ -30,6 +30,7 @@ if not __package__:  # run as a script: this checkout's package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prada_fast.common import distributed as dist_util  # noqa: E402
+from prada_fast.common.files import write_atomic, write_json_atomic  # noqa: E402
 from prada_fast.teacher import cache as tc  # noqa: E402
 from prada_fast.trainer.flags import (  # noqa: E402
     RANGES,
@@ -137,27 +138,27 @@ def load_tokenizer(student: str):
 
 # ----------------------------------------------------------------------------- the work
 def run(args) -> int:
-    from prada_fast.train import load_data, resolve_teacher  # the trainer's own stages
+    from prada_fast.data.prepare import load_run_data
+    from prada_fast.teacher.resolve import resolve_teacher
+    from prada_fast.trainer.settings import data_settings, teacher_spec
     info = dist_util.setup(args.dist_timeout)
     ds_cfg = load_ds_config(args.ds, world_size=info.world_size, device=info.device, max_steps=1)
     check_with_deepspeed(ds_cfg, args.ds)
     torch.manual_seed(args.seed)
-    data = load_data(args)
+    data = load_run_data(data_settings(args))
+    log(f"data: {data.describe()}")
     tok = load_tokenizer(args.student)
     from prada_fast.data import Collator
     from prada_fast.data.prepare import encode_all
-    examples, _ = encode_all(data.train_records, tok, args, {d: i for i, d in enumerate(data.domains)})
+    domain_ids = {d: i for i, d in enumerate(data.domains)}
+    examples, _ = encode_all(data.train_records, tok, args.max_len, domain_ids)
     collate = Collator(tok.pad_token_id)
     bf16 = bool(ds_cfg.get("bf16", {}).get("enabled"))
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if bf16 else "float32")
     keys = tc.cached_keys(examples)
-    spec = {"format": tc.FORMAT, "mode": args.mode, "tokenizer": tc.tokenizer_identity(tok),
-            "max_len": args.max_len,
-            "temperature": args.temperature if args.mode == "topk" else None,
-            "k": args.k if args.mode == "topk" else None,
-            "dtype": dtype if args.mode == "hidden" else None,
-            "teacher": tc.teacher_identity(args, examples), "data": tc.data_spec(args),
-            "records": tc.records_identity(keys)}
+    spec = tc.inputs_spec(mode=args.mode, tok=tok, max_len=args.max_len, temperature=args.temperature,
+                          k=args.k, dtype=dtype, teacher=tc.teacher_identity(teacher_spec(args), examples),
+                          data=data_settings(args), keys=keys)
     out = Path(args.out)
     if (out / tc.MANIFEST).is_file():
         found = tc.read_json(out / tc.MANIFEST)
@@ -176,8 +177,9 @@ def run(args) -> int:
     dist_util.barrier()
     if info.rank == 0:
         (out / tc.PARTS).mkdir(parents=True, exist_ok=True)
-        tc.write_json_atomic(out / tc.SPEC, spec)
-    teacher = resolve_teacher(args, tok, examples, collate)
+        write_json_atomic(out / tc.SPEC, spec)
+    teacher = resolve_teacher(teacher_spec(args), args.student, tok, examples, collate, attn=args.attn,
+                              show_progress=not args.no_progress, log=log)
     if teacher is None:
         raise ModelError("no teacher to cache")
     t_engine = teacher_engine(teacher, ds_cfg)
@@ -305,16 +307,14 @@ def finish(out: Path, spec: dict, keys: list[str], head: torch.Tensor, dtype: st
     parts = tc.write_index(out, keys, done)
     part_rows = [sum(sum(b["rows"]) for b in tc.read_progress(out / tc.PARTS / p)) for p in parts]
     if spec["mode"] == "hidden":
-        tmp = out / f"head.tmp{os.getpid()}.npy"
-        np.save(tmp, as_numpy(head.cpu(), dtype))
-        os.replace(tmp, out / tc.HEAD)
+        write_atomic(out / tc.HEAD, lambda tmp: np.save(tmp, as_numpy(head.cpu(), dtype)))
     rows = sum(done[k][2] for k in keys)
     manifest = {**spec, "complete": True, "hidden_size": int(head.shape[1]),
                 "vocab_size": int(head.shape[0]), "parts": parts, "part_rows": part_rows,
                 "rows": rows, "positions": "t with labels[t + 1] != -100; no soft prompt",
                 "world_size": info.world_size, "seconds": round(seconds, 1),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tc.write_json_atomic(out / tc.MANIFEST, manifest)
+    write_json_atomic(out / tc.MANIFEST, manifest)
     size = sum(f.stat().st_size for f in (out / tc.PARTS).rglob("*.bin"))
     log(f"cache written to {out}: {len(keys)} examples, {rows} positions, "
         f"{size / max(rows, 1):.0f} bytes per position, {seconds:.1f}s")

@@ -8,38 +8,36 @@ See --help for every flag, and docs/design.md for what a run leaves behind.
 
 The recipe, one function per stage, in the order `main` and `run` call them:
 
-    parse_args       the arguments, every flag checked, the output directory too (cli.py)
+    parse_args       the arguments, every flag checked, the output directory too (trainer/flags.py)
     setup            processes, DeepSpeed config (read, filled, parsed by DeepSpeed)
-    load_data        records, domains and their roles, the held-out split
+    load_data        records, domains and their roles, the held-out split (data/prepare.py)
     build_models     student + tokenizer, the encoded data (refused if it cannot teach),
-                     the PRADA model, the teacher (or, --teacher-outputs, its cached outputs,
-                     checked against the run: prada_fast.teacher_cache)
+                     the PRADA model, the teacher (teacher/resolve.py; or, --teacher-outputs,
+                     its cached outputs, checked against the run: teacher/cache.py)
     evaluate_before  rank 0 claims the output directory, then evaluates the untrained model
-    build_engines    DeepSpeed engines of student and teacher (prada_fast.engines), and the
-                     batches of each optimizer step (prada_fast.batching), packed rows by
-                     default (prada_fast.packing)
+    build_engines    DeepSpeed engines of student and teacher (trainer/engines.py), and the
+                     batches of each optimizer step (trainer/batching.py), packed rows by
+                     default (trainer/packing.py)
     resume           the checkpoint to continue from, if any
     log_sharding     how ZeRO-3 partitioned the student
-    train_steps      the optimisation loop (prada_fast.trainloop; SIGTERM/SIGUSR1: checkpoint, exit 5)
+    train_steps      the optimisation loop (trainer/loop.py; SIGTERM/SIGUSR1: checkpoint, exit 5)
     export           DIR/final: the trained model, gathered from the ZeRO-3 partitions
     evaluate_after   rank 0 evaluates the exported model, reloaded
     summarise        DIR/summary.json and the end-of-run table
+
+Below this file no module reads the argparse namespace: trainer/settings.py turns the
+flags into the settings each stage takes.
 """
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-# torch.distributed deprecation notices that DeepSpeed triggers on every step
-warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 if not __package__:  # run as a script (`deepspeed prada_fast/train.py`): this checkout's package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,17 +47,19 @@ from prada_fast.common import distributed as dist_util
 from prada_fast.trainer.batching import StepBatches
 from prada_fast.trainer.flags import parse_args
 from prada_fast.data import Collator, DataError
-from prada_fast.data.prepare import check_lengths, describe_lengths, encode_all, hold_out, load_records
+from prada_fast.data.prepare import RunData, check_lengths, describe_lengths, encode_all, load_run_data
 from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, load_ds_config
 from prada_fast.trainer.engines import build_engines
 from prada_fast.models.final import export_final
-from prada_fast.models import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
+from prada_fast.models import ModelError, PradaModel, check_same_vocab, load_causal_lm
 from prada_fast.trainer.packing import PackedCollator
 from prada_fast.trainer.preemption import EXIT_PREEMPTED, Preempted
 from prada_fast.trainer.report import print_table
-from prada_fast.trainer.rundir import RunDirError, prepare_output_dir
-from prada_fast.teacher.fit import AUTO_PRESET, FIT_BATCH, default_cache_dir, fit_teacher
+from prada_fast.trainer.rundir import RunDir, RunDirError, prepare_output_dir
+from prada_fast.common.files import write_text_atomic
+from prada_fast.trainer import settings
 from prada_fast.teacher.cache import TeacherCacheError
+from prada_fast.teacher.resolve import resolve_teacher
 from prada_fast.trainer.loop import BadNumerics, tensorboard_writer, train_steps
 
 
@@ -68,29 +68,13 @@ def log(msg: str) -> None:
         print(f"[prada] {msg}", flush=True)
 
 
-@dataclass
-class Data:
-    """The run's records (split into training and held-out) and, once the student's
-    tokenizer is known (`build_models`), their encoded examples."""
-    domains: list
-    roles: dict           # domain -> "source" (labelled) | "target" (unlabelled records)
-    train_records: list
-    eval_records: list
-    skipped: int          # bad records skipped while loading
-    train: list | None = None       # encoded examples
-    eval: list | None = None
-    truncated: int = 0
-    lengths: dict | None = None     # the training records' length distribution vs --max-len
-    collate: Collator | None = None
-
-
 # ----------------------------------------------------------------------------- the recipe
 def run(args) -> int:
     """One training run, stage by stage (the module docstring lists them); 0 when done."""
-    info, ds_cfg, out = setup(args)
+    info, ds_cfg, run_dir = setup(args)
     data = load_data(args)
     model, teacher, tok = build_models(args, data)
-    before = evaluate_before(args, out, model, tok, data)
+    before = evaluate_before(args, run_dir, model, tok, data)
     cached = teacher if args.teacher_outputs else None
     engine, t_engine = build_engines(model, None if cached else teacher, ds_cfg,
                                      head_lr_mult=args.domain_head_lr_mult)
@@ -101,19 +85,19 @@ def run(args) -> int:
                           micro_batch=ds_cfg["train_micro_batch_size_per_gpu"],
                           world_size=info.world_size, rank=info.rank, seed=args.seed,
                           tokens_per_batch=args.tokens_per_batch, n_prompt=args.prompt_len)
-    ckpt_dir = out / "checkpoints"
-    start, skipped = resume(args, engine, ckpt_dir, out / "metrics.jsonl")
+    start, skipped = resume(args, engine, run_dir)
     sharding = log_sharding(engine)
     probe_batches = eval_batches(data.eval, data.collate) if args.probe_every else None
-    stats = train_steps(engine, t_engine, batches, args, start=start, out=out,
-                        ckpt_dir=ckpt_dir, log=log, skipped=skipped, probe_batches=probe_batches)
+    stats = train_steps(engine, t_engine, batches, settings.loop_settings(args), start=start,
+                        run=run_dir, ckpt_dir=run_dir.checkpoints, log=log, skipped=skipped,
+                        probe_batches=probe_batches)
     if stats["steps"] < args.max_steps:
         log(f"stopped after step {stats['steps']} of {args.max_steps} (--stop-after); "
             "continue with --resume")
         return 0
-    export(args, engine, tok, data, out)
-    after = evaluate_after(args, out, data)
-    summarise(args, out, info, data, stats, sharding, before, after)
+    export(args, engine, tok, data, run_dir)
+    after = evaluate_after(args, run_dir, data)
+    summarise(args, run_dir, info, data, stats, sharding, before, after)
     return 0
 
 
@@ -121,62 +105,58 @@ def run(args) -> int:
 def setup(args):
     """The process group and the DeepSpeed config (the flags, the output directory among
     them, were checked by parse_args: a refused run writes nothing). Returns (dist info,
-    config, out)."""
+    config, the run directory)."""
     info = dist_util.setup(args.dist_timeout)
-    out = Path(args.output_dir)
+    run_dir = RunDir(Path(args.output_dir))
     ds_cfg = load_ds_config(args.ds, world_size=info.world_size, device=info.device,
                             max_steps=args.max_steps, lr=args.lr)
     check_with_deepspeed(ds_cfg, args.ds)
     dist_util.register_pid()
     torch.manual_seed(args.seed)
-    return info, ds_cfg, out
+    return info, ds_cfg, run_dir
 
 
-def load_data(args) -> Data:
-    """The records, their domains (a domain with unlabelled records is a target), and the
-    held-out split."""
-    records, skipped = load_records(args)
-    domains = sorted({r.domain for r in records})
-    roles = {d: "target" if any(r.domain == d and not r.labelled for r in records) else "source"
-             for d in domains}
-    train_recs, eval_recs = hold_out(records, args.eval_per_domain, args.seed)
-    log(f"data: {len(train_recs)} training / {len(eval_recs)} held-out records; domains "
-        + ", ".join(f"{d} ({roles[d]})" for d in domains)
-        + (f"; {skipped} bad records skipped" if skipped else ""))
-    return Data(domains, roles, train_recs, eval_recs, skipped)
+def load_data(args) -> RunData:
+    """The records, their domains and roles, and the held-out split."""
+    data = load_run_data(settings.data_settings(args))
+    log(f"data: {data.describe()}")
+    return data
 
 
-def build_models(args, data: Data):
+def build_models(args, data: RunData):
     """The student and its tokenizer, the data encoded with it (filled into `data`), the
     PRADA model around the student, and the teacher (None without KD). Returns
     (model, teacher, tokenizer)."""
     student, tok = load_causal_lm(args.student, attn=args.attn, seed=args.seed)
     domain_ids = {d: i for i, d in enumerate(data.domains)}
-    data.train, data.lengths = encode_all(data.train_records, tok, args, domain_ids)
+    data.train, data.lengths = encode_all(data.train_records, tok, args.max_len, domain_ids)
     data.truncated = data.lengths["truncated"]
     log(describe_lengths(data.lengths))
     warning = check_lengths(data.lengths, args.on_long)  # data that cannot teach: DataError
     if warning:
         log(warning)
-    data.eval, _ = encode_all(data.eval_records, tok, args, domain_ids)
+    data.eval, _ = encode_all(data.eval_records, tok, args.max_len, domain_ids)
     data.collate = Collator(tok.pad_token_id)
     model = PradaModel(student, len(data.domains), args.prompt_len, args.domain_head,
                        args.mlp_hidden, args.loss_impl, pool=args.pool, adversary=args.adversary,
                        prompt_encoder=args.prompt_encoder, prompt_hidden=args.prompt_hidden)
     if args.teacher_outputs:  # no teacher model: its outputs, read per micro-batch
         return model, open_teacher_outputs(args, tok, data, student), tok
-    teacher = resolve_teacher(args, tok, data.train, data.collate)
+    teacher = resolve_teacher(settings.teacher_spec(args), args.student, tok, data.train, data.collate,
+                              attn=args.attn, show_progress=not args.no_progress, log=log)
     if teacher is not None:
         check_same_vocab(student, teacher)
     return model, teacher, tok
 
 
-def open_teacher_outputs(args, tok, data: Data, student):
+def open_teacher_outputs(args, tok, data: RunData, student):
     """The --teacher-outputs cache, checked against this run (teacher_cache.open_for_run:
     TeacherCacheError names the field that does not match) and against the student's
     vocabulary."""
     from prada_fast.teacher.cache import open_for_run
-    outputs = open_for_run(args, tok, data.train)
+    outputs = open_for_run(args.teacher_outputs, tok, data.train, max_len=args.max_len,
+                           temperature=args.temperature, teacher=settings.teacher_spec(args),
+                           data=settings.data_settings(args))
     m = outputs.manifest
     if m["vocab_size"] != student.get_output_embeddings().weight.shape[0]:
         raise TeacherCacheError(f"--teacher-outputs {args.teacher_outputs}: field \"vocab_size\": "
@@ -188,7 +168,7 @@ def open_teacher_outputs(args, tok, data: Data, student):
     return outputs
 
 
-def train_collate(args, data: Data):
+def train_collate(args, data: RunData):
     """The training micro-batches' collator: packed rows with --packing (rows as wide as a
     full-length padded example, --max-len + --prompt-len), else padded."""
     if not args.packing:
@@ -196,37 +176,16 @@ def train_collate(args, data: Data):
     return PackedCollator(data.collate.pad_id, args.prompt_len, args.max_len + args.prompt_len)
 
 
-def resolve_teacher(args, tok, train_examples, collate):
-    """A local path / preset, or None; 'auto' fits the tiny teacher for a preset student."""
-    choice = args.teacher
-    if choice == "none":
-        return None
-    if choice == "auto":
-        if args.student not in PRESETS:
-            log("no --teacher given for a non-preset student: training without KD")
-            return None
-        cache = Path(args.teacher_fit_cache) if args.teacher_fit_cache else default_cache_dir()
-        path = None
-        if dist_util.rank() == 0:
-            with dist_util.all_threads():
-                path = fit_teacher(AUTO_PRESET, tok, train_examples, collate,
-                                   steps=args.teacher_steps, lr=args.teacher_lr, batch=FIT_BATCH,
-                                   seed=args.seed, cache_dir=cache,
-                                   show_progress=not args.no_progress, log=log)
-        choice = str(dist_util.wait_for_rank0("teacher", path))
-    teacher, _ = load_causal_lm(choice, tokenizer=tok, attn=args.attn, seed=args.seed + 7)
-    return teacher  # frozen by build_engines
-
-
-def evaluate_before(args, out: Path, model, tok, data: Data):
+def evaluate_before(args, run_dir: RunDir, model, tok, data: RunData):
     """Rank 0: the inputs are valid, so the run claims the output directory (run config,
     ranks.json), then evaluates the untrained model on the held-out records; the other
     ranks wait. Returns (answer accuracy by domain, domain accuracy), (None, None) off
     rank 0 or without held-out records."""
     acc = dom = None
     if dist_util.rank() == 0:
-        prepare_output_dir(out, args)
-        (out / "ranks.json").write_text(json.dumps(dist_util.rank_pids()) + "\n")
+        prepare_output_dir(run_dir.root, resume=args.resume, overwrite=args.overwrite,
+                           run_config=settings.run_config(args))
+        run_dir.ranks.write_text(json.dumps(dist_util.rank_pids()) + "\n")
         if data.eval_records:
             log("evaluating before training ...")
             acc, dom = evaluate(model, tok, data.eval_records, data.eval, data.collate, args)
@@ -234,11 +193,11 @@ def evaluate_before(args, out: Path, model, tok, data: Data):
     return acc, dom
 
 
-def resume(args, engine, ckpt_dir: Path, metrics: Path):
+def resume(args, engine, run_dir: RunDir):
     """(first step, steps skipped so far): from the latest usable checkpoint with --resume
     (a truncated or incomplete one is named and the previous one used), else (0, 0). On
     rank 0 the metrics of steps after the checkpoint are dropped (recomputed)."""
-    start = 0
+    start, ckpt_dir = 0, run_dir.checkpoints
     tag, client = checkpoint.load(engine, ckpt_dir, log=log) if args.resume else (None, None)
     if client is not None:
         start = int(client["step"])
@@ -246,7 +205,7 @@ def resume(args, engine, ckpt_dir: Path, metrics: Path):
     elif args.resume:
         log(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
     if dist_util.rank() == 0:
-        trim_metrics(metrics, start)
+        trim_metrics(run_dir.metrics, start)
     return start, int((client or {}).get("skipped_steps", 0))
 
 
@@ -256,9 +215,7 @@ def trim_metrics(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def log_sharding(engine) -> dict:
@@ -270,21 +227,21 @@ def log_sharding(engine) -> dict:
     return sharding
 
 
-def export(args, engine, tok, data: Data, out: Path) -> None:
+def export(args, engine, tok, data: RunData, run_dir: RunDir) -> None:
     """DIR/final: the student as a Hugging Face model plus soft prompt and domain head."""
     meta = {"domains": data.domains, "roles": data.roles, "n_prompt": args.prompt_len,
             "domain_head": args.domain_head, "mlp_hidden": args.mlp_hidden, "pool": args.pool,
             "adversary": args.adversary, "prompt_encoder": args.prompt_encoder}
-    export_final(engine.module, tok, out / "final", meta, rank0=dist_util.rank() == 0)
+    export_final(engine.module, tok, run_dir.final, meta, rank0=dist_util.rank() == 0)
 
 
-def evaluate_after(args, out: Path, data: Data):
+def evaluate_after(args, run_dir: RunDir, data: RunData):
     """Rank 0: the exported model, reloaded from DIR/final, on the held-out records.
     Returns (answer accuracy by domain, domain accuracy), or (None, None)."""
     if dist_util.rank() != 0 or not data.eval_records:
         return None, None
     log("evaluating the saved model ...")
-    final_model, final_tok, _ = PradaModel.from_final(out / "final", attn=args.attn)
+    final_model, final_tok, _ = PradaModel.from_final(run_dir.final, attn=args.attn)
     return evaluate(final_model, final_tok, data.eval_records, data.eval, data.collate, args)
 
 
@@ -304,7 +261,7 @@ def evaluate(model, tok, eval_records, eval_examples, collate, args):
     return acc, align
 
 
-def summarise(args, out: Path, info, data: Data, stats: dict, sharding: dict, before, after) -> None:
+def summarise(args, run_dir: RunDir, info, data: RunData, stats: dict, sharding: dict, before, after) -> None:
     """Rank 0: DIR/summary.json and the end-of-run table, with a warning when the student
     fools its domain head rather than aligning the domains."""
     from prada_fast.trainer.evaluation import fooled
@@ -327,13 +284,13 @@ def summarise(args, out: Path, info, data: Data, stats: dict, sharding: dict, be
                "domain_alignment": alignment,
                "domains": domains, "truncated_sequences": data.truncated, "lengths": data.lengths,
                "steps_without_labels": sum('"no_labels": true' in line for line in
-                                           (out / "metrics.jsonl").read_text().splitlines()),
+                                           run_dir.metrics.read_text().splitlines()),
                "skipped_records": data.skipped, "skipped_steps": stats["skipped_steps"],
                "world_size": info.world_size, "zero3": sharding,
                "wall_seconds": round(time.time() - info.start_time, 1),
                "domain_classifier_accuracy_before": (align_before or {}).get("head_accuracy")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    board = tensorboard_writer(args, out)
+    write_text_atomic(run_dir.summary, json.dumps(summary, indent=2) + "\n")
+    board = tensorboard_writer(args.report_to == "tensorboard", run_dir)
     if board:
         for d, v in domains.items():
             if v["accuracy_after"] is not None:
@@ -365,6 +322,8 @@ def resume_command(argv: list[str]) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # torch.distributed deprecation notices that DeepSpeed triggers on every step
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     try:
         args = parse_args(argv)
     except SystemExit as e:  # --help (0), or a bad flag (2, its one line printed)

@@ -18,6 +18,8 @@ from runner import assert_same_losses
 
 from prada_fast.trainer import checkpoint
 from prada_fast.trainer import loop as trainloop
+from prada_fast.trainer.loop import LoopSettings
+from prada_fast.trainer.rundir import RunDir
 from prada_fast.data import DataError, Record, load_spec
 from prada_fast.data.prepare import check_lengths, describe_lengths, encode_all
 from prada_fast.trainer.dsconfig import ConfigError, load_ds_config
@@ -266,8 +268,7 @@ def test_failed_save_in_a_run_exits_6_with_one_line(tmp_path, in_process, capsys
 
 # ----------------------------------------------------------------------------- data that cannot teach
 def _encode(records, max_len):
-    args = argparse.Namespace(max_len=max_len)
-    return encode_all(records, byte_tokenizer(), args, {"d": 0, "t": 1})
+    return encode_all(records, byte_tokenizer(), max_len, {"d": 0, "t": 1})
 
 
 def _records():
@@ -340,10 +341,10 @@ class Batches:
 
 
 def _loop_args(**kw):
-    base = dict(max_steps=8, stop_after=0, no_progress=True, inject_nan="", no_domain_loss=True,
+    base = dict(max_steps=8, stop_after=0, show_progress=False, inject_nan=frozenset(), use_domain=False,
                 log_every=100, max_bad_steps=5, save_every=0, keep_checkpoints=0, temperature=1.0,
                 alpha=0.5)
-    return argparse.Namespace(**{**base, **kw})
+    return LoopSettings(**{**base, **kw})
 
 
 @pytest.fixture
@@ -359,7 +360,7 @@ def loop(monkeypatch, tmp_path):
             return torch.tensor(1.0), {"ce": 1.0, "kd": 0.0, "dom": 0.0, "dom_acc": 0.5}
         said_steps = []
         monkeypatch.setattr(trainloop, "micro_step", micro_step)
-        return trainloop.train_steps(LoopEngine(), None, batches, args, start=0, out=tmp_path,
+        return trainloop.train_steps(LoopEngine(), None, batches, args, start=0, run=RunDir(tmp_path),
                                      ckpt_dir=tmp_path / "ck", log=said.append)
     return run, saved, said
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from runner import REPO, train_env
 
+from prada_fast.common.files import write_json_atomic
 from prada_fast.teacher import cache as tc
 from prada_fast.common.distributed import free_port, launch_cmd
 
@@ -84,13 +85,14 @@ def topk_cache(root, teacher):
 
 def training_examples(argv):
     """The encoded training examples of a precompute command line, rebuilt from its flags."""
-    from prada_fast.data.prepare import encode_all
+    from prada_fast.data.prepare import encode_all, load_run_data
     from prada_fast.precompute_teacher import load_tokenizer, parse_args
-    from prada_fast.train import load_data
+    from prada_fast.trainer.settings import data_settings
     args = parse_args(["--out", "unused", *argv])
-    data = load_data(args)
+    data = load_run_data(data_settings(args))
     tok = load_tokenizer(args.student)
-    examples, _ = encode_all(data.train_records, tok, args, {d: i for i, d in enumerate(data.domains)})
+    domain_ids = {d: i for i, d in enumerate(data.domains)}
+    examples, _ = encode_all(data.train_records, tok, args.max_len, domain_ids)
     return examples
 
 
@@ -171,7 +173,7 @@ def test_reader_places_each_examples_rows_at_its_labelled_positions(tmp_path):
     parts = tc.write_index(tmp_path, keys, done)
     np.save(tmp_path / tc.HEAD, torch.randn(V, H).to(torch.bfloat16).view(torch.uint16).numpy())
     part_rows = [sum(sum(b["rows"]) for b in tc.read_progress(tmp_path / tc.PARTS / p)) for p in parts]
-    tc.write_json_atomic(tmp_path / tc.MANIFEST, {
+    write_json_atomic(tmp_path / tc.MANIFEST, {
         "format": tc.FORMAT, "mode": "hidden", "dtype": "bfloat16", "hidden_size": H,
         "vocab_size": V, "parts": parts, "part_rows": part_rows})
     from prada_fast.data import Collator
@@ -261,7 +263,7 @@ def test_a_cache_that_does_not_match_the_run_is_refused(case, root, teacher, hid
         shutil.copytree(hidden_cache, cache)
         m = tc.read_json(cache / tc.MANIFEST)
         m["tokenizer"]["sha256"] = "0" * 16
-        tc.write_json_atomic(cache / tc.MANIFEST, m)
+        write_json_atomic(cache / tc.MANIFEST, m)
     elif case == "teacher":
         argv[-1] = str(save_teacher(tmp_path / "other-teacher", seed=12))
     elif case == "data":  # records the cache has never seen
@@ -400,18 +402,20 @@ def test_teacher_identity_follows_what_makes_the_teacher(tmp_path, teacher):
     """An auto teacher is named by its fit (steps, lr, seed, examples), a directory by its
     files (not its path), a preset by its name and init seed."""
     import shutil
-    from argparse import Namespace
+    from dataclasses import replace
+
+    from prada_fast.teacher.resolve import TeacherSpec
     exs = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "n_labels": 2}]
-    auto = Namespace(teacher="auto", teacher_steps=10, teacher_lr=3e-3, seed=0)
+    auto = TeacherSpec(name="auto", steps=10, lr=3e-3, seed=0)
     ident = tc.teacher_identity(auto, exs)
-    assert ident["kind"] == "auto-fit" and ident == tc.teacher_identity(Namespace(**vars(auto)), exs)
-    for change in ({"teacher_steps": 11}, {"teacher_lr": 1e-3}, {"seed": 1}):
-        assert tc.teacher_identity(Namespace(**{**vars(auto), **change}), exs) != ident, change
+    assert ident["kind"] == "auto-fit" and ident == tc.teacher_identity(replace(auto), exs)
+    for change in ({"steps": 11}, {"lr": 1e-3}, {"seed": 1}):
+        assert tc.teacher_identity(replace(auto, **change), exs) != ident, change
     assert tc.teacher_identity(auto, [{**exs[0], "labels": [-100, -100, 7]}]) != ident
     moved = shutil.copytree(teacher, tmp_path / "moved")
-    d = tc.teacher_identity(Namespace(teacher=str(teacher), seed=0), exs)
-    assert d == tc.teacher_identity(Namespace(teacher=str(moved), seed=5), exs)
+    d = tc.teacher_identity(TeacherSpec(name=str(teacher), seed=0), exs)
+    assert d == tc.teacher_identity(TeacherSpec(name=str(moved), seed=5), exs)
     (moved / "config.json").write_text((moved / "config.json").read_text().replace("192", "193"))
-    assert tc.teacher_identity(Namespace(teacher=str(moved), seed=0), exs) != d
-    assert tc.teacher_identity(Namespace(teacher="tiny-teacher", seed=0), exs) != \
-        tc.teacher_identity(Namespace(teacher="tiny-teacher", seed=1), exs)
+    assert tc.teacher_identity(TeacherSpec(name=str(moved), seed=0), exs) != d
+    assert tc.teacher_identity(TeacherSpec(name="tiny-teacher", seed=0), exs) != \
+        tc.teacher_identity(TeacherSpec(name="tiny-teacher", seed=1), exs)

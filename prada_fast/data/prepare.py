@@ -3,6 +3,7 @@ out evaluation records, tokenize."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from .format import encode
 from .loaders import load_spec
@@ -11,19 +12,69 @@ from .split import split_domains
 from .synthetic import SYNTHETIC_TARGET
 
 
-def load_records(args):
+@dataclass(frozen=True)
+class DataSettings:
+    """What selects a run's records and holds some out: the --data flags. `manifest()` is
+    how a teacher cache records them (its "data" field)."""
+    specs: tuple[str, ...] = ("synthetic",)
+    source_domains: str | None = None   # comma-separated; None: every domain not a target
+    target_domains: str | None = None   # comma-separated; None: the synthetic target, if any
+    skip_bad: bool = False
+    eval_per_domain: int = 64
+    seed: int = 0
+
+    def manifest(self) -> dict:
+        return {"data": list(self.specs), "source_domains": self.source_domains,
+                "target_domains": self.target_domains, "skip_bad": self.skip_bad,
+                "eval_per_domain": self.eval_per_domain, "seed": self.seed}
+
+
+@dataclass
+class RunData:
+    """A run's records (split into training and held-out) and, once the student's
+    tokenizer is known, their encoded examples."""
+    domains: list
+    roles: dict           # domain -> "source" (labelled) | "target" (unlabelled records)
+    train_records: list
+    eval_records: list
+    skipped: int          # bad records skipped while loading
+    train: list | None = None       # encoded examples
+    eval: list | None = None
+    truncated: int = 0
+    lengths: dict | None = None     # the training records' length distribution vs --max-len
+    collate: object | None = None   # data.format.Collator of the student's tokenizer
+
+    def describe(self) -> str:
+        return (f"{len(self.train_records)} training / {len(self.eval_records)} held-out records; "
+                "domains " + ", ".join(f"{d} ({self.roles[d]})" for d in self.domains)
+                + (f"; {self.skipped} bad records skipped" if self.skipped else ""))
+
+
+def load_records(settings: DataSettings):
+    """(records with their roles, bad records skipped)."""
     records, skipped = [], 0
-    for spec in args.data:
-        recs, n_bad = load_spec(spec, skip_bad=args.skip_bad, seed=args.seed)
+    for spec in settings.specs:
+        recs, n_bad = load_spec(spec, skip_bad=settings.skip_bad, seed=settings.seed)
         records += recs
         skipped += n_bad
-    sources = args.source_domains.split(",") if args.source_domains else None
-    targets = args.target_domains.split(",") if args.target_domains else None
-    if targets is None and sources is None and all(s.startswith("synthetic") for s in args.data):
+    sources = settings.source_domains.split(",") if settings.source_domains else None
+    targets = settings.target_domains.split(",") if settings.target_domains else None
+    if targets is None and sources is None and all(s.startswith("synthetic") for s in settings.specs):
         if any(r.domain == SYNTHETIC_TARGET for r in records):
             targets = [SYNTHETIC_TARGET]
     records = split_domains(records, sources, targets)
     return records, skipped
+
+
+def load_run_data(settings: DataSettings) -> RunData:
+    """The records, their domains (a domain with unlabelled records is a target), and the
+    held-out split."""
+    records, skipped = load_records(settings)
+    domains = sorted({r.domain for r in records})
+    roles = {d: "target" if any(r.domain == d and not r.labelled for r in records) else "source"
+             for d in domains}
+    train_recs, eval_recs = hold_out(records, settings.eval_per_domain, settings.seed)
+    return RunData(domains, roles, train_recs, eval_recs, skipped)
 
 
 def hold_out(records, per_domain: int, seed: int):
@@ -44,19 +95,19 @@ def hold_out(records, per_domain: int, seed: int):
     return train, evaluation
 
 
-def encode_all(records, tok, args, domain_ids):
+def encode_all(records, tok, max_len: int, domain_ids):
     """(encoded examples, length statistics: see `length_stats`). Records longer than
-    --max-len are cut here; whether that is acceptable is `check_lengths`'s call."""
+    `max_len` are cut here; whether that is acceptable is `check_lengths`'s call."""
     examples, qids = [], {}
     for i, r in enumerate(records):
-        ex = encode(r, tok, args.max_len, domain_ids[r.domain], truncate=True)
+        ex = encode(r, tok, max_len, domain_ids[r.domain], truncate=True)
         # one id per question: the rationales of one question count once in the domain loss
         ex["qid"] = qids.setdefault(i if r.question_id is None else r.question_id, len(qids))
         ex["n_labels"] = sum(1 for x in ex["labels"][1:] if x != -100)
         ex["labelled"] = r.labelled
         ex["origin"] = r.origin
         examples.append(ex)
-    return examples, length_stats(examples, args.max_len)
+    return examples, length_stats(examples, max_len)
 
 
 def _spread(values: list[int]) -> dict:

@@ -12,6 +12,7 @@ import torch
 
 from prada_fast.common.distributed import torch_threads
 from prada_fast.trainer.probes import one_thread, probe_accuracy  # noqa: F401 (probe_accuracy: re-exported)
+from prada_fast.trainer.rundir import RunDir
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -60,7 +61,7 @@ def pca_2d(x: torch.Tensor, k: int = 2):
 
 def load_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of a run's metrics.jsonl (empty when absent)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(Path(run_dir)).metrics
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -83,12 +84,11 @@ def mean_curves(runs: list[list[dict]], keys=("ce", "kd", "dom")) -> dict:
 def held_out_records(run_config: dict):
     """The held-out records of a finished run, exactly as the trainer chose and encoded
     them (from its run_config.json): (records, domains, args)."""
-    from prada_fast.data.prepare import hold_out, load_records
+    from prada_fast.data.prepare import load_run_data
+    from prada_fast.trainer.settings import data_settings
     args = argparse.Namespace(**run_config)
-    records, _ = load_records(args)
-    domains = sorted({r.domain for r in records})
-    _, held_out = hold_out(records, args.eval_per_domain, args.seed)
-    return held_out, domains, args
+    data = load_run_data(data_settings(args))
+    return data.eval_records, data.domains, args
 
 
 @torch.no_grad()
@@ -109,16 +109,16 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "run_config.json").read_text())
+    config = json.loads(RunDir(run_dir).run_config.read_text())
     records, domains, args = held_out_records(config)
     if not records:
         raise ValueError(f"{run_dir}: no held-out records (--eval-per-domain 0?)")
-    model, tok, meta = PradaModel.from_final(run_dir / "final", attn="sdpa")
+    model, tok, meta = PradaModel.from_final(RunDir(run_dir).final, attn="sdpa")
     if list(meta["domains"]) != domains:
         raise ValueError(f"{run_dir}: domains {domains} differ from the model's {meta['domains']}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev).eval()
-    examples, _ = encode_all(records, tok, args, {d: i for i, d in enumerate(domains)})
+    examples, _ = encode_all(records, tok, args.max_len, {d: i for i, d in enumerate(domains)})
     collate = Collator(tok.pad_token_id)
     feats, labels = [], []
     # on the CPU one thread: robust on cores shared with other jobs (see probes.one_thread)

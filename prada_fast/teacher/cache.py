@@ -36,6 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prada_fast.common.files import write_atomic
+from prada_fast.data.prepare import DataSettings
+from prada_fast.teacher.resolve import TeacherSpec, teacher_identity
+
 FORMAT = 1
 MANIFEST = "manifest.json"
 SPEC = "spec.json"
@@ -96,16 +100,6 @@ def records_identity(keys) -> dict:
 # ----------------------------------------------------------------------------- manifest
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file, fsync, rename into place."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def first_difference(expected: dict, found: dict, fields=MANIFEST_FIELDS) -> str | None:
@@ -217,9 +211,7 @@ def write_index(out: Path, keys: list[str], done: dict) -> list[str]:
     for i, k in enumerate(keys):
         part, row, n = done[k]
         index[i] = (k.encode(), pid[part], row, n)
-    tmp = out / f"index.tmp{os.getpid()}.npy"
-    np.save(tmp, index)
-    os.replace(tmp, out / INDEX)
+    write_atomic(out / INDEX, lambda tmp: np.save(tmp, index))
     return parts
 
 
@@ -336,24 +328,16 @@ class TeacherOutputs:
 
 
 # ----------------------------------------------------------------------------- one run's fields
-def teacher_identity(args, train_examples) -> dict:
-    """What names the teacher of a run: the auto fit's key (its preset, flags and training
-    examples), a preset's name and init seed, or a hash of a model directory's files."""
-    from prada_fast.models import PRESETS
-    from prada_fast.teacher.fit import AUTO_PRESET, FIT_BATCH, cache_key
-    if args.teacher == "auto":
-        return {"kind": "auto-fit", "preset": AUTO_PRESET,
-                "fit_key": cache_key(AUTO_PRESET, train_examples, args.teacher_steps,
-                                     args.teacher_lr, FIT_BATCH, args.seed)}
-    if args.teacher in PRESETS:
-        return {"kind": "preset", "name": args.teacher, "init_seed": args.seed + 7}
-    return {"kind": "directory", "sha256": directory_hash(Path(args.teacher))}
-
-
-def data_spec(args) -> dict:
-    return {"data": list(args.data), "source_domains": args.source_domains,
-            "target_domains": args.target_domains, "skip_bad": args.skip_bad,
-            "eval_per_domain": args.eval_per_domain, "seed": args.seed}
+def inputs_spec(*, mode: str, tok, max_len: int, temperature: float, k: int, dtype: str,
+                teacher: dict, data: DataSettings, keys: list[str]) -> dict:
+    """The fields that name a cache's inputs (spec.json, and manifest.json with the results):
+    a cache is read only by a run whose own fields match (`open_for_run`), and extended only
+    by a `precompute_teacher` of the same ones."""
+    return {"format": FORMAT, "mode": mode, "tokenizer": tokenizer_identity(tok), "max_len": max_len,
+            "temperature": temperature if mode == "topk" else None,
+            "k": k if mode == "topk" else None,
+            "dtype": dtype if mode == "hidden" else None,
+            "teacher": teacher, "data": data.manifest(), "records": records_identity(keys)}
 
 
 def cached_keys(examples) -> list[str]:
@@ -365,25 +349,25 @@ def cached_keys(examples) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def open_for_run(args, tok, train_examples) -> TeacherOutputs:
-    """The cache of --teacher-outputs, checked against this run before anything is written:
-    tokenizer, max length, temperature (top-k), teacher (when the run names one; with
-    `--teacher auto` only an auto-fitted teacher is checked), data and every training
+def open_for_run(path: str | Path, tok, train_examples, *, max_len: int, temperature: float,
+                 teacher: TeacherSpec, data: DataSettings) -> TeacherOutputs:
+    """The cache at `path` (--teacher-outputs), checked against this run before anything is
+    written: tokenizer, max length, temperature (top-k), teacher (when the run names one;
+    with `--teacher auto` only an auto-fitted teacher is checked), data and every training
     example. TeacherCacheError names the first field that does not match."""
-    path = Path(args.teacher_outputs)
+    path = Path(path)
     manifest = open_manifest(path)
-    run = {"tokenizer": tokenizer_identity(tok), "max_len": args.max_len,
-           "temperature": args.temperature}
+    run = {"tokenizer": tokenizer_identity(tok), "max_len": max_len, "temperature": temperature}
     fields = ["tokenizer", "max_len"] + (["temperature"] if manifest["mode"] == "topk" else [])
     check_matches(path, manifest, run, fields)
-    if args.teacher != "auto" or manifest["teacher"].get("kind") == "auto-fit":
-        check_matches(path, manifest, {"teacher": teacher_identity(args, train_examples)}, ["teacher"])
+    if teacher.name != "auto" or manifest["teacher"].get("kind") == "auto-fit":
+        check_matches(path, manifest, {"teacher": teacher_identity(teacher, train_examples)}, ["teacher"])
     reader = TeacherOutputs(path, manifest)
     wanted = [(ex, example_key(ex["input_ids"], ex["labels"])) for ex in train_examples
               if labelled_positions(ex["labels"])]
     missing = [(ex, k) for ex, k in wanted if k not in reader.rows]
     if missing and len(missing) == len(wanted):
-        check_matches(path, manifest, {"data": data_spec(args)}, ["data"])
+        check_matches(path, manifest, {"data": data.manifest()}, ["data"])
         raise TeacherCacheError(f"--teacher-outputs {path}: field \"data\": none of this run's "
                                 f"{len(wanted)} labelled training examples is in the cache")
     if missing:

@@ -7,17 +7,18 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from prada_fast.common.files import replace_dir
 from prada_fast.models import load_causal_lm
 
 FIT_VERSION = 1
 AUTO_PRESET = "tiny-teacher"  # what `--teacher auto` fits for a preset student
+FIT_FILE = "prada_teacher_fit.json"  # in a fitted teacher's directory: how it was fitted
 FIT_BATCH = 32
 
 
@@ -68,18 +69,15 @@ def fit_teacher(preset: str, tokenizer, examples: list[dict], collate, *, steps:
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{out_.loss.item():.3f}")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "prada_teacher_fit.json").write_text(json.dumps(
-        {"preset": preset, "steps": steps, "lr": lr, "batch": batch, "seed": seed,
-         "final_loss": out_.loss.item(), "seconds": round(time.time() - t0, 1)}, indent=2))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished the same fit first
-        shutil.rmtree(tmp, ignore_errors=True)
+    final_loss = out_.loss.item()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / FIT_FILE).write_text(json.dumps(
+            {"preset": preset, "steps": steps, "lr": lr, "batch": batch, "seed": seed,
+             "final_loss": final_loss, "seconds": round(time.time() - t0, 1)}, indent=2))
+    replace_dir(write, out, keep_existing=True)  # another process may have finished the same fit first
     log(f"teacher: fitted {preset} in {time.time() - t0:.0f}s, final loss {out_.loss.item():.3f}; "
         f"cached at {out}")
     return out

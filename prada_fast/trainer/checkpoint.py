@@ -1,4 +1,4 @@
-"""ZeRO checkpoints that stay usable, with the state a bit-exact resume needs: the step
+"""ZeRO checkpoints that stay usable, with the state an exact resume needs: the step
 (which fixes the data position, see batching.py) and every rank's random number generators.
 
 * A save goes to `TAG.partial`; once every rank has written its shard, rank 0 writes a
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from prada_fast.common import distributed as dist_util
+from prada_fast.common.files import write_text_atomic
 LATEST = "latest"
 MANIFEST = "prada_manifest.json"
 _TAG = re.compile(r"^step(\d+)$")
@@ -53,12 +54,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _step_of(tag: str) -> int | None:
     m = _TAG.match(tag)
     return int(m.group(1)) if m else None
@@ -73,7 +68,7 @@ def _step_tags(ckpt_dir: Path) -> list[str]:
 def _write_manifest(folder: Path, step: int) -> None:
     files = {str(p.relative_to(folder)): p.stat().st_size
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    _write_atomic(folder / MANIFEST, json.dumps(
+    write_text_atomic(folder / MANIFEST, json.dumps(
         {"step": step, "world_size": dist_util.world_size(), "files": files}, indent=1) + "\n")
 
 
@@ -107,7 +102,7 @@ def save(engine, ckpt_dir: Path, step: int, extra: dict | None = None, keep: int
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
-            _write_atomic(ckpt_dir / LATEST, tag)
+            write_text_atomic(ckpt_dir / LATEST, tag)
         except Exception as e:  # noqa: BLE001
             err = e
     if dist_util.any_rank(err is not None):

@@ -303,7 +303,7 @@ def _check_paths(args) -> None:
     if not Path(args.ds).is_file():
         raise FlagError(f"--ds {args.ds}: no such file")
     try:
-        check_output_dir(Path(args.output_dir), args)
+        check_output_dir(Path(args.output_dir), resume=args.resume, overwrite=args.overwrite)
     except RunDirError as e:
         raise FlagError(str(e)) from None
     for dest, tokenizer in (("student", True), ("teacher", False)):

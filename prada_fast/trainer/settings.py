@@ -1,0 +1,35 @@
+"""The trainer's flags (an argparse namespace, trainer/flags.py) turned into the settings
+each stage takes: below the entry points no module reads a flag's name."""
+from __future__ import annotations
+
+from prada_fast.data.prepare import DataSettings
+from prada_fast.teacher.resolve import TeacherSpec
+from prada_fast.trainer.loop import LoopSettings
+
+
+def data_settings(args) -> DataSettings:
+    return DataSettings(specs=tuple(args.data), source_domains=args.source_domains,
+                        target_domains=args.target_domains, skip_bad=args.skip_bad,
+                        eval_per_domain=args.eval_per_domain, seed=args.seed)
+
+
+def teacher_spec(args) -> TeacherSpec:
+    return TeacherSpec(name=args.teacher, steps=args.teacher_steps, lr=args.teacher_lr,
+                       seed=args.seed, fit_cache=args.teacher_fit_cache)
+
+
+def loop_settings(args) -> LoopSettings:
+    inject = frozenset(int(s) for s in args.inject_nan.split(",") if s) if args.inject_nan else frozenset()
+    return LoopSettings(
+        max_steps=args.max_steps, stop_after=args.stop_after, save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
+        probe_every=args.probe_every, max_bad_steps=args.max_bad_steps, inject_nan=inject,
+        show_progress=not args.no_progress, tensorboard=args.report_to == "tensorboard",
+        alpha=args.alpha, temperature=args.temperature, use_domain=not args.no_domain_loss,
+        adversary=args.adversary, lambda_schedule=args.grl_schedule, lambda_max=args.lambda_max,
+        lambda_gamma=args.grl_gamma)
+
+
+def run_config(args) -> dict:
+    """What DIR/run_config.json records: every flag but the launcher's --local_rank."""
+    return {k: v for k, v in vars(args).items() if k != "local_rank"}
