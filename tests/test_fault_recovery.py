@@ -1,7 +1,8 @@
-"""Faults a long run meets: a rank killed mid-training, preemption (SIGTERM to one rank, or
-to the deepspeed command alone), a crash during a checkpoint save, bad input, non-finite
-losses; and bit-exact determinism. Each fault has a test that fails if the behaviour
-regresses. (In-process checks of the same round: test_robustness.py, test_cli.py.)"""
+"""Fault recovery in multi-process runs: a rank killed mid-training, preemption (SIGTERM to
+one rank, or to the deepspeed command alone), a crash during a checkpoint save, bad input,
+non-finite losses; and determinism (to one fp32 rounding step). Each fault has a test
+that fails if the behaviour regresses. (In-process checks: test_bad_input_and_checkpoints.py,
+test_cli.py.)"""
 import json
 import os
 import signal

@@ -1,11 +1,11 @@
-"""Reliability, second round, in this process (fast): one line for every bad file (data,
+"""Bad input and checkpoints, in this process (fast): one line for every bad file (data,
 model directories, DeepSpeed configs, checkpoints) and a traceback for a bug; checkpoints
 that stay usable (manifest, fallback, --keep-checkpoints, a failed save); data that cannot
 teach; the training loop's stop on a signal, the watch on the DeepSpeed launcher, and its
 steps without a labelled token; a real one-rank run (the length distribution, preemption
-with exit 5, --keep-checkpoints, a truncated checkpoint at --resume, resumed losses bit for
-bit); safe loading of final/. The two-rank runs (preemption, resume) are in
-test_reliability.py."""
+with exit 5, --keep-checkpoints, a truncated checkpoint at --resume, resumed losses to one
+fp32 rounding step); safe loading of final/. The two-rank runs (preemption, resume) are in
+test_fault_recovery.py."""
 import argparse
 import json
 import os
@@ -433,7 +433,7 @@ def test_preemption_keep_checkpoints_and_fallback_in_a_run(tmp_path, in_process,
     --keep-checkpoints 2; a truncated checkpoint named at --resume and the previous one
     used; SIGTERM in step 3: that step finished and saved, one line saying how to resume,
     exit 5. Each --resume gives the losses of the uninterrupted run (to fp32 rounding).
-    (The two-rank version, the signal to one rank or to the launcher: test_reliability.py.)"""
+    (The two-rank version, the signal to one rank or to the launcher: test_fault_recovery.py.)"""
     common = [*FAST, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "2", "--seed", "4"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert in_process([*common, "--output-dir", str(full)]) == 0
