@@ -2,7 +2,7 @@
 implementations under test (ours and the peers), the float64 oracle and the parity check.
 
 Used by the pytest suite (benchmarks/test_*.py, in the pytest process: nothing heavy) and by
-the one-case subprocess entry point `python -m benchmarks.run_case` (everything heavy).
+the one-case subprocess entry point `python -m benchmarks.tools.run_case` (everything heavy).
 
 Parity follows docs/design.md: relative error ||x - x_ref|| / ||x_ref|| of the loss and of every
 gradient against the reference path run in float64 on upcast inputs (the "oracle"); fp32

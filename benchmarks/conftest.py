@@ -122,7 +122,7 @@ def pytest_sessionfinish(session, exitstatus):
         return
     out = Path(config.getoption("--bench-out"))
     try:
-        from benchmarks.report import write_report
+        from benchmarks.tools.report import write_report
         written = write_report(path, out)
     except Exception as e:  # noqa: BLE001 - a report problem must not hide the results
         sys.stderr.write(f"benchmarks: report not written: {e!r}\n")
@@ -145,7 +145,7 @@ def gemm_ceiling():
     from benchmarks.harness import ON_GPU, run_module
     dtype = "bfloat16" if ON_GPU else "float32"
     try:
-        return run_module("benchmarks.run_case", ["ceiling", "--device", DEVICE, "--dtype", dtype])
+        return run_module("benchmarks.tools.run_case", ["ceiling", "--device", DEVICE, "--dtype", dtype])
     except AssertionError as e:
         sys.stderr.write(f"benchmarks: no matrix-product ceiling: {e}\n")
         return None
@@ -168,7 +168,7 @@ def oracle_file(tmp_path_factory):
             path = root / f"{case.id}.pt"
             impls = [i for i in speed_impls() if unavailable_reason(i, case, DEVICE, mode="speed") is None]
             pieces = ",".join(oracle_pieces(case, impls))
-            run_module("benchmarks.run_case", ["oracle", "--case", json.dumps(case.to_dict()),
+            run_module("benchmarks.tools.run_case", ["oracle", "--case", json.dumps(case.to_dict()),
                                                "--device", DEVICE, "--pieces", pieces,
                                                "--out", str(path)])
             made[case.id] = path

@@ -2,7 +2,7 @@
 # On the device machine (it reaches no package registry): install the wheels carried in
 # .whl/ (made here by `bash benchmarks/gpu_wheels.sh`) into /tmp/site, make the checkout
 # importable as installed (kernels/ is the package prada_kernels), then run the stages.
-#   bash benchmarks/gpu_session.sh env correct      # see python -m benchmarks.gpu_session --help
+#   bash benchmarks/gpu_session.sh env correct      # see python -m benchmarks.tools.gpu_session --help
 # PYTHON=... picks the interpreter (default python3, the one holding PyTorch there).
 set -uo pipefail
 export GPU_SESSION_T0=${GPU_SESSION_T0:-$(date +%s)}  # the stages' deadline counts from here
@@ -19,4 +19,4 @@ export PYTHONPATH=$PWD:/tmp/site
 export TOKENIZERS_PARALLELISM=false
 "${PYTHON:-python3}" -c "import prada_kernels.fused_linear_distill, prada_fast" || { echo "cannot import the project" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>/dev/null
-exec "${PYTHON:-python3}" -m benchmarks.gpu_session "$@"
+exec "${PYTHON:-python3}" -m benchmarks.tools.gpu_session "$@"

@@ -25,7 +25,7 @@ def _run_parity(impl, root):
     path = root / f"{impl}.json"
     path.write_text(json.dumps([c.to_dict() for c in cases]))
     try:
-        res = run_module("benchmarks.run_case",
+        res = run_module("benchmarks.tools.run_case",
                          ["parity", "--impl", impl, "--cases", str(path), "--device", DEVICE],
                          interpret_triton=impl in TRITON_IMPLS and not ON_GPU, timeout=900)
         return {r["case_id"]: r for r in res["results"]}

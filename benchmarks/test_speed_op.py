@@ -1,5 +1,5 @@
 """Speed and peak memory of forward + backward of the op, every implementation side by side,
-each case in a fresh subprocess (`python -m benchmarks.run_case op`), with its parity
+each case in a fresh subprocess (`python -m benchmarks.tools.run_case op`), with its parity
 against the float64 oracle of the same inputs asserted in the same run.
 
 Recorded in pytest-benchmark (the per-call times of the subprocess, replayed) with
@@ -44,7 +44,7 @@ def test_op(case_id, impl, benchmark, oracle_file, gemm_ceiling, bench_results, 
     if reason:
         pytest.skip(reason)
     orc = oracle_file(case)
-    res = run_module("benchmarks.run_case", [
+    res = run_module("benchmarks.tools.run_case", [
         "op", "--impl", impl, "--case", json.dumps(case.to_dict()), "--device", DEVICE,
         "--oracle", str(orc), "--warmup", str(request.config.getoption("--bench-warmup")),
         "--repeats", str(request.config.getoption("--bench-repeats"))])

@@ -9,12 +9,12 @@ with --loss-impl) and teacher pass, on a fixed random batch.
 `warmup` steps first (allocator, optimizer state), then `steps` timed steps: tokens per
 second (real tokens of the batch, no padding / median step time), and the peak memory of a step above
 the state after warm-up (weights, optimizer state, ZeRO buffers) and in total, measured as
-in benchmarks.run_case (CUDA: max_memory_allocated over the timed steps; CPU: the resident
+in benchmarks.tools.run_case (CUDA: max_memory_allocated over the timed steps; CPU: the resident
 set over one more, untimed step with glibc in exact mode). Running out of CUDA memory is a
-result, not a crash: {"oom": true, ...} (benchmarks.max_batch searches on it).
+result, not a crash: {"oom": true, ...} (benchmarks.tools.max_batch searches on it).
 
-`build_train_step` is the step itself, also used by benchmarks.max_batch and
-benchmarks.profiler: the trainer's engines and micro-step (prada_fast.engines) on a fixed
+`build_train_step` is the step itself, also used by benchmarks.tools.max_batch and
+benchmarks.tools.profiler: the trainer's engines and micro-step (prada_fast.engines) on a fixed
 random batch.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from benchmarks.run_case import hwm_bytes, measure_cpu_peak
+from benchmarks.tools.run_case import hwm_bytes, measure_cpu_peak
 
 
 def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vocab: int = 32000,

@@ -256,7 +256,7 @@ INTERPRETER_BLOCK_K = 32
 # is streamed twice (read z, z_t; then read z, z_t and write dL/dz): memory-bound, so a tile
 # must give each thread at least 8 ids (16-byte bf16 loads, several in flight) and at most 32
 # (the teacher pass keeps ~6 fp32 vectors live; compiled for sm_90: 105-108 registers at 32
-# ids per thread and no spills, python -m benchmarks.compile_report).
+# ids per thread and no spills, python -m benchmarks.tools.compile_report).
 GPU_CONFIGS = [triton.Config({"BLOCK_V": bv}, num_warps=nw)
                for bv in (1024, 2048, 4096, 8192) for nw in (4, 8, 16) if 8 <= bv // (32 * nw) <= 32]
 

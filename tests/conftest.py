@@ -18,7 +18,7 @@ def pytest_addoption(parser):
                      help="the random seed of every test (default: one per test, from its id); "
                           "a failing test prints its seed and the command that replays it")
     parser.addoption("--gpu-rehearsal", action="store_true",
-                     help="also run every stage of benchmarks/gpu_session.py at tiny shapes on this "
+                     help="also run every stage of benchmarks/tools/gpu_session.py at tiny shapes on this "
                           "machine (about 4 minutes on 2 cores): do it before a GPU session")
 
 

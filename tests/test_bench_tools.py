@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import train_step
-from benchmarks.max_batch import batch_sizes, is_out_of_memory
+from benchmarks.tools.max_batch import batch_sizes, is_out_of_memory
 
 
 def test_batch_sizes_grow_geometrically_and_end_at_the_limit():
@@ -52,7 +52,7 @@ def test_gpu_session_smoke(tmp_path, request):
     at its limit), batches 1, 2, 3, and its JSON."""
     from pathlib import Path
 
-    from benchmarks import gpu_session
+    from benchmarks.tools import gpu_session
 
     if not request.config.getoption("--gpu-rehearsal"):
         pytest.skip("the GPU session's CPU rehearsal runs with --gpu-rehearsal")
@@ -105,8 +105,8 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "compile.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--json", str(out)], cwd=repo, env=env,
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "benchmarks.tools.compile_report", "--json", str(out)], cwd=repo,
+                   env=env, check=True, capture_output=True, timeout=600)
     rows = json.loads(out.read_text())
     from prada_kernels.fused_linear_distill import GPU_CONFIGS
     row_kernel = [r for r in rows if r["kernel"] == "_distill_rows_kernel"]

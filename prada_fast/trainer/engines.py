@@ -1,7 +1,7 @@
 """The DeepSpeed engines of a PRADA run and one micro-batch step on them.
 
 Shared by the trainer (trainloop.py) and the training-step benchmarks
-(benchmarks/train_step.py, benchmarks/max_batch.py, benchmarks/profiler.py), so that what
+(benchmarks/train_step.py, benchmarks/tools/max_batch.py, benchmarks/tools/profiler.py), so that what
 the benchmarks time is the trainer's own step:
 
     engine, t_engine = build_engines(model, teacher, ds_cfg)

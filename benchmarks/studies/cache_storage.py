@@ -1,7 +1,7 @@
 """Storage of the teacher-output cache, measured: the cache's own layout (raw row arrays per
 writer part, memory-mapped, plus index.npy) against safetensors shards holding the same rows.
 
-    python -m benchmarks.cache_storage [--size-mb 96 --batch 16 --rows 100 --warm-batches 30
+    python -m benchmarks.studies.cache_storage [--size-mb 96 --batch 16 --rows 100 --warm-batches 30
         --cold-batches 5 --shard-mb 32 --out benchmarks/out/cache_storage]
 
 Synthetic rows of realistic shape, one case per cache mode: hidden rows of H_t = 1024 and
@@ -55,7 +55,7 @@ try:
     from safetensors import safe_open
     from safetensors.torch import save_file
 except ImportError:  # pragma: no cover - a message, not a failure deep inside
-    raise SystemExit("benchmarks.cache_storage needs safetensors (a dependency of transformers): "
+    raise SystemExit("benchmarks.studies.cache_storage needs safetensors (a dependency of transformers): "
                      "pip install safetensors") from None
 
 CASES = {  # name: (mode, H_t, K)

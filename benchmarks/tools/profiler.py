@@ -1,7 +1,7 @@
 """Profile one call of the loss op, or one training step, under torch.profiler.
 
-    python -m benchmarks.profiler op --impl chunked --N 2048 --H 512 --V 32000 [--Ht 512] --out prof/
-    python -m benchmarks.profiler step --loss-impl chunked [--student tiny --teacher tiny-teacher
+    python -m benchmarks.tools.profiler op --impl chunked --N 2048 --H 512 --V 32000 [--Ht 512] --out prof/
+    python -m benchmarks.tools.profiler step --loss-impl chunked [--student tiny --teacher tiny-teacher
         --vocab 32000 --batch 8 --seq 256] --out prof/
 
 Writes OUT/trace.json (a Chrome trace: chrome://tracing or https://ui.perfetto.dev) and
@@ -90,7 +90,7 @@ def profile(fn, out: Path, device: torch.device, title: str, warmup: int = 1) ->
     wall = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(out / "trace.json"))
-    md = [f"# {title}", "", f"- command: `python -m benchmarks.profiler {' '.join(sys.argv[1:])}`",
+    md = [f"# {title}", "", f"- command: `python -m benchmarks.tools.profiler {' '.join(sys.argv[1:])}`",
           f"- device: {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
           f"- wall time of the profiled call (profiler overhead included): {wall:.3f} s", "",
           top_table(prof, device.type), ""]
@@ -99,7 +99,7 @@ def profile(fn, out: Path, device: torch.device, title: str, warmup: int = 1) ->
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.profiler", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tools.profiler", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     op = sub.add_parser("op", help="one forward + backward of prada_loss")

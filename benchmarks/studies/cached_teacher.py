@@ -2,7 +2,7 @@
 the trainer (`prada_fast/train.py`, a world of one) with `--teacher DIR` and with
 `--teacher-outputs CACHE` on the same data, student and seed.
 
-    python -m benchmarks.cached_teacher [--steps 30 --records 200 --threads 1]
+    python -m benchmarks.studies.cached_teacher [--steps 30 --records 200 --threads 1]
         [--vocab V] [--student-width H --student-layers L] [--teacher-width H --teacher-layers L]
         [--out benchmarks/out/cached_teacher]
 
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # the default teacher: the tiny-teacher preset, larger (the student, `tiny`: H 128, 3 layers)
 TEACHER_WIDTH, TEACHER_LAYERS = 256, 6
 
@@ -82,7 +82,7 @@ def timed(cmd, env, log: Path) -> tuple[float, int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.cached_teacher", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.cached_teacher", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per training run")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the median")

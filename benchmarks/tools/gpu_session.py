@@ -3,8 +3,8 @@ that each fit one call of the device machine (< 10 minutes), writing logs and JS
 --out ($OUT there) and printing a short table last.
 
     bash benchmarks/gpu_session.sh STAGE [STAGE ...]       # on the device machine
-    python -m benchmarks.gpu_session STAGE [STAGE ...] [--out DIR] [--deadline-s 540]
-    python -m benchmarks.gpu_session report DIR [DIR ...] [--update-results benchmarks/RESULTS.md]
+    python -m benchmarks.tools.gpu_session STAGE [STAGE ...] [--out DIR] [--deadline-s 540]
+    python -m benchmarks.tools.gpu_session report DIR [DIR ...] [--update-results benchmarks/RESULTS.md]
 
 Stages, in the order worth running them (a stage stops starting new work at its deadline
 and records what it left out):
@@ -42,7 +42,7 @@ import torch
 
 from benchmarks.cases import check_errors, oracle_pieces, rows_case, unavailable_reason
 from benchmarks.harness import REPO, CaseFailed, child_env, run_group, run_module
-from benchmarks.report import MiB, fmt, md_table, op_table, train_table, update_results, versions_text
+from benchmarks.tools.report import MiB, fmt, md_table, op_table, train_table, update_results, versions_text
 from prada_fast.common.envinfo import machine, versions
 
 STAGES = ("env", "correct", "op", "train", "maxbatch", "big", "tune", "compiled")
@@ -164,7 +164,7 @@ def _op(s: Session, rec: dict, stage: str, case, impls, *, repeats: int, warmup:
             oracle_path = have
             break
     if oracle and not oracle_path.exists():
-        s.module(stage, rec, f"oracle {case.id} ({pieces})", "benchmarks.run_case",
+        s.module(stage, rec, f"oracle {case.id} ({pieces})", "benchmarks.tools.run_case",
                  ["oracle", *args, "--pieces", pieces, "--out", str(oracle_path)], need_s=60)
     # smoke: the Triton implementations run interpreted on a CPU (plumbing, not timing)
     interpret = s.smoke and s.device != "cuda"
@@ -177,7 +177,7 @@ def _op(s: Session, rec: dict, stage: str, case, impls, *, repeats: int, warmup:
         if oracle_path.exists():
             extra += ["--oracle", str(oracle_path)]
         res = s.module(stage, rec, f"{impl} {case.id}{f' chunk {chunk_rows}' if chunk_rows else ''}",
-                       "benchmarks.run_case", ["op", "--impl", impl, *args, "--warmup", str(warmup),
+                       "benchmarks.tools.run_case", ["op", "--impl", impl, *args, "--warmup", str(warmup),
                                                "--repeats", str(repeats), *extra],
                        need_s=45, interpret=interpret)
         if res is not None:
@@ -234,7 +234,7 @@ def stage_tune(s: Session, rec: dict) -> None:
     for c in s.shapes["chunks"]:
         _op(s, rec, "tune", target, ["triton"], repeats=3 if s.smoke else 10, chunk_rows=c, oracle=False)
     for C, V in s.shapes["rows"]:
-        res = s.module("tune", rec, f"rows C={C} V={V}", "benchmarks.run_case",
+        res = s.module("tune", rec, f"rows C={C} V={V}", "benchmarks.tools.run_case",
                        ["rows", "--C", str(C), "--V", str(V), "--Ht", "1", "--dtype", s.shapes["dtype"],
                         "--device", s.device, *(["--repeats", "1"] if s.smoke else [])],
                        interpret=s.device != "cuda")
@@ -274,7 +274,7 @@ def stage_maxbatch(s: Session, rec: dict) -> None:
         # must not decide the answer (for both implementations alike)
         share = s.left() / (len(impls) - i)
         args += ["--deadline-s", str(max(60, int(share - 30)))]
-        res = s.module("maxbatch", rec, f"max batch {impl}", "benchmarks.max_batch", args, need_s=120,
+        res = s.module("maxbatch", rec, f"max batch {impl}", "benchmarks.tools.max_batch", args, need_s=120,
                        env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
         if res is not None:
             rec["rows"].append({"impl": impl, **{k: res.get(k) for k in (
@@ -439,7 +439,7 @@ def load_records(dirs) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tools.gpu_session", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stages", nargs="+", help=f"{', '.join(STAGES)}, smoke, or 'report DIR...'")
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "out" / "gpu"),
@@ -467,7 +467,7 @@ def main(argv=None) -> int:
     if s.device != "cuda" and not smoke:
         p.error("no CUDA device here: the stages measure a GPU (run 'smoke' to check the plumbing)")
     only = ["--only", a.only] if a.only else []
-    command = " ".join(["python -m benchmarks.gpu_session", *a.stages, *only])
+    command = " ".join(["python -m benchmarks.tools.gpu_session", *a.stages, *only])
     recs = {}
     for name in stages:
         rec = {"stage": name, "command": command, "started": dt.datetime.now(dt.timezone.utc).isoformat(

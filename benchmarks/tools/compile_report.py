@@ -2,7 +2,7 @@
 made of each configuration: registers per thread, spills (local memory), shared memory,
 and how wide the global loads are in the machine code. It costs no device time.
 
-    python -m benchmarks.compile_report [--arch 90] [--json out.json]
+    python -m benchmarks.tools.compile_report [--arch 90] [--json out.json]
 
 Triton's ahead-of-time path (ASTSource + a GPUTarget) turns the kernel into PTX and a cubin
 with the ptxas it ships; the cuobjdump it ships reads the cubin's resource usage and SASS.
@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _row_kernel_module():
@@ -202,7 +202,7 @@ def table(rows: list[dict], arch: int) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tools.compile_report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     p.add_argument("--json", help="also write the rows here")

@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON of this suite into a markdown table and PNG plots.
 
-    python -m benchmarks.report benchmarks/out/bench.json [--out benchmarks/out]
+    python -m benchmarks.tools.report benchmarks/out/bench.json [--out benchmarks/out]
         [--update-results benchmarks/RESULTS.md]
 
 Writes OUT/table.md (op cases: time, peak extra memory, their ratios to the reference,
@@ -140,7 +140,7 @@ def plots(data: dict, out: Path) -> list[Path]:
     try:
         import matplotlib
     except ImportError:
-        print("benchmarks.report: matplotlib is not installed: no plots (pip install matplotlib)",
+        print("benchmarks.tools.report: matplotlib is not installed: no plots (pip install matplotlib)",
               file=sys.stderr)
         return []
     matplotlib.use("Agg")
@@ -258,7 +258,7 @@ def write_report(json_path, out=None, results_md=None) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tools.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="the --benchmark-json output of `pytest benchmarks/`")
     p.add_argument("--out", help="output folder (default: the JSON's folder)")

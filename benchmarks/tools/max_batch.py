@@ -1,6 +1,6 @@
 """The largest micro-batch of a training step that fits in device memory.
 
-    python -m benchmarks.max_batch --loss-impl triton [--student qwen2.5-0.5b
+    python -m benchmarks.tools.max_batch --loss-impl triton [--student qwen2.5-0.5b
         --teacher qwen2.5-1.5b --seq 1024 --start 4 --limit 512 --factor 1.125]
         [--json out.json]
 
@@ -44,7 +44,7 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.max_batch", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tools.max_batch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss-impl", default="auto", choices=("auto", "triton", "chunked", "reference"))
     p.add_argument("--student", default="qwen2.5-0.5b", help="student preset or local model dir")

@@ -1,10 +1,10 @@
 """Run one benchmark case in this (fresh) process and write its measurements as JSON.
 
-    python -m benchmarks.run_case op --impl chunked --N 4096 --H 512 --V 32000 --Ht 512 \
+    python -m benchmarks.tools.run_case op --impl chunked --N 4096 --H 512 --V 32000 --Ht 512 \
         [--oracle ORACLE.pt] [--warmup 1] [--repeats 3] [--json out.json]
-    python -m benchmarks.run_case oracle --N ... --out ORACLE.pt [--pieces task,dom]
-    python -m benchmarks.run_case parity --impl triton --cases CASES.json --json out.json
-    python -m benchmarks.run_case ceiling [--dtype bfloat16]
+    python -m benchmarks.tools.run_case oracle --N ... --out ORACLE.pt [--pieces task,dom]
+    python -m benchmarks.tools.run_case parity --impl triton --cases CASES.json --json out.json
+    python -m benchmarks.tools.run_case ceiling [--dtype bfloat16]
 
 `op`: forward + backward of one implementation, `warmup` untimed calls (compilation
 happens there), then `repeats` timed calls: wall time of each. Peak memory above the state
@@ -282,7 +282,7 @@ def _case_from_args(a) -> Case:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run_case", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tools.run_case", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("op", "oracle", "parity", "ceiling", "rows"))
     p.add_argument("--impl", choices=list(IMPLS), default="chunked")
