@@ -264,7 +264,7 @@ def evaluate(model, tok, eval_records, eval_examples, collate, args):
 def summarise(args, run_dir: RunDir, info, data: RunData, stats: dict, sharding: dict, before, after) -> None:
     """Rank 0: DIR/summary.json and the end-of-run table, with a warning when the student
     fools its domain head rather than aligning the domains."""
-    from prada_fast.trainer.evaluation import fooled
+    from prada_fast.trainer.evaluation import FOOLED_ADVICE, FOOLED_P, fooled
     if dist_util.rank() != 0:
         return
     (acc_before, align_before), (acc_after, align_after) = before, after
@@ -301,11 +301,13 @@ def summarise(args, run_dir: RunDir, info, data: RunData, stats: dict, sharding:
         board.close()
     print_table(summary)
     if alignment and alignment["fooled"]:
+        probe = alignment["probe_accuracy"]
         log(f"warning: the student fools the domain head instead of hiding the domain: head "
-            f"accuracy {alignment['head_accuracy']:.2f} is below chance {alignment['chance']:.2f} "
-            f"with L_dom {final_dom:.3f} > ln D = {alignment['ln_domains']:.3f}, and a fresh probe "
-            f"still tells the domains apart at {alignment['probe_accuracy']:.2f}. Try --adversary "
-            "confusion, a lower --lambda-max or a higher --domain-head-lr-mult")
+            f"accuracy {alignment['head_accuracy']:.3f} on {alignment['records']} held-out records is "
+            f"below chance {alignment['chance']:.3f} beyond noise (binomial p < {FOOLED_P}) with "
+            f"L_dom {final_dom:.3f} > ln D = {alignment['ln_domains']:.3f}"
+            + (f", and a fresh probe still tells the domains apart at {probe:.2f}" if probe is not None
+               else "") + f". {FOOLED_ADVICE[args.adversary]}")
 
 
 # Exit codes (README, "When things go wrong"): 0 done (or --stop-after), 2 bad input (a

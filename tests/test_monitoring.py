@@ -48,6 +48,29 @@ def test_domain_alignment_reports_a_fooled_head_and_a_probe_that_still_separates
     assert not fooled(a, None)                    # no domain loss trained
 
 
+def test_fooled_needs_evidence_beyond_noise():
+    """The warning fires only where a head at chance would score this low with p < 1 %: the
+    default main job's 0.234 over 64 records against chance 0.25 (L_dom 1.400 > ln 4) is
+    noise; 0.10 over 64 is not, nor 0 over 21 at chance 1/3; the binomial tail matches
+    torch's Binomial in float64 at odd sizes."""
+    from prada_fast.trainer.evaluation import below_chance_p
+    noise = {"head_accuracy": 15 / 64, "chance": 0.25, "ln_domains": math.log(4), "records": 64}
+    assert not fooled(noise, final_dom_loss=1.400)
+    assert fooled({**noise, "head_accuracy": 6 / 64}, final_dom_loss=1.400)
+    assert not fooled({**noise, "head_accuracy": 6 / 64}, final_dom_loss=1.38)   # loss below ln 4
+    assert not fooled({**noise, "head_accuracy": 6 / 64, "records": 0}, final_dom_loss=1.5)
+    third = {"head_accuracy": 0.0, "chance": 1 / 3, "ln_domains": math.log(3), "records": 21}
+    assert fooled(third, 1.2) and not fooled({**third, "records": 9}, 1.2)  # (2/3)^9 = 0.026
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    for _ in range(5):
+        n = int(torch.randint(3, 200, (1,), generator=g))
+        k = int(torch.randint(0, n, (1,), generator=g))
+        chance = float(torch.rand(1, generator=g, dtype=torch.float64)) * 0.8 + 0.1
+        dist = torch.distributions.Binomial(n, torch.tensor(chance, dtype=torch.float64))
+        ref = float(dist.log_prob(torch.arange(k + 1, dtype=torch.float64)).exp().sum())
+        assert below_chance_p(k, n, chance) == pytest.approx(ref, rel=1e-9, abs=1e-300)
+
+
 def test_summary_alignment_tensorboard_and_layer_probes(in_process, tmp_path):
     """A short run: summary.json carries the head's and a fresh probe's accuracy on the
     held-out pooled question features, --probe-every writes their curve, every metrics.jsonl

@@ -76,19 +76,43 @@ def alignment_probe(module, batches, *, fit: bool = True, folds: int = 5) -> dic
 
 def domain_alignment(model, batches, *, folds: int = 5) -> dict:
     """On held-out records: the domain head's accuracy, a fresh logistic probe's
-    (cross-validated, `folds` folds; None with too few records per domain) and chance.
-    Aligned features put both near chance; a head below chance with a probe near 1 means
-    the student fools its head instead of hiding the domain."""
+    (cross-validated, `folds` folds; None with too few records per domain), chance, and the
+    number of records. Aligned features put both near chance; a head below chance with a
+    probe near 1 means the student fools its head instead of hiding the domain."""
     f, y, pred = domain_features(model, batches)
     n_domains = model.domain_head.out.out_features
     return {"head_accuracy": float((pred == y).float().mean()) if len(y) else None,
             "probe_accuracy": probe_accuracy(f, y, folds=folds), "chance": 1 / n_domains,
-            "ln_domains": math.log(n_domains)}
+            "ln_domains": math.log(n_domains), "records": len(y)}
+
+
+FOOLED_P = 0.01  # how unlikely a head at chance must find the accuracy seen before we say "fooled"
+
+
+def below_chance_p(correct: int, n: int, chance: float) -> float:
+    """P(X <= correct) for X ~ Binomial(n, chance): how likely a head that guesses at chance
+    is to score this low or lower on n records."""
+    return sum(math.comb(n, k) * chance ** k * (1 - chance) ** (n - k) for k in range(correct + 1))
 
 
 def fooled(alignment: dict, final_dom_loss: float | None) -> bool:
-    """The head is confidently wrong: accuracy below chance while its loss exceeds ln D
-    (a uniform guess would do better on both)."""
-    head = alignment.get("head_accuracy")
-    return (head is not None and final_dom_loss is not None and head < alignment["chance"]
-            and final_dom_loss > alignment["ln_domains"])
+    """The head is confidently wrong, beyond noise: its accuracy on the held-out records is
+    below chance with probability under FOOLED_P for a head at chance (one-sided binomial
+    test), while its loss exceeds ln D (a uniform guess would do better on both)."""
+    head, n = alignment.get("head_accuracy"), alignment.get("records")
+    if head is None or final_dom_loss is None or not n:
+        return False
+    chance = alignment["chance"]
+    return (head < chance and final_dom_loss > alignment["ln_domains"]
+            and below_chance_p(round(head * n), n, chance) < FOOLED_P)
+
+
+# What to try when the head is fooled, by the adversary the run used.
+FOOLED_ADVICE = {
+    "grl": "Try --adversary confusion (bounded: it pushes the head towards uniform, not towards "
+           "wrong), a lower --lambda-max or a higher --domain-head-lr-mult",
+    "confusion": "The head lags the student: try a higher --domain-head-lr-mult or a lower "
+                 "--lambda-max",
+    "mmd": "The head only watches under --adversary mmd; a fresh probe, not the head, says "
+           "whether the domains are aligned",
+}
