@@ -52,7 +52,7 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
     from prada_fast.data import Collator
     from prada_fast.trainer.dsconfig import load_ds_config
     from prada_fast.trainer.engines import build_engines, micro_step
-    from prada_fast.models import PRESETS, PradaModel, check_same_vocab, load_causal_lm
+    from prada_fast.models import PRESETS, PradaConfig, PradaModel, check_same_vocab, load_causal_lm
     from prada_fast.trainer.packing import PackedCollator, position_counts
 
     info = dist_util.setup(10.0)
@@ -68,7 +68,7 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
     torch.manual_seed(seed)
     s_model = load(student, seed)
     V = s_model.get_output_embeddings().weight.shape[0]
-    model = PradaModel(s_model, n_domains, prompt_len, "linear", 0, loss_impl)
+    model = PradaModel(s_model, PradaConfig(n_domains, prompt_len, "linear", 0, loss_impl, adversary="grl"))
     t_model = None
     if teacher and teacher != "none":
         t_model = load(teacher, seed + 7)

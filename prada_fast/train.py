@@ -53,7 +53,7 @@ from prada_fast.data.prepare import check_lengths, describe_lengths, encode_all,
 from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, load_ds_config
 from prada_fast.trainer.engines import build_engines
 from prada_fast.models.final import export_final
-from prada_fast.models import PRESETS, ModelError, PradaModel, check_same_vocab, load_causal_lm
+from prada_fast.models import PRESETS, ModelError, PradaConfig, PradaModel, check_same_vocab, load_causal_lm
 from prada_fast.trainer.packing import PackedCollator
 from prada_fast.trainer.preemption import EXIT_PREEMPTED, Preempted
 from prada_fast.trainer.report import print_table
@@ -160,9 +160,10 @@ def build_models(args, data: Data):
         log(warning)
     data.eval, _ = encode_all(data.eval_records, tok, args, domain_ids)
     data.collate = Collator(tok.pad_token_id)
-    model = PradaModel(student, len(data.domains), args.prompt_len, args.domain_head,
-                       args.mlp_hidden, args.loss_impl, pool=args.pool, adversary=args.adversary,
-                       prompt_encoder=args.prompt_encoder, prompt_hidden=args.prompt_hidden)
+    model = PradaModel(student, PradaConfig(
+        n_domains=len(data.domains), n_prompt=args.prompt_len, head=args.domain_head,
+        mlp_hidden=args.mlp_hidden, loss_impl=args.loss_impl, pool=args.pool, adversary=args.adversary,
+        prompt_encoder=args.prompt_encoder, prompt_hidden=args.prompt_hidden))
     if args.teacher_outputs:  # no teacher model: its outputs, read per micro-batch
         return model, open_teacher_outputs(args, tok, data, student), tok
     teacher = resolve_teacher(args, tok, data.train, data.collate)
@@ -272,10 +273,8 @@ def log_sharding(engine) -> dict:
 
 def export(args, engine, tok, data: Data, out: Path) -> None:
     """DIR/final: the student as a Hugging Face model plus soft prompt and domain head."""
-    meta = {"domains": data.domains, "roles": data.roles, "n_prompt": args.prompt_len,
-            "domain_head": args.domain_head, "mlp_hidden": args.mlp_hidden, "pool": args.pool,
-            "adversary": args.adversary, "prompt_encoder": args.prompt_encoder}
-    export_final(engine.module, tok, out / "final", meta, rank0=dist_util.rank() == 0)
+    export_final(engine.module, tok, out / "final", {"domains": data.domains, "roles": data.roles},
+                 rank0=dist_util.rank() == 0)
 
 
 def evaluate_after(args, out: Path, data: Data):

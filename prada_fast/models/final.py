@@ -35,9 +35,12 @@ def baked_prompt(model: PradaModel, rank0: bool):
         return model.prompt_vectors().detach().to("cpu", copy=True) if rank0 else None
 
 
-def export_final(model: PradaModel, tok, out_dir: Path, meta: dict, rank0: bool = True) -> None:
-    """DIR/final: the student as a Hugging Face model directory plus soft prompt and head.
-    Every rank takes part in the gathers (ZeRO-3); rank 0 (`rank0`) writes."""
+def export_final(model: PradaModel, tok, out_dir: Path, run_meta: dict, rank0: bool = True) -> None:
+    """DIR/final: the student as a Hugging Face model directory plus soft prompt and head,
+    and prada_config.json: the model's PradaConfig fields plus `run_meta` (the run's
+    "domains" and their "roles"). Every rank takes part in the gathers (ZeRO-3); rank 0
+    (`rank0`) writes."""
+    meta = {**run_meta, **model.prada_config.to_meta()}
     student_sd = gather_state(model.student, rank0)
     heads_sd = gather_state(model.domain_head, rank0)
     prompt = baked_prompt(model, rank0)

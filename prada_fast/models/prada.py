@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prada_fast.models.config import PradaConfig
 from prada_fast.models.loading import ModelError, _first_line, _read_json, load_causal_lm
 from prada_fast.models.mmd import mmd_term
 from prada_fast.models.packed_attention import backbone_forward
 from prada_fast.models.prompts import PromptEncoder
 from prada_fast.op import confusion_term, grad_reverse, masked_mean, prada_loss
 
-POOLS = ("question", "sequence")
 HEADS_FILE = "prada_heads.safetensors"   # soft prompt, domain head: our own tensors, no pickle
 PICKLED_HEADS_FILE = "prada_heads.pt"     # what earlier versions wrote; refused, never unpickled
 META_FILE = "prada_config.json"
@@ -51,27 +51,24 @@ class PradaModel(nn.Module):
     `soft_prompt` by a P-tuning encoder (prompts.py) while training; `prompt_vectors()` is
     what goes in front of the input either way, and what the export saves."""
 
-    def __init__(self, student, n_domains: int, n_prompt: int = 8, head: str = "linear",
-                 mlp_hidden: int = 0, loss_impl: str = "auto", pool: str = "question",
-                 adversary: str = "grl", prompt_encoder: str = "none", prompt_hidden: int = 0):
+    def __init__(self, student, config: PradaConfig):
         super().__init__()
-        if pool not in POOLS:
-            raise ModelError(f"pool {pool!r}: expected one of {POOLS}")
+        if not isinstance(config, PradaConfig):
+            raise TypeError("PradaModel(student, config): config must be a PradaConfig, got "
+                            f"{type(config).__name__}")
+        self.prada_config = config
+        # read by the forward, the trainer and the tests (the config is frozen: copies stay true)
+        self.n_prompt, self.pool, self.adversary = config.n_prompt, config.pool, config.adversary
+        self.loss_impl = config.loss_impl
         self.student = student
         H = student.config.hidden_size
-        self.n_prompt = n_prompt
-        self.loss_impl = loss_impl
-        self.pool = pool
-        self.adversary = adversary
         emb = student.get_input_embeddings().weight
         std = float(emb.detach().std()) if emb.numel() else 0.02
-        self.soft_prompt = nn.Parameter(torch.randn(n_prompt, H, dtype=emb.dtype) * std) \
-            if n_prompt > 0 else None
-        if prompt_encoder != "none" and n_prompt <= 0:
-            raise ModelError(f"prompt encoder {prompt_encoder!r} needs a soft prompt (n_prompt >= 1)")
-        self.prompt_encoder = (PromptEncoder(H, prompt_encoder, prompt_hidden).to(emb.dtype)
-                               if prompt_encoder != "none" else None)
-        self.domain_head = DomainHead(H, n_domains, head, mlp_hidden)
+        self.soft_prompt = nn.Parameter(torch.randn(self.n_prompt, H, dtype=emb.dtype) * std) \
+            if self.n_prompt > 0 else None
+        self.prompt_encoder = (PromptEncoder(H, config.prompt_encoder, config.prompt_hidden).to(emb.dtype)
+                               if config.prompt_encoder != "none" else None)
+        self.domain_head = DomainHead(H, config.n_domains, config.head, config.mlp_hidden)
         # The op reads these weights outside their modules' forward: let ZeRO-3 gather them.
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
         lm_head = student.get_output_embeddings()
@@ -297,9 +294,7 @@ class PradaModel(nn.Module):
         meta = _read_json(path / META_FILE)
         state = cls.load_heads(path)  # before the student: a pickle is refused at once
         student, tok = load_causal_lm(str(path), attn=attn, safetensors_only=True)
-        model = cls(student, len(meta["domains"]), meta["n_prompt"], meta["domain_head"],
-                    meta.get("mlp_hidden", 0), loss_impl, pool=meta.get("pool", "sequence"),
-                    adversary=meta.get("adversary", "grl"))
+        model = cls(student, PradaConfig.from_meta(meta, loss_impl))
         if model.soft_prompt is not None:
             model.soft_prompt.data.copy_(state["soft_prompt"])
         model.domain_head.load_state_dict(state["domain_head"])
