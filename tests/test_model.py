@@ -183,8 +183,8 @@ def test_batched_greedy_decoding_matches_one_at_a_time(tiny):
     model = PradaModel(student, PradaConfig(n_domains=4, n_prompt=4)).eval()
     prompts = [tok("Q: 3+4-1=?\nA:", add_special_tokens=False).input_ids,
                tok("Q: Sort 9 1 5.\nA:", add_special_tokens=False).input_ids]
-    from prada_fast.trainer.evaluation import _left_pad
-    ids, mask = _left_pad(prompts, tok.pad_token_id)
+    from prada_fast.models.generation import left_pad
+    ids, mask = left_pad(prompts, tok.pad_token_id)
     both = model.generate(ids, mask, 12, tok.eos_token_id, tok.pad_token_id)
     for i, p in enumerate(prompts):
         one = model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), 12,

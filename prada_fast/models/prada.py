@@ -6,23 +6,17 @@ external parameters of this module, so DeepSpeed gathers them for its forward an
 their gradients back to the partitions."""
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from prada_fast.models.config import PradaConfig
-from prada_fast.models.loading import ModelError, _first_line, _read_json, load_causal_lm
+from prada_fast.models.generation import greedy_generate
+from prada_fast.models.loading import ModelError
 from prada_fast.models.mmd import mmd_term
 from prada_fast.models.packed_attention import backbone_forward
 from prada_fast.models.prompts import PromptEncoder
 from prada_fast.op import confusion_term, grad_reverse, masked_mean, prada_loss
 
-HEADS_FILE = "prada_heads.safetensors"   # soft prompt, domain head: our own tensors, no pickle
-PICKLED_HEADS_FILE = "prada_heads.pt"     # what earlier versions wrote; refused, never unpickled
-META_FILE = "prada_config.json"
 
 
 class DomainHead(nn.Module):
@@ -228,74 +222,25 @@ class PradaModel(nn.Module):
             return question_index[:, None].expand(-1, width).contiguous(), labels
         return torch.where(seq_index >= 0, question_index[seq_index.clamp(min=0)], -1), labels
 
-    @torch.no_grad()
     def generate(self, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int,
                  pad_token_id: int):
-        """Greedy decoding from left-padded prompts, soft prompt included."""
-        emb, mask = self.embed(input_ids, attention_mask)
-        if self.soft_prompt is not None:  # keep padding on the far left: [pad | prompt | text]
-            order = torch.argsort(mask, dim=1, stable=True)
-            emb = torch.gather(emb, 1, order.unsqueeze(-1).expand_as(emb))
-            mask = torch.gather(mask, 1, order)
-        return self.student.generate(inputs_embeds=emb, attention_mask=mask, do_sample=False,
-                                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                     pad_token_id=pad_token_id)
+        """Greedy decoding from left-padded prompts, soft prompt included (generation.py)."""
+        return greedy_generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id,
+                               pad_token_id)
 
-    # -- persistence of what is ours (the student itself is saved by save_pretrained) --
+    # -- what is ours in DIR/final (the student itself is saved by save_pretrained): final.py
     @staticmethod
-    def save_heads(out_dir: str | os.PathLike, state: dict, meta: dict) -> None:
-        """Write what `from_final` reads besides the Hugging Face student: the tensors of
-        `state` ({"soft_prompt": tensor or None, "domain_head": state dict, ...}) as
-        safetensors (keys "soft_prompt", "domain_head.out.weight", ...), and `meta` as JSON."""
-        from safetensors.torch import save_file
-        flat = {}
-        for name, value in state.items():
-            if isinstance(value, dict):
-                flat.update({f"{name}.{k}": v for k, v in value.items()})
-            elif value is not None:
-                flat[name] = value
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in flat.items()},
-                  str(Path(out_dir) / HEADS_FILE), metadata={"format": "pt"})
-        (Path(out_dir) / META_FILE).write_text(json.dumps(meta, indent=2))
+    def save_heads(out_dir, state: dict, meta: dict) -> None:
+        from prada_fast.models.final import save_heads
+        save_heads(out_dir, state, meta)
 
     @staticmethod
-    def load_heads(path: str | os.PathLike) -> dict:
-        """The tensors `save_heads` wrote, nested as given to it. A pickle is refused."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        path = Path(path)
-        file = path / HEADS_FILE
-        if not file.is_file():
-            if (path / PICKLED_HEADS_FILE).is_file():
-                raise ModelError(f"{path / PICKLED_HEADS_FILE}: a pickle (an older prada_fast, or "
-                                 "not ours); loading it could run any code, so it is refused: "
-                                 f"re-export the run, which writes {HEADS_FILE}")
-            raise ModelError(f"{path}: no {HEADS_FILE} (not a prada_fast final/ directory)")
-        try:
-            flat = load_file(str(file))
-        except (SafetensorError, OSError) as e:
-            raise ModelError(f"{file}: not a readable safetensors file ({_first_line(e)})") from e
-        state: dict = {}
-        for key, value in flat.items():
-            name, dot, rest = key.partition(".")
-            if dot:
-                state.setdefault(name, {})[rest] = value
-            else:
-                state[name] = value
-        return state
+    def load_heads(path) -> dict:
+        from prada_fast.models.final import load_heads
+        return load_heads(path)
 
     @classmethod
-    def from_final(cls, path: str | os.PathLike, attn: str = "auto", loss_impl: str = "auto"):
-        """Load DIR/final: the Hugging Face student plus soft prompt and domain head (a
-        prompt encoder used in training is baked into the saved vectors)."""
-        path = Path(path)
-        if not (path / META_FILE).is_file():
-            raise ModelError(f"{path}: no {META_FILE} (not a prada_fast final/ directory)")
-        meta = _read_json(path / META_FILE)
-        state = cls.load_heads(path)  # before the student: a pickle is refused at once
-        student, tok = load_causal_lm(str(path), attn=attn, safetensors_only=True)
-        model = cls(student, PradaConfig.from_meta(meta, loss_impl))
-        if model.soft_prompt is not None:
-            model.soft_prompt.data.copy_(state["soft_prompt"])
-        model.domain_head.load_state_dict(state["domain_head"])
-        return model, tok, meta
+    def from_final(cls, path, attn: str = "auto", loss_impl: str = "auto"):
+        """(model, tokenizer, saved metadata) of DIR/final (final.load_final)."""
+        from prada_fast.models.final import load_final
+        return load_final(path, attn=attn, loss_impl=loss_impl)
