@@ -81,8 +81,8 @@ def test_model_loss_is_the_watching_head_plus_lambda_mmd():
     watch = PradaModel(student, PradaConfig(n_domains=3, n_prompt=2, adversary="confusion",
                                             loss_impl="chunked"))
     watch.load_state_dict(mmd.state_dict())
-    loss, parts = mmd(ids, mask, labels, dom, grl_lambda=0.7)
-    base, _ = watch(ids, mask, labels, dom, grl_lambda=0.0)
+    loss, parts = mmd(ids, mask, labels, dom, adv_lambda=0.7)
+    base, _ = watch(ids, mask, labels, dom, adv_lambda=0.0)
     hidden, _ = mmd.hidden_states(ids, mask)
     align = mmd_term(masked_mean(hidden, mmd.pool_mask(mask, labels).to(hidden.dtype)), dom)
     torch.testing.assert_close(parts["mmd"], align.detach())

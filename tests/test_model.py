@@ -41,7 +41,7 @@ def test_soft_prompt_and_linear_head_get_gradients(tiny):
     ids, mask, labels, dom = batch(2)
     hidden, ext = model.hidden_states(ids, mask)
     assert hidden.shape[:2] == (3, 17 + 5) and ext[:, :5].eq(1).all()
-    loss, parts = model(ids, mask, labels, dom, grl_lambda=0.5)
+    loss, parts = model(ids, mask, labels, dom, adv_lambda=0.5)
     loss.backward()
     assert model.soft_prompt.grad.abs().sum() > 0
     assert model.domain_head.out.weight.grad.abs().sum() > 0
@@ -80,7 +80,7 @@ def test_prompt_encoder_output_is_the_prompt_and_trains(kind):
     ids, mask, labels, dom = batch(4)
     emb, _ = model.embed(ids, mask)
     torch.testing.assert_close(emb[1, :5], model.prompt_vectors(), rtol=0, atol=0)
-    loss, _ = model(ids, mask, labels, dom, grl_lambda=0.5)
+    loss, _ = model(ids, mask, labels, dom, adv_lambda=0.5)
     loss.backward()
     assert free.grad.abs().sum() > 0
     for name, p in enc.named_parameters():
@@ -114,7 +114,7 @@ def test_mlp_head_is_the_adversarial_term_in_plain_pytorch(adversary):
     model = PradaModel(student, PradaConfig(n_domains=4, n_prompt=3, head="mlp", mlp_hidden=16,
                        loss_impl="chunked", adversary=adversary)).double()
     ids, mask, labels, dom = batch(3)
-    loss, parts = model(ids, mask, labels, dom, grl_lambda=0.8)
+    loss, parts = model(ids, mask, labels, dom, adv_lambda=0.8)
     task, _ = model(ids, mask, labels, dom, use_domain=False)
     head = model.domain_head
     pool = model.pool_mask(mask, labels).double()

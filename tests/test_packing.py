@@ -199,7 +199,7 @@ def test_packed_step_equals_padded_step(seed, teacher, head, adversary):
         assert ("question_index" in b) == shared
         model.zero_grad(set_to_none=True)
         loss, parts = model(b["input_ids"], b["attention_mask"], b["labels"], b["domain_labels"],
-                            teacher_hidden=th, teacher_weight=tw, grl_lambda=0.7, num_valid_tokens=n_valid,
+                            teacher_hidden=th, teacher_weight=tw, adv_lambda=0.7, num_valid_tokens=n_valid,
                             temperature=2.0, alpha=0.3, use_domain=head != "none", **extra)
         (1.5 * loss).backward()
         results.append((loss.detach(), {k: v.clone() for k, v in parts.items()}, _grads(model)))

@@ -149,7 +149,7 @@ class PradaModel(nn.Module):
         return hidden, targets, pool.to(attention_mask.dtype)
 
     def forward(self, input_ids, attention_mask, labels, domain_labels, *, teacher_hidden=None,
-                teacher_weight=None, grl_lambda=1.0, num_valid_tokens=None, temperature=1.0,
+                teacher_weight=None, adv_lambda=1.0, num_valid_tokens=None, temperature=1.0,
                 alpha=0.5, use_domain=True, features_only=False, teacher_topk_ids=None,
                 teacher_topk_logprobs=None, position_ids=None, seq_index=None, question_index=None):
         """(loss, parts) of PRADA's objective on a batch. features_only: (pooled features f,
@@ -158,7 +158,9 @@ class PradaModel(nn.Module):
         and seq_index (rows, T), domain_labels (S,), the teacher's inputs in the rows' layout.
         question_index (one per row, or per packed sequence): rows that share a question
         (several rationales of it, numbered 0..Q-1) pool into one feature, so that the
-        question counts once in the domain loss; each row keeps its task loss."""
+        question counts once in the domain loss; each row keeps its task loss. adv_lambda:
+        the adversary's scale (the schedule's lambda; with adversary "mmd", the MMD term's
+        weight)."""
         if features_only:
             f = self.pooled_features(input_ids, attention_mask, labels)
             return f, self.domain_head(f)
@@ -175,7 +177,7 @@ class PradaModel(nn.Module):
         linear_dom = use_domain and self.domain_head.kind == "linear"
         pool = pool.to(hidden.dtype)
         mmd = use_domain and self.adversary == "mmd"  # the head only watches; MMD aligns
-        adversary, adv_lambda = ("confusion", 0.0) if mmd else (self.adversary, grl_lambda)
+        adversary, op_lambda = ("confusion", 0.0) if mmd else (self.adversary, adv_lambda)
         if use_domain and question_index is not None:
             seq_index, domain_labels = self.per_question(question_index, domain_labels, seq_index,
                                                          hidden.shape[1])
@@ -189,22 +191,22 @@ class PradaModel(nn.Module):
             domain_bias=self.domain_head.out.bias if linear_dom else None,
             domain_labels=domain_labels if linear_dom else None,
             seq_index=seq_index if linear_dom else None,
-            grl_lambda=adv_lambda, adversary=adversary, impl=self.loss_impl, **topk)
+            adv_lambda=op_lambda, adversary=adversary, impl=self.loss_impl, **topk)
         # the pooled features, where plain PyTorch needs them (an MLP head, the MMD term)
         f = masked_mean(hidden, pool, seq_index, n_seq) if use_domain and (mmd or not linear_dom) else None
         if use_domain and not linear_dom:  # MLP head: plain PyTorch, either adversary
             grl = adversary == "grl"
-            c = self.domain_head(grad_reverse(f, adv_lambda) if grl else f.detach())
+            c = self.domain_head(grad_reverse(f, op_lambda) if grl else f.detach())
             c = c.to(torch.promote_types(c.dtype, torch.float32))
             dom = nn.functional.cross_entropy(c, domain_labels)
             loss = loss + dom
             if not grl:
-                loss = loss + confusion_term(f, self.domain_head, adv_lambda).to(loss.dtype)
+                loss = loss + confusion_term(f, self.domain_head, op_lambda).to(loss.dtype)
             parts["dom"] = dom.detach()
             parts["dom_acc"] = (c.argmax(-1) == domain_labels).to(c.dtype).mean()
         if mmd:
             align = mmd_term(f, domain_labels)
-            loss = loss + (grl_lambda * align).to(loss.dtype)
+            loss = loss + (adv_lambda * align).to(loss.dtype)
             parts["mmd"] = align.detach()
         return loss, parts
 

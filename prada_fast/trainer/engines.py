@@ -86,7 +86,7 @@ def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperatu
 
     mb: a padded batch, or packed rows (packing.PackedCollator).
     norm: the loss normaliser (valid target tokens per rank and micro-batch; DeepSpeed
-    averages over both); lam: the GRL coefficient. inject_nan: multiply the loss by NaN
+    averages over both); lam: the adversary's scale (adv_lambda). inject_nan: multiply the loss by NaN
     before the backward pass (fault injection, the trainer's --inject-nan)."""
     device = engine.device
     if isinstance(t_engine, TeacherOutputs):  # the teacher's outputs, cached
@@ -98,7 +98,7 @@ def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperatu
     with zero.GatheredParameters(gather, modifier_rank=None):
         loss, parts = engine(
             mb["input_ids"].to(device), mb["attention_mask"].to(device),
-            mb["labels"].to(device), mb["domain_labels"].to(device), **teacher, grl_lambda=lam,
+            mb["labels"].to(device), mb["domain_labels"].to(device), **teacher, adv_lambda=lam,
             num_valid_tokens=max(norm, 1e-9), temperature=temperature, alpha=alpha,
             use_domain=use_domain, **packed)
     if inject_nan:
