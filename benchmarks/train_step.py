@@ -73,7 +73,7 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
     if teacher and teacher != "none":
         t_model = load(teacher, seed + 7)
         check_same_vocab(s_model, t_model)
-    engine, t_engine = build_engines(model, t_model, cfg)
+    engine, teacher_source = build_engines(model, t_model, cfg)
     dev = engine.device
 
     def for_batch(b: int):
@@ -95,7 +95,7 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
         tokens, padding, positions = position_counts(mb, prompt_len)
 
         def step():
-            loss, _ = micro_step(engine, t_engine, mb, norm=max(n_valid, 1), lam=0.5,
+            loss, _ = micro_step(engine, teacher_source, mb, norm=max(n_valid, 1), lam=0.5,
                                  temperature=1.0, alpha=0.5)
             return float(loss.detach()), tokens
 

@@ -31,6 +31,7 @@ if not __package__:  # run as a script: this checkout's package
 
 from prada_fast.common import distributed as dist_util  # noqa: E402
 from prada_fast.teacher import cache as tc  # noqa: E402
+from prada_fast.teacher.live import teacher_hidden  # noqa: E402
 from prada_fast.trainer.flags import (  # noqa: E402
     RANGES,
     FlagError,
@@ -42,7 +43,7 @@ from prada_fast.trainer.flags import (  # noqa: E402
 from prada_fast.trainer.flags import parse_args as cli_parse_args  # noqa: E402
 from prada_fast.data import DataError  # noqa: E402
 from prada_fast.data.loaders import check_spec  # noqa: E402
-from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, inference_config, load_ds_config  # noqa: E402
+from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, load_ds_config  # noqa: E402
 from prada_fast.models import PRESETS, ModelError, byte_tokenizer, check_model_dir  # noqa: E402
 
 # the trainer's flags that decide the examples, the tokenizer, the teacher and how it runs
@@ -138,6 +139,7 @@ def load_tokenizer(student: str):
 # ----------------------------------------------------------------------------- the work
 def run(args) -> int:
     from prada_fast.train import load_data, resolve_teacher  # the trainer's own stages
+    from prada_fast.trainer.engines import teacher_engine  # the trainer's frozen teacher
     info = dist_util.setup(args.dist_timeout)
     ds_cfg = load_ds_config(args.ds, world_size=info.world_size, device=info.device, max_steps=1)
     check_with_deepspeed(ds_cfg, args.ds)
@@ -195,16 +197,6 @@ def run(args) -> int:
     return 0
 
 
-def teacher_engine(teacher, ds_cfg):
-    """The teacher, frozen, under ZeRO-3 inference with the run's config (as the trainer's)."""
-    import deepspeed
-    teacher.requires_grad_(False)
-    teacher.eval()
-    t_engine, *_ = deepspeed.initialize(model=teacher, config=inference_config(ds_cfg))
-    t_engine.eval()
-    return t_engine
-
-
 def gathered_head(t_engine) -> torch.Tensor:
     """A full copy of the teacher's LM head weight (V x H_t), gathered from its partitions."""
     from deepspeed import zero
@@ -228,10 +220,7 @@ def remaining(out: Path, examples: list[dict], keys: list[str]) -> list[dict]:
 
 def teacher_rows(args, t_engine, head: torch.Tensor, mb: dict, batch: list[dict], device) -> tuple:
     """(keys, rows per example, {file: rows}) of one batch."""
-    backbone = getattr(t_engine.module, t_engine.module.base_model_prefix)
-    with torch.no_grad():
-        hidden = backbone(input_ids=mb["input_ids"].to(device),
-                          attention_mask=mb["attention_mask"].to(device), use_cache=False).last_hidden_state
+    hidden, _ = teacher_hidden(t_engine, mb, device)  # the trainer's teacher forward pass
     keys, counts, rows = [], [], []
     for b, ex in enumerate(batch):
         pos = tc.labelled_positions(ex["labels"])

@@ -10,7 +10,7 @@ import torch
 
 from prada_fast.trainer.batching import StepBatches
 from prada_fast.data.format import Collator
-from prada_fast.trainer.engines import teacher_hidden
+from prada_fast.teacher.live import teacher_hidden
 from prada_fast.models import PradaConfig, PradaModel, load_causal_lm
 from prada_fast.models.packed_attention import attention_mode, backbone_forward, block_causal_mask
 from prada_fast.trainer.packing import PackedCollator, balanced_rows, first_fit_decreasing, position_counts

@@ -265,7 +265,9 @@ class TeacherOutputs:
     """The teacher of a training run, read from a finished cache: `op_inputs(mb, device)`
     gives a micro-batch's teacher arguments of the loss op (teacher_hidden and
     teacher_weight, or teacher_topk_ids and teacher_topk_logprobs), each example's rows
-    read from the memory-mapped parts by its key."""
+    read from the memory-mapped parts by its key. A TeacherSource (teacher/interface.py)."""
+
+    partitioned = ()  # plain tensors: nothing for ZeRO-3 to gather
 
     def __init__(self, path: Path, manifest: dict | None = None, dtype: torch.dtype = torch.float32):
         self.path = Path(path)

@@ -37,13 +37,13 @@ class BadNumerics(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
-def _optimizer_step(engine, t_engine, micro, *, norm, lam, args, inject_nan: bool):
+def _optimizer_step(engine, teacher, micro, *, norm, lam, args, inject_nan: bool):
     """Forward/backward of every micro-batch and the optimizer step; returns the summed
     parts, and the real tokens, padding and positions of this rank (`packing.position_counts`).
     inject_nan: a NaN loss in the first micro-batch."""
     sums = torch.zeros(len(PARTS) + 3, dtype=torch.float64)
     for i, mb in enumerate(micro):
-        loss, parts = micro_step(engine, t_engine, mb, norm=norm, lam=lam,
+        loss, parts = micro_step(engine, teacher, mb, norm=norm, lam=lam,
                                  temperature=args.temperature, alpha=args.alpha,
                                  use_domain=not args.no_domain_loss,
                                  inject_nan=inject_nan and i == 0)
