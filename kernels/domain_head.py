@@ -177,7 +177,7 @@ def _block_sizes(device: torch.device, T: int, H: int, D: int) -> tuple[int, int
     return 32, min(256, triton.next_power_of_2(H)), block_h_head, block_d
 
 
-def _segments(m: torch.Tensor, seq_index: torch.Tensor, S: int):
+def _positions_by_sequence(m: torch.Tensor, seq_index: torch.Tensor, S: int):
     """The pooled positions (seq >= 0, m != 0) grouped by sequence (a stable sort of their
     sequence numbers): (rows b (P,) int32, columns t (P,) int32, mask weights (P,) fp32, CSR
     offsets (S + 1,) int64 into them)."""
@@ -211,7 +211,7 @@ def triton_domain_head(hidden, mask, weight, bias, labels, adv_lambda, adversary
     block_t, block_h_pool, block_h_head, block_d = _block_sizes(dev, T, H, D)
     msum = m  # unused without packing
     if packed:
-        rows, cols, weights, offsets = _segments(m, seq_index, n)
+        rows, cols, weights, offsets = _positions_by_sequence(m, seq_index, n)
         msum = torch.empty(n, dtype=torch.float32, device=dev)
         _segment_pool_kernel[(n, triton.cdiv(H, block_h_pool))](
             hidden, rows, cols, weights, offsets, f, msum, H,

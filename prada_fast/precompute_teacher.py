@@ -158,7 +158,7 @@ def run(args) -> int:
             "temperature": args.temperature if args.mode == "topk" else None,
             "k": args.k if args.mode == "topk" else None,
             "dtype": dtype if args.mode == "hidden" else None,
-            "teacher": tc.teacher_identity(args, examples), "data": tc.data_spec(args),
+            "teacher": tc.teacher_provenance(args, examples), "data": tc.data_spec(args),
             "records": tc.records_identity(keys)}
     out = Path(args.out)
     if (out / tc.MANIFEST).is_file():

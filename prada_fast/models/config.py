@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 
 from prada_fast.models.loading import ModelError
 from prada_fast.models.prompts import PROMPT_ENCODERS
-from prada_fast.op import IMPLS as LOSS_IMPLS
+from prada_fast.op import IMPL_NAMES as LOSS_IMPLS
 
 POOLS = ("question", "sequence")
 HEADS = ("linear", "mlp")

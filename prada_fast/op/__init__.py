@@ -12,10 +12,10 @@
 
 docs/design.md states the objective and the contract that all of them implement.
 """
-from .api import IMPLS, PradaLoss, prada_loss, resolve_impl
+from .api import IMPL_NAMES, PradaLoss, prada_loss, resolve_impl
 from .adversary import confusion_term, dann_lambda, grad_reverse, lambda_at
 from .options import LossOptions
 from .reference import masked_mean
 
-__all__ = ["IMPLS", "LossOptions", "PradaLoss", "confusion_term", "dann_lambda", "grad_reverse", "lambda_at",
-           "masked_mean", "prada_loss", "resolve_impl"]
+__all__ = ["IMPL_NAMES", "LossOptions", "PradaLoss", "confusion_term", "dann_lambda", "grad_reverse",
+           "lambda_at", "masked_mean", "prada_loss", "resolve_impl"]

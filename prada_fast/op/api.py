@@ -17,13 +17,13 @@ from .driver import RowBackend, default_chunk_rows, fused_prada_loss
 from .options import LossOptions, keyword_parameters, options_from_kwargs, renamed_kwargs
 from .reference import reference_prada_loss
 
-IMPLS = ("auto", "triton", "chunked", "reference")
+IMPL_NAMES = ("auto", "triton", "chunked", "reference")  # what `impl` may name
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The implementation that `impl` names on `device` ("auto": triton on CUDA, else chunked)."""
-    if impl not in IMPLS:
-        raise ValueError(f"prada_loss: impl={impl!r}: expected one of {IMPLS}")
+    if impl not in IMPL_NAMES:
+        raise ValueError(f"prada_loss: impl={impl!r}: expected one of {IMPL_NAMES}")
     if impl == "auto":
         return "triton" if device.type == "cuda" else "chunked"
     return impl
@@ -134,4 +134,4 @@ class PradaLoss(nn.Module):
                 f"ignore_index={o.ignore_index}, adv_lambda={o.adv_lambda}")
 
 
-__all__ = ["IMPLS", "LossOptions", "PradaLoss", "prada_loss", "resolve_impl", "triton_backend"]
+__all__ = ["IMPL_NAMES", "LossOptions", "PradaLoss", "prada_loss", "resolve_impl", "triton_backend"]

@@ -243,7 +243,7 @@ def open_manifest(path: Path) -> dict:
     return manifest
 
 
-def segments(mb: dict) -> list[tuple[int, int, int]]:
+def example_spans(mb: dict) -> list[tuple[int, int, int]]:
     """(row, start, end) of each example in a collated batch: a row's real tokens, or with
     `seq_index` (packed rows) each run of positions with the same sequence number >= 0,
     less its soft-prompt slots in front (attention_mask 0: packing.PackedCollator)."""
@@ -315,7 +315,7 @@ class TeacherOutputs:
             k, vocab = self.manifest["k"], self.manifest["vocab_size"]
             top_ids = torch.arange(k, dtype=torch.long).expand(B, T, k).clone()
             top_lp = torch.full((B, T, k), -math.log(vocab), dtype=torch.float32)  # unused rows
-        for b, start, end in segments(mb):
+        for b, start, end in example_spans(mb):
             lab = labels[b, start:end].tolist()
             pos = labelled_positions(lab)
             if not pos:
@@ -338,7 +338,7 @@ class TeacherOutputs:
 
 
 # ----------------------------------------------------------------------------- one run's fields
-def teacher_identity(args, train_examples) -> dict:
+def teacher_provenance(args, train_examples) -> dict:
     """What names the teacher of a run: the auto fit's key (its preset, flags and training
     examples), a preset's name and init seed, or a hash of a model directory's files."""
     from prada_fast.models import PRESETS
@@ -379,7 +379,7 @@ def open_for_run(args, tok, train_examples) -> TeacherOutputs:
     fields = ["tokenizer", "max_len"] + (["temperature"] if manifest["mode"] == "topk" else [])
     check_matches(path, manifest, run, fields)
     if args.teacher != "auto" or manifest["teacher"].get("kind") == "auto-fit":
-        check_matches(path, manifest, {"teacher": teacher_identity(args, train_examples)}, ["teacher"])
+        check_matches(path, manifest, {"teacher": teacher_provenance(args, train_examples)}, ["teacher"])
     reader = TeacherOutputs(path, manifest)
     wanted = [(ex, example_key(ex["input_ids"], ex["labels"])) for ex in train_examples
               if labelled_positions(ex["labels"])]
