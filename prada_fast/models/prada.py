@@ -15,7 +15,7 @@ from prada_fast.models.loading import ModelError
 from prada_fast.models.mmd import mmd_term
 from prada_fast.models.packed_attention import backbone_forward
 from prada_fast.models.prompts import PromptEncoder
-from prada_fast.op import confusion_term, grad_reverse, masked_mean, prada_loss
+from prada_fast.op import IGNORE_INDEX, confusion_term, grad_reverse, masked_mean, prada_loss
 
 
 
@@ -104,7 +104,7 @@ class PradaModel(nn.Module):
         rationale, answer) from an unlabelled target one (question only) by its length."""
         m = attention_mask.bool()
         if self.pool == "question":
-            m = m & (labels == -100)
+            m = m & (labels == IGNORE_INDEX)
         return torch.cat([m.new_zeros(m.shape[0], self.n_prompt), m], 1).to(attention_mask.dtype)
 
     def pooled_features(self, input_ids, attention_mask, labels):
@@ -128,7 +128,7 @@ class PradaModel(nn.Module):
         [prompt | tokens]; the teacher's prompt rows are ignored."""
         hidden, mask = self.hidden_states(input_ids, attention_mask)
         B, K = input_ids.shape[0], self.n_prompt
-        targets = torch.full_like(mask, -100, dtype=torch.long)
+        targets = torch.full_like(mask, IGNORE_INDEX, dtype=torch.long)
         targets[:, K:-1] = labels[:, 1:]  # position t predicts token t+1
         if teacher_hidden is not None and K:
             teacher_hidden = torch.cat([teacher_hidden.new_zeros(B, K, teacher_hidden.shape[-1]),
@@ -141,10 +141,10 @@ class PradaModel(nn.Module):
         """(hidden, targets, pool mask) of packed rows: a token's target is the next token of
         its own sequence (none for the last, nor for prompt slots and padding)."""
         hidden = self.packed_hidden_states(input_ids, attention_mask, position_ids, seq_index)
-        targets = torch.full_like(labels, -100)
+        targets = torch.full_like(labels, IGNORE_INDEX)
         same = (seq_index[:, 1:] == seq_index[:, :-1]) & (attention_mask[:, :-1] != 0)
         targets[:, :-1] = torch.where(same, labels[:, 1:], targets[:, 1:])
-        pool = attention_mask.bool() & (labels == -100) if self.pool == "question" \
+        pool = attention_mask.bool() & (labels == IGNORE_INDEX) if self.pool == "question" \
             else attention_mask.bool()
         return hidden, targets, pool.to(attention_mask.dtype)
 

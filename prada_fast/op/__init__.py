@@ -14,8 +14,8 @@ docs/design.md states the objective and the contract that all of them implement.
 """
 from .api import IMPL_NAMES, PradaLoss, prada_loss, resolve_impl
 from .adversary import confusion_term, dann_lambda, grad_reverse, lambda_at
-from .options import LossOptions
+from .options import IGNORE_INDEX, LossOptions
 from .reference import masked_mean
 
-__all__ = ["IMPL_NAMES", "LossOptions", "PradaLoss", "confusion_term", "dann_lambda", "grad_reverse",
-           "lambda_at", "masked_mean", "prada_loss", "resolve_impl"]
+__all__ = ["IGNORE_INDEX", "IMPL_NAMES", "LossOptions", "PradaLoss", "confusion_term", "dann_lambda",
+           "grad_reverse", "lambda_at", "masked_mean", "prada_loss", "resolve_impl"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 Tensor = torch.Tensor
+IGNORE_INDEX = -100  # the target (label) id that means "no loss here": Hugging Face's, and the data's
 ADVERSARIES = ("grl", "confusion")
 # keywords of earlier versions -> the field that took their place (accepted, with a DeprecationWarning)
 DEPRECATED = {"grl_lambda": "adv_lambda"}  # it scales either adversary, not only gradient reversal
@@ -41,7 +42,7 @@ class LossOptions:
     teacher_topk_logprobs: Tensor | None = None  # (B, T, K) } log-probabilities at temperature
     temperature: float = 1.0                 # distillation temperature tau > 0
     alpha: float = 0.5                       # weight of hard CE vs KD (1 without a teacher)
-    ignore_index: int = -100                 # target id that means "no loss here"
+    ignore_index: int = IGNORE_INDEX         # target id that means "no loss here"
     num_valid_tokens: int | float | Tensor | None = None  # the normaliser n (default: counted)
     pool_mask: Tensor | None = None          # (B, T) 0/1 pooling mask (default: all ones)
     domain_weight: Tensor | None = None      # (D, H) linear domain head (None: no domain term)
