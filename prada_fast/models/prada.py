@@ -3,7 +3,8 @@ learned soft-prompt vectors before the input embeddings and a domain head on the
 final hidden states. Its forward returns the objective through `prada_loss`, which reads
 the LM head weight directly: under ZeRO-3 the weights the op reads are registered as
 external parameters of this module, so DeepSpeed gathers them for its forward and routes
-their gradients back to the partitions."""
+their gradients back to the partitions. Its settings: one PradaConfig (config.py); its
+greedy decoding: generation.py; what it saves to DIR/final and loads back: final.py."""
 from __future__ import annotations
 
 import torch
