@@ -130,7 +130,7 @@ def grads_of(x: dict, names=GRAD_NAMES) -> dict:
 def _op_kwargs(x: dict, case: Case, *, teacher: bool = True, domain: bool = True,
                alpha: float | None = None, num_valid_tokens=None) -> dict:
     kw = dict(lm_bias=x.get("lm_bias"), temperature=case.tau,
-              alpha=case.alpha if alpha is None else alpha, grl_lambda=case.lam,
+              alpha=case.alpha if alpha is None else alpha, adv_lambda=case.lam,
               num_valid_tokens=num_valid_tokens, pool_mask=x.get("pool_mask"))
     if teacher and "teacher_hidden" in x:
         kw.update(teacher_hidden=x["teacher_hidden"], teacher_weight=x["teacher_weight"])
@@ -319,7 +319,7 @@ def oracle(x: dict, case: Case, pieces=("task", "dom"), block_elems: int | None 
             loss, _ = prada_loss(h, h.new_zeros(1, H), torch.full_like(f64["targets"], -100),
                                  pool_mask=f64.get("pool_mask"), domain_weight=wd, domain_bias=bd,
                                  domain_labels=f64["domain_labels"], seq_index=f64.get("seq_index"),
-                                 grl_lambda=case.lam, impl="reference")
+                                 adv_lambda=case.lam, impl="reference")
             loss.backward()
             out[piece] = {"loss": loss.item(), "grads": {"hidden": h.grad, "domain_weight": wd.grad,
                                                          "domain_bias": bd.grad}}

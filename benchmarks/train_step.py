@@ -52,7 +52,7 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
     from prada_fast.data import Collator
     from prada_fast.trainer.dsconfig import load_ds_config
     from prada_fast.trainer.engines import build_engines, micro_step
-    from prada_fast.models import PRESETS, PradaModel, check_same_vocab, load_causal_lm
+    from prada_fast.models import PRESETS, PradaConfig, PradaModel, check_same_vocab, load_causal_lm
     from prada_fast.teacher.resolve import TeacherSpec
     from prada_fast.trainer.packing import PackedCollator, position_counts
 
@@ -69,12 +69,12 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
     torch.manual_seed(seed)
     s_model = load(student, seed)
     V = s_model.get_output_embeddings().weight.shape[0]
-    model = PradaModel(s_model, n_domains, prompt_len, "linear", 0, loss_impl)
+    model = PradaModel(s_model, PradaConfig(n_domains, prompt_len, "linear", 0, loss_impl, adversary="grl"))
     t_model = None
     if teacher and teacher != "none":
         t_model = load(teacher, TeacherSpec(seed=seed).init_seed)
         check_same_vocab(s_model, t_model)
-    engine, t_engine = build_engines(model, t_model, cfg)
+    engine, teacher_source = build_engines(model, t_model, cfg)
     dev = engine.device
 
     def for_batch(b: int):
@@ -96,7 +96,7 @@ def build_train_step(*, student: str = "tiny", teacher: str = "tiny-teacher", vo
         tokens, padding, positions = position_counts(mb, prompt_len)
 
         def step():
-            loss, _ = micro_step(engine, t_engine, mb, norm=max(n_valid, 1), lam=0.5,
+            loss, _ = micro_step(engine, teacher_source, mb, norm=max(n_valid, 1), lam=0.5,
                                  temperature=1.0, alpha=0.5)
             return float(loss.detach()), tokens
 

@@ -5,7 +5,7 @@ rows of the flattened batch go through in bounded chunks; for each chunk the stu
 logits z = h W_s^T + b_s (and the teacher's z_t) are one cuBLAS product each, and
 `_distill_rows_kernel` turns them into the per-row losses and overwrites z with dL/dz,
 which two more products turn into grad_h and grad_W_s (Liger-Kernel's scheme). The domain
-term is the other kernel file, `grl_domain_head.py`; `prada_fast.op` plugs both into the
+term is the other kernel file, `domain_head.py`; `prada_fast.op` plugs both into the
 driver (impl="triton").
 
 Per row (one program), the kernel walks the vocabulary in BLOCK_V tiles twice:

@@ -32,6 +32,7 @@ if not __package__:  # run as a script: this checkout's package
 from prada_fast.common import distributed as dist_util  # noqa: E402
 from prada_fast.common.files import write_atomic, write_json_atomic  # noqa: E402
 from prada_fast.teacher import cache as tc  # noqa: E402
+from prada_fast.teacher.live import teacher_hidden  # noqa: E402
 from prada_fast.trainer.flags import (  # noqa: E402
     RANGES,
     FlagError,
@@ -43,7 +44,7 @@ from prada_fast.trainer.flags import (  # noqa: E402
 from prada_fast.trainer.flags import parse_args as cli_parse_args  # noqa: E402
 from prada_fast.data import DataError  # noqa: E402
 from prada_fast.data.loaders import check_spec  # noqa: E402
-from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, inference_config, load_ds_config  # noqa: E402
+from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, load_ds_config  # noqa: E402
 from prada_fast.models import PRESETS, ModelError, byte_tokenizer, check_model_dir  # noqa: E402
 
 # the trainer's flags that decide the examples, the tokenizer, the teacher and how it runs
@@ -141,6 +142,7 @@ def run(args) -> int:
     from prada_fast.data.prepare import load_run_data
     from prada_fast.teacher.resolve import resolve_teacher
     from prada_fast.trainer.settings import data_settings, teacher_spec
+    from prada_fast.trainer.engines import teacher_engine  # the trainer's frozen teacher
     info = dist_util.setup(args.dist_timeout)
     ds_cfg = load_ds_config(args.ds, world_size=info.world_size, device=info.device, max_steps=1)
     check_with_deepspeed(ds_cfg, args.ds)
@@ -157,7 +159,7 @@ def run(args) -> int:
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if bf16 else "float32")
     keys = tc.cached_keys(examples)
     spec = tc.inputs_spec(mode=args.mode, tok=tok, max_len=args.max_len, temperature=args.temperature,
-                          k=args.k, dtype=dtype, teacher=tc.teacher_identity(teacher_spec(args), examples),
+                          k=args.k, dtype=dtype, teacher=tc.teacher_provenance(teacher_spec(args), examples),
                           data=data_settings(args), keys=keys)
     out = Path(args.out)
     if (out / tc.MANIFEST).is_file():
@@ -182,14 +184,14 @@ def run(args) -> int:
                               show_progress=not args.no_progress, log=log)
     if teacher is None:
         raise ModelError("no teacher to cache")
-    t_engine = teacher_engine(teacher, ds_cfg)
-    head = gathered_head(t_engine)
+    teacher_eng = teacher_engine(teacher, ds_cfg)
+    head = gathered_head(teacher_eng)
     todo = remaining(out, examples, keys)
     log(f"{len(keys)} labelled examples, {len(keys) - len(todo)} cached already, {len(todo)} to go; "
         f"mode {args.mode}" + (f", K={args.k}, tau={args.temperature}" if args.mode == "topk" else
                                f", {dtype}") + f"; {info.world_size} rank(s)")
     t0 = time.time()
-    compute(args, t_engine, head, todo, collate, out, dtype, info)
+    compute(args, teacher_eng, head, todo, collate, out, dtype, info)
     dist_util.barrier()
     if info.rank == 0:
         finish(out, spec, keys, head, dtype, info, seconds=time.time() - t0)
@@ -197,20 +199,10 @@ def run(args) -> int:
     return 0
 
 
-def teacher_engine(teacher, ds_cfg):
-    """The teacher, frozen, under ZeRO-3 inference with the run's config (as the trainer's)."""
-    import deepspeed
-    teacher.requires_grad_(False)
-    teacher.eval()
-    t_engine, *_ = deepspeed.initialize(model=teacher, config=inference_config(ds_cfg))
-    t_engine.eval()
-    return t_engine
-
-
-def gathered_head(t_engine) -> torch.Tensor:
+def gathered_head(teacher_eng) -> torch.Tensor:
     """A full copy of the teacher's LM head weight (V x H_t), gathered from its partitions."""
     from deepspeed import zero
-    w = t_engine.module.get_output_embeddings().weight
+    w = teacher_eng.module.get_output_embeddings().weight
     with zero.GatheredParameters([w], modifier_rank=None):
         return w.detach().clone()
 
@@ -228,12 +220,9 @@ def remaining(out: Path, examples: list[dict], keys: list[str]) -> list[dict]:
         ex["input_ids"], ex["labels"])))
 
 
-def teacher_rows(args, t_engine, head: torch.Tensor, mb: dict, batch: list[dict], device) -> tuple:
+def teacher_rows(args, teacher_eng, head: torch.Tensor, mb: dict, batch: list[dict], device) -> tuple:
     """(keys, rows per example, {file: rows}) of one batch."""
-    backbone = getattr(t_engine.module, t_engine.module.base_model_prefix)
-    with torch.no_grad():
-        hidden = backbone(input_ids=mb["input_ids"].to(device),
-                          attention_mask=mb["attention_mask"].to(device), use_cache=False).last_hidden_state
+    hidden, _ = teacher_hidden(teacher_eng, mb, device)  # the trainer's teacher forward pass
     keys, counts, rows = [], [], []
     for b, ex in enumerate(batch):
         pos = tc.labelled_positions(ex["labels"])
@@ -259,7 +248,7 @@ def as_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.float().numpy() if t.is_floating_point() else t.numpy()
 
 
-def compute(args, t_engine, head, todo: list[dict], collate, out: Path, dtype: str, info) -> None:
+def compute(args, teacher_eng, head, todo: list[dict], collate, out: Path, dtype: str, info) -> None:
     """This rank's share of `todo`, in batches, appended to its part. Every rank runs the
     same number of forward passes (ZeRO-3 gathers each layer collectively): a rank with
     fewer batches repeats a pass whose rows it drops."""
@@ -268,7 +257,7 @@ def compute(args, t_engine, head, todo: list[dict], collate, out: Path, dtype: s
     n_batches = math.ceil(math.ceil(len(todo) / info.world_size) / bs) if todo else 0
     arrays = tc.row_arrays(args.mode, head.shape[1], args.k, dtype)
     writer = tc.PartWriter(out / tc.PARTS / f"w{info.world_size}-r{info.rank}", arrays)
-    device = t_engine.device
+    device = teacher_eng.device
     bar = tqdm(total=len(mine), desc="teacher outputs" + (" (rank 0's share)" if info.world_size > 1
                                                           else ""),
                unit="ex", dynamic_ncols=True, disable=info.rank != 0 or args.no_progress)
@@ -277,7 +266,7 @@ def compute(args, t_engine, head, todo: list[dict], collate, out: Path, dtype: s
             batch = mine[i * bs:(i + 1) * bs]
             real = bool(batch)
             batch = batch or todo[:1]  # the dummy pass of a rank with no batch left
-            keys, counts, rows = teacher_rows(args, t_engine, head, collate(batch), batch, device)
+            keys, counts, rows = teacher_rows(args, teacher_eng, head, collate(batch), batch, device)
             if not real:
                 continue
             values = {name: as_numpy(t, dtype) for name, t in rows.items()}

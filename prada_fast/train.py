@@ -51,7 +51,7 @@ from prada_fast.data.prepare import RunData, check_lengths, describe_lengths, en
 from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, load_ds_config
 from prada_fast.trainer.engines import build_engines
 from prada_fast.models.final import export_final
-from prada_fast.models import ModelError, PradaModel, check_same_vocab, load_causal_lm
+from prada_fast.models import ModelError, PradaConfig, PradaModel, check_same_vocab, load_causal_lm
 from prada_fast.trainer.packing import PackedCollator
 from prada_fast.trainer.preemption import EXIT_PREEMPTED, Preempted
 from prada_fast.trainer.report import print_table
@@ -76,11 +76,11 @@ def run(args) -> int:
     model, teacher, tok = build_models(args, data)
     before = evaluate_before(args, run_dir, model, tok, data)
     cached = teacher if args.teacher_outputs else None
-    engine, t_engine = build_engines(model, None if cached else teacher, ds_cfg,
-                                     head_lr_mult=args.domain_head_lr_mult)
+    engine, live = build_engines(model, None if cached else teacher, ds_cfg,
+                                 head_lr_mult=args.domain_head_lr_mult)
     if cached:  # the teacher's tensors in the precision DeepSpeed trains the student in
         cached.set_dtype(next(engine.module.parameters()).dtype)
-    t_engine = cached or t_engine
+    teacher = cached or live  # a TeacherSource (teacher/interface.py), or None: no KD
     batches = StepBatches(data.train, train_collate(args, data), global_batch=ds_cfg["train_batch_size"],
                           micro_batch=ds_cfg["train_micro_batch_size_per_gpu"],
                           world_size=info.world_size, rank=info.rank, seed=args.seed,
@@ -88,7 +88,7 @@ def run(args) -> int:
     start, skipped = resume(args, engine, run_dir)
     sharding = log_sharding(engine)
     probe_batches = eval_batches(data.eval, data.collate) if args.probe_every else None
-    stats = train_steps(engine, t_engine, batches, settings.loop_settings(args), start=start,
+    stats = train_steps(engine, teacher, batches, settings.loop_settings(args), start=start,
                         run=run_dir, ckpt_dir=run_dir.checkpoints, log=log, skipped=skipped,
                         probe_batches=probe_batches)
     if stats["steps"] < args.max_steps:
@@ -137,9 +137,10 @@ def build_models(args, data: RunData):
         log(warning)
     data.eval, _ = encode_all(data.eval_records, tok, args.max_len, domain_ids)
     data.collate = Collator(tok.pad_token_id)
-    model = PradaModel(student, len(data.domains), args.prompt_len, args.domain_head,
-                       args.mlp_hidden, args.loss_impl, pool=args.pool, adversary=args.adversary,
-                       prompt_encoder=args.prompt_encoder, prompt_hidden=args.prompt_hidden)
+    model = PradaModel(student, PradaConfig(
+        n_domains=len(data.domains), n_prompt=args.prompt_len, head=args.domain_head,
+        mlp_hidden=args.mlp_hidden, loss_impl=args.loss_impl, pool=args.pool, adversary=args.adversary,
+        prompt_encoder=args.prompt_encoder, prompt_hidden=args.prompt_hidden))
     if args.teacher_outputs:  # no teacher model: its outputs, read per micro-batch
         return model, open_teacher_outputs(args, tok, data, student), tok
     teacher = resolve_teacher(settings.teacher_spec(args), args.student, tok, data.train, data.collate,
@@ -229,10 +230,8 @@ def log_sharding(engine) -> dict:
 
 def export(args, engine, tok, data: RunData, run_dir: RunDir) -> None:
     """DIR/final: the student as a Hugging Face model plus soft prompt and domain head."""
-    meta = {"domains": data.domains, "roles": data.roles, "n_prompt": args.prompt_len,
-            "domain_head": args.domain_head, "mlp_hidden": args.mlp_hidden, "pool": args.pool,
-            "adversary": args.adversary, "prompt_encoder": args.prompt_encoder}
-    export_final(engine.module, tok, run_dir.final, meta, rank0=dist_util.rank() == 0)
+    export_final(engine.module, tok, run_dir.final, {"domains": data.domains, "roles": data.roles},
+                 rank0=dist_util.rank() == 0)
 
 
 def evaluate_after(args, run_dir: RunDir, data: RunData):

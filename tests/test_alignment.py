@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prada_fast.models.mmd import SCALES, mmd_term
-from prada_fast.models import PradaModel, load_causal_lm
+from prada_fast.models import PradaConfig, PradaModel, load_causal_lm
 from prada_fast.op import masked_mean
 
 
@@ -77,11 +77,12 @@ def test_model_loss_is_the_watching_head_plus_lambda_mmd():
     labels[:, :7] = -100
     labels[mask == 0] = -100
     dom = torch.tensor([0, 1, 2, 0, 1, 2])
-    mmd = PradaModel(student, n_domains=3, n_prompt=2, adversary="mmd", loss_impl="chunked")
-    watch = PradaModel(student, n_domains=3, n_prompt=2, adversary="confusion", loss_impl="chunked")
+    mmd = PradaModel(student, PradaConfig(n_domains=3, n_prompt=2, adversary="mmd", loss_impl="chunked"))
+    watch = PradaModel(student, PradaConfig(n_domains=3, n_prompt=2, adversary="confusion",
+                                            loss_impl="chunked"))
     watch.load_state_dict(mmd.state_dict())
-    loss, parts = mmd(ids, mask, labels, dom, grl_lambda=0.7)
-    base, _ = watch(ids, mask, labels, dom, grl_lambda=0.0)
+    loss, parts = mmd(ids, mask, labels, dom, adv_lambda=0.7)
+    base, _ = watch(ids, mask, labels, dom, adv_lambda=0.0)
     hidden, _ = mmd.hidden_states(ids, mask)
     align = mmd_term(masked_mean(hidden, mmd.pool_mask(mask, labels).to(hidden.dtype)), dom)
     torch.testing.assert_close(parts["mmd"], align.detach())

@@ -23,7 +23,8 @@ from prada_fast.trainer.rundir import RunDir
 from prada_fast.data import DataError, Record, load_spec
 from prada_fast.data.prepare import check_lengths, describe_lengths, encode_all
 from prada_fast.trainer.dsconfig import ConfigError, load_ds_config
-from prada_fast.models import ModelError, PradaModel, byte_tokenizer, check_model_dir, load_causal_lm
+from prada_fast.models import (ModelError, PradaConfig, PradaModel, byte_tokenizer, check_model_dir,
+                               load_causal_lm)
 from prada_fast.trainer.preemption import Preempted, StopRequest
 
 FAST = ["--data", "synthetic:48", "--eval-per-domain", "0", "--no-progress", "--log-every", "1",
@@ -495,7 +496,7 @@ def test_preemption_keep_checkpoints_and_fallback_in_a_run(tmp_path, in_process,
 # ----------------------------------------------------------------------------- safe loading of final/
 def _final(tmp_path):
     student, tok = load_causal_lm("tiny", seed=3)
-    model = PradaModel(student, n_domains=3, n_prompt=4)
+    model = PradaModel(student, PradaConfig(n_domains=3, n_prompt=4))
     path = tmp_path / "final"
     student.save_pretrained(path)
     tok.save_pretrained(path)

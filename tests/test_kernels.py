@@ -18,7 +18,7 @@ from prada_fast import PradaLoss, prada_loss  # noqa: E402
 from prada_fast.op.testing import GRAD_NAMES, random_inputs, rel_err, tolerance  # noqa: E402
 from prada_fast.op.torch_backend import torch_domain, torch_rows  # noqa: E402
 from prada_kernels.fused_linear_distill import triton_rows  # noqa: E402
-from prada_kernels.grl_domain_head import triton_domain_head  # noqa: E402
+from prada_kernels.domain_head import triton_domain_head  # noqa: E402
 from prada_kernels.runtime import interpreting  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -35,7 +35,7 @@ def assert_close(x, ref, tol, what):
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"  # NaN fails too
 
 
-HYPER = {"temperature": 2.0, "alpha": 0.3, "grl_lambda": 0.7}
+HYPER = {"temperature": 2.0, "alpha": 0.3, "adv_lambda": 0.7}
 
 
 def make_batch(seed, *, B=3, T=13, H=40, V=517, D=3, Ht=56, K=37, dtype=torch.float32, teacher="none",
@@ -514,8 +514,8 @@ def test_topk_rows_without_target_are_not_read(impl, seed):
 
 def test_module_matches_op(seed):
     x = make_batch(seed, teacher="hidden", bias=True, domain=True, pool_mask=True)
-    mod = PradaLoss(impl="triton", **{**HYPER, "grl_lambda": 0.2})
-    mod.set(grl_lambda=HYPER["grl_lambda"])  # as the trainer's schedule moves it
+    mod = PradaLoss(impl="triton", **{**HYPER, "adv_lambda": 0.2})
+    mod.set(adv_lambda=HYPER["adv_lambda"])  # as the trainer's schedule moves it
     a = {k: v.detach() for k, v in x.items()}
     loss_m, parts_m = mod(a.pop("hidden"), a.pop("lm_weight"), a.pop("targets"), **a)
     loss_o, parts_o, _, _ = run(x, "triton")

@@ -3,7 +3,8 @@ the soft prompt, the MLP domain head with its GRL, batched greedy decoding, and 
 import pytest
 import torch
 
-from prada_fast.models import ModelError, PradaModel, check_same_vocab, load_causal_lm, pick_attention
+from prada_fast.models import (ModelError, PradaConfig, PradaModel, check_same_vocab, load_causal_lm,
+                               pick_attention)
 from prada_fast.op import masked_mean
 
 
@@ -26,7 +27,7 @@ def batch(seed, B=3, T=17, V=259):
 @pytest.mark.parametrize("impl", ["chunked", "reference"])
 def test_task_loss_equals_hugging_face_causal_lm_loss(tiny, impl):
     student, _ = tiny
-    model = PradaModel(student, n_domains=4, n_prompt=0, loss_impl=impl)
+    model = PradaModel(student, PradaConfig(n_domains=4, n_prompt=0, loss_impl=impl, adversary="grl"))
     ids, mask, labels, dom = batch(1)
     loss, parts = model(ids, mask, labels, dom, use_domain=False)
     hf = student(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -36,11 +37,11 @@ def test_task_loss_equals_hugging_face_causal_lm_loss(tiny, impl):
 
 def test_soft_prompt_and_linear_head_get_gradients(tiny):
     student, _ = tiny
-    model = PradaModel(student, n_domains=4, n_prompt=5, loss_impl="chunked")
+    model = PradaModel(student, PradaConfig(n_domains=4, n_prompt=5, loss_impl="chunked", adversary="grl"))
     ids, mask, labels, dom = batch(2)
     hidden, ext = model.hidden_states(ids, mask)
     assert hidden.shape[:2] == (3, 17 + 5) and ext[:, :5].eq(1).all()
-    loss, parts = model(ids, mask, labels, dom, grl_lambda=0.5)
+    loss, parts = model(ids, mask, labels, dom, adv_lambda=0.5)
     loss.backward()
     assert model.soft_prompt.grad.abs().sum() > 0
     assert model.domain_head.out.weight.grad.abs().sum() > 0
@@ -53,8 +54,8 @@ def test_prompt_encoder_output_is_the_prompt_and_trains(kind):
     vectors (checked against the equations in float64, the LSTM by PyTorch's cell), and the
     free vectors and every encoder weight get gradients."""
     student, _ = load_causal_lm("tiny", seed=13)
-    model = PradaModel(student, n_domains=3, n_prompt=5, prompt_encoder=kind, prompt_hidden=24,
-                       loss_impl="chunked").double()
+    model = PradaModel(student, PradaConfig(n_domains=3, n_prompt=5, prompt_encoder=kind, prompt_hidden=24,
+                       loss_impl="chunked", adversary="grl")).double()
     enc, free = model.prompt_encoder, model.soft_prompt
     x = free
     if kind == "lstm":  # two bidirectional layers, the gate equations written out
@@ -79,7 +80,7 @@ def test_prompt_encoder_output_is_the_prompt_and_trains(kind):
     ids, mask, labels, dom = batch(4)
     emb, _ = model.embed(ids, mask)
     torch.testing.assert_close(emb[1, :5], model.prompt_vectors(), rtol=0, atol=0)
-    loss, _ = model(ids, mask, labels, dom, grl_lambda=0.5)
+    loss, _ = model(ids, mask, labels, dom, adv_lambda=0.5)
     loss.backward()
     assert free.grad.abs().sum() > 0
     for name, p in enc.named_parameters():
@@ -91,7 +92,7 @@ def test_export_bakes_the_prompt_encoder(tmp_path):
     and gives the same logits as the trained one."""
     from prada_fast.models.final import export_final
     student, tok = load_causal_lm("tiny", seed=14)
-    model = PradaModel(student, n_domains=3, n_prompt=4, prompt_encoder="lstm").eval()
+    model = PradaModel(student, PradaConfig(n_domains=3, n_prompt=4, prompt_encoder="lstm")).eval()
     with torch.no_grad():
         model.soft_prompt.normal_()  # away from the initial values
     meta = {"domains": ["a", "b", "c"], "n_prompt": 4, "domain_head": "linear",
@@ -110,10 +111,10 @@ def test_export_bakes_the_prompt_encoder(tmp_path):
 @pytest.mark.parametrize("adversary", ["grl", "confusion"])
 def test_mlp_head_is_the_adversarial_term_in_plain_pytorch(adversary):
     student, _ = load_causal_lm("tiny", seed=12)
-    model = PradaModel(student, n_domains=4, n_prompt=3, head="mlp", mlp_hidden=16,
-                       loss_impl="chunked", adversary=adversary).double()
+    model = PradaModel(student, PradaConfig(n_domains=4, n_prompt=3, head="mlp", mlp_hidden=16,
+                       loss_impl="chunked", adversary=adversary)).double()
     ids, mask, labels, dom = batch(3)
-    loss, parts = model(ids, mask, labels, dom, grl_lambda=0.8)
+    loss, parts = model(ids, mask, labels, dom, adv_lambda=0.8)
     task, _ = model(ids, mask, labels, dom, use_domain=False)
     head = model.domain_head
     pool = model.pool_mask(mask, labels).double()
@@ -148,14 +149,14 @@ def test_pool_mask_is_the_question(tiny):
     the soft prompt), or every real token with pool="sequence"."""
     student, _ = tiny
     ids, mask, labels, dom = batch(4)
-    q = PradaModel(student, n_domains=4, n_prompt=2).pool_mask(mask, labels)
+    q = PradaModel(student, PradaConfig(n_domains=4, n_prompt=2)).pool_mask(mask, labels)
     assert q.shape == (3, 2 + 17) and (q[:, :2] == 0).all()
     assert q[:, 2:].eq((mask == 1) & (labels == -100)).all()
     assert q[:, 2:7].eq(1).all() and q[:, 7:].eq(0).all()   # batch(): 5 question tokens
-    s = PradaModel(student, n_domains=4, n_prompt=2, pool="sequence").pool_mask(mask, labels)
+    s = PradaModel(student, PradaConfig(n_domains=4, n_prompt=2, pool="sequence")).pool_mask(mask, labels)
     assert s[:, 2:].eq(mask).all() and (s[:, :2] == 0).all()
     with pytest.raises(ModelError, match="pool"):
-        PradaModel(student, n_domains=4, pool="answer")
+        PradaModel(student, PradaConfig(n_domains=4, pool="answer"))
 
 
 def test_domain_head_learning_rate_group():
@@ -165,7 +166,7 @@ def test_domain_head_learning_rate_group():
     from prada_fast.trainer.engines import param_groups
 
     student, _ = load_causal_lm("tiny", seed=1)
-    model = PradaModel(student, n_domains=3, n_prompt=2)
+    model = PradaModel(student, PradaConfig(n_domains=3, n_prompt=2))
     cfg = {"optimizer": {"params": {"lr": 2e-3}}, "scheduler": {"type": "WarmupCosineLR"}}
     student_group, head_group = param_groups(model, 10.0, cfg)
     assert head_group["lr"] == pytest.approx(2e-2) and student_group["lr"] == 2e-3
@@ -179,11 +180,11 @@ def test_domain_head_learning_rate_group():
 
 def test_batched_greedy_decoding_matches_one_at_a_time(tiny):
     student, tok = tiny
-    model = PradaModel(student, n_domains=4, n_prompt=4).eval()
+    model = PradaModel(student, PradaConfig(n_domains=4, n_prompt=4)).eval()
     prompts = [tok("Q: 3+4-1=?\nA:", add_special_tokens=False).input_ids,
                tok("Q: Sort 9 1 5.\nA:", add_special_tokens=False).input_ids]
-    from prada_fast.trainer.evaluation import _left_pad
-    ids, mask = _left_pad(prompts, tok.pad_token_id)
+    from prada_fast.models.generation import left_pad
+    ids, mask = left_pad(prompts, tok.pad_token_id)
     both = model.generate(ids, mask, 12, tok.eos_token_id, tok.pad_token_id)
     for i, p in enumerate(prompts):
         one = model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), 12,
@@ -202,3 +203,18 @@ def test_errors_and_attention_choice(tmp_path, tiny):
         check_same_vocab(student, other)
     expected = "sdpa" if not torch.cuda.is_available() else pick_attention()
     assert pick_attention("auto") == expected and pick_attention("eager") == "eager"
+
+
+def test_prada_config_defaults_checks_and_saved_fields():
+    """PradaConfig's defaults are the trainer's flags' (adversary confusion); final/'s
+    prada_config.json round-trips through it (a prompt encoder loads as baked vectors), and
+    an older file's missing keys mean what older versions meant (grl, whole sequences)."""
+    from prada_fast.models import PradaConfig
+    assert PradaConfig(n_domains=2).adversary == "confusion"
+    with pytest.raises(ModelError, match="adversary"):
+        PradaConfig(n_domains=2, adversary="dann")
+    saved = {"domains": ["a", "b"], **PradaConfig(n_domains=2, n_prompt=3, prompt_encoder="mlp").to_meta()}
+    assert PradaConfig.from_meta(saved) == PradaConfig(n_domains=2, n_prompt=3)
+    old = PradaConfig.from_meta({"domains": ["a", "b", "c"], "n_prompt": 4, "domain_head": "mlp"}, "chunked")
+    assert old == PradaConfig(n_domains=3, n_prompt=4, head="mlp", loss_impl="chunked", pool="sequence",
+                              adversary="grl")

@@ -60,7 +60,7 @@ def test_reference_matches_hand_computation(with_teacher, adversary, seed):
         teacher_hidden=x["u"] if with_teacher else None,
         teacher_weight=x["Wt"] if with_teacher else None, temperature=tau, alpha=alpha,
         pool_mask=x["m"], domain_weight=leaves["Wd"], domain_bias=leaves["bd"],
-        domain_labels=x["d"], grl_lambda=lam, adversary=adversary, impl="reference")
+        domain_labels=x["d"], adv_lambda=lam, adversary=adversary, impl="reference")
     loss.backward()
 
     hand = {k: x[k].clone().requires_grad_() for k in ("h", "W", "b", "Wd", "bd")}
@@ -200,7 +200,7 @@ def test_reference_packed_rows_match_hand_computation(adversary, seed):
     none = torch.full_like(x["y"], -100)  # no task term: the domain term alone
     loss, parts = prada_loss(leaves["h"], x["W"], none, pool_mask=x["m"], seq_index=x["seq"],
                              domain_weight=leaves["Wd"], domain_bias=leaves["bd"], domain_labels=x["d"],
-                             grl_lambda=lam, adversary=adversary, impl="reference")
+                             adv_lambda=lam, adversary=adversary, impl="reference")
     loss.backward()
 
     h = x["h"].clone().requires_grad_()
@@ -439,3 +439,26 @@ def test_topk_argument_checks():
     loss, parts = prada_loss(h, W, y, teacher_topk_ids=junk, teacher_topk_logprobs=q, impl="reference")
     ref, _ = prada_loss(h, W, y, teacher_topk_ids=ids, teacher_topk_logprobs=q, impl="reference")
     torch.testing.assert_close(loss, ref)
+
+
+def test_grl_lambda_is_a_deprecated_name_of_adv_lambda():
+    """prada_loss and PradaLoss still accept grl_lambda= (a DeprecationWarning), as adv_lambda."""
+    from prada_fast import PradaLoss
+    x = inputs(3)
+    kw = dict(domain_weight=x["Wd"], domain_bias=x["bd"], domain_labels=x["d"], impl="reference")
+
+    def grad_h(**lam):
+        h = x["h"].clone().requires_grad_()
+        prada_loss(h, x["W"], x["y"], **lam, **kw)[0].backward()
+        return h.grad
+    want = grad_h(adv_lambda=0.3)
+    with pytest.warns(DeprecationWarning, match="grl_lambda"):
+        got = grad_h(grl_lambda=0.3)
+    assert torch.equal(got, want) and not torch.equal(got, grad_h(adv_lambda=0.6))
+    with pytest.warns(DeprecationWarning):
+        mod = PradaLoss(grl_lambda=0.1)
+    with pytest.warns(DeprecationWarning):
+        mod.set(grl_lambda=0.3)
+    assert mod.options.adv_lambda == 0.3 == mod.options.grl_lambda
+    with pytest.raises(TypeError, match="adv_lambda alone"):
+        grad_h(grl_lambda=0.3, adv_lambda=0.3)

@@ -10,8 +10,8 @@ import torch
 
 from prada_fast.trainer.batching import StepBatches
 from prada_fast.data.format import Collator
-from prada_fast.trainer.engines import teacher_hidden
-from prada_fast.models import PradaModel, load_causal_lm
+from prada_fast.teacher.live import teacher_hidden
+from prada_fast.models import PradaConfig, PradaModel, load_causal_lm
 from prada_fast.models.packed_attention import attention_mode, backbone_forward, block_causal_mask
 from prada_fast.trainer.packing import PackedCollator, balanced_rows, first_fit_decreasing, position_counts
 
@@ -118,7 +118,8 @@ def test_each_packed_sequence_equals_the_sequence_alone(seed, attn, mode, monkey
     through the padded path alone; mode "flash": the flattened single row that flash-attn's
     varlen path gets, checked here through SDPA's packed masks."""
     student, _ = load_causal_lm("tiny", attn=attn, seed=seed % 1000)
-    model = PradaModel(student, n_domains=4, n_prompt=3, loss_impl="chunked").eval()
+    model = PradaModel(student, PradaConfig(n_domains=4, n_prompt=3, loss_impl="chunked",
+                                            adversary="grl")).eval()
     assert attention_mode(model.backbone) == "positions"
     g = torch.Generator().manual_seed(seed)
     exs = examples(g, 9, hi=30)
@@ -170,9 +171,10 @@ def test_packed_step_equals_padded_step(seed, teacher, head, adversary):
     qid), each question counted once in the domain term (confusion), padded and packed."""
     student, _ = load_causal_lm("tiny", seed=seed % 1000)
     shared = adversary == "shared-questions"
-    model = PradaModel(student, n_domains=4, n_prompt=5, head="mlp" if head == "mlp" else "linear",
-                       mlp_hidden=24 if head == "mlp" else 0, loss_impl="chunked",
-                       adversary="confusion" if shared else adversary)
+    model = PradaModel(student, PradaConfig(
+        n_domains=4, n_prompt=5, head="mlp" if head == "mlp" else "linear",
+        mlp_hidden=24 if head == "mlp" else 0, loss_impl="chunked",
+        adversary="confusion" if shared else adversary))
     t_engine = None
     if teacher:
         t, _ = load_causal_lm("tiny-teacher", seed=seed % 1000 + 1)
@@ -197,7 +199,7 @@ def test_packed_step_equals_padded_step(seed, teacher, head, adversary):
         assert ("question_index" in b) == shared
         model.zero_grad(set_to_none=True)
         loss, parts = model(b["input_ids"], b["attention_mask"], b["labels"], b["domain_labels"],
-                            teacher_hidden=th, teacher_weight=tw, grl_lambda=0.7, num_valid_tokens=n_valid,
+                            teacher_hidden=th, teacher_weight=tw, adv_lambda=0.7, num_valid_tokens=n_valid,
                             temperature=2.0, alpha=0.3, use_domain=head != "none", **extra)
         (1.5 * loss).backward()
         results.append((loss.detach(), {k: v.clone() for k, v in parts.items()}, _grads(model)))
@@ -260,7 +262,7 @@ def test_normaliser_is_exact_under_accumulation_and_ranks(seed):
     each loss normalised by n_valid / (world x accum) and the gradients averaged as
     DeepSpeed does, equals the loss and gradient of the whole global batch as one batch."""
     student, _ = load_causal_lm("tiny", seed=seed % 1000)
-    model = PradaModel(student, n_domains=4, n_prompt=3, loss_impl="chunked")
+    model = PradaModel(student, PradaConfig(n_domains=4, n_prompt=3, loss_impl="chunked", adversary="grl"))
     g = torch.Generator().manual_seed(seed)
     exs = examples(g, 23, hi=45)
     world, accum = 2, 3

@@ -232,9 +232,9 @@ def test_rationales_of_a_question_count_once_in_the_domain_loss():
     """Two rationales of one question and another question: the domain loss and accuracy
     are those of one row per question, each rationale keeps its own task loss."""
     from prada_fast.data.format import question_index
-    from prada_fast.models import PradaModel, load_causal_lm
+    from prada_fast.models import PradaConfig, PradaModel, load_causal_lm
     student, tok = load_causal_lm("tiny", seed=0)
-    model = PradaModel(student, 2, 4, loss_impl="chunked", adversary="confusion")
+    model = PradaModel(student, PradaConfig(2, 4, loss_impl="chunked", adversary="confusion"))
     recs = [Record("3+5-2=?", "3+5=8. 8-2=6.", "6", "a"), Record("3+5-2=?", "8 then 6.", "6", "a"),
             Record("Last letters of cat dog?", "cat->t. dog->g.", "tg", "b")]
     exs = [encode(r, tok, 64, d) | {"qid": q} for r, d, q in zip(recs, [0, 0, 1], [7, 7, 3])]

@@ -407,15 +407,15 @@ def test_teacher_identity_follows_what_makes_the_teacher(tmp_path, teacher):
     from prada_fast.teacher.resolve import TeacherSpec
     exs = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "n_labels": 2}]
     auto = TeacherSpec(name="auto", steps=10, lr=3e-3, seed=0)
-    ident = tc.teacher_identity(auto, exs)
-    assert ident["kind"] == "auto-fit" and ident == tc.teacher_identity(replace(auto), exs)
+    ident = tc.teacher_provenance(auto, exs)
+    assert ident["kind"] == "auto-fit" and ident == tc.teacher_provenance(replace(auto), exs)
     for change in ({"steps": 11}, {"lr": 1e-3}, {"seed": 1}):
-        assert tc.teacher_identity(replace(auto, **change), exs) != ident, change
-    assert tc.teacher_identity(auto, [{**exs[0], "labels": [-100, -100, 7]}]) != ident
+        assert tc.teacher_provenance(replace(auto, **change), exs) != ident, change
+    assert tc.teacher_provenance(auto, [{**exs[0], "labels": [-100, -100, 7]}]) != ident
     moved = shutil.copytree(teacher, tmp_path / "moved")
-    d = tc.teacher_identity(TeacherSpec(name=str(teacher), seed=0), exs)
-    assert d == tc.teacher_identity(TeacherSpec(name=str(moved), seed=5), exs)
+    d = tc.teacher_provenance(TeacherSpec(name=str(teacher), seed=0), exs)
+    assert d == tc.teacher_provenance(TeacherSpec(name=str(moved), seed=5), exs)
     (moved / "config.json").write_text((moved / "config.json").read_text().replace("192", "193"))
-    assert tc.teacher_identity(TeacherSpec(name=str(moved), seed=0), exs) != d
-    assert tc.teacher_identity(TeacherSpec(name="tiny-teacher", seed=0), exs) != \
-        tc.teacher_identity(TeacherSpec(name="tiny-teacher", seed=1), exs)
+    assert tc.teacher_provenance(TeacherSpec(name=str(moved), seed=0), exs) != d
+    assert tc.teacher_provenance(TeacherSpec(name="tiny-teacher", seed=0), exs) != \
+        tc.teacher_provenance(TeacherSpec(name="tiny-teacher", seed=1), exs)

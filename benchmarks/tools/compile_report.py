@@ -12,7 +12,7 @@ stride), pointers, row strides and V divisible by 16 (true for V = 32000, 128256
 autotuner may pick (kernels/fused_linear_distill.GPU_CONFIGS) is compiled, with and
 without a teacher, in bf16 and fp32, and so is the top-K teacher's row kernel
 (`_distill_topk_rows_kernel`, K ids in tiles of BLOCK_K = 64: K = 64, a typical cache); so are
-the domain term's pooling and head kernels (kernels/grl_domain_head.py) with the block sizes
+the domain term's pooling and head kernels (kernels/domain_head.py) with the block sizes
 they get at H = 4096, with and without packed rows (seq_index).
 
 What to look for: LOCAL / STACK 0 (no spills); the loads of z and z_t 16 bytes wide
@@ -96,7 +96,7 @@ def compile_domain_kernels(*, dtype: str, H: int, D: int, arch: int, confusion: 
     their packed-rows variants (seq_index): the segment pooling and the head with PACKED."""
     import torch
 
-    from prada_kernels import grl_domain_head as gdh
+    from prada_kernels import domain_head as gdh
 
     bt, bh_pool, bh_head, bd = gdh._block_sizes(torch.device("cuda"), 1024, H, D)
     ptr = {"bf16": "*bf16", "fp32": "*fp32"}[dtype]
@@ -122,7 +122,7 @@ def compile_domain_kernels(*, dtype: str, H: int, D: int, arch: int, confusion: 
             gdh._domain_head_kernel,
             {"f_ptr": f32, "w_ptr": ptr, "bias_ptr": ptr, "lab_ptr": "*i64", "m_ptr": f32, "msum_ptr": f32,
              "loss_ptr": f32, "correct_ptr": f32, "dc_ptr": f32, "gf_ptr": f32, "T": i32, "H": i32,
-             "D": i32, "inv_B": "fp32", "grl_lambda": "fp32", "stride_fb": i32, "stride_wd": i32,
+             "D": i32, "inv_B": "fp32", "adv_lambda": "fp32", "stride_fb": i32, "stride_wd": i32,
              "stride_wh": "constexpr", "stride_bias": "constexpr", "stride_lab": "constexpr",
              "stride_mb": i32, "stride_mt": "constexpr", "stride_dcb": i32, "stride_gfb": i32,
              "HAS_BIAS": "constexpr", "CONFUSION": "constexpr", "PACKED": "constexpr",

@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 
+from prada_fast.op.options import IGNORE_INDEX  # the op's: labels that are not trained
+
 from .records import DataError, Record
 
 PROMPT = "Q: {question}\nA:"
 ANSWER_MARKER = "The answer is "
-IGNORE_INDEX = -100
 
 _SENTENCE_END = re.compile(r"\.(?=\s|$)")
 _NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")

@@ -3,8 +3,10 @@
 term and attention over packed rows."""
 from prada_fast.models.loading import (PRESETS, ModelError, byte_tokenizer, check_model_dir,
                                        check_same_vocab, load_causal_lm, pick_attention)
-from prada_fast.models.prada import HEADS_FILE, META_FILE, PICKLED_HEADS_FILE, POOLS, DomainHead, PradaModel
+from prada_fast.models.config import POOLS, PradaConfig
+from prada_fast.models.final import HEADS_FILE, META_FILE, PICKLED_HEADS_FILE
+from prada_fast.models.prada import DomainHead, PradaModel
 
 __all__ = ["PRESETS", "ModelError", "byte_tokenizer", "check_model_dir", "check_same_vocab",
            "load_causal_lm", "pick_attention", "HEADS_FILE", "META_FILE", "PICKLED_HEADS_FILE",
-           "POOLS", "DomainHead", "PradaModel"]
+           "POOLS", "DomainHead", "PradaConfig", "PradaModel"]

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-def segments(position_ids: torch.Tensor) -> torch.Tensor:
+def position_runs(position_ids: torch.Tensor) -> torch.Tensor:
     """(rows, T) number of each position's run of consecutive position ids in its row (a
     new run wherever the id is not the previous one + 1), as transformers reads them."""
     step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
@@ -24,8 +24,8 @@ def segments(position_ids: torch.Tensor) -> torch.Tensor:
 
 def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(rows, 1, T, T) additive mask: 0 where query i may read key j (j <= i, the same
-    run of `segments`), the dtype's lowest value elsewhere."""
-    seg = segments(position_ids)
+    run of `position_runs`), the dtype's lowest value elsewhere."""
+    seg = position_runs(position_ids)
     T = seg.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
     allowed = (seg[:, :, None] == seg[:, None, :]) & causal

@@ -3,26 +3,21 @@ learned soft-prompt vectors before the input embeddings and a domain head on the
 final hidden states. Its forward returns the objective through `prada_loss`, which reads
 the LM head weight directly: under ZeRO-3 the weights the op reads are registered as
 external parameters of this module, so DeepSpeed gathers them for its forward and routes
-their gradients back to the partitions."""
+their gradients back to the partitions. Its settings: one PradaConfig (config.py); its
+greedy decoding: generation.py; what it saves to DIR/final and loads back: final.py."""
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from prada_fast.models.loading import ModelError, _first_line, _read_json, load_causal_lm
+from prada_fast.models.config import PradaConfig
+from prada_fast.models.generation import greedy_generate
+from prada_fast.models.loading import ModelError
 from prada_fast.models.mmd import mmd_term
 from prada_fast.models.packed_attention import backbone_forward
 from prada_fast.models.prompts import PromptEncoder
-from prada_fast.op import confusion_term, grad_reverse, masked_mean, prada_loss
+from prada_fast.op import IGNORE_INDEX, confusion_term, grad_reverse, masked_mean, prada_loss
 
-POOLS = ("question", "sequence")
-HEADS_FILE = "prada_heads.safetensors"   # soft prompt, domain head: our own tensors, no pickle
-PICKLED_HEADS_FILE = "prada_heads.pt"     # what earlier versions wrote; refused, never unpickled
-META_FILE = "prada_config.json"
 
 
 class DomainHead(nn.Module):
@@ -51,27 +46,24 @@ class PradaModel(nn.Module):
     `soft_prompt` by a P-tuning encoder (prompts.py) while training; `prompt_vectors()` is
     what goes in front of the input either way, and what the export saves."""
 
-    def __init__(self, student, n_domains: int, n_prompt: int = 8, head: str = "linear",
-                 mlp_hidden: int = 0, loss_impl: str = "auto", pool: str = "question",
-                 adversary: str = "grl", prompt_encoder: str = "none", prompt_hidden: int = 0):
+    def __init__(self, student, config: PradaConfig):
         super().__init__()
-        if pool not in POOLS:
-            raise ModelError(f"pool {pool!r}: expected one of {POOLS}")
+        if not isinstance(config, PradaConfig):
+            raise TypeError("PradaModel(student, config): config must be a PradaConfig, got "
+                            f"{type(config).__name__}")
+        self.prada_config = config
+        # read by the forward, the trainer and the tests (the config is frozen: copies stay true)
+        self.n_prompt, self.pool, self.adversary = config.n_prompt, config.pool, config.adversary
+        self.loss_impl = config.loss_impl
         self.student = student
         H = student.config.hidden_size
-        self.n_prompt = n_prompt
-        self.loss_impl = loss_impl
-        self.pool = pool
-        self.adversary = adversary
         emb = student.get_input_embeddings().weight
         std = float(emb.detach().std()) if emb.numel() else 0.02
-        self.soft_prompt = nn.Parameter(torch.randn(n_prompt, H, dtype=emb.dtype) * std) \
-            if n_prompt > 0 else None
-        if prompt_encoder != "none" and n_prompt <= 0:
-            raise ModelError(f"prompt encoder {prompt_encoder!r} needs a soft prompt (n_prompt >= 1)")
-        self.prompt_encoder = (PromptEncoder(H, prompt_encoder, prompt_hidden).to(emb.dtype)
-                               if prompt_encoder != "none" else None)
-        self.domain_head = DomainHead(H, n_domains, head, mlp_hidden)
+        self.soft_prompt = nn.Parameter(torch.randn(self.n_prompt, H, dtype=emb.dtype) * std) \
+            if self.n_prompt > 0 else None
+        self.prompt_encoder = (PromptEncoder(H, config.prompt_encoder, config.prompt_hidden).to(emb.dtype)
+                               if config.prompt_encoder != "none" else None)
+        self.domain_head = DomainHead(H, config.n_domains, config.head, config.mlp_hidden)
         # The op reads these weights outside their modules' forward: let ZeRO-3 gather them.
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
         lm_head = student.get_output_embeddings()
@@ -113,7 +105,7 @@ class PradaModel(nn.Module):
         rationale, answer) from an unlabelled target one (question only) by its length."""
         m = attention_mask.bool()
         if self.pool == "question":
-            m = m & (labels == -100)
+            m = m & (labels == IGNORE_INDEX)
         return torch.cat([m.new_zeros(m.shape[0], self.n_prompt), m], 1).to(attention_mask.dtype)
 
     def pooled_features(self, input_ids, attention_mask, labels):
@@ -137,7 +129,7 @@ class PradaModel(nn.Module):
         [prompt | tokens]; the teacher's prompt rows are ignored."""
         hidden, mask = self.hidden_states(input_ids, attention_mask)
         B, K = input_ids.shape[0], self.n_prompt
-        targets = torch.full_like(mask, -100, dtype=torch.long)
+        targets = torch.full_like(mask, IGNORE_INDEX, dtype=torch.long)
         targets[:, K:-1] = labels[:, 1:]  # position t predicts token t+1
         if teacher_hidden is not None and K:
             teacher_hidden = torch.cat([teacher_hidden.new_zeros(B, K, teacher_hidden.shape[-1]),
@@ -150,15 +142,15 @@ class PradaModel(nn.Module):
         """(hidden, targets, pool mask) of packed rows: a token's target is the next token of
         its own sequence (none for the last, nor for prompt slots and padding)."""
         hidden = self.packed_hidden_states(input_ids, attention_mask, position_ids, seq_index)
-        targets = torch.full_like(labels, -100)
+        targets = torch.full_like(labels, IGNORE_INDEX)
         same = (seq_index[:, 1:] == seq_index[:, :-1]) & (attention_mask[:, :-1] != 0)
         targets[:, :-1] = torch.where(same, labels[:, 1:], targets[:, 1:])
-        pool = attention_mask.bool() & (labels == -100) if self.pool == "question" \
+        pool = attention_mask.bool() & (labels == IGNORE_INDEX) if self.pool == "question" \
             else attention_mask.bool()
         return hidden, targets, pool.to(attention_mask.dtype)
 
     def forward(self, input_ids, attention_mask, labels, domain_labels, *, teacher_hidden=None,
-                teacher_weight=None, grl_lambda=1.0, num_valid_tokens=None, temperature=1.0,
+                teacher_weight=None, adv_lambda=1.0, num_valid_tokens=None, temperature=1.0,
                 alpha=0.5, use_domain=True, features_only=False, teacher_topk_ids=None,
                 teacher_topk_logprobs=None, position_ids=None, seq_index=None, question_index=None):
         """(loss, parts) of PRADA's objective on a batch. features_only: (pooled features f,
@@ -167,7 +159,9 @@ class PradaModel(nn.Module):
         and seq_index (rows, T), domain_labels (S,), the teacher's inputs in the rows' layout.
         question_index (one per row, or per packed sequence): rows that share a question
         (several rationales of it, numbered 0..Q-1) pool into one feature, so that the
-        question counts once in the domain loss; each row keeps its task loss."""
+        question counts once in the domain loss; each row keeps its task loss. adv_lambda:
+        the adversary's scale (the schedule's lambda; with adversary "mmd", the MMD term's
+        weight)."""
         if features_only:
             f = self.pooled_features(input_ids, attention_mask, labels)
             return f, self.domain_head(f)
@@ -184,7 +178,7 @@ class PradaModel(nn.Module):
         linear_dom = use_domain and self.domain_head.kind == "linear"
         pool = pool.to(hidden.dtype)
         mmd = use_domain and self.adversary == "mmd"  # the head only watches; MMD aligns
-        adversary, adv_lambda = ("confusion", 0.0) if mmd else (self.adversary, grl_lambda)
+        adversary, op_lambda = ("confusion", 0.0) if mmd else (self.adversary, adv_lambda)
         if use_domain and question_index is not None:
             seq_index, domain_labels = self.per_question(question_index, domain_labels, seq_index,
                                                          hidden.shape[1])
@@ -198,22 +192,22 @@ class PradaModel(nn.Module):
             domain_bias=self.domain_head.out.bias if linear_dom else None,
             domain_labels=domain_labels if linear_dom else None,
             seq_index=seq_index if linear_dom else None,
-            grl_lambda=adv_lambda, adversary=adversary, impl=self.loss_impl, **topk)
+            adv_lambda=op_lambda, adversary=adversary, impl=self.loss_impl, **topk)
         # the pooled features, where plain PyTorch needs them (an MLP head, the MMD term)
         f = masked_mean(hidden, pool, seq_index, n_seq) if use_domain and (mmd or not linear_dom) else None
         if use_domain and not linear_dom:  # MLP head: plain PyTorch, either adversary
             grl = adversary == "grl"
-            c = self.domain_head(grad_reverse(f, adv_lambda) if grl else f.detach())
+            c = self.domain_head(grad_reverse(f, op_lambda) if grl else f.detach())
             c = c.to(torch.promote_types(c.dtype, torch.float32))
             dom = nn.functional.cross_entropy(c, domain_labels)
             loss = loss + dom
             if not grl:
-                loss = loss + confusion_term(f, self.domain_head, adv_lambda).to(loss.dtype)
+                loss = loss + confusion_term(f, self.domain_head, op_lambda).to(loss.dtype)
             parts["dom"] = dom.detach()
             parts["dom_acc"] = (c.argmax(-1) == domain_labels).to(c.dtype).mean()
         if mmd:
             align = mmd_term(f, domain_labels)
-            loss = loss + (grl_lambda * align).to(loss.dtype)
+            loss = loss + (adv_lambda * align).to(loss.dtype)
             parts["mmd"] = align.detach()
         return loss, parts
 
@@ -231,76 +225,25 @@ class PradaModel(nn.Module):
             return question_index[:, None].expand(-1, width).contiguous(), labels
         return torch.where(seq_index >= 0, question_index[seq_index.clamp(min=0)], -1), labels
 
-    @torch.no_grad()
     def generate(self, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int,
                  pad_token_id: int):
-        """Greedy decoding from left-padded prompts, soft prompt included."""
-        emb, mask = self.embed(input_ids, attention_mask)
-        if self.soft_prompt is not None:  # keep padding on the far left: [pad | prompt | text]
-            order = torch.argsort(mask, dim=1, stable=True)
-            emb = torch.gather(emb, 1, order.unsqueeze(-1).expand_as(emb))
-            mask = torch.gather(mask, 1, order)
-        return self.student.generate(inputs_embeds=emb, attention_mask=mask, do_sample=False,
-                                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                     pad_token_id=pad_token_id)
+        """Greedy decoding from left-padded prompts, soft prompt included (generation.py)."""
+        return greedy_generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id,
+                               pad_token_id)
 
-    # -- persistence of what is ours (the student itself is saved by save_pretrained) --
+    # -- what is ours in DIR/final (the student itself is saved by save_pretrained): final.py
     @staticmethod
-    def save_heads(out_dir: str | os.PathLike, state: dict, meta: dict) -> None:
-        """Write what `from_final` reads besides the Hugging Face student: the tensors of
-        `state` ({"soft_prompt": tensor or None, "domain_head": state dict, ...}) as
-        safetensors (keys "soft_prompt", "domain_head.out.weight", ...), and `meta` as JSON."""
-        from safetensors.torch import save_file
-        flat = {}
-        for name, value in state.items():
-            if isinstance(value, dict):
-                flat.update({f"{name}.{k}": v for k, v in value.items()})
-            elif value is not None:
-                flat[name] = value
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in flat.items()},
-                  str(Path(out_dir) / HEADS_FILE), metadata={"format": "pt"})
-        (Path(out_dir) / META_FILE).write_text(json.dumps(meta, indent=2))
+    def save_heads(out_dir, state: dict, meta: dict) -> None:
+        from prada_fast.models.final import save_heads
+        save_heads(out_dir, state, meta)
 
     @staticmethod
-    def load_heads(path: str | os.PathLike) -> dict:
-        """The tensors `save_heads` wrote, nested as given to it. A pickle is refused."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        path = Path(path)
-        file = path / HEADS_FILE
-        if not file.is_file():
-            if (path / PICKLED_HEADS_FILE).is_file():
-                raise ModelError(f"{path / PICKLED_HEADS_FILE}: a pickle (an older prada_fast, or "
-                                 "not ours); loading it could run any code, so it is refused: "
-                                 f"re-export the run, which writes {HEADS_FILE}")
-            raise ModelError(f"{path}: no {HEADS_FILE} (not a prada_fast final/ directory)")
-        try:
-            flat = load_file(str(file))
-        except (SafetensorError, OSError) as e:
-            raise ModelError(f"{file}: not a readable safetensors file ({_first_line(e)})") from e
-        state: dict = {}
-        for key, value in flat.items():
-            name, dot, rest = key.partition(".")
-            if dot:
-                state.setdefault(name, {})[rest] = value
-            else:
-                state[name] = value
-        return state
+    def load_heads(path) -> dict:
+        from prada_fast.models.final import load_heads
+        return load_heads(path)
 
     @classmethod
-    def from_final(cls, path: str | os.PathLike, attn: str = "auto", loss_impl: str = "auto"):
-        """Load DIR/final: the Hugging Face student plus soft prompt and domain head (a
-        prompt encoder used in training is baked into the saved vectors)."""
-        path = Path(path)
-        if not (path / META_FILE).is_file():
-            raise ModelError(f"{path}: no {META_FILE} (not a prada_fast final/ directory)")
-        meta = _read_json(path / META_FILE)
-        state = cls.load_heads(path)  # before the student: a pickle is refused at once
-        student, tok = load_causal_lm(str(path), attn=attn, safetensors_only=True)
-        model = cls(student, len(meta["domains"]), meta["n_prompt"], meta["domain_head"],
-                    meta.get("mlp_hidden", 0), loss_impl, pool=meta.get("pool", "sequence"),
-                    adversary=meta.get("adversary", "grl"))
-        if model.soft_prompt is not None:
-            model.soft_prompt.data.copy_(state["soft_prompt"])
-        model.domain_head.load_state_dict(state["domain_head"])
-        return model, tok, meta
+    def from_final(cls, path, attn: str = "auto", loss_impl: str = "auto"):
+        """(model, tokenizer, saved metadata) of DIR/final (final.load_final)."""
+        from prada_fast.models.final import load_final
+        return load_final(path, attn=attn, loss_impl=loss_impl)

@@ -14,16 +14,16 @@ import torch
 from torch import nn
 
 from .driver import RowBackend, default_chunk_rows, fused_prada_loss
-from .options import LossOptions, keyword_parameters, options_from_kwargs
+from .options import LossOptions, keyword_parameters, options_from_kwargs, renamed_kwargs
 from .reference import reference_prada_loss
 
-IMPLS = ("auto", "triton", "chunked", "reference")
+IMPL_NAMES = ("auto", "triton", "chunked", "reference")  # what `impl` may name
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The implementation that `impl` names on `device` ("auto": triton on CUDA, else chunked)."""
-    if impl not in IMPLS:
-        raise ValueError(f"prada_loss: impl={impl!r}: expected one of {IMPLS}")
+    if impl not in IMPL_NAMES:
+        raise ValueError(f"prada_loss: impl={impl!r}: expected one of {IMPL_NAMES}")
     if impl == "auto":
         return "triton" if device.type == "cuda" else "chunked"
     return impl
@@ -32,7 +32,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 def triton_backend() -> RowBackend:
     """The Triton kernels as a backend of the chunk driver (imports triton on first use)."""
     from prada_kernels.fused_linear_distill import triton_chunk_rows, triton_rows
-    from prada_kernels.grl_domain_head import triton_domain_head
+    from prada_kernels.domain_head import triton_domain_head
 
     def chunk_rows(n_rows: int, vocab: int, hidden: torch.Tensor, has_teacher: bool) -> int:
         if not hidden.is_cuda:  # the interpreter: the PyTorch backend's small chunks
@@ -65,8 +65,10 @@ def prada_loss(hidden, lm_weight, targets, *, impl="auto", **options):
     teacher product; rows without a target are not read); temperature; alpha (taken as 1
     without a teacher); ignore_index; num_valid_tokens (the normaliser n; default: the valid targets
     counted); pool_mask (B, T); domain_weight (D, H) [+ domain_bias (D,)] with domain_labels
-    (B,) add the domain term, whose gradient into `hidden` is multiplied by -grl_lambda
-    (gradient reversal); seq_index (B, T) int64, packed rows: each position's sequence in
+    (B,) add the domain term, whose gradient into `hidden` is the adversary's, scaled by
+    adv_lambda (-adv_lambda dL_dom/dh for adversary "grl", gradient reversal, or
+    +adv_lambda dL_conf/dh for "confusion"; `grl_lambda`, its old name, is still accepted);
+    seq_index (B, T) int64, packed rows: each position's sequence in
     [0, S) or -1, domain_labels then (S,) and the domain term per sequence; chunk_rows:
     rows per chunk of the driver's logit buffers (chunk_rows x V; None picks it from V and
     the device; the reference ignores it).
@@ -102,13 +104,13 @@ class PradaLoss(nn.Module):
 
     Example::
 
-        >>> loss_fn = PradaLoss(temperature=2.0, alpha=0.5, grl_lambda=0.1)
+        >>> loss_fn = PradaLoss(temperature=2.0, alpha=0.5, adv_lambda=0.1)
         >>> h = torch.randn(2, 5, 16, requires_grad=True)
         >>> w = torch.randn(50, 16, requires_grad=True)
         >>> y = torch.randint(0, 50, (2, 5))
         >>> loss, parts = loss_fn(h, w, y, teacher_logits=torch.randn(2, 5, 50))
         >>> loss.backward()
-        >>> loss_fn.set(grl_lambda=0.5)  # e.g. a schedule's next value
+        >>> loss_fn.set(adv_lambda=0.5)  # e.g. a schedule's next value
     """
 
     def __init__(self, *, impl: str = "auto", **options):
@@ -117,7 +119,8 @@ class PradaLoss(nn.Module):
         self.options = options_from_kwargs(options)
 
     def set(self, **options) -> None:
-        """Change hyper-parameters (e.g. grl_lambda as its schedule moves)."""
+        """Change hyper-parameters (e.g. adv_lambda as its schedule moves)."""
+        options = renamed_kwargs(options)
         options_from_kwargs(options)  # names checked
         self.options = replace(self.options, **options)
 
@@ -128,7 +131,7 @@ class PradaLoss(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         return (f"impl={self.impl!r}, temperature={o.temperature}, alpha={o.alpha}, "
-                f"ignore_index={o.ignore_index}, grl_lambda={o.grl_lambda}")
+                f"ignore_index={o.ignore_index}, adv_lambda={o.adv_lambda}")
 
 
-__all__ = ["IMPLS", "LossOptions", "PradaLoss", "prada_loss", "resolve_impl", "triton_backend"]
+__all__ = ["IMPL_NAMES", "LossOptions", "PradaLoss", "prada_loss", "resolve_impl", "triton_backend"]

@@ -7,7 +7,7 @@ student logits z_s = h W_s^T + b_s (and the teacher's z_t) exist only as a bound
 (chunk_rows x V) buffer; a row op turns them into the per-row losses and overwrites z_s
 with dL/dz_s, which two matrix products turn into the chunk's grad_h and its share of
 grad_W_s. The domain term is computed first (it is small: B x H pooled features), and its
-GRL-scaled gradient, broadcast through the pooling mask, is the initial value of each
+adv_lambda-scaled gradient, broadcast through the pooling mask, is the initial value of each
 grad_h chunk, so the GEMM that writes grad_h adds the LM gradient onto it in its epilogue
 (`addmm`): no separate N x H pass. Backward only scales the stored gradients.
 
@@ -34,10 +34,10 @@ ids outside the K and renormalised there (the tail, r_t = 1 - sum exp(logprobs))
 has no teacher product and no teacher buffer: three N x V x H products instead of four.
 
 A domain op has the signature
-    domain_fn(hidden, mask, weight, bias, labels, grl_lambda, adversary, seq_index=None)
+    domain_fn(hidden, mask, weight, bias, labels, adv_lambda, adversary, seq_index=None)
         -> (dom, dom_acc, gf (B, H) fp32, grad_weight, grad_bias)
-where gf_b = -grl_lambda * dL_dom/df_b / sum_t m_bt (adversary "grl") or
-+grl_lambda * dL_conf/df_b / sum_t m_bt ("confusion"), so that grad_h[b, t] += m_bt * gf_b;
+where gf_b = -adv_lambda * dL_dom/df_b / sum_t m_bt (adversary "grl") or
++adv_lambda * dL_conf/df_b / sum_t m_bt ("confusion"), so that grad_h[b, t] += m_bt * gf_b;
 grad_weight and grad_bias are those of L_dom for either adversary. With seq_index (packed
 rows, labels (S,)) the sequences are those of seq_index: gf is (S, H), its denominators the
 sums of m over each sequence's positions, and grad_h[b, t] += m_bt * gf[seq_bt] (nothing where
@@ -170,9 +170,9 @@ def loss_and_grads(hidden, lm_weight, targets, opts: LossOptions, backend: RowBa
     gf = gw_d = gb_d = None
     if domain_weight is not None:
         dom, dom_acc, gf, gw_d, gb_d = backend.domain(hidden, pool_mask, domain_weight, domain_bias,
-                                                      opts.domain_labels, opts.grl_lambda,
+                                                      opts.domain_labels, opts.adv_lambda,
                                                       opts.adversary, seq_index=opts.seq_index)
-    # grad_h starts as the domain term's GRL-scaled gradient, broadcast through the mask
+    # grad_h starts as the domain term's adv_lambda-scaled gradient, broadcast through the mask
     # (zero without a domain head); the LM gradient is then added onto it chunk by chunk.
     grad_h = None
     if need_h and gf is not None and opts.seq_index is not None:  # packed rows: per sequence

@@ -9,12 +9,16 @@ arguments from that object. A new argument of the op is a new field here plus it
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 Tensor = torch.Tensor
+IGNORE_INDEX = -100  # the target (label) id that means "no loss here": Hugging Face's, and the data's
 ADVERSARIES = ("grl", "confusion")
+# keywords of earlier versions -> the field that took their place (accepted, with a DeprecationWarning)
+DEPRECATED = {"grl_lambda": "adv_lambda"}  # it scales either adversary, not only gradient reversal
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -38,16 +42,21 @@ class LossOptions:
     teacher_topk_logprobs: Tensor | None = None  # (B, T, K) } log-probabilities at temperature
     temperature: float = 1.0                 # distillation temperature tau > 0
     alpha: float = 0.5                       # weight of hard CE vs KD (1 without a teacher)
-    ignore_index: int = -100                 # target id that means "no loss here"
+    ignore_index: int = IGNORE_INDEX         # target id that means "no loss here"
     num_valid_tokens: int | float | Tensor | None = None  # the normaliser n (default: counted)
     pool_mask: Tensor | None = None          # (B, T) 0/1 pooling mask (default: all ones)
     domain_weight: Tensor | None = None      # (D, H) linear domain head (None: no domain term)
     domain_bias: Tensor | None = None        # (D,)
     domain_labels: Tensor | None = None      # (B,) int64 domain ids, or (S,) with seq_index
     seq_index: Tensor | None = None          # (B, T) int64 packed rows: sequence in [0, S), -1: none
-    grl_lambda: float = 1.0                  # lambda: scale of the adversarial gradient into h
+    adv_lambda: float = 1.0                  # lambda: scale of the adversary's gradient into h
     adversary: str = "grl"                   # "grl" (reversed L_dom) | "confusion" (towards uniform)
     chunk_rows: int | None = None            # rows per chunk of the fused paths (None: auto)
+
+    @property
+    def grl_lambda(self) -> float:
+        """Deprecated name of `adv_lambda`."""
+        return self.adv_lambda
 
     @property
     def has_teacher(self) -> bool:
@@ -125,7 +134,7 @@ class LossOptions:
         _check(self.chunk_rows is None or int(self.chunk_rows) >= 1,
                f"chunk_rows must be >= 1, got {self.chunk_rows}")
         return replace(self, temperature=float(self.temperature), alpha=alpha, pool_mask=pool_mask,
-                       grl_lambda=float(self.grl_lambda))
+                       adv_lambda=float(self.adv_lambda))
 
 
 def _check_topk(o: LossOptions, targets: Tensor, V: int) -> None:
@@ -180,8 +189,24 @@ def _check_seq_index(seq: Tensor, B: int, T: int, labels: Tensor | None) -> None
                                     f"{S}; -1: no sequence), got values in [{lo}, {hi}]")
 
 
+def renamed_kwargs(kwargs: dict) -> dict:
+    """`kwargs` with the DEPRECATED keywords under their new names (a DeprecationWarning
+    each; TypeError when both names are given)."""
+    out = dict(kwargs)
+    for old, new in DEPRECATED.items():
+        if old in out:
+            if new in out:
+                raise TypeError(f"prada_loss() got {old} (deprecated) and {new}: give {new} alone")
+            warnings.warn(f"prada_loss: the keyword {old} is deprecated, use {new}", DeprecationWarning,
+                          stacklevel=4)
+            out[new] = out.pop(old)
+    return out
+
+
 def options_from_kwargs(kwargs: dict) -> LossOptions:
-    """LossOptions(**kwargs), with an unknown keyword named as prada_loss's."""
+    """LossOptions(**kwargs), with an unknown keyword named as prada_loss's and a
+    deprecated one (DEPRECATED) renamed."""
+    kwargs = renamed_kwargs(kwargs)
     names = {f.name for f in fields(LossOptions)}
     unknown = sorted(set(kwargs) - names)
     if unknown:

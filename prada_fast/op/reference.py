@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .grl import confusion_term, grad_reverse
+from .adversary import confusion_term, grad_reverse
 from .options import LossOptions
 
 
@@ -99,14 +99,14 @@ def reference_prada_loss(hidden, lm_weight, targets, o: LossOptions):
     if o.has_domain:
         # one feature per row, or per sequence of packed rows (seq_index; S = len(domain_labels))
         f = masked_mean(hidden, o.pool_mask, o.seq_index, o.domain_labels.shape[0])
-        f_in = grad_reverse(f, o.grl_lambda) if o.adversary == "grl" else f.detach()
+        f_in = grad_reverse(f, o.adv_lambda) if o.adversary == "grl" else f.detach()
         c = F.linear(f_in, o.domain_weight, o.domain_bias).to(acc)
         dom = F.cross_entropy(c, o.domain_labels)
         dom_acc = (c.argmax(-1) == o.domain_labels).to(acc).mean()
         loss = loss + dom
         if o.adversary == "confusion":
             loss = loss + confusion_term(f, lambda x: F.linear(x, o.domain_weight, o.domain_bias),
-                                         o.grl_lambda).to(acc)
+                                         o.adv_lambda).to(acc)
 
     parts = {"ce": ce.detach(), "kd": kd.detach(), "dom": dom.detach(),
              "dom_acc": dom_acc.detach(), "n_tokens": n_tokens}

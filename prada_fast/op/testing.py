@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .options import IGNORE_INDEX
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOLERANCES = {"float32": {"loss": 1e-5, "grad": 1e-4}, "bfloat16": {"loss": 1e-2, "grad": 2e-2}}
 # The op's differentiable inputs, in the order the fused op returns their gradients.
@@ -54,7 +56,7 @@ def random_inputs(*, B: int, T: int, H: int, V: int, Ht: int = 0, D: int = 0,
     Ht > 0: the teacher as hidden states + head weight; teacher_logits: as logits; topk = K > 0:
     as the top-K log-probabilities at temperature `tau` of random logits (teacher_topk_ids,
     teacher_topk_logprobs, the latter in `dtype`; ids in descending order of probability). D > 0: a
-    linear domain head with labels. ignore_frac: the fraction of targets set to -100.
+    linear domain head with labels. ignore_frac: the fraction of targets set to IGNORE_INDEX.
     pool_mask: a random 0/1 mask (position 0 kept); empty_pool_row: the last row's mask
     all 0 (it pools to 0). packed: several sequences per row (`packed_seq_index`), with
     "seq_index" (B, T) and domain_labels (S,); with a pool mask, each sequence keeps its first
@@ -72,7 +74,7 @@ def random_inputs(*, B: int, T: int, H: int, V: int, Ht: int = 0, D: int = 0,
     x = {"hidden": randn(B, T, H), "lm_weight": randn(V, H, scale=2 / math.sqrt(H))}
     y = torch.randint(0, V, (B, T), generator=g, device=device)
     if ignore_frac:
-        y[torch.rand(B, T, generator=g, device=device) < ignore_frac] = -100
+        y[torch.rand(B, T, generator=g, device=device) < ignore_frac] = IGNORE_INDEX
     x["targets"] = y
     if bias:
         x["lm_bias"] = randn(V, scale=0.5)

@@ -181,7 +181,7 @@ def pool_features(hidden, mask, seq_index, num_seqs, acc):
     return f / msum[:, None], msum
 
 
-def torch_domain(hidden, mask, weight, bias, labels, grl_lambda, adversary="grl", seq_index=None):
+def torch_domain(hidden, mask, weight, bias, labels, adv_lambda, adversary="grl", seq_index=None):
     """Masked-mean pooling (per row, or per sequence of packed rows with seq_index), linear
     domain head, CE and accuracy, and the gradients (see prada_fast.op.driver for gf). The
     head's gradients come from L_dom; gf is -lambda * dL_dom/df ("grl") or +lambda * dL_conf/df
@@ -201,9 +201,9 @@ def torch_domain(hidden, mask, weight, bias, labels, grl_lambda, adversary="grl"
     dc[torch.arange(S, device=c.device), labels] -= 1
     dc /= S
     if adversary == "grl":
-        gf = (-grl_lambda) * (dc @ wf) / msum[:, None]
+        gf = (-adv_lambda) * (dc @ wf) / msum[:, None]
     else:  # dL_conf/dc_s = (softmax(c_s) - 1/D) / S
-        gf = grl_lambda * (((p - 1.0 / c.shape[1]) / S) @ wf) / msum[:, None]
+        gf = adv_lambda * (((p - 1.0 / c.shape[1]) / S) @ wf) / msum[:, None]
     return dom, hit, gf, dc.t() @ f, dc.sum(0)
 
 

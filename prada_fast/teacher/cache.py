@@ -38,7 +38,7 @@ import torch
 
 from prada_fast.common.files import write_atomic
 from prada_fast.data.prepare import DataSettings
-from prada_fast.teacher.resolve import TeacherSpec, teacher_identity
+from prada_fast.teacher.resolve import TeacherSpec, teacher_provenance
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -235,7 +235,7 @@ def open_manifest(path: Path) -> dict:
     return manifest
 
 
-def segments(mb: dict) -> list[tuple[int, int, int]]:
+def example_spans(mb: dict) -> list[tuple[int, int, int]]:
     """(row, start, end) of each example in a collated batch: a row's real tokens, or with
     `seq_index` (packed rows) each run of positions with the same sequence number >= 0,
     less its soft-prompt slots in front (attention_mask 0: packing.PackedCollator)."""
@@ -257,7 +257,9 @@ class TeacherOutputs:
     """The teacher of a training run, read from a finished cache: `op_inputs(mb, device)`
     gives a micro-batch's teacher arguments of the loss op (teacher_hidden and
     teacher_weight, or teacher_topk_ids and teacher_topk_logprobs), each example's rows
-    read from the memory-mapped parts by its key."""
+    read from the memory-mapped parts by its key. A TeacherSource (teacher/interface.py)."""
+
+    partitioned = ()  # plain tensors: nothing for ZeRO-3 to gather
 
     def __init__(self, path: Path, manifest: dict | None = None, dtype: torch.dtype = torch.float32):
         self.path = Path(path)
@@ -305,7 +307,7 @@ class TeacherOutputs:
             k, vocab = self.manifest["k"], self.manifest["vocab_size"]
             top_ids = torch.arange(k, dtype=torch.long).expand(B, T, k).clone()
             top_lp = torch.full((B, T, k), -math.log(vocab), dtype=torch.float32)  # unused rows
-        for b, start, end in segments(mb):
+        for b, start, end in example_spans(mb):
             lab = labels[b, start:end].tolist()
             pos = labelled_positions(lab)
             if not pos:
@@ -361,7 +363,7 @@ def open_for_run(path: str | Path, tok, train_examples, *, max_len: int, tempera
     fields = ["tokenizer", "max_len"] + (["temperature"] if manifest["mode"] == "topk" else [])
     check_matches(path, manifest, run, fields)
     if teacher.name != "auto" or manifest["teacher"].get("kind") == "auto-fit":
-        check_matches(path, manifest, {"teacher": teacher_identity(teacher, train_examples)}, ["teacher"])
+        check_matches(path, manifest, {"teacher": teacher_provenance(teacher, train_examples)}, ["teacher"])
     reader = TeacherOutputs(path, manifest)
     wanted = [(ex, example_key(ex["input_ids"], ex["labels"])) for ex in train_examples
               if labelled_positions(ex["labels"])]

@@ -1,5 +1,5 @@
 """Which teacher a run distils from (`TeacherSpec`, the --teacher flags), what names it in
-a teacher cache (`teacher_identity`), and the model itself (`resolve_teacher`): a local
+a teacher cache (`teacher_provenance`), and the model itself (`resolve_teacher`): a local
 directory, a preset, or, with `auto` and a preset student, the small teacher fitted on the
 labelled rationales and cached on disk (teacher/fit.py)."""
 from __future__ import annotations
@@ -36,7 +36,7 @@ def has_teacher(spec: TeacherSpec, student: str) -> bool:
     return spec.name != "none" and (spec.name != "auto" or student in PRESETS)
 
 
-def teacher_identity(spec: TeacherSpec, train_examples) -> dict:
+def teacher_provenance(spec: TeacherSpec, train_examples) -> dict:
     """What names the teacher of a run in a teacher cache's manifest: the auto fit's key (its
     preset, settings and training examples), a preset's name and init seed, or a hash of a
     model directory's files."""

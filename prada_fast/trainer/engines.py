@@ -4,17 +4,15 @@ Shared by the trainer (trainloop.py) and the training-step benchmarks
 (benchmarks/train_step.py, benchmarks/tools/max_batch.py, benchmarks/tools/profiler.py), so that what
 the benchmarks time is the trainer's own step:
 
-    engine, t_engine = build_engines(model, teacher, ds_cfg)
-    loss, parts = micro_step(engine, t_engine, mb, norm=..., lam=..., temperature=..., alpha=...)
+    engine, teacher = build_engines(model, teacher_model, ds_cfg)
+    loss, parts = micro_step(engine, teacher, mb, norm=..., lam=..., temperature=..., alpha=...)
 """
 from __future__ import annotations
 
-import torch
 from deepspeed import zero
 
+from prada_fast.teacher.live import LiveTeacher
 from prada_fast.trainer.dsconfig import ConfigError, inference_config
-from prada_fast.models.packed_attention import backbone_forward
-from prada_fast.teacher.cache import TeacherOutputs
 
 
 # Schedulers that scale each parameter group's own lr (a multiplier survives them); the
@@ -42,63 +40,46 @@ def param_groups(model, head_lr_mult: float, ds_cfg: dict):
     return [{"params": rest, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
 
 
-def build_engines(model, teacher, ds_cfg: dict, head_lr_mult: float = 1.0):
-    """(engine, teacher_engine or None): the student (a PradaModel) trains its parameters
+def build_engines(model, teacher_model, ds_cfg: dict, head_lr_mult: float = 1.0):
+    """(engine, LiveTeacher or None): the student (a PradaModel) trains its parameters
     that require grad under `ds_cfg` (the domain head at head_lr_mult x the lr); the
-    teacher, frozen here (no grad, eval mode), is sharded the same way with no optimizer
-    (`dsconfig.inference_config`)."""
+    teacher model (None: no teacher) is frozen and sharded the same way (`teacher_engine`)."""
     import deepspeed
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, head_lr_mult, ds_cfg), config=ds_cfg)
-    t_engine = None
-    if teacher is not None:
-        teacher.requires_grad_(False)
-        teacher.eval()
-        t_engine, *_ = deepspeed.initialize(model=teacher, config=inference_config(ds_cfg))
-        t_engine.eval()
-    return engine, t_engine
+    return engine, None if teacher_model is None else LiveTeacher(teacher_engine(teacher_model, ds_cfg))
 
 
-def teacher_hidden(t_engine, mb: dict, device):
-    """(final hidden states, output-head weight) of the teacher on micro-batch `mb`, or
-    (None, None) without a teacher. The weight is a ZeRO-3 partition: gather it around its
-    use (`micro_step` does)."""
-    if t_engine is None:
-        return None, None
-    teacher = t_engine.module
-    with torch.no_grad():
-        backbone = getattr(teacher, teacher.base_model_prefix)
-        if "teacher_position_ids" in mb:  # packed rows: the same rows, sequences kept apart
-            th = backbone_forward(backbone, mb["teacher_position_ids"].to(device),
-                                  input_ids=mb["input_ids"].to(device))
-        else:
-            th = backbone(input_ids=mb["input_ids"].to(device),
-                          attention_mask=mb["attention_mask"].to(device),
-                          use_cache=False).last_hidden_state
-    return th, teacher.get_output_embeddings().weight
+def teacher_engine(teacher_model, ds_cfg: dict):
+    """The teacher model, frozen (no grad, eval mode), under ZeRO-3 with the run's config
+    and no optimizer (`dsconfig.inference_config`)."""
+    import deepspeed
+    teacher_model.requires_grad_(False)
+    teacher_model.eval()
+    t_engine, *_ = deepspeed.initialize(model=teacher_model, config=inference_config(ds_cfg))
+    t_engine.eval()
+    return t_engine
 
 
-def micro_step(engine, t_engine, mb: dict, *, norm: float, lam: float, temperature: float,
+def micro_step(engine, teacher, mb: dict, *, norm: float, lam: float, temperature: float,
                alpha: float, use_domain: bool = True, inject_nan: bool = False):
-    """One micro-batch: teacher pass (or its cached outputs), student forward (the loss op,
-    with the teacher head gathered), `engine.backward` and `engine.step` (DeepSpeed applies
-    the optimizer at the last micro-batch of the accumulation). Returns (loss, parts).
+    """One micro-batch: the teacher's inputs (`teacher`: a TeacherSource, teacher/interface.py:
+    live or cached; None without KD), student forward (the loss op, with the teacher's
+    partitioned parameters gathered), `engine.backward` and `engine.step` (DeepSpeed
+    applies the optimizer at the last micro-batch of the accumulation). Returns (loss, parts).
 
     mb: a padded batch, or packed rows (packing.PackedCollator).
     norm: the loss normaliser (valid target tokens per rank and micro-batch; DeepSpeed
-    averages over both); lam: the GRL coefficient. inject_nan: multiply the loss by NaN
-    before the backward pass (fault injection, the trainer's --inject-nan)."""
+    averages over both); lam: the adversary's scale (adv_lambda). inject_nan: multiply the
+    loss by NaN before the backward pass (fault injection, the trainer's --inject-nan)."""
     device = engine.device
-    if isinstance(t_engine, TeacherOutputs):  # the teacher's outputs, cached
-        teacher, gather = t_engine.op_inputs(mb, device), []
-    else:
-        th, tw = teacher_hidden(t_engine, mb, device)
-        teacher, gather = {"teacher_hidden": th, "teacher_weight": tw}, [tw] if tw is not None else []
+    inputs = teacher.op_inputs(mb, device) if teacher is not None else {}
+    gather = list(teacher.partitioned) if teacher is not None else []
     packed = {k: mb[k].to(device) for k in ("position_ids", "seq_index", "question_index") if k in mb}
     with zero.GatheredParameters(gather, modifier_rank=None):
         loss, parts = engine(
             mb["input_ids"].to(device), mb["attention_mask"].to(device),
-            mb["labels"].to(device), mb["domain_labels"].to(device), **teacher, grl_lambda=lam,
+            mb["labels"].to(device), mb["domain_labels"].to(device), **inputs, adv_lambda=lam,
             num_valid_tokens=max(norm, 1e-9), temperature=temperature, alpha=alpha,
             use_domain=use_domain, **packed)
     if inject_nan:

@@ -8,17 +8,8 @@ import math
 import torch
 
 from prada_fast.data.format import grade, prompt_text
+from prada_fast.models.generation import left_pad
 from prada_fast.trainer.probes import probe_accuracy
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, T - len(s):] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -32,7 +23,7 @@ def answer_accuracy(model, tokenizer, records, *, max_new_tokens: int = 96,
     for s in range(0, len(records), batch_size):
         batch = records[s:s + batch_size]
         prompts = [tokenizer(prompt_text(r), add_special_tokens=False).input_ids for r in batch]
-        ids, mask = _left_pad(prompts, tokenizer.pad_token_id)
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
         out = model.generate(ids.to(device), mask.to(device), max_new_tokens,
                              tokenizer.eos_token_id, tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)

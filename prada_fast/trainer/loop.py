@@ -188,7 +188,7 @@ def train_steps(engine, teacher, batches, settings: LoopSettings, *, start, run:
                         "domain loss trained")
                 if (bad or n_valid == 0 or probed or (step + 1) % settings.log_every == 0
                         or step + 1 == settings.max_steps):
-                    # "grl_lambda": the metric's name users read, for every adversary's scale
+                    # "grl_lambda": the adversary's scale (adv_lambda), under the key users read
                     row = {"step": step + 1, **{k: round(v, 6) for k, v in last.items()},
                            "grl_lambda": round(lam, 6), "lr": lr,
                            "tokens_per_s": round(tokens / max(dt, 1e-9), 1),

@@ -101,7 +101,7 @@ def _segment_pool_kernel(
 def _domain_head_kernel(
     f_ptr, w_ptr, bias_ptr, lab_ptr, m_ptr, msum_ptr,
     loss_ptr, correct_ptr, dc_ptr, gf_ptr,
-    T, H, D, inv_B, grl_lambda,
+    T, H, D, inv_B, adv_lambda,
     stride_fb, stride_wd, stride_wh, stride_bias, stride_lab,
     stride_mb, stride_mt, stride_dcb, stride_gfb,
     HAS_BIAS: tl.constexpr, CONFUSION: tl.constexpr, PACKED: tl.constexpr,
@@ -144,14 +144,14 @@ def _domain_head_kernel(
     # gf_b = -lambda * W_d^T dc_b / sum_t m_bt (GRL), or, for domain confusion,
     # +lambda * W_d^T (softmax(c_b) - 1/D) / (B sum_t m_bt); sums of m clamped to 1, as the pooling.
     if PACKED:
-        coef = grl_lambda / tl.load(msum_ptr + b)  # clamped by the pooling kernel
+        coef = adv_lambda / tl.load(msum_ptr + b)  # clamped by the pooling kernel
     else:
         msum = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             msum += tl.load(m_ptr + b * stride_mb + offs_t * stride_mt, mask=offs_t < T,
                             other=0.0).to(tl.float32)
-        coef = grl_lambda / tl.maximum(tl.sum(msum, axis=0), 1.0)
+        coef = adv_lambda / tl.maximum(tl.sum(msum, axis=0), 1.0)
     if CONFUSION:
         g_c = tl.where(d_mask, (e / se - 1.0 / D) * inv_B, 0.0)
     else:
@@ -177,7 +177,7 @@ def _block_sizes(device: torch.device, T: int, H: int, D: int) -> tuple[int, int
     return 32, min(256, triton.next_power_of_2(H)), block_h_head, block_d
 
 
-def _segments(m: torch.Tensor, seq_index: torch.Tensor, S: int):
+def _positions_by_sequence(m: torch.Tensor, seq_index: torch.Tensor, S: int):
     """The pooled positions (seq >= 0, m != 0) grouped by sequence (a stable sort of their
     sequence numbers): (rows b (P,) int32, columns t (P,) int32, mask weights (P,) fp32, CSR
     offsets (S + 1,) int64 into them)."""
@@ -189,7 +189,7 @@ def _segments(m: torch.Tensor, seq_index: torch.Tensor, S: int):
     return b.to(torch.int32), t.to(torch.int32), m[b, t].contiguous(), offsets
 
 
-def triton_domain_head(hidden, mask, weight, bias, labels, grl_lambda, adversary="grl", seq_index=None):
+def triton_domain_head(hidden, mask, weight, bias, labels, adv_lambda, adversary="grl", seq_index=None):
     """Domain op (see prada_fast.op.driver): (dom, dom_acc, gf (B, H), grad_weight (D, H),
     grad_bias (D,)), all fp32, exactly as prada_fast.op.torch_backend.torch_domain. With
     seq_index (packed rows, labels (S,)): one sequence per number of seq_index, gf (S, H)."""
@@ -211,7 +211,7 @@ def triton_domain_head(hidden, mask, weight, bias, labels, grl_lambda, adversary
     block_t, block_h_pool, block_h_head, block_d = _block_sizes(dev, T, H, D)
     msum = m  # unused without packing
     if packed:
-        rows, cols, weights, offsets = _segments(m, seq_index, n)
+        rows, cols, weights, offsets = _positions_by_sequence(m, seq_index, n)
         msum = torch.empty(n, dtype=torch.float32, device=dev)
         _segment_pool_kernel[(n, triton.cdiv(H, block_h_pool))](
             hidden, rows, cols, weights, offsets, f, msum, H,
@@ -228,7 +228,7 @@ def triton_domain_head(hidden, mask, weight, bias, labels, grl_lambda, adversary
     _domain_head_kernel[(n,)](
         f, weight, bias if bias is not None else weight, labels, m, msum,
         loss, correct, dc, gf,
-        T, H, D, 1.0 / n, float(grl_lambda),
+        T, H, D, 1.0 / n, float(adv_lambda),
         f.stride(0), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, labels.stride(0),
         m.stride(0), m.stride(1), dc.stride(0), gf.stride(0),

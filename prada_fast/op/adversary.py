@@ -1,4 +1,6 @@
-"""Gradient reversal (DANN) and the schedules of its scale lambda."""
+"""The adversaries of the domain term and their scale lambda (`adv_lambda`): gradient
+reversal (DANN), domain confusion (towards the uniform guess), and lambda's schedules
+over training (the one lambda scales whichever adversary a run uses)."""
 from __future__ import annotations
 
 import math
@@ -52,4 +54,4 @@ def lambda_at(schedule: str, step: int, total_steps: int, lambda_max: float = 1.
         return dann_lambda(step, total_steps, lambda_max, gamma)
     if schedule == "constant":
         return float(lambda_max)
-    raise ValueError(f"unknown GRL schedule {schedule!r}: expected 'dann' or 'constant'")
+    raise ValueError(f"unknown adversary schedule {schedule!r}: expected 'dann' or 'constant'")
