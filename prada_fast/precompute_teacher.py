@@ -41,7 +41,7 @@ from prada_fast.trainer.flags import (  # noqa: E402
 )
 from prada_fast.trainer.flags import parse_args as cli_parse_args  # noqa: E402
 from prada_fast.data import DataError  # noqa: E402
-from prada_fast.data.loaders import check_spec  # noqa: E402
+from prada_fast.data.spec import check_spec  # noqa: E402
 from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, inference_config, load_ds_config  # noqa: E402
 from prada_fast.models import PRESETS, ModelError, byte_tokenizer, check_model_dir  # noqa: E402
 

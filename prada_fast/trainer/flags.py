@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from prada_fast.data import SYNTHETIC_TARGET, DataError
-from prada_fast.data.loaders import check_spec
+from prada_fast.data.spec import check_spec
 from prada_fast.models import PRESETS, ModelError, check_model_dir
 from prada_fast.models.prompts import PROMPT_ENCODERS
 from prada_fast.trainer.rundir import RunDirError, check_output_dir
