@@ -268,8 +268,9 @@ def deprecated(parser: FlagParser, group, old: str, dest: str, **kwargs) -> None
 
 # ----------------------------------------------------------------------------- shared checks
 def domains(parser, args, dest: str) -> list[str]:
-    """The comma-separated domain names of --source-domains / --target-domains."""
-    value = getattr(args, dest)
+    """The comma-separated domain names of --source-domains / --target-domains (none for a
+    command without the flag)."""
+    value = getattr(args, dest, None)
     names = [d.strip() for d in value.split(",")] if value is not None else []
     if value is not None and (not names or not all(names)):
         raise FlagError(f"{flag(parser, dest)} {value!r}: expected comma-separated domain names")
