@@ -18,7 +18,10 @@ from .variants import variants
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help (0), or a bad flag (2, its one line printed)
+        return e.code if isinstance(e.code, int) else ExitCode.BAD_INPUT
     t0 = time.time()
     V = variants(args.prompt_len)
     plan = [(t, s, V[k]) for t in args.targets for s in args.seeds for k in args.variants]
