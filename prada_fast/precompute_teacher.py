@@ -31,16 +31,8 @@ if not __package__:  # run as a script: this checkout's package
 from prada_fast.common import distributed as dist_util  # noqa: E402
 from prada_fast.teacher import cache as tc  # noqa: E402
 from prada_fast.common.exits import ExitCode  # noqa: E402
-from prada_fast.common.flags import (  # noqa: E402
-    FlagError,
-    FlagParser,
-    add_data_flags,
-    add_model_flags,
-    add_run_flags,
-    at_least,
-    check_data_flags,
-    check_model_dirs,
-)
+from prada_fast.common.flags import FlagError, FlagParser, at_least, check_data_flags  # noqa: E402
+from prada_fast.common.flags import add_data_flags, add_model_flags, add_run_flags, check_model_dirs  # noqa: E402
 from prada_fast.trainer.flags import default_data  # noqa: E402
 from prada_fast.data import DataError  # noqa: E402
 from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, inference_config, load_ds_config  # noqa: E402
@@ -70,11 +62,11 @@ def build_precompute_parser() -> FlagParser:
     own.add_argument("--dtype", choices=("auto", *tc.DTYPES), default="auto",
                      help="hidden states' storage dtype; auto: the teacher's compute dtype (bfloat16 "
                           "when the DeepSpeed config enables bf16, else float32)")
-    own.add_argument("--batch-size", type=int, default=16, metavar="B",
-                     help="examples per teacher forward pass and per committed batch")
-    own.add_argument("--crash-after", type=int, default=0, metavar="N",
-                     help="fault injection for tests: exit abruptly after committing N batches, "
-                          "with the next batch's rows half written (0: never)")
+    for name, default, metavar, text in (
+            ("--batch-size", 16, "B", "examples per teacher forward pass and per committed batch"),
+            ("--crash-after", 0, "N", "fault injection for tests: exit abruptly after committing N "
+                                      "batches, with the next batch's rows half written (0: never)")):
+        own.add_argument(name, type=int, default=default, metavar=metavar, help=text)
     # the trainer's flags that decide the examples, the tokenizer, the teacher and how it runs
     shared = p.add_argument_group("the trainer's flags (see prada_fast/train.py --help)")
     add_run_flags(p, shared)
