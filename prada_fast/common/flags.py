@@ -10,6 +10,7 @@ the shared flags, the command those of its own, and `check_ranges` checks them a
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -128,6 +129,7 @@ class Shared:
     aliases: tuple[str, ...] = field(default=())  # deprecated names, for one release
 
 
+@functools.lru_cache(maxsize=1)
 def _shared() -> dict[str, Shared]:
     from prada_fast.data import SYNTHETIC_TARGET
     from prada_fast.models import PRESETS

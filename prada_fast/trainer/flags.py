@@ -1,5 +1,7 @@
-"""Command-line flags of `prada_fast/train.py` (every flag is explained by --help), and
-`validate`: every flag's range and every combination, checked before any work."""
+"""Command-line flags of `prada_fast/train.py` (every flag is explained by --help): the
+shared ones from prada_fast/common/flags.py, the trainer's own here with their ranges
+(RANGES), and `validate`: values with a syntax of their own, paths and combinations. All
+are checked before any work."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +40,7 @@ RANGES = {
     "grl_gamma": above(0), "lr": above(0),
     "max_new_tokens": at_least(1), "eval_batch_size": at_least(1),
 }
+
 
 def build_parser() -> FlagParser:
     p = FlagParser(
