@@ -137,7 +137,7 @@ def write_markdown(report: dict, path: Path) -> None:
 
 
 def make_plots(args, report: dict, runs: list[dict], V: dict[str, Variant]) -> None:
-    from .plots import plot_losses, plot_pca
+    from ..plots import plot_losses, plot_pca
     for target in args.targets:
         entry = report["plots"].setdefault(target, {})
         mine = [r for r in runs if r["target"] == target]
