@@ -15,7 +15,6 @@ The teacher never sees the student's soft prompt, so the cache does not depend o
 --prompt-len: the trainer puts the prompt's rows in front."""
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -33,25 +32,16 @@ from prada_fast.common import distributed as dist_util  # noqa: E402
 from prada_fast.common.files import write_atomic, write_json_atomic  # noqa: E402
 from prada_fast.teacher import cache as tc  # noqa: E402
 from prada_fast.teacher.live import teacher_hidden  # noqa: E402
-from prada_fast.trainer.flags import (  # noqa: E402
-    RANGES,
-    FlagError,
-    FlagParser,
-    _domains,
-    build_parser,
-    flag,
-)
-from prada_fast.trainer.flags import parse_args as cli_parse_args  # noqa: E402
+from prada_fast.common.exits import ExitCode  # noqa: E402
+from prada_fast.common.flags import FlagError, FlagParser, at_least, check_data_flags  # noqa: E402
+from prada_fast.common.flags import add_data_flags, add_model_flags, add_run_flags, check_model_dirs  # noqa: E402
+from prada_fast.trainer.flags import default_data  # noqa: E402
 from prada_fast.data import DataError  # noqa: E402
-from prada_fast.data.loaders import check_spec  # noqa: E402
 from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, load_ds_config  # noqa: E402
-from prada_fast.models import PRESETS, ModelError, byte_tokenizer, check_model_dir  # noqa: E402
+from prada_fast.models import PRESETS, ModelError, byte_tokenizer  # noqa: E402
 
-# the trainer's flags that decide the examples, the tokenizer, the teacher and how it runs
-TRAINER_FLAGS = ("ds", "seed", "no_progress", "dist_timeout", "local_rank", "data", "source_domains",
-                 "target_domains", "skip_bad", "max_len", "eval_per_domain", "student", "teacher",
-                 "teacher_steps", "teacher_lr", "teacher_fit_cache", "attn", "temperature")
 ROW_CHUNK = 1024  # rows per top-k product (ROW_CHUNK x V logits at a time)
+RANGES = {"k": at_least(1), "batch_size": at_least(1), "crash_after": at_least(0)}
 
 
 def build_precompute_parser() -> FlagParser:
@@ -63,7 +53,7 @@ def build_precompute_parser() -> FlagParser:
                     "or per labelled position the top-K ids and log-probabilities at --temperature "
                     "(--mode topk). Give it the flags of the training run (data, student, teacher, "
                     "--max-len, --seed); run it under deepspeed, torchrun or plain python.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        ranges=RANGES)
     own = p.add_argument_group("cache")
     own.add_argument("--out", required=True, metavar="DIR",
                      help="the cache folder (resumed when it holds an unfinished cache of the same inputs)")
@@ -74,51 +64,32 @@ def build_precompute_parser() -> FlagParser:
     own.add_argument("--dtype", choices=("auto", *tc.DTYPES), default="auto",
                      help="hidden states' storage dtype; auto: the teacher's compute dtype (bfloat16 "
                           "when the DeepSpeed config enables bf16, else float32)")
-    own.add_argument("--batch-size", type=int, default=16, metavar="B",
-                     help="examples per teacher forward pass and per committed batch")
-    own.add_argument("--crash-after", type=int, default=0, metavar="N",
-                     help="fault injection for tests: exit abruptly after committing N batches, "
-                          "with the next batch's rows half written (0: never)")
+    for name, default, metavar, text in (
+            ("--batch-size", 16, "B", "examples per teacher forward pass and per committed batch"),
+            ("--crash-after", 0, "N", "fault injection for tests: exit abruptly after committing N "
+                                      "batches, with the next batch's rows half written (0: never)")):
+        own.add_argument(name, type=int, default=default, metavar=metavar, help=text)
+    # the trainer's flags that decide the examples, the tokenizer, the teacher and how it runs
     shared = p.add_argument_group("the trainer's flags (see prada_fast/train.py --help)")
-    for action in build_parser()._actions:
-        if action.dest in TRAINER_FLAGS:
-            shared._add_action(action)
+    add_run_flags(p, shared)
+    add_data_flags(p, shared)
+    add_model_flags(p, shared)
     return p
 
 
 def parse_args(argv=None):
-    return cli_parse_args(argv, build_precompute_parser(), validate)
+    parser = build_precompute_parser()
+    return parser.parse_flags(argv, lambda args: validate(parser, args), prepare=default_data)
 
 
-def validate(args) -> None:
-    """Ranges and paths of the flags, before any work (FlagError names the flag)."""
-    own = {"k": (lambda v: v >= 1, "must be >= 1"), "batch_size": (lambda v: v >= 1, "must be >= 1"),
-           "crash_after": (lambda v: v >= 0, "must be >= 0")}
-    for dest, (ok, what) in {**{d: RANGES[d] for d in TRAINER_FLAGS if d in RANGES}, **own}.items():
-        v = getattr(args, dest)
-        if v is not None and ((isinstance(v, float) and not math.isfinite(v)) or not ok(v)):
-            name = f"--{dest.replace('_', '-')}" if dest in own else flag(dest)
-            raise FlagError(f"{name} {v}: {what}")
-    for spec in args.data:
-        try:
-            check_spec(spec)
-        except DataError as e:
-            raise FlagError(f"--data: {e}") from None
-    both = set(_domains(args, "source_domains")) & set(_domains(args, "target_domains"))
-    if both:
-        raise FlagError(f"--source-domains and --target-domains both name {', '.join(sorted(both))}")
-    if not Path(args.ds).is_file():
-        raise FlagError(f"--ds {args.ds}: no such file")
+def validate(parser, args) -> None:
+    """Paths and combinations of the flags (their ranges are checked before), before any
+    work (FlagError names the flag)."""
+    check_data_flags(parser, args)
     if args.teacher == "none" or (args.teacher == "auto" and args.student not in PRESETS):
         raise FlagError(f"--teacher {args.teacher}: there is no teacher to cache"
                         + (" (auto fits one for a preset student only)" if args.teacher == "auto" else ""))
-    for dest, tokenizer in (("student", True), ("teacher", False)):
-        name = getattr(args, dest)
-        if name not in PRESETS and name != "auto":
-            try:
-                check_model_dir(name, tokenizer=tokenizer)
-            except ModelError as e:
-                raise FlagError(f"--{dest}: {e}") from None
+    check_model_dirs(parser, args, teacher_names=("auto",))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FlagError(f"--out {out}: a file, not a directory")
@@ -166,7 +137,7 @@ def run(args) -> int:
         found = tc.read_json(out / tc.MANIFEST)
         if tc.first_difference(spec, found) is None:
             log(f"{out}: a finished cache of these inputs already; nothing to do")
-            return 0
+            return ExitCode.OK
     for name in (tc.MANIFEST, tc.SPEC):  # refuse to mix other inputs into a cache
         if (out / name).is_file():
             found = tc.read_json(out / name)
@@ -196,7 +167,7 @@ def run(args) -> int:
     if info.rank == 0:
         finish(out, spec, keys, head, dtype, info, seconds=time.time() - t0)
     dist_util.barrier()
-    return 0
+    return ExitCode.OK
 
 
 def gathered_head(teacher_eng) -> torch.Tensor:
@@ -314,15 +285,15 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 2
+        return e.code if isinstance(e.code, int) else ExitCode.BAD_INPUT
     try:
         return run(args)
     except (DataError, ModelError, ConfigError, tc.TeacherCacheError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     except dist_util.RankFailure as e:
         print(f"error: rank {dist_util.rank()}: {e}", file=sys.stderr)
-        return 4
+        return ExitCode.RANK_FAILED
     finally:
         dist_util.teardown()
 

@@ -53,7 +53,8 @@ from prada_fast.trainer.engines import build_engines
 from prada_fast.models.final import export_final
 from prada_fast.models import ModelError, PradaConfig, PradaModel, check_same_vocab, load_causal_lm
 from prada_fast.trainer.packing import PackedCollator
-from prada_fast.trainer.preemption import EXIT_PREEMPTED, Preempted
+from prada_fast.trainer.preemption import Preempted
+from prada_fast.common.exits import ExitCode
 from prada_fast.trainer.report import print_table
 from prada_fast.trainer.rundir import RunDir, RunDirError, prepare_output_dir
 from prada_fast.common.files import write_text_atomic
@@ -94,11 +95,11 @@ def run(args) -> int:
     if stats["steps"] < args.max_steps:
         log(f"stopped after step {stats['steps']} of {args.max_steps} (--stop-after); "
             "continue with --resume")
-        return 0
+        return ExitCode.OK
     export(args, engine, tok, data, run_dir)
     after = evaluate_after(args, run_dir, data)
     summarise(args, run_dir, info, data, stats, sharding, before, after)
-    return 0
+    return ExitCode.OK
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -309,12 +310,6 @@ def summarise(args, run_dir: RunDir, info, data: RunData, stats: dict, sharding:
                else "") + f". {FOOLED_ADVICE[args.adversary]}")
 
 
-# Exit codes (README, "When things go wrong"): 0 done (or --stop-after), 2 bad input (a
-# flag, a file, the data), 3 bad numerics, 4 a rank died, 5 preempted (checkpoint saved:
-# rerun with --resume), 6 a checkpoint could not be written (the previous one is latest).
-EXIT_SAVE_FAILED = 6
-
-
 def resume_command(argv: list[str]) -> str:
     """The trainer's arguments to continue this run: --resume instead of --overwrite."""
     keep = [a for a in argv if a != "--overwrite" and not a.startswith(("--local_rank", "--local-rank"))]
@@ -328,29 +323,29 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
     except SystemExit as e:  # --help (0), or a bad flag (2, its one line printed)
-        return e.code if isinstance(e.code, int) else 2
-    code = 0
+        return e.code if isinstance(e.code, int) else ExitCode.BAD_INPUT
+    code = ExitCode.OK
     try:
         code = run(args)
     except (DataError, ModelError, ConfigError, RunDirError, checkpoint.CheckpointError,
             TeacherCacheError) as e:
         print(f"error: {e}", file=sys.stderr)
-        code = 2
+        code = ExitCode.BAD_INPUT
     except BadNumerics as e:
         print(f"error: {e}", file=sys.stderr)
-        code = 3
+        code = ExitCode.BAD_NUMERICS
     except dist_util.RankFailure as e:
         print(f"error: rank {dist_util.rank()}: {e}", file=sys.stderr)
-        code = 4
+        code = ExitCode.RANK_FAILED
     except Preempted as e:
         if dist_util.rank() == 0:
             print(f"preempted ({e.reason}): stopped after step {e.step} of {e.max_steps}, checkpoint "
                   f"{e.checkpoint}. Continue with the same launcher and: {resume_command(argv)}",
                   file=sys.stderr, flush=True)
-        code = EXIT_PREEMPTED
+        code = ExitCode.PREEMPTED
     except checkpoint.CheckpointSaveError as e:
         print(f"error: {e}", file=sys.stderr)
-        code = EXIT_SAVE_FAILED
+        code = ExitCode.SAVE_FAILED
     finally:
         dist_util.teardown()
     return code

@@ -151,3 +151,78 @@ def test_defaults_and_edge_values_pass(tmp_path):
     assert args.packing and args.tokens_per_batch == 0
     assert not parse_args([*out, "--no-packing"]).packing
     parse_args([*out, "--alpha", "0"])  # the auto teacher of the preset student: KD is possible
+
+
+# ----------------------------------------------------------------------------- every command's flags
+def _parsers():
+    """Each command's parser, built as the command builds it."""
+    from prada_fast.experiments.compare import flags as compare_flags
+    from prada_fast.precompute_teacher import build_precompute_parser
+    from prada_fast.teacher.rationales import build_parser as rationales_parser
+    return {"train": build_parser(), "precompute_teacher": build_precompute_parser(),
+            "rationales": rationales_parser(), "compare": compare_flags.build_parser()}
+
+
+def test_shared_flags_are_the_same_flag_in_every_command():
+    """A shared flag has one name and one dest in every command, its default unless the
+    command documents another (its own help), and its range wherever it is."""
+    from prada_fast.common.flags import SHARED_FLAGS, DeprecatedAlias, FlagParser, add_flags, shared
+    where = {dest: [] for dest in SHARED_FLAGS}
+    reference = FlagParser()
+    add_flags(reference, None, SHARED_FLAGS)
+    default = {a.dest: a.default for a in reference._actions}
+    for command, parser in _parsers().items():
+        for a in parser._actions:
+            if a.dest not in where or isinstance(a, DeprecatedAlias):
+                continue
+            spec = shared(a.dest)
+            where[a.dest].append(command)
+            assert tuple(a.option_strings) == spec.names, (command, a.dest)
+            if a.dest in parser.own_defaults:
+                assert a.default != default[a.dest] and a.help != spec.kwargs["help"], (command, a.dest)
+            else:
+                assert a.default == default[a.dest], (command, a.dest)
+            if spec.range is not None:
+                assert a.dest in parser.ranges, (command, a.dest)
+    assert all(len(commands) >= 2 for commands in where.values()), where
+
+
+@pytest.mark.parametrize("command,argv,old,new,value", [
+    ("rationales", ["--teacher", "tiny-teacher", "--data", "synthetic:2:coinflip", "--out", "TMP/o.jsonl"],
+     "--temperature", "sample_temperature", 0.3),
+    ("compare", ["--output-dir", "TMP/cmp"], "--head-lr-mult", "domain_head_lr_mult", 3.0),
+])
+def test_a_deprecated_name_warns_and_sets_the_new_flag(command, argv, old, new, value, tmp_path, capsys,
+                                                      monkeypatch):
+    from prada_fast.common.flags import flag
+    from prada_fast.experiments.compare import flags as compare_flags
+    from prada_fast.teacher import rationales
+    monkeypatch.delenv("RANK", raising=False)
+    parse = {"rationales": rationales.parse_args, "compare": compare_flags.parse_args}[command]
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    args = parse([*argv, old, str(value)])
+    assert getattr(args, new) == value
+    name = flag(_parsers()[command], new)
+    assert capsys.readouterr().err.strip() == f"warning: {old} is deprecated, use {name}"
+    assert getattr(parse([*argv, name, str(value)]), new) == value and not capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,argv", [
+    ("train", ["--output-dir", "TMP/run", "--seed", "-1"]),
+    ("precompute_teacher", ["--out", "TMP/cache", "--seed", "-1"]),
+    ("rationales", ["--teacher", "tiny-teacher", "--data", "synthetic:2:coinflip", "--out", "TMP/o.jsonl",
+                    "--seed", "-1"]),
+    ("compare", ["--output-dir", "TMP/cmp", "--max-steps", "0"]),
+])
+def test_one_range_check_refuses_a_bad_value_in_every_command(command, argv, tmp_path, capsys, monkeypatch):
+    import importlib
+    module = {"train": "prada_fast.train", "precompute_teacher": "prada_fast.precompute_teacher",
+              "rationales": "prada_fast.rationales", "compare": "prada_fast.experiments.compare"}[command]
+    monkeypatch.delenv("RANK", raising=False)
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    code = importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, (code, err)
+    assert err[0].startswith(f"error: {argv[-2]} must be ")
+    assert err[0].endswith(f"not {argv[-1]} (see --help)")
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -150,7 +150,7 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
     pseudo-target unlabelled and the real target absent; the chosen knobs are those with the
     best pseudo-target accuracy (adversary knobs on the adversarial-only variant, then the
     prompt encoder on PRADA)."""
-    from prada_fast.experiments import compare as cmp
+    from prada_fast.experiments.compare import tuning as cmp
     args = parse_args(["--output-dir", str(tmp_path), "--data", "synthetic:8:shopping,travel,recipes,garden",
                        "--targets", "garden", "--tune", "--tune-lambdas", "0.1,1",
                        "--tune-head-mults", "1,10", "--tune-prompt-encoders", "none,mlp",

@@ -8,7 +8,8 @@ from .format import (
     extract_answer,
     prompt_text,
 )
-from .loaders import load_aqua, load_gsm8k, load_hf, load_jsonl, load_spec, load_strategyqa
+from .loaders import load_aqua, load_gsm8k, load_hf, load_jsonl, load_strategyqa
+from .spec import check_spec, load_spec
 from .records import DataError, Record
 from .split import domains_of, split_domains
 from .synthetic import DOMAINS, SYNTHETIC_TARGET, generate, generate_all
@@ -21,6 +22,7 @@ __all__ = [
     "Record",
     "SYNTHETIC_TARGET",
     "answer_correct",
+    "check_spec",
     "completion_text",
     "domains_of",
     "encode",

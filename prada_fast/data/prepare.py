@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 
 from .format import encode
-from .loaders import load_spec
+from .spec import load_spec
 from .records import DataError
 from .split import split_domains
 from .synthetic import SYNTHETIC_TARGET

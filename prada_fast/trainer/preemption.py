@@ -6,7 +6,7 @@ else). After each optimizer step the ranks combine their flags in the loop's per
 all-reduce, so that all of them stop after the same step even when only one got the
 signal: DeepSpeed's launcher, signalled itself, terminates its ranks one after another.
 The loop then saves a checkpoint and raises `Preempted`; the trainer prints how to resume
-and exits with EXIT_PREEMPTED.
+and exits with ExitCode.PREEMPTED (common/exits.py).
 
 Under DeepSpeed's launcher each rank also watches the launcher: the `deepspeed` command
 does not pass a SIGTERM sent to it alone on to its children (its runner forwards signals
@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 
-EXIT_PREEMPTED = 5
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

@@ -1,0 +1,241 @@
+"""The flags of `python -m prada_fast.experiments.compare` (the shared ones from
+prada_fast/common/flags.py, as the trainer's) and the target domains they name."""
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from prada_fast.common.flags import (
+    FlagParser,
+    add_data_flags,
+    add_knob_flags,
+    add_model_flags,
+    add_run_flags,
+    at_least,
+    deprecated,
+)
+from prada_fast.data import SYNTHETIC_TARGET
+from prada_fast.data.synthetic import STORY_BENCHMARK, STORY_PSEUDO_TARGET, STORY_TARGET
+
+from .variants import VARIANT_KEYS, variants
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it has one worth showing."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, "") or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+EPILOG = """\
+layout of --output-dir:
+  runs/<target>/<variant>/seed<S>/   one trainer run (metrics.jsonl, summary.json, final/,
+                                     pooled_features.pt, compare_run.json)
+  runs/<target>/<variant>/seed<S>.log  its console output
+  teachers/                          the auto teachers, one per (seed, target), shared by variants
+  report.md, report.json, pca_<target>.png, loss_curves_<target>.png
+
+cost (tiny student, batch 16, 2 CPU cores): idle cores ~6.5 optimizer steps/s, teacher fit
+~3.5 steps/s, ~25 s per run for start-up, evaluation before/after, export and features:
+default (1 target x 3 seeds x 5 variants, 400 steps; 3 teacher fits of 200 steps)
+15 x (62 + 25) s + 3 x 57 s = ~25 min (an estimate from the rates measured on 2026-11-25).
+On cores shared with other jobs it is several times that: on 2026-12-01, with tests running
+beside it, one 400-step run took ~20 min. --tune adds its tuning runs (with the default
+grid: 1 + 2 x 6 + 2 x 3 = 19 per tuning seed).
+--targets all: x the number of domains. Interrupted? Run the same command again: finished runs are reused.
+Quote --extra values that start with "--": --extra="--lr 1e-3".
+
+examples:
+  # real data: GSM8K + StrategyQA labelled sources, AQuA the unlabelled target
+  python -m prada_fast.experiments.compare --targets aqua \\
+      --data data/gsm8k_train.jsonl#400 --data data/strategyqa_train.json#400 \\
+      --data data/aqua_dev.json --extra "--max-len 512"
+  # bigger models on GPUs (ZeRO-3 over 8 ranks per run)
+  python -m prada_fast.experiments.compare --nproc 8 --ds ds_configs/zero3.json \\
+      --student /models/qwen2.5-0.5b --teacher /models/qwen2.5-7b --max-steps 2000 ...
+  # rebuild the report from finished runs only
+  python -m prada_fast.experiments.compare --report-only
+"""
+
+
+# the comparison's own numeric flags (the shared ones bring theirs)
+RANGES = {"nproc": at_least(1), "probe_folds": at_least(1)}
+
+
+def build_parser() -> FlagParser:
+    p = FlagParser(
+        prog="python -m prada_fast.experiments.compare",
+        description="Train plain CoT distillation, the two adversaries alone and PRADA with each, "
+                    "with the same steps, data and seeds, leave-one-domain-out, and write a report "
+                    "(report.md, report.json, PNG plots) under --output-dir. Default: the story "
+                    f"benchmark ({STORY_BENCHMARK}, target '{STORY_TARGET}') on the CPU, 5 variants "
+                    "x 3 seeds: about 25 minutes on 2 idle CPU cores (estimated, see below).",
+        epilog=EPILOG, formatter_class=_Help, ranges=RANGES)
+    e = p.add_argument_group("experiment")
+    e.add_argument("--output-dir", default="runs/compare", metavar="DIR",
+                   help="where the runs, teachers, report and plots go (layout below)")
+    e.add_argument("--seeds", default="0,1,2", metavar="S,S,...",
+                   help="seeds; each seed fixes the data, the data order, the initialisation "
+                        "and the auto teacher, shared by every variant")
+    e.add_argument("--targets", metavar="DOM,...|all",
+                   help="held-out (unlabelled) target domain(s), one leave-one-domain-out "
+                        "experiment each; 'all' rotates over every domain of the data (cost: "
+                        f"x number of domains). Default: '{STORY_TARGET}' for the default data, "
+                        f"'{SYNTHETIC_TARGET}' for other synthetic data; "
+                        "required with other data")
+    e.add_argument("--variants", default=",".join(VARIANT_KEYS), metavar="V,...",
+                   help="which of " + ", ".join(VARIANT_KEYS) + " to train")
+    add_knob_flags(p, e, ("prompt_len",), prompt_len=dict(
+        help="soft-prompt length of the PRADA variants; the others use 0"))
+
+    k = p.add_argument_group(
+        "the protocol's knobs",
+        "lambda_max, the head's lr multiplier and the prompt encoder, given here or chosen by "
+        "--tune on the source domains alone: one source is held out as a pseudo-target (its "
+        "records unlabelled, the real target's records absent) and each setting is judged by "
+        "the pseudo-target's answer accuracy (mean over --tune-seeds; ties: source accuracy). "
+        "The adversary's knobs are chosen on the adversarial-only variant and reused by PRADA "
+        "with that adversary; then the prompt encoder is chosen on the PRADA variant. The real "
+        "target's records are never looked at before the main runs.")
+    add_knob_flags(p, k, ("lambda_max", "domain_head_lr_mult", "prompt_encoder"),
+                   lambda_max=dict(help="largest adversarial scale"),
+                   domain_head_lr_mult=dict(help="the domain head's lr over the student's (the "
+                                                 "trainer's flag of the same name)"),
+                   prompt_encoder=dict(help="P-tuning encoder of the PRADA variants' soft prompt"))
+    deprecated(p, k, "--head-lr-mult", "domain_head_lr_mult", type=float, metavar="X")
+    k.add_argument("--tune", action="store_true",
+                   help="choose the knobs per target and adversary on a pseudo-target first "
+                        "(the flags above are then ignored)")
+    k.add_argument("--pseudo-target", metavar="DOM",
+                   help=f"the source held out for tuning (default: '{STORY_PSEUDO_TARGET}' for the "
+                        f"target '{STORY_TARGET}', else the first source, sorted)")
+    k.add_argument("--tune-lambdas", default="0.1,0.3,1", metavar="X,...", help="lambda_max grid")
+    k.add_argument("--tune-head-mults", default="1,10", metavar="X,...", help="head lr multiplier grid")
+    k.add_argument("--tune-prompt-encoders", default="none,mlp,lstm", metavar="E,...",
+                   help="prompt encoders tried on the PRADA variants")
+    k.add_argument("--tune-seeds", default="100", metavar="S,...",
+                   help="seeds of the tuning runs (kept apart from --seeds)")
+    for name, text in (
+            ("--report-only", "train nothing: build the report from the finished runs in --output-dir"),
+            ("--dry-run", "print the trainer command lines and exit"),
+            ("--verbose", "show the trainer's output (always written to runs/.../seed<S>.log)")):
+        e.add_argument(name, action="store_true", help=text)
+    e.add_argument("--probe-folds", type=int, default=5, metavar="K",
+                   help="folds of the cross-validated domain probes on pooled features")
+
+    t = p.add_argument_group("training budget and data (passed to prada_fast/train.py)")
+    add_run_flags(p, t, ("max_steps",), max_steps=dict(
+        default=400, help="optimizer steps of every run (400, not the trainer's 1000: the default "
+                          "comparison trains 15 runs, about 25 minutes on 2 idle CPU cores)"))
+    add_model_flags(p, t, ("teacher_steps",), teacher_steps=dict(
+        default=200, help="steps of the auto teacher fit, once per seed and target (200, not the "
+                          "trainer's 300: the fit is repeated per seed and target; cost below)"))
+    add_data_flags(p, t, ("eval_per_domain",), eval_per_domain=dict(
+        default=48, range=at_least(2),
+        help="held-out records per domain: answer accuracy, PCA and probes (48, not the trainer's "
+             "64: each of the many runs evaluates before and after training; at least 2, for the "
+             "probes)"))
+    add_run_flags(p, t, ("log_every",),
+                  log_every=dict(help="steps between loss-curve points (metrics.jsonl)"))
+    add_data_flags(p, t, ("data",), data=dict(
+        help=f"trainer data spec, repeatable (default: {STORY_BENCHMARK}, the story benchmark, not "
+             "the trainer's synthetic), e.g. data/gsm8k_train.jsonl#400; see train.py --help"))
+    add_model_flags(p, t, ("student", "teacher", "teacher_fit_cache"), teacher_fit_cache=dict(
+        help="folder of the fitted auto teachers (default: OUTPUT_DIR/teachers: the runs of a "
+             "seed share one teacher)"))
+    add_run_flags(p, t, ("ds",), ds=dict(
+        default=None, help="DeepSpeed config passed to every run (default: none passed, so the "
+                           "trainer's own default, ds_configs/zero3.json)"))
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes per run: 1 runs `python prada_fast/train.py`; N > 1 the "
+                        "deepspeed launcher with --num_gpus N (GPUs, or CPU ranks)")
+    t.add_argument("--threads", type=int, metavar="N",
+                   help="OMP_NUM_THREADS for the trainer (default: unset, so one process "
+                        "uses every core). The trainer also gets OMP_WAIT_POLICY=PASSIVE unless "
+                        "it is set in the environment")
+    t.add_argument("--extra", default="", metavar="'FLAGS'",
+                   help="more trainer flags, one quoted string, e.g. \"--max-len 512 --lr 1e-3\"")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_flags(argv, prepare=default_data)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        p.error("--seeds: give distinct seeds")
+    known = variants(args.prompt_len)
+    try:
+        args.tune_lambdas = [float(x) for x in args.tune_lambdas.split(",") if x.strip()]
+        args.tune_head_mults = [float(x) for x in args.tune_head_mults.split(",") if x.strip()]
+        args.tune_seeds = [int(x) for x in args.tune_seeds.split(",") if x.strip()]
+    except ValueError as e:
+        p.error(f"--tune-lambdas/--tune-head-mults/--tune-seeds: {e}")
+    args.tune_prompt_encoders = [x.strip() for x in args.tune_prompt_encoders.split(",") if x.strip()]
+    if not (args.tune_lambdas and args.tune_head_mults and args.tune_seeds and args.tune_prompt_encoders):
+        p.error("--tune-*: give at least one value each")
+    if any(x < 0 for x in args.tune_lambdas) or any(x <= 0 for x in args.tune_head_mults):
+        p.error("--tune-lambdas must be >= 0 and --tune-head-mults > 0")
+    bad_enc = [e for e in args.tune_prompt_encoders if e not in ("none", "mlp", "lstm")]
+    if bad_enc:
+        p.error(f"--tune-prompt-encoders: unknown {bad_enc}; choose from none, mlp, lstm")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in known]
+    if bad or not args.variants:
+        p.error(f"--variants: unknown {bad}; choose from {', '.join(known)}")
+    args.variants = [v for v in known if v in args.variants]  # canonical order
+    if args.prompt_len <= 0 and any(known[v].has_prompt for v in args.variants):
+        p.error("--prompt-len must be positive: it is what makes PRADA differ from the "
+                "adversarial-only variants")
+    try:
+        args.extra = shlex.split(args.extra)
+    except ValueError as e:
+        p.error(f"--extra: {e}")
+    owned = {"--output-dir", "--seed", "--max-steps", "--teacher-steps", "--target-domains",
+             "--prompt-len", "--no-domain-loss", "--overwrite", "--resume", "--teacher-cache",
+             "--teacher-fit-cache", "--source-domains", "--adversary", "--lambda-max",
+             "--domain-head-lr-mult", "--prompt-encoder"}
+    clash = sorted({f.split("=")[0] for f in args.extra} & owned)
+    if clash:
+        p.error(f"--extra must not set {', '.join(clash)}: the comparison sets them")
+    args.targets = resolve_targets(args, p)
+    args.output_dir = Path(args.output_dir).resolve()
+    args.teacher_fit_cache = Path(args.teacher_fit_cache).resolve() if args.teacher_fit_cache else \
+        args.output_dir / "teachers"
+    return args
+
+
+def default_data(args) -> None:
+    args.data = args.data or [STORY_BENCHMARK]
+
+
+def data_domains(specs: list[str]) -> list[str]:
+    """The domains the data specs hold (as the trainer will load them)."""
+    from prada_fast.data import domains_of, load_spec
+    records = []
+    for spec in specs:
+        records += load_spec(spec, skip_bad=True, seed=0)[0]
+    return domains_of(records)
+
+
+def resolve_targets(args, parser) -> list[str]:
+    synthetic = all(s.startswith("synthetic") for s in args.data)
+    if args.targets is None:
+        if not synthetic:
+            parser.error("--targets is required with non-synthetic --data (e.g. --targets aqua)")
+        return [STORY_TARGET if args.data == [STORY_BENCHMARK] else SYNTHETIC_TARGET]
+    names = list(dict.fromkeys(t.strip() for t in args.targets.split(",") if t.strip()))
+    if not names:
+        parser.error("--targets: name at least one domain, or 'all'")
+    if names == ["all"]:
+        try:
+            return data_domains(args.data)
+        except Exception as e:  # DataError, a missing file ...
+            parser.error(f"--data: {e}")
+    return names  # the trainer checks that they are in the data

@@ -1,0 +1,208 @@
+"""One run of the comparison: its trainer flags, its directory, training it in a
+subprocess (or reusing it when finished with the same flags), and what it measured."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from prada_fast.common.distributed import launch_cmd
+
+from ..analysis import load_metrics, pooled_features, probe_accuracy
+from .statistics import _mean
+from .variants import Variant, knob_flags
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
+
+
+def run_dir(args, target: str, variant: str, seed: int) -> Path:
+    return args.output_dir / "runs" / target / variant / f"seed{seed}"
+
+
+def default_knobs(args) -> dict:
+    return {"lambda_max": args.lambda_max, "head_lr_mult": args.domain_head_lr_mult,
+            "prompt_encoder": args.prompt_encoder}
+
+
+def trainer_args(args, target: str, v: Variant, seed: int, knobs: dict | None = None, *,
+                 sources: list[str] | None = None, out: Path | None = None) -> list[str]:
+    """The trainer flags of one run (without the launcher and script). sources: keep only
+    these labelled domains and `target` (the tuning runs' pseudo-target split)."""
+    out = out or run_dir(args, target, v.key, seed)
+    a = ["--output-dir", str(out), "--seed", str(seed),
+         "--max-steps", str(args.max_steps), "--teacher-steps", str(args.teacher_steps),
+         "--eval-per-domain", str(args.eval_per_domain), "--log-every", str(args.log_every),
+         "--target-domains", target, "--student", args.student, "--teacher", args.teacher,
+         "--teacher-fit-cache", str(args.teacher_fit_cache), "--save-every", "0", "--no-progress"]
+    if sources:
+        a += ["--source-domains", ",".join(sources)]
+    if args.ds:
+        a += ["--ds", args.ds]
+    for spec in args.data:
+        a += ["--data", spec]
+    return a + list(v.flags) + knob_flags(v, knobs or default_knobs(args)) + list(args.extra)
+
+
+def launcher(args) -> list[str]:
+    return launch_cmd(TRAIN_SCRIPT, args.nproc)
+
+
+def trainer_env(args) -> dict:
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    # Idle OpenMP threads sleep instead of spinning: on cores shared with other jobs, spinning
+    # made the tiny models' steps ~10x slower (measured: 5.5 s vs 0.49 s per teacher step).
+    # Export OMP_WAIT_POLICY yourself to override.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+SIDECAR = "compare_run.json"
+FEATURES = "pooled_features.pt"
+
+
+def finished(d: Path) -> bool:
+    return (d / "summary.json").is_file() and (d / "final" / "prada_config.json").is_file()
+
+
+def _comparable(argv: list[str]) -> list[str]:
+    """Trainer flags without the paths (so that a moved experiment directory still matches)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--output-dir", "--teacher-fit-cache", "--teacher-cache"):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def check_reusable(d: Path, argv: list[str]) -> None:
+    side = d / SIDECAR
+    if side.is_file():
+        old = json.loads(side.read_text()).get("trainer_args")
+        if old is not None and _comparable(old) != _comparable(argv):
+            raise SystemExit(
+                f"error: {d} holds a finished run made with other trainer flags:\n  {shlex.join(old)}\n"
+                f"this experiment wants:\n  {shlex.join(argv)}\n"
+                "use another --output-dir, or delete that run directory to redo it")
+
+
+def log(msg: str) -> None:
+    print(f"[compare] {msg}", flush=True)
+
+
+def train_one(args, argv: list[str], log_path: Path) -> float:
+    cmd = launcher(args) + argv + ["--overwrite"]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "w") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=trainer_env(args), text=True, bufsize=1)
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                fh.flush()  # the log can be followed while the run trains
+                if args.verbose:
+                    sys.stdout.write(line)
+            code = proc.wait()
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    if code != 0:
+        tail = log_path.read_text().splitlines()[-25:]
+        raise SystemExit(f"error: the trainer exited with {code}; its log: {log_path}\n"
+                         + "\n".join(tail))
+    return time.time() - t0
+
+
+def features_of(d: Path) -> dict:
+    """The run's pooled held-out features, computed once and cached in the run directory."""
+    path = d / FEATURES
+    if path.is_file() and path.stat().st_mtime >= (d / "summary.json").stat().st_mtime:
+        return torch.load(path)
+    feats, labels, domains, roles = pooled_features(d)
+    out = {"features": feats, "labels": labels, "domains": domains, "roles": roles}
+    torch.save(out, path)
+    return out
+
+
+def ensure_run(args, argv: list[str], d: Path, tag: str, walls: list[float]) -> tuple[str, float | None]:
+    """Train the run of `argv` into d, or reuse it when finished with the same flags.
+    Returns (status "trained" | "reused" | "missing", wall seconds of this training)."""
+    if finished(d):
+        check_reusable(d, argv)
+        log(f"{tag}: finished run found, reused")
+        return "reused", None
+    if args.report_only:
+        log(f"{tag}: missing, skipped (--report-only)")
+        return "missing", None
+    eta = f" (recent runs took {_mean(walls[-5:]):.0f} s)" if walls else ""
+    log(f"{tag}: training{eta}; log: {d.relative_to(args.output_dir)}.log")
+    wall = train_one(args, argv, d.with_name(d.name + ".log"))
+    walls.append(wall)
+    (d / SIDECAR).write_text(json.dumps({"trainer_args": argv, "wall_seconds": round(wall, 1)},
+                                        indent=2) + "\n")
+    return "trained", wall
+
+
+def collect_run(args, target: str, v: Variant, seed: int, status: str, wall: float | None) -> dict:
+    d = run_dir(args, target, v.key, seed)
+    summary = json.loads((d / "summary.json").read_text())
+    rows = load_metrics(d)
+    last = rows[-1] if rows else {}
+    side = d / SIDECAR
+    if wall is None and side.is_file():
+        wall = json.loads(side.read_text()).get("wall_seconds")
+    feats = features_of(d)
+    x, y = feats["features"], feats["labels"]
+    return {
+        "target": target, "variant": v.key, "seed": seed,
+        "dir": str(d.relative_to(args.output_dir)), "status": status,
+        "wall_seconds": wall if wall is not None else summary.get("wall_seconds"),
+        "trainer_wall_seconds": summary.get("wall_seconds"),
+        "steps": summary.get("steps"), "tokens_per_s": summary.get("tokens_per_s"),
+        "roles": {k: s["role"] for k, s in summary["domains"].items()},
+        "accuracy_after": {k: s["accuracy_after"] for k, s in summary["domains"].items()},
+        "accuracy_before": {k: s["accuracy_before"] for k, s in summary["domains"].items()},
+        "domain_classifier_accuracy": summary.get("domain_classifier_accuracy"),
+        "domain_classifier_accuracy_before": summary.get("domain_classifier_accuracy_before"),
+        "final_loss": summary.get("final_loss"),
+        "final": {k: last.get(k) for k in ("ce", "kd", "dom", "dom_acc", "grl_lambda")},
+        "probe_accuracy": probe_accuracy(x, y, kind="logistic", folds=args.probe_folds),
+        "ncm_accuracy": probe_accuracy(x, y, kind="ncm", folds=args.probe_folds),
+        "n_probe": int(len(y)),
+    }
+
+
+def _lock(out: Path):
+    """An exclusive lock on OUTPUT_DIR/.lock for this process (None: held by another), so that
+    two invocations never train into the same run directories."""
+    import fcntl
+    fh = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        return None
+    fh.truncate(0)
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh

@@ -1,0 +1,82 @@
+"""The numbers of the report: a variant over its seeds, and the paired per-seed
+differences against plain CoT distillation with their 95 % t-interval."""
+from __future__ import annotations
+
+import math
+
+from ..analysis import aggregate
+from .variants import Variant
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _f(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def summarise(runs: list[dict], v: Variant) -> dict:
+    """One variant of one target over its seeds."""
+    roles = runs[0]["roles"]
+    out = {"label": v.label, "seeds": [r["seed"] for r in runs], "domains": {},
+           "domain_head_trained": v.trains_domain_head}
+    for d, role in roles.items():
+        out["domains"][d] = {
+            "role": role,
+            "accuracy_after": aggregate(r["accuracy_after"].get(d) for r in runs),
+            "accuracy_before": aggregate(r["accuracy_before"].get(d) for r in runs)}
+    src = [d for d, role in roles.items() if role == "source"]
+    tgt = [d for d, role in roles.items() if role == "target"]
+    out["source_accuracy_after"] = aggregate(_mean([r["accuracy_after"][d] for d in src]) for r in runs)
+    out["target_accuracy_after"] = aggregate(_mean([r["accuracy_after"][d] for d in tgt]) for r in runs)
+    out["all_accuracy_before"] = aggregate(_mean(list(r["accuracy_before"].values())) for r in runs)
+    for key in ("domain_classifier_accuracy", "probe_accuracy", "ncm_accuracy", "final_loss",
+                "wall_seconds", "tokens_per_s"):
+        out[key] = aggregate(r[key] for r in runs)
+    for key in ("ce", "kd", "dom", "dom_acc"):
+        out[f"final_{key}"] = aggregate(r["final"].get(key) for r in runs)
+    return out
+
+
+def paired_differences(by_variant: dict[str, list[dict]], base: str = "cot") -> dict:
+    """Per seed, variant minus the base variant (same seed = same teacher, data and order)."""
+    if base not in by_variant:
+        return {}
+    base_runs = {r["seed"]: r for r in by_variant[base]}
+    out = {}
+    for key, runs in by_variant.items():
+        if key == base:
+            continue
+        diffs = {"source_accuracy_after": [], "target_accuracy_after": [], "probe_accuracy": []}
+        for r in runs:
+            b = base_runs.get(r["seed"])
+            if b is None:
+                continue
+            for name, fn in (("source_accuracy_after", lambda x: _mean(
+                                 [x["accuracy_after"][d] for d, ro in x["roles"].items() if ro == "source"])),
+                             ("target_accuracy_after", lambda x: _mean(
+                                 [x["accuracy_after"][d] for d, ro in x["roles"].items() if ro == "target"])),
+                             ("probe_accuracy", lambda x: x["probe_accuracy"])):
+                a, c = fn(r), fn(b)
+                if a is not None and c is not None:
+                    diffs[name].append(a - c)
+        out[key] = {k: {**aggregate(v), "ci95": ci95(v)} for k, v in diffs.items()}
+    return out
+
+
+# two-sided 97.5 % quantiles of Student's t, by degrees of freedom (1..30); 1.96 beyond
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ci95(values) -> list[float] | None:
+    """The 95 % t-interval of the mean of paired differences (None below 2 values)."""
+    a = aggregate(values)
+    if a["n"] < 2:
+        return None
+    t = T975[a["n"] - 2] if a["n"] - 1 <= len(T975) else 1.96
+    half = t * a["std"] / math.sqrt(a["n"])
+    return [a["mean"] - half, a["mean"] + half]

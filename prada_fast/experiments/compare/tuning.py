@@ -1,0 +1,86 @@
+"""--tune: the knobs of each adversarial variant, chosen per target on a pseudo-target
+split of the sources (the real target's records never looked at)."""
+from __future__ import annotations
+
+import json
+
+from prada_fast.data.synthetic import STORY_PSEUDO_TARGET, STORY_TARGET
+
+from .flags import data_domains
+from .runs import default_knobs, ensure_run, log, trainer_args
+from .statistics import _f, _mean
+from .variants import ADVERSARIES, Variant, variants
+
+
+def _tag(knobs: dict, v: Variant) -> str:
+    tag = f"lam{knobs['lambda_max']:g}-mult{knobs['head_lr_mult']:g}" if v.trains_domain_head else "base"
+    return tag + (f"-enc{knobs['prompt_encoder']}" if v.has_prompt else "")
+
+
+def tune_split(args, target: str) -> tuple[str, list[str]]:
+    """(pseudo-target, the remaining sources) for a target: the real target is left out."""
+    sources = [d for d in data_domains(args.data) if d != target]
+    pseudo = args.pseudo_target or (STORY_PSEUDO_TARGET if target == STORY_TARGET and
+                                    STORY_PSEUDO_TARGET in sources else sorted(sources)[0])
+    if pseudo not in sources:
+        raise SystemExit(f"error: --pseudo-target {pseudo}: not one of the sources {sources}")
+    rest = [d for d in sources if d != pseudo]
+    if not rest:
+        raise SystemExit(f"error: tuning for target {target} needs two sources or more")
+    return pseudo, rest
+
+
+def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
+    """The knobs of each variant for `target`, chosen on a pseudo-target (see --tune's
+    help). Writes OUTPUT_DIR/tune/<target>/chosen.json with every setting's scores."""
+    V = variants(args.prompt_len)
+    out = args.output_dir / "tune" / target / "chosen.json"
+    if args.report_only and out.is_file():  # the choice already made; nothing retrained
+        saved = json.loads(out.read_text())["chosen"]
+        return {k: saved.get(k, default_knobs(args)) for k in args.variants}
+    pseudo, rest = tune_split(args, target)
+    table = []
+
+    def score(v: Variant, knobs: dict) -> tuple[float, float]:
+        pa, sa = [], []
+        for seed in args.tune_seeds:
+            d = args.output_dir / "tune" / target / v.key / _tag(knobs, v) / f"seed{seed}"
+            argv = trainer_args(args, pseudo, v, seed, knobs, sources=rest, out=d)
+            status, _ = ensure_run(args, argv, d, f"tune target={target} (pseudo {pseudo}) {v.key} "
+                                   f"{_tag(knobs, v)} seed={seed}", walls)
+            if status == "missing":
+                continue
+            acc = {k: x["accuracy_after"] for k, x in
+                   json.loads((d / "summary.json").read_text())["domains"].items()}
+            pa.append(acc[pseudo])
+            sa.append(_mean([acc[x] for x in rest]))
+        row = {"variant": v.key, "knobs": knobs if v.trains_domain_head else None,
+               "pseudo_target_accuracy": _mean(pa), "source_accuracy": _mean(sa), "n_seeds": len(pa)}
+        table.append(row)
+        log(f"tune target={target} {v.key} {_tag(knobs, v)}: pseudo-target {pseudo} "
+            f"{_f(row['pseudo_target_accuracy'])}, sources {_f(row['source_accuracy'])}")
+        return (row["pseudo_target_accuracy"] or 0.0, row["source_accuracy"] or 0.0)
+
+    chosen = {k: default_knobs(args) for k in args.variants}
+    if "cot" in args.variants:
+        score(V["cot"], default_knobs(args))  # the reference on the same split
+    for adv in ADVERSARIES:
+        wanted = [k for k in (adv, f"prada-{adv}") if k in args.variants]
+        if not wanted:
+            continue
+        grid = [{"lambda_max": lam, "head_lr_mult": mult, "prompt_encoder": "none"}
+                for lam in args.tune_lambdas for mult in args.tune_head_mults]
+        # first best on ties (grid order); a single candidate is chosen without a run
+        best = max(grid, key=lambda kn: score(V[adv], kn)) if len(grid) > 1 else grid[0]
+        chosen[adv] = best
+        if f"prada-{adv}" in args.variants:
+            encs = [{**best, "prompt_encoder": e} for e in args.tune_prompt_encoders]
+            chosen[f"prada-{adv}"] = (max(encs, key=lambda kn: score(V[f"prada-{adv}"], kn))
+                                      if len(encs) > 1 else encs[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"target": target, "pseudo_target": pseudo, "sources": rest,
+                               "seeds": args.tune_seeds, "chosen": chosen, "tried": table},
+                              indent=2) + "\n")
+    log(f"tune target={target}: chosen " + "; ".join(
+        f"{k} {_tag(kn, V[k])}" for k, kn in chosen.items() if V[k].trains_domain_head))
+    return chosen
