@@ -21,6 +21,7 @@ from prada_fast.common.flags import (
     at_least,
     check_data_flags,
     check_model_dirs,
+    deprecated,
     within,
 )
 from prada_fast.models import PRESETS
@@ -37,7 +38,7 @@ RANGES = {
     "stop_after": at_least(0), "save_every": at_least(0), "keep_checkpoints": at_least(0),
     "probe_every": at_least(0), "max_bad_steps": at_least(1), "tokens_per_batch": at_least(0),
     "mlp_hidden": at_least(0), "prompt_hidden": at_least(0), "alpha": within(0, 1),
-    "grl_gamma": above(0), "lr": above(0),
+    "lambda_gamma": above(0), "lr": above(0),
     "max_new_tokens": at_least(1), "eval_batch_size": at_least(1),
 }
 
@@ -144,10 +145,14 @@ def build_parser() -> FlagParser:
                           "direction, and the head only watches (it trains, nothing flows back). "
                           "The default is what the comparison's tuning picked (docs/results.md)")
     add_knob_flags(p, obj, ("domain_head_lr_mult",))
-    obj.add_argument("--grl-schedule", choices=("dann", "constant"), default="dann",
-                     help="lambda schedule of the adversarial scale")
+    obj.add_argument("--lambda-schedule", choices=("dann", "constant"), default="dann",
+                     help="schedule of lambda, the adversary's scale (every adversary's: grl, "
+                          "confusion, mmd): the DANN ramp 2/(1+exp(-gamma p))-1 up to --lambda-max, "
+                          "or constant")
+    deprecated(p, obj, "--grl-schedule", "lambda_schedule", choices=("dann", "constant"))
     add_knob_flags(p, obj, ("lambda_max",))
-    obj.add_argument("--grl-gamma", type=float, default=10.0, help="gamma of the DANN schedule")
+    obj.add_argument("--lambda-gamma", type=float, default=10.0, help="gamma of the DANN schedule")
+    deprecated(p, obj, "--grl-gamma", "lambda_gamma", type=float)
     obj.add_argument("--lr", type=float, help="override the optimizer lr of the DeepSpeed config")
 
     ev = p.add_argument_group("evaluation")
