@@ -137,3 +137,30 @@ def test_deepspeed_no_ssh_two_nodes_checkpoint_resumes_to_the_one_node_run(tmp_p
     assert_written_once(out, outs, STEPS)
     left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, left  # each rank removed its DeepSpeed shared-memory buffer
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: every split gives one thread")
+def test_cpu_threads_are_split_between_the_ranks_of_this_node_not_of_all_nodes(monkeypatch):
+    """Under DeepSpeed's launcher with two nodes of one rank each (WORLD_SIZE 2, LOCAL_SIZE
+    1, no LOCAL_WORLD_SIZE), the one rank on this node gets all of its cores."""
+    import torch
+    import torch.distributed as dist
+
+    from prada_fast.common import distributed
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # no process group is made
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        info = distributed.setup(1.0)
+        assert (info.rank, info.world_size, info.local_rank) == (1, 2, 0)
+        assert torch.get_num_threads() == os.cpu_count()
+        monkeypatch.setenv("LOCAL_SIZE", "2")  # two ranks on this node: half each
+        distributed.setup(1.0)
+        assert torch.get_num_threads() == os.cpu_count() // 2
+    finally:
+        torch.set_num_threads(before)
