@@ -219,7 +219,7 @@ def _tiny_preset(monkeypatch, gguf_file: Path, calls: list):
 
 
 def test_preset_name_resolves_through_the_conversion(tiny, tmp_path, monkeypatch):
-    from prada_fast.model import load_causal_lm
+    from prada_fast.models import load_causal_lm
     gguf_file, hf, _ = tiny
     calls = []
     _tiny_preset(monkeypatch, gguf_file, calls)
@@ -241,7 +241,7 @@ def test_preset_name_resolves_through_the_conversion(tiny, tmp_path, monkeypatch
 
 
 def test_trainer_flags_accept_the_presets(tiny, tmp_path, monkeypatch):
-    from prada_fast.cli import FlagError, build_parser, validate
+    from prada_fast.trainer.flags import FlagError, build_parser, validate
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(["--student", "smollm2-135m-l8", "--teacher", "smollm2-135m",
                                       "--output-dir", str(tmp_path / "run")])
