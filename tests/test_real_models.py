@@ -322,6 +322,25 @@ def test_gguf_flag_takes_the_wheel_and_replaces_another_conversion(tiny, tmp_pat
         hub.sha256_file(tmp_path / "other.gguf")
 
 
+def test_pretrained_defaults(tiny, tmp_path):
+    """A real preset (or a directory made by prada_fast.models) gets the measured lr and a
+    warm-up of at most a tenth of the run; the tiny presets and other directories keep the
+    config's."""
+    from prada_fast.trainer.dsconfig import load_ds_config
+    _, _, converted = tiny
+    assert hub.is_pretrained("smollm2-135m-l8") and hub.is_pretrained("smollm2-135m")
+    assert hub.is_pretrained(str(converted))
+    assert not hub.is_pretrained("tiny") and not hub.is_pretrained(str(tmp_path))
+    assert [hub.pretrained_warmup(n) for n in (5, 30, 1000)] == [1, 3, hub.PRETRAINED_WARMUP]
+    ds = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.json"
+    cfg = load_ds_config(ds, world_size=1, device=torch.device("cpu"), max_steps=30,
+                         lr=hub.PRETRAINED_LR, warmup_steps=hub.pretrained_warmup(30))
+    assert cfg["optimizer"]["params"]["lr"] == hub.PRETRAINED_LR < 2e-3
+    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 3
+    plain = load_ds_config(ds, world_size=1, device=torch.device("cpu"), max_steps=200)
+    assert plain["scheduler"]["params"]["warmup_num_steps"] == 10  # a twentieth, as before
+
+
 REAL_GGUF = os.environ.get("PRADA_REAL_GGUF")
 
 
