@@ -91,11 +91,6 @@ def real_preset_help() -> str:
     return ", ".join(f"{n}, {n}-lK" for n in REAL_PRESETS)
 
 
-def cached_dir(name: str, cache_dir=None) -> Path:
-    """The directory a real preset lives in once got (it may not exist yet)."""
-    return cache_root(cache_dir) / name
-
-
 def is_complete(path: Path) -> bool:
     return (path / SOURCE_FILE).is_file() and (path / "model.safetensors").is_file() \
         and (path / "config.json").is_file()
@@ -222,12 +217,13 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, *, source
     directory `out`: model.safetensors (fp32), config.json, generation_config.json, the
     tokenizer files with the chat template, and SOURCE_FILE. Written atomically."""
     try:
+        import accelerate  # noqa: F401  (transformers reads GGUF files through it)
         import gguf  # noqa: F401
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
-        raise ModelError(f"converting a GGUF file needs the gguf package ({e.name} is missing): "
-                         "pip install -e '.[gguf]'") from None
+        raise ModelError(f"converting a GGUF file needs the gguf and accelerate packages ({e.name} "
+                         "is missing): pip install -e '.[gguf]'") from None
     gguf_file, out = Path(gguf_file).resolve(), Path(out)
     if not gguf_file.is_file():
         raise ModelError(f"{gguf_file}: no such GGUF file")
@@ -243,8 +239,8 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, *, source
         raise ModelError(f"{gguf_file}: transformers cannot read it as a model "
                          f"({type(e).__name__}: {text[0][:200] if text else ''})") from e
     for attr in ("_model_name_or_path", "_name_or_path"):  # the GGUF's display name, not a path
-        if hasattr(config, attr):
-            delattr(config, attr) if attr in config.__dict__ else None
+        if attr in config.__dict__:
+            delattr(config, attr)
     config.architectures = [type(loaded).__name__]
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
