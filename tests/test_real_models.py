@@ -341,6 +341,37 @@ def test_pretrained_defaults(tiny, tmp_path):
     assert plain["scheduler"]["params"]["warmup_num_steps"] == 10  # a twentieth, as before
 
 
+def _resolve_on_rank(rank: int, port: int, gguf_file: str, cache: str, out: str):
+    """One rank of a 2-process gloo group: resolve a real preset; only rank 0 may get it."""
+    import torch.distributed as dist
+    os.environ["PRADA_FAST_CACHE"] = cache
+    hub.REAL_PRESETS["smollm2-135m"] = {**hub.REAL_PRESETS["smollm2-135m"], "layers": 5}
+
+    def locate(base, gguf, workdir):
+        if rank != 0:
+            raise AssertionError("a rank other than 0 got the model")
+        return Path(gguf_file), "test"
+    hub.locate_gguf = locate
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        path = hub.resolve_model("smollm2-135m-l3")
+        Path(out, f"rank{rank}").write_text(path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes: ~10 s idle, ~50 s on a busy machine
+def test_under_a_launcher_rank0_gets_and_the_others_wait(tiny, tmp_path):
+    import torch.multiprocessing as mp
+    from prada_fast.common.distributed import free_port
+    gguf_file, _, _ = tiny
+    mp.spawn(_resolve_on_rank, args=(free_port(), str(gguf_file), str(tmp_path / "cache"),
+                                     str(tmp_path)), nprocs=2, join=True)
+    paths = {(tmp_path / f"rank{r}").read_text() for r in range(2)}
+    assert paths == {str(tmp_path / "cache" / "models" / "smollm2-135m-l3")}
+    assert hub.is_complete(Path(paths.pop()))
+
+
 REAL_GGUF = os.environ.get("PRADA_REAL_GGUF")
 
 
