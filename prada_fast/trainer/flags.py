@@ -25,6 +25,7 @@ from prada_fast.common.flags import (
     within,
 )
 from prada_fast.models import PRESETS
+from prada_fast.models.hub import PRETRAINED_LR, PRETRAINED_WARMUP
 from prada_fast.trainer.rundir import RunDirError, check_output_dir
 
 __all__ = ["DEFAULT_DS", "FlagError", "RANGES", "build_parser", "parse_args", "validate"]
@@ -153,7 +154,13 @@ def build_parser() -> FlagParser:
     add_knob_flags(p, obj, ("lambda_max",))
     obj.add_argument("--lambda-gamma", type=float, default=10.0, help="gamma of the DANN schedule")
     deprecated(p, obj, "--grl-gamma", "lambda_gamma", type=float)
-    obj.add_argument("--lr", type=float, help="override the optimizer lr of the DeepSpeed config")
+    obj.add_argument("--lr", type=float,
+                     help="override the optimizer lr of the DeepSpeed config. Default: the config's "
+                          f"lr, except for a pretrained student from `prada_fast.models` (a real "
+                          f"preset such as smollm2-135m-l8, or its directory): {PRETRAINED_LR:g} with "
+                          f"{PRETRAINED_WARMUP} warm-up steps (at most a tenth of the run), chosen by "
+                          "an lr sweep (docs/results.md): the configs' 2e-3 is for tiny students "
+                          "trained from scratch and wrecks a pretrained one")
 
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--max-new-tokens", type=int, default=80, help="greedy decoding budget")
