@@ -53,6 +53,7 @@ BAD = {
     "--temperature": ["--temperature", "0"],
     "--adversary": ["--adversary", "dann"],
     "--domain-head-lr-mult": ["--domain-head-lr-mult", "0"],
+    "--lm-weight": ["--lm-weight", "-0.5"],
     "--lambda-schedule": ["--lambda-schedule", "linear"],
     "--grl-schedule": ["--grl-schedule", "linear"],  # the deprecated name of --lambda-schedule
     "--lambda-max": ["--lambda-max", "nan"],

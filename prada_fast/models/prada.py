@@ -149,10 +149,39 @@ class PradaModel(nn.Module):
             else attention_mask.bool()
         return hidden, targets, pool.to(attention_mask.dtype)
 
+    def question_lm_targets(self, input_ids, attention_mask, labels, seq_index=None):
+        """Next-token targets of the auxiliary language-model term, aligned with the hidden
+        states (padded: [prompt | tokens]; packed: the rows): at a question token (a real
+        token whose label is ignored: the prompt "Q: ...\nA:" of a source record, the whole
+        of a target record) whose next token, in the same sequence, is a question token too;
+        IGNORE_INDEX elsewhere (the first labelled token is the task term's)."""
+        question = (attention_mask != 0) & (labels == IGNORE_INDEX)
+        nxt = question[:, :-1] & question[:, 1:]
+        if seq_index is not None:
+            nxt = nxt & (seq_index[:, 1:] == seq_index[:, :-1])
+        targets = torch.full_like(input_ids, IGNORE_INDEX)
+        targets[:, :-1] = torch.where(nxt, input_ids[:, 1:], targets[:, 1:])
+        if seq_index is None and self.n_prompt:
+            targets = torch.cat([targets.new_full((targets.shape[0], self.n_prompt), IGNORE_INDEX),
+                                 targets], 1)
+        return targets
+
+    def question_lm_loss(self, hidden, targets):
+        """Mean cross-entropy of the question tokens' next tokens (`question_lm_targets`)
+        through the loss op on those rows only: the full logits are never built."""
+        lm_head = self.student.get_output_embeddings()
+        rows = targets != IGNORE_INDEX
+        if not bool(rows.any()):
+            return hidden.sum() * 0.0
+        lm, _ = prada_loss(hidden[rows].unsqueeze(0), lm_head.weight, targets[rows].unsqueeze(0),
+                           lm_bias=getattr(lm_head, "bias", None), alpha=1.0, impl=self.loss_impl)
+        return lm
+
     def forward(self, input_ids, attention_mask, labels, domain_labels, *, teacher_hidden=None,
                 teacher_weight=None, adv_lambda=1.0, num_valid_tokens=None, temperature=1.0,
                 alpha=0.5, use_domain=True, features_only=False, teacher_topk_ids=None,
-                teacher_topk_logprobs=None, position_ids=None, seq_index=None, question_index=None):
+                teacher_topk_logprobs=None, position_ids=None, seq_index=None, question_index=None,
+                lm_weight=0.0):
         """(loss, parts) of PRADA's objective on a batch. features_only: (pooled features f,
         domain logits) instead, no loss (a forward through this module, so that ZeRO-3
         gathers the soft prompt and the head for it). Packed rows (packing.py): position_ids
@@ -161,13 +190,17 @@ class PradaModel(nn.Module):
         (several rationales of it, numbered 0..Q-1) pool into one feature, so that the
         question counts once in the domain loss; each row keeps its task loss. adv_lambda:
         the adversary's scale (the schedule's lambda; with adversary "mmd", the MMD term's
-        weight)."""
+        weight). lm_weight: W of the auxiliary language-model term on every sequence's
+        question (targets included: task-adaptive pretraining's unlabelled text), W times
+        its mean over the batch's question tokens (`question_lm_loss`), in parts as "lm"."""
         if features_only:
             f = self.pooled_features(input_ids, attention_mask, labels)
             return f, self.domain_head(f)
         topk = {}  # the teacher as cached top-k log-probabilities
         if teacher_topk_ids is not None:
             topk = {"teacher_topk_ids": teacher_topk_ids, "teacher_topk_logprobs": teacher_topk_logprobs}
+        lm_targets = (self.question_lm_targets(input_ids, attention_mask, labels, seq_index)
+                      if lm_weight else None)  # before per_question renumbers seq_index
         if seq_index is not None:
             hidden, targets, pool = self._packed_inputs(input_ids, attention_mask, labels,
                                                         position_ids, seq_index)
@@ -209,6 +242,10 @@ class PradaModel(nn.Module):
             align = mmd_term(f, domain_labels)
             loss = loss + (adv_lambda * align).to(loss.dtype)
             parts["mmd"] = align.detach()
+        if lm_weight:
+            lm = self.question_lm_loss(hidden, lm_targets)
+            loss = loss + (lm_weight * lm).to(loss.dtype)
+            parts["lm"] = lm.detach()
         return loss, parts
 
     @staticmethod

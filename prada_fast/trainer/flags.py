@@ -39,7 +39,7 @@ RANGES = {
     "stop_after": at_least(0), "save_every": at_least(0), "keep_checkpoints": at_least(0),
     "probe_every": at_least(0), "max_bad_steps": at_least(1), "tokens_per_batch": at_least(0),
     "mlp_hidden": at_least(0), "prompt_hidden": at_least(0), "alpha": within(0, 1),
-    "lambda_gamma": above(0), "lr": above(0),
+    "lambda_gamma": above(0), "lm_weight": at_least(0), "lr": above(0),
     "max_new_tokens": at_least(1), "eval_batch_size": at_least(1),
 }
 
@@ -146,6 +146,13 @@ def build_parser() -> FlagParser:
                           "direction, and the head only watches (it trains, nothing flows back). "
                           "The default is what the comparison's tuning picked (docs/results.md)")
     add_knob_flags(p, obj, ("domain_head_lr_mult",))
+    obj.add_argument("--lm-weight", type=float, default=0.0, metavar="W",
+                     help="weight of an auxiliary language-model term on every record's question, "
+                          "the target domains' too (their unlabelled text, as task-adaptive "
+                          "pretraining and UDALM use it): W times the mean next-token cross-entropy "
+                          "over the batch's question tokens, through the loss op on those rows "
+                          "only; logged as lm. The baseline PRADA must beat: it sees the target's "
+                          "questions without an adversary (0: off)")
     obj.add_argument("--lambda-schedule", choices=("dann", "constant"), default="dann",
                      help="schedule of lambda, the adversary's scale (every adversary's: grl, "
                           "confusion, mmd): the DANN ramp 2/(1+exp(-gamma p))-1 up to --lambda-max, "
