@@ -47,6 +47,7 @@ BAD = {
     "--domain-head": ["--domain-head", "conv"],
     "--mlp-hidden": ["--mlp-hidden", "16"],  # without --domain-head mlp
     "--pool": ["--pool", "everything"],
+    "--pool-layer": ["--pool-layer", "-1"],
     "--attn": ["--attn", "flash"],
     "--loss-impl": ["--loss-impl", "fast"],
     "--alpha": ["--alpha", "1.5"],

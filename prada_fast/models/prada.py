@@ -7,6 +7,8 @@ their gradients back to the partitions. Its settings: one PradaConfig (config.py
 greedy decoding: generation.py; what it saves to DIR/final and loads back: final.py."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -64,6 +66,10 @@ class PradaModel(nn.Module):
         self.prompt_encoder = (PromptEncoder(H, config.prompt_encoder, config.prompt_hidden).to(emb.dtype)
                                if config.prompt_encoder != "none" else None)
         self.domain_head = DomainHead(H, config.n_domains, config.head, config.mlp_hidden)
+        n_layers = len(self.backbone.layers)
+        if config.pool_layer is not None and config.pool_layer > n_layers:
+            raise ModelError(f"pool layer {config.pool_layer}: the student has {n_layers} decoder layers "
+                             f"(0: the input embeddings, 1..{n_layers}: a layer's output)")
         # The op reads these weights outside their modules' forward: let ZeRO-3 gather them.
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
         lm_head = student.get_output_embeddings()
@@ -108,10 +114,35 @@ class PradaModel(nn.Module):
             m = m & (labels == IGNORE_INDEX)
         return torch.cat([m.new_zeros(m.shape[0], self.n_prompt), m], 1).to(attention_mask.dtype)
 
+    @contextlib.contextmanager
+    def pooled_layer(self):
+        """Yields a dict that, after a forward of the student inside the block, holds under
+        "states" the output of decoder layer pool_layer (0: its input, the embeddings with
+        the soft prompt): what the domain features pool. Empty without a pool_layer (the
+        features are then the final normed hidden states, the op's input)."""
+        box, layer = {}, self.prada_config.pool_layer
+        if layer is None:
+            yield box
+            return
+
+        def keep(states):
+            box["states"] = states[0] if isinstance(states, tuple) else states
+        layers = self.backbone.layers
+        if layer == 0:
+            hook = layers[0].register_forward_pre_hook(
+                lambda m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        else:
+            hook = layers[layer - 1].register_forward_hook(lambda m, args, out: keep(out))
+        try:
+            yield box
+        finally:
+            hook.remove()
+
     def pooled_features(self, input_ids, attention_mask, labels):
-        """f (B, H): the student's final hidden states averaged over `pool_mask`."""
-        hidden, _ = self.hidden_states(input_ids, attention_mask)
-        return masked_mean(hidden, self.pool_mask(attention_mask, labels))
+        """f (B, H): the student's hidden states (final, or pool_layer's) averaged over `pool_mask`."""
+        with self.pooled_layer() as layer:
+            hidden, _ = self.hidden_states(input_ids, attention_mask)
+        return masked_mean(layer.get("states", hidden), self.pool_mask(attention_mask, labels))
 
     def packed_hidden_states(self, input_ids, attention_mask, position_ids, seq_index):
         """Final hidden states (rows, T, H) of packed rows (packing.py): each sequence's
@@ -201,14 +232,18 @@ class PradaModel(nn.Module):
             topk = {"teacher_topk_ids": teacher_topk_ids, "teacher_topk_logprobs": teacher_topk_logprobs}
         lm_targets = (self.question_lm_targets(input_ids, attention_mask, labels, seq_index)
                       if lm_weight else None)  # before per_question renumbers seq_index
-        if seq_index is not None:
-            hidden, targets, pool = self._packed_inputs(input_ids, attention_mask, labels,
-                                                        position_ids, seq_index)
-        else:
-            hidden, targets, pool, teacher_hidden, topk = self._padded_inputs(
-                input_ids, attention_mask, labels, teacher_hidden, topk)
+        with self.pooled_layer() as layer:
+            if seq_index is not None:
+                hidden, targets, pool = self._packed_inputs(input_ids, attention_mask, labels,
+                                                            position_ids, seq_index)
+            else:
+                hidden, targets, pool, teacher_hidden, topk = self._padded_inputs(
+                    input_ids, attention_mask, labels, teacher_hidden, topk)
+        features = layer.get("states", hidden)  # what the domain features pool
         lm_head = self.student.get_output_embeddings()
-        linear_dom = use_domain and self.domain_head.kind == "linear"
+        # a linear head on the final states runs in the op; an MLP head or another layer's
+        # features in plain PyTorch below
+        linear_dom = use_domain and self.domain_head.kind == "linear" and "states" not in layer
         pool = pool.to(hidden.dtype)
         mmd = use_domain and self.adversary == "mmd"  # the head only watches; MMD aligns
         adversary, op_lambda = ("confusion", 0.0) if mmd else (self.adversary, adv_lambda)
@@ -226,9 +261,9 @@ class PradaModel(nn.Module):
             domain_labels=domain_labels if linear_dom else None,
             seq_index=seq_index if linear_dom else None,
             adv_lambda=op_lambda, adversary=adversary, impl=self.loss_impl, **topk)
-        # the pooled features, where plain PyTorch needs them (an MLP head, the MMD term)
-        f = masked_mean(hidden, pool, seq_index, n_seq) if use_domain and (mmd or not linear_dom) else None
-        if use_domain and not linear_dom:  # MLP head: plain PyTorch, either adversary
+        # the pooled features, where plain PyTorch needs them (an MLP head, another layer, MMD)
+        f = masked_mean(features, pool, seq_index, n_seq) if use_domain and (mmd or not linear_dom) else None
+        if use_domain and not linear_dom:  # plain PyTorch, either adversary
             grl = adversary == "grl"
             c = self.domain_head(grad_reverse(f, op_lambda) if grl else f.detach())
             c = c.to(torch.promote_types(c.dtype, torch.float32))

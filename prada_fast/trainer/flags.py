@@ -39,7 +39,7 @@ RANGES = {
     "stop_after": at_least(0), "save_every": at_least(0), "keep_checkpoints": at_least(0),
     "probe_every": at_least(0), "max_bad_steps": at_least(1), "tokens_per_batch": at_least(0),
     "mlp_hidden": at_least(0), "prompt_hidden": at_least(0), "alpha": within(0, 1),
-    "lambda_gamma": above(0), "lm_weight": at_least(0), "lr": above(0),
+    "lambda_gamma": above(0), "lm_weight": at_least(0), "pool_layer": at_least(0), "lr": above(0),
     "max_new_tokens": at_least(1), "eval_batch_size": at_least(1),
 }
 
@@ -128,6 +128,13 @@ def build_parser() -> FlagParser:
                        help="positions the domain features average over: the question only, or "
                             "every token (rationale and answer too: the head can then tell "
                             "labelled sources from unlabelled targets by length alone)")
+    model.add_argument("--pool-layer", type=int, default=None, metavar="L",
+                       help="the domain features pool the output of the student's decoder layer L "
+                            "(0: the input embeddings) instead of its final normed hidden states: "
+                            "the adversary then works on an intermediate representation (the head "
+                            "runs in plain PyTorch beside the loss op; the layer probes of "
+                            "`python -m prada_fast.experiments.layers` show where the domain is "
+                            "readable). Default: the final states")
     add_model_flags(p, model, ("attn",))
 
     obj = p.add_argument_group("objective")
