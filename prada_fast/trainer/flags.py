@@ -154,12 +154,9 @@ def build_parser() -> FlagParser:
                           "The default is what the comparison's tuning picked (docs/results.md)")
     add_knob_flags(p, obj, ("domain_head_lr_mult",))
     obj.add_argument("--lm-weight", type=float, default=0.0, metavar="W",
-                     help="weight of an auxiliary language-model term on every record's question, "
-                          "the target domains' too (their unlabelled text, as task-adaptive "
-                          "pretraining and UDALM use it): W times the mean next-token cross-entropy "
-                          "over the batch's question tokens, through the loss op on those rows "
-                          "only; logged as lm. The baseline PRADA must beat: it sees the target's "
-                          "questions without an adversary (0: off)")
+                     help="W x an auxiliary language-model term on every record's question, the "
+                          "targets' too (task-adaptive pretraining, UDALM): the mean next-token CE "
+                          "of the question tokens, logged as lm; the baseline PRADA must beat (0: off)")
     obj.add_argument("--lambda-schedule", choices=("dann", "constant"), default="dann",
                      help="schedule of lambda, the adversary's scale (every adversary's: grl, "
                           "confusion, mmd): the DANN ramp 2/(1+exp(-gamma p))-1 up to --lambda-max, "
