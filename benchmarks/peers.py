@@ -38,13 +38,16 @@ alpha * CE + (1 - alpha) * tau^2 * KL(p_t || p_s) per token over the same tokens
 (before any update) is compared, relative difference <= --tol (1e-4; fp32 on the CPU).
 
 Per trainer: real tokens/s (input tokens without padding, of the steps after --warmup,
-over their wall time: data collation, forward, backward, optimizer), peak resident memory
+over their wall time: data collation, forward, backward, optimizer; with --repeats N the
+fastest of N runs, the trainers alternating), peak resident memory
 (the child's ru_maxrss, as os.wait4 reports it; also its RSS once the models and
 optimizer are built, before the first step), the loss of the last step, and the largest
 micro-batch that fits under one RSS cap for all trainers (--cap-mib; default 1.5 x the
-largest peak of the timed runs): a child runs 2 steps at micro-batch b while a thread reads
-its RSS from /proc every 10 ms and ends it at the cap; b doubles from --batch until a run
-does not fit (or --max-batch-limit), then bisects to 12.5 %.
+largest peak of the timed runs): one child per trainer runs 2 steps at each micro-batch from
+--batch up, x --max-batch-factor each time (the models and the trainer's set-up built once:
+prada_fast's ZeRO-3 engines take any micro-batch, TRL gets a new GKDTrainer per size),
+while a thread reads its RSS from /proc every 10 ms and ends it at the cap; the largest size
+that ran is the answer (">=" when --max-batch-limit came first).
 
 Beside the trainers: TRL's `_chunked_divergence_loss` (DistillationTrainer's loss; beta 0,
 tau 1) and prada_loss (alpha 0, tau 1) at one micro-batch's shapes (N real tokens,
@@ -172,38 +175,27 @@ def tokens_per_s(res: dict, warmup: int) -> float:
     return sum(toks[w:]) / (ends[-1] - ends[w - 1])
 
 
-def max_batch(spec: dict, out: Path, env: dict, cap: int, start: int, limit: int) -> tuple[int, str, int]:
-    """(largest micro-batch whose 2-step run fits under `cap` bytes of RSS, '' or '>=' when
-    the limit was reached first, probes run)."""
-    def fits(b: int) -> bool:
-        r = run_child({**spec, "batch": b, "steps": 2, "warmup": 0, "probe": True, "cap": cap}, out, env)
-        return r["rc"] == 0 and r["maxrss_bytes"] <= cap
+def grow_sizes(start: int, limit: int, factor: float) -> list[int]:
+    """start, then x factor (at least +1) up to limit."""
+    sizes = [start]
+    while sizes[-1] < limit:
+        sizes.append(min(limit, max(sizes[-1] + 1, int(sizes[-1] * factor))))
+    return sizes
 
-    probes, lo, hi, b = 0, 0, None, start
-    while b <= limit:
-        probes += 1
-        if not fits(b):
-            hi = b
-            break
-        lo, b = b, b * 2
-    if hi is None:
-        return lo, ">=", probes
-    if lo == 0:  # even the start does not fit: go down
-        b = start // 2
-        while b >= 1:
-            probes += 1
-            if fits(b):
-                return b, "", probes
-            b //= 2
-        return 0, "", probes
-    while hi - lo > max(1, lo // 8):
-        mid = (lo + hi) // 2
-        probes += 1
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, "", probes
+
+def max_batch(spec: dict, out: Path, env: dict, cap: int, start: int, limit: int,
+              factor: float) -> tuple[int, str, list]:
+    """(largest micro-batch whose 2 steps ran under `cap` bytes of RSS, '>=' when the limit
+    was reached first else '', [(batch, VmHWM bytes) per size that ran]): one child per
+    trainer runs 2 steps at each size of grow_sizes(start, limit, factor), in one process
+    (the models and the trainer's set-up once), while a thread ends it at the cap."""
+    sizes = grow_sizes(start, limit, factor)
+    r = run_child({**spec, "mode": "grow", "sizes": sizes, "cap": cap, "probe": True}, out, env)
+    done = [(b, hwm) for b, hwm in r.get("grown", []) if hwm <= cap]
+    if not done:
+        return 0, "", []
+    best = done[-1][0]
+    return best, ">=" if best == sizes[-1] else "", done
 
 
 # ----------------------------------------------------------------------------- children
@@ -229,6 +221,18 @@ def _rss() -> int:
 def _batches(examples: list[dict], batch: int, steps: int) -> list[list[dict]]:
     n = len(examples)
     return [[examples[(i * batch + j) % n] for j in range(batch)] for i in range(steps)]
+
+
+def _hwm() -> int:
+    from benchmarks.run_case import hwm_bytes
+    return hwm_bytes() or 0
+
+
+def _grown(spec: dict, b: int, grown: list) -> None:
+    """Record that 2 steps at micro-batch b ran, with the peak RSS so far (written at once:
+    the watchdog may end the process at the next size)."""
+    grown.append((b, _hwm()))
+    Path(spec["result"]).write_text(json.dumps({"grown": grown}))
 
 
 def child_prada(spec: dict) -> dict:
@@ -259,16 +263,26 @@ def child_prada(spec: dict) -> dict:
         t_engine = TeacherOutputs(Path(spec["cache"]))
     collate = PackedCollator(tok.pad_token_id, 0, spec["max_len"])
     losses, step_ends, tokens = [], [], []
+
+    def train(batches):
+        for batch in batches:
+            mb = collate(batch)
+            loss, _ = micro_step(engine, t_engine, mb, norm=max(sum(ex["n_labels"] for ex in batch), 1),
+                                 lam=0.0, temperature=spec["temperature"], alpha=spec["alpha"],
+                                 use_domain=False)
+            losses.append(float(loss.detach()))
+            step_ends.append(time.perf_counter())
+            tokens.append(int(mb["attention_mask"].sum()))
+
     rss_setup = _rss()
     t0 = time.perf_counter()
-    for batch in _batches(examples, B, steps):
-        mb = collate(batch)
-        loss, _ = micro_step(engine, t_engine, mb, norm=max(sum(ex["n_labels"] for ex in batch), 1),
-                             lam=0.0, temperature=spec["temperature"], alpha=spec["alpha"],
-                             use_domain=False)
-        losses.append(float(loss.detach()))
-        step_ends.append(time.perf_counter())
-        tokens.append(int(mb["attention_mask"].sum()))
+    if spec["mode"] == "grow":  # ZeRO-3 does not fix the micro-batch: the same engines
+        grown = []
+        for b in spec["sizes"]:
+            train(_batches(examples, b, 2))
+            _grown(spec, b, grown)
+        return {"grown": grown}
+    train(_batches(examples, B, steps))
     dist_util.teardown()
     return {"losses": losses, "step_ends": step_ends, "t0": t0, "tokens": tokens,
             "rss_setup_bytes": rss_setup, "padding_fraction": None}
@@ -282,7 +296,6 @@ def child_trl(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    B, steps = spec["batch"], spec["steps"]
     torch.manual_seed(spec["seed"])
     load = dict(dtype=torch.float32, attn_implementation="sdpa")
     student = AutoModelForCausalLM.from_pretrained(spec["student"], **load)
@@ -291,21 +304,7 @@ def child_trl(spec: dict) -> dict:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     examples = json.loads(Path(spec["examples"]).read_text())
-    rows = []
-    for batch in _batches(examples, B, steps):  # the same batches, in order (sequential sampler)
-        for ex in batch:
-            n_prompt = sum(1 for y in ex["labels"] if y == -100)
-            rows.append({"prompt": ex["prompt"], "input_ids": ex["input_ids"],
-                         "completion_mask": [0] * n_prompt + [1] * (len(ex["input_ids"]) - n_prompt)})
     liger = spec["trainer"] == "trl-gkd-liger"
-    args = GKDConfig(
-        output_dir=tempfile.mkdtemp(prefix="peers-trl-"), per_device_train_batch_size=B, max_steps=steps,
-        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
-        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
-        lmbda=0.0, beta=0.0, seq_kd=False, temperature=spec["temperature"], max_length=spec["max_len"],
-        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
-        use_liger_kernel=liger, train_sampling_strategy="sequential", dataloader_num_workers=0,
-        report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=spec["seed"])
     step_ends, losses = [], []
 
     class Clock(TrainerCallback):
@@ -318,9 +317,37 @@ def child_trl(spec: dict) -> dict:
             losses.append(float((out[0] if return_outputs else out).detach()))
             return out
 
-    trainer = RecordingGKD(model=student, teacher_model=teacher, args=args,
-                           train_dataset=Dataset.from_list(rows), processing_class=tok,
-                           callbacks=[Clock()])
+    def trainer_for(B: int, steps: int):
+        rows = []
+        for batch in _batches(examples, B, steps):  # the same batches, in order (sequential sampler)
+            for ex in batch:
+                n_prompt = sum(1 for y in ex["labels"] if y == -100)
+                rows.append({"prompt": ex["prompt"], "input_ids": ex["input_ids"],
+                             "completion_mask": [0] * n_prompt + [1] * (len(ex["input_ids"]) - n_prompt)})
+        args = GKDConfig(
+            output_dir=tempfile.mkdtemp(prefix="peers-trl-"), per_device_train_batch_size=B, max_steps=steps,
+            learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+            adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
+            lmbda=0.0, beta=0.0, seq_kd=False, temperature=spec["temperature"], max_length=spec["max_len"],
+            gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
+            use_liger_kernel=liger, train_sampling_strategy="sequential", dataloader_num_workers=0,
+            report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=spec["seed"])
+        return RecordingGKD(model=student, teacher_model=teacher, args=args,
+                            train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Clock()])
+
+    if spec["mode"] == "grow":  # a new trainer (and optimizer) per size, the same models
+        import gc
+        grown = []
+        for b in spec["sizes"]:
+            trainer = trainer_for(b, 2)
+            trainer.train()
+            del trainer
+            student.zero_grad(set_to_none=True)
+            gc.collect()
+            _grown(spec, b, grown)
+        return {"grown": grown}
+    B, steps = spec["batch"], spec["steps"]
+    trainer = trainer_for(B, steps)
     rss_setup = _rss()
     t0 = time.perf_counter()
     trainer.train()
@@ -460,13 +487,17 @@ def run(args) -> dict:
         trainers.append("trl-gkd-liger")
     cache = build_topk_cache(args, student, teacher, out, env) if args.k else None
     results = {}
-    for t in trainers:
-        spec = {**base, "trainer": t, "cache": cache and cache["path"]}
-        r = run_child(spec, out, env)
-        r["tokens_per_s"] = tokens_per_s(r, args.warmup)
-        results[t] = r
-        print(f"{TRAINERS[t]}: {r['tokens_per_s']:.0f} real tokens/s, peak RSS {mib(r['maxrss_bytes'])}, "
-              f"first loss {r['losses'][0]:.6f}, last loss {r['losses'][-1]:.6f}", flush=True)
+    for _rep in range(args.repeats):  # trainers alternate; each keeps its fastest run
+        for t in trainers:
+            spec = {**base, "trainer": t, "cache": cache and cache["path"]}
+            r = run_child(spec, out, env)
+            r["tokens_per_s"] = tokens_per_s(r, args.warmup)
+            r["tokens_per_s_runs"] = results.get(t, {}).get("tokens_per_s_runs", []) + [r["tokens_per_s"]]
+            if t not in results or r["tokens_per_s"] > results[t]["tokens_per_s"]:
+                results[t] = r
+            results[t]["tokens_per_s_runs"] = r["tokens_per_s_runs"]
+            print(f"{TRAINERS[t]}: {r['tokens_per_s']:.0f} real tokens/s, peak RSS {mib(r['maxrss_bytes'])}, "
+                  f"first loss {r['losses'][0]:.6f}, last loss {r['losses'][-1]:.6f}", flush=True)
 
     check = None
     if "trl-gkd" in results:
@@ -482,10 +513,11 @@ def run(args) -> dict:
             int(1.5 * max(r["maxrss_bytes"] for r in results.values()))
         for t, r in results.items():
             spec = {**base, "trainer": t, "cache": cache and cache["path"]}
-            b, qual, probes = max_batch(spec, out, env, cap, args.batch, args.max_batch_limit)
-            r["max_batch"], r["max_batch_qual"], r["max_batch_probes"] = b, qual, probes
-            print(f"{TRAINERS[t]}: largest micro-batch under {mib(cap)}: {qual}{b} ({probes} probes)",
-                  flush=True)
+            b, qual, grown = max_batch(spec, out, env, cap, args.batch, args.max_batch_limit,
+                                       args.max_batch_factor)
+            r["max_batch"], r["max_batch_qual"], r["max_batch_grown"] = b, qual, grown
+            print(f"{TRAINERS[t]}: largest micro-batch under {mib(cap)}: {qual}{b} "
+                  f"(ran: {', '.join(f'{x} ({mib(h)})' for x, h in grown)})", flush=True)
 
     op = None
     if have_trl and args.op:
@@ -510,8 +542,7 @@ def run(args) -> dict:
                           "teacher": [t_cfg.hidden_size, t_cfg.num_hidden_layers], "vocab": s_cfg.vocab_size},
                "n_examples": len(examples), "cache": cache, "cap_bytes": cap, "check": check, "op": op,
                "wall_s": round(time.time() - t_start, 1),
-               "trainers": {t: {k: v for k, v in r.items() if k not in ("step_ends",)}
-                            for t, r in results.items()},
+               "trainers": results,
                "trl_missing": not have_trl, "liger_run": on_gpu and have_trl}
     return summary
 
@@ -556,9 +587,10 @@ def table(s: dict, args) -> str:
                      f"all {s['n_examples']} examples, process start included), not in the table's "
                      "tokens/s; its loss is the top-k approximation of the KD.")
     if cap:
-        lines.append(f"Largest micro-batch: 2 steps in a fresh process at micro-batch b, ended by a watchdog "
-                     f"as soon as its RSS passes the cap ({mib(cap)}); b doubles from {args.batch}, then "
-                     "bisection to 12.5 %.")
+        lines.append(f"Largest micro-batch: one process per trainer runs 2 steps at each micro-batch "
+                     f"from {args.batch} up, x {args.max_batch_factor:g} each time (limit "
+                     f"{args.max_batch_limit}), until a watchdog thread reading its RSS every 10 ms ends "
+                     f"it at the cap ({mib(cap)}, the same for every trainer).")
     op = s["op"]
     if op:
         shp = op["shape"]
@@ -605,11 +637,15 @@ def main(argv=None) -> int:
                         "the same objective)")
     p.add_argument("--k", type=int, default=32, help="K of the top-k cache (0: no cached-teacher run)")
     p.add_argument("--ds", default=None, help="prada_fast's DeepSpeed config (default ds_configs/zero3.json)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs per trainer, alternating; the table keeps each one's fastest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of the first-batch loss check")
     p.add_argument("--no-max-batch", dest="max_batch", action="store_false")
     p.add_argument("--cap-mib", type=float, default=None, help="RSS cap of the micro-batch search")
     p.add_argument("--max-batch-limit", type=int, default=512)
+    p.add_argument("--max-batch-factor", type=float, default=1.25,
+                   help="growth of the micro-batch between the sizes of the search")
     p.add_argument("--no-op", dest="op", action="store_false", help="skip the loss-function comparison")
     p.add_argument("--out", default=str(OUT_DIR / "peers.md"), help="markdown table (JSON beside it)")
     args = p.parse_args(argv)
