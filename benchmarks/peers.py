@@ -139,13 +139,19 @@ def build_topk_cache(args, student: Path, teacher: Path, out: Path, env: dict) -
     return {"path": str(cache), "seconds": round(time.time() - t0, 1)}
 
 
-def run_child(spec: dict, out: Path, env: dict, timeout: float = 1800) -> dict:
+def run_child(spec: dict, out: Path, env: dict, timeout: float = 1800, reuse: bool = False) -> dict:
     """One trainer in a fresh process; its result plus its peak RSS (ru_maxrss) and exit code."""
     tag = f"{spec['mode']}-{spec.get('trainer', '')}-b{spec.get('batch', 0)}"
     spec_path, res_path = out / f"spec-{tag}.json", out / f"result-{tag}.json"
     log_path = out / f"log-{tag}.txt"
+    full = {**spec, "result": str(res_path)}
+    if reuse and not spec.get("probe") and spec_path.is_file() and res_path.is_file() \
+            and json.loads(spec_path.read_text()) == full:
+        res = json.loads(res_path.read_text())
+        if "maxrss_bytes" in res:  # a finished run of the same spec (--reuse)
+            return res
     res_path.unlink(missing_ok=True)
-    spec_path.write_text(json.dumps({**spec, "result": str(res_path)}))
+    spec_path.write_text(json.dumps(full))
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peers", "--child", str(spec_path)],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -162,6 +168,8 @@ def run_child(spec: dict, out: Path, env: dict, timeout: float = 1800) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     res = json.loads(res_path.read_text()) if res_path.is_file() else {}
     res.update(rc=proc.returncode, maxrss_bytes=usage.ru_maxrss * 1024, log=str(log_path))
+    if proc.returncode == 0 and not spec.get("probe"):
+        res_path.write_text(json.dumps(res))
     if proc.returncode not in (0, EXIT_OVER_CAP) and not spec.get("probe"):
         sys.exit(f"child {tag} exited {proc.returncode}; see {log_path}\n"
                  f"{log_path.read_text()[-4000:]}")
@@ -184,14 +192,22 @@ def grow_sizes(start: int, limit: int, factor: float) -> list[int]:
 
 
 def max_batch(spec: dict, out: Path, env: dict, cap: int, start: int, limit: int,
-              factor: float) -> tuple[int, str, list]:
+              factor: float, estimate: bool = False) -> tuple[int, str, list]:
     """(largest micro-batch whose 2 steps ran under `cap` bytes of RSS, '>=' when the limit
     was reached first else '', [(batch, VmHWM bytes) per size that ran]): one child per
     trainer runs 2 steps at each size of grow_sizes(start, limit, factor), in one process
-    (the models and the trainer's set-up once), while a thread ends it at the cap."""
-    sizes = grow_sizes(start, limit, factor)
+    (the models and the trainer's set-up once), while a thread ends it at the cap.
+    estimate: 2 steps at start and 2 x start only, and the line through their peaks
+    extended to the cap ('~'): for models whose steps take too long for the search."""
+    sizes = grow_sizes(start, limit, factor) if not estimate else [start, 2 * start]
     r = run_child({**spec, "mode": "grow", "sizes": sizes, "cap": cap, "probe": True}, out, env)
     done = [(b, hwm) for b, hwm in r.get("grown", []) if hwm <= cap]
+    if estimate:  # a line through the peaks at start and 2 x start, to the cap
+        if len(done) < 2:
+            return 0, "< 2 x start, not estimated:", done
+        (b0, m0), (b1, m1) = done
+        per_seq = max((m1 - m0) / (b1 - b0), 1.0)
+        return int(b0 + (cap - m0) / per_seq), "~", done
     if not done:
         return 0, "", []
     best = done[-1][0]
@@ -490,7 +506,7 @@ def run(args) -> dict:
     for _rep in range(args.repeats):  # trainers alternate; each keeps its fastest run
         for t in trainers:
             spec = {**base, "trainer": t, "cache": cache and cache["path"]}
-            r = run_child(spec, out, env)
+            r = run_child(spec, out, env, reuse=args.reuse)
             r["tokens_per_s"] = tokens_per_s(r, args.warmup)
             r["tokens_per_s_runs"] = results.get(t, {}).get("tokens_per_s_runs", []) + [r["tokens_per_s"]]
             if t not in results or r["tokens_per_s"] > results[t]["tokens_per_s"]:
@@ -514,7 +530,7 @@ def run(args) -> dict:
         for t, r in results.items():
             spec = {**base, "trainer": t, "cache": cache and cache["path"]}
             b, qual, grown = max_batch(spec, out, env, cap, args.batch, args.max_batch_limit,
-                                       args.max_batch_factor)
+                                       args.max_batch_factor, args.max_batch_estimate)
             r["max_batch"], r["max_batch_qual"], r["max_batch_grown"] = b, qual, grown
             print(f"{TRAINERS[t]}: largest micro-batch under {mib(cap)}: {qual}{b} "
                   f"(ran: {', '.join(f'{x} ({mib(h)})' for x, h in grown)})", flush=True)
@@ -586,7 +602,11 @@ def table(s: dict, args) -> str:
         lines.append(f"Top-k cache (K = {args.k}): built in {s['cache']['seconds']:.0f} s (teacher pass over "
                      f"all {s['n_examples']} examples, process start included), not in the table's "
                      "tokens/s; its loss is the top-k approximation of the KD.")
-    if cap:
+    if cap and args.max_batch_estimate:
+        lines.append(f"Largest micro-batch (estimated, '~'): one process per trainer runs 2 steps at "
+                     f"micro-batch {args.batch} and at {2 * args.batch}; the line through their peak RSS, "
+                     f"extended to the cap ({mib(cap)}, the same for every trainer).")
+    elif cap:
         lines.append(f"Largest micro-batch: one process per trainer runs 2 steps at each micro-batch "
                      f"from {args.batch} up, x {args.max_batch_factor:g} each time (limit "
                      f"{args.max_batch_limit}), until a watchdog thread reading its RSS every 10 ms ends "
@@ -646,6 +666,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-limit", type=int, default=512)
     p.add_argument("--max-batch-factor", type=float, default=1.25,
                    help="growth of the micro-batch between the sizes of the search")
+    p.add_argument("--max-batch-estimate", action="store_true",
+                   help="no search: peaks at --batch and 2 x --batch, a line through them to the cap")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse the timed runs already in OUT's folder whose spec is the same")
     p.add_argument("--no-op", dest="op", action="store_false", help="skip the loss-function comparison")
     p.add_argument("--out", default=str(OUT_DIR / "peers.md"), help="markdown table (JSON beside it)")
     args = p.parse_args(argv)
