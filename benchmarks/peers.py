@@ -203,8 +203,8 @@ def max_batch(spec: dict, out: Path, env: dict, cap: int, start: int, limit: int
     r = run_child({**spec, "mode": "grow", "sizes": sizes, "cap": cap, "probe": True}, out, env)
     done = [(b, hwm) for b, hwm in r.get("grown", []) if hwm <= cap]
     if estimate:  # a line through the peaks at start and 2 x start, to the cap
-        if len(done) < 2:
-            return 0, "< 2 x start, not estimated:", done
+        if len(done) < 2:  # 2 x start went over the cap: between start and 2 x start - 1
+            return start, f"{start}-{2 * start - 1}" if done else f"<{start}", done
         (b0, m0), (b1, m1) = done
         per_seq = max((m1 - m0) / (b1 - b0), 1.0)
         return int(b0 + (cap - m0) / per_seq), "~", done
@@ -532,7 +532,8 @@ def run(args) -> dict:
             b, qual, grown = max_batch(spec, out, env, cap, args.batch, args.max_batch_limit,
                                        args.max_batch_factor, args.max_batch_estimate)
             r["max_batch"], r["max_batch_qual"], r["max_batch_grown"] = b, qual, grown
-            print(f"{TRAINERS[t]}: largest micro-batch under {mib(cap)}: {qual}{b} "
+            shown = qual if qual[:1].isdigit() or qual[:1] == "<" else f"{qual}{b}"
+            print(f"{TRAINERS[t]}: largest micro-batch under {mib(cap)}: {shown} "
                   f"(ran: {', '.join(f'{x} ({mib(h)})' for x, h in grown)})", flush=True)
 
     op = None
@@ -559,7 +560,8 @@ def run(args) -> dict:
                "n_examples": len(examples), "cache": cache, "cap_bytes": cap, "check": check, "op": op,
                "wall_s": round(time.time() - t_start, 1),
                "trainers": results,
-               "trl_missing": not have_trl, "liger_run": on_gpu and have_trl}
+               "trl_missing": not have_trl, "liger_run": on_gpu and have_trl,
+               "args": {k: v for k, v in vars(args).items()}}
     return summary
 
 
@@ -580,7 +582,9 @@ def table(s: dict, args) -> str:
     for t, r in s["trainers"].items():
         vs_t = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x" if trl else "-"
         vs_m = f"{r['maxrss_bytes'] / trl['maxrss_bytes']:.2f}x" if trl else "-"
-        mb = f"{r.get('max_batch_qual', '')}{r['max_batch']}" if "max_batch" in r else "-"
+        qual = r.get("max_batch_qual", "")
+        mb = "-" if "max_batch" not in r else qual if qual[:1].isdigit() or qual[:1] == "<" \
+            else f"{qual}{r['max_batch']}"
         lines.append(f"| {TRAINERS[t]} | {r['tokens_per_s']:.0f} | {vs_t} | {mib(r['maxrss_bytes'])} | "
                      f"{vs_m} | {mib(r['rss_setup_bytes'])} | {mb} | {r['losses'][0]:.6f} | "
                      f"{r['losses'][-1]:.6f} |")
@@ -672,9 +676,14 @@ def main(argv=None) -> int:
                    help="reuse the timed runs already in OUT's folder whose spec is the same")
     p.add_argument("--no-op", dest="op", action="store_false", help="skip the loss-function comparison")
     p.add_argument("--out", default=str(OUT_DIR / "peers.md"), help="markdown table (JSON beside it)")
+    p.add_argument("--render", metavar="JSON", help="only write the table again from a run's JSON")
     args = p.parse_args(argv)
     args.argv = argv
-    s = run(args)
+    if args.render:
+        s = json.loads(Path(args.render).read_text())
+        args = argparse.Namespace(**{**vars(args), **s.get("args", {}), "out": args.out})
+    else:
+        s = run(args)
     text = table(s, args)
     print("\n" + text)
     out = Path(args.out)
