@@ -503,10 +503,16 @@ def run(args) -> dict:
         trainers.append("trl-gkd-liger")
     cache = build_topk_cache(args, student, teacher, out, env) if args.k else None
     results = {}
+    if args.parallel:  # every trainer at once: the losses only (the timings share the cores)
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(len(trainers)) as pool:
+            futures = {t: pool.submit(run_child, {**base, "trainer": t, "cache": cache and cache["path"]},
+                                      out, env) for t in trainers}
+        done = {t: f.result() for t, f in futures.items()}
     for _rep in range(args.repeats):  # trainers alternate; each keeps its fastest run
         for t in trainers:
             spec = {**base, "trainer": t, "cache": cache and cache["path"]}
-            r = run_child(spec, out, env, reuse=args.reuse)
+            r = done[t] if args.parallel else run_child(spec, out, env, reuse=args.reuse)
             r["tokens_per_s"] = tokens_per_s(r, args.warmup)
             r["tokens_per_s_runs"] = results.get(t, {}).get("tokens_per_s_runs", []) + [r["tokens_per_s"]]
             if t not in results or r["tokens_per_s"] > results[t]["tokens_per_s"]:
@@ -676,6 +682,8 @@ def main(argv=None) -> int:
                    help="reuse the timed runs already in OUT's folder whose spec is the same")
     p.add_argument("--no-op", dest="op", action="store_false", help="skip the loss-function comparison")
     p.add_argument("--out", default=str(OUT_DIR / "peers.md"), help="markdown table (JSON beside it)")
+    p.add_argument("--parallel", action="store_true",
+                   help="run the trainers at the same time (a quick loss check: timings not comparable)")
     p.add_argument("--render", metavar="JSON", help="only write the table again from a run's JSON")
     args = p.parse_args(argv)
     args.argv = argv
