@@ -49,6 +49,11 @@ prada_fast's ZeRO-3 engines take any micro-batch, TRL gets a new GKDTrainer per 
 while a thread reads its RSS from /proc every 10 ms and ends it at the cap; the largest size
 that ran is the answer (">=" when --max-batch-limit came first).
 
+The children run with OMP_WAIT_POLICY=PASSIVE (--omp-wait-policy) unless the environment
+sets it: on a 2-core machine that other jobs share, OpenMP's spinning threads made TRL's
+step 5-10x slower at 2 threads (and prada_fast's much less), an artefact of the load, not
+of either trainer (benchmarks/RESULTS.md).
+
 Beside the trainers: TRL's `_chunked_divergence_loss` (DistillationTrainer's loss; beta 0,
 tau 1) and prada_loss (alpha 0, tau 1) at one micro-batch's shapes (N real tokens,
 the models' H, H_t, V): forward + backward time and peak memory above the inputs
@@ -481,6 +486,8 @@ def run(args) -> dict:
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
                PRADA_FAST_CACHE=str(out / "fit-cache"))
+    if args.omp_wait_policy and "OMP_WAIT_POLICY" not in os.environ:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     t_start = time.time()
     vers = versions()
     have_trl = vers["trl"] is not None
@@ -559,7 +566,8 @@ def run(args) -> dict:
 
     summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": vers,
                "command": "python -m benchmarks.peers " + " ".join(args.argv),
-               "machine": f"{os.cpu_count()} CPUs, load average {load_before:.1f} before the runs",
+               "machine": f"{os.cpu_count()} CPUs, load average {load_before:.1f} before the runs, "
+                          f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', '(unset)')}",
                "device": "cuda" if on_gpu else "cpu", "student": args.student, "teacher": args.teacher,
                "shapes": {"student": [s_cfg.hidden_size, s_cfg.num_hidden_layers],
                           "teacher": [t_cfg.hidden_size, t_cfg.num_hidden_layers], "vocab": s_cfg.vocab_size},
@@ -669,6 +677,10 @@ def main(argv=None) -> int:
     p.add_argument("--ds", default=None, help="prada_fast's DeepSpeed config (default ds_configs/zero3.json)")
     p.add_argument("--repeats", type=int, default=1,
                    help="timed runs per trainer, alternating; the table keeps each one's fastest")
+    p.add_argument("--omp-wait-policy", default="PASSIVE",
+                   help="OMP_WAIT_POLICY of the children unless the environment sets one ('' leaves "
+                        "OpenMP's default): PASSIVE, because with spinning threads on a 2-core machine "
+                        "that other jobs share, a step of transformers' eager path (TRL) ran 5-10x slower")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of the first-batch loss check")
     p.add_argument("--no-max-batch", dest="max_batch", action="store_false")
