@@ -534,3 +534,25 @@ def test_pickled_student_weights_in_final_are_refused(tmp_path):
     torch.save(model.student.state_dict(), path / "pytorch_model.bin")
     with pytest.raises(ModelError, match=r"pytorch_model\.bin \(a pickle\)"):
         PradaModel.from_final(path)
+
+
+def test_a_world_of_one_chooses_another_port_when_its_port_is_taken():
+    """A single process picks a free port for its process group; when another process takes
+    it first (EADDRINUSE: seen in CI with runs started side by side), it picks again."""
+    import subprocess
+    import sys
+
+    from runner import REPO
+    code = (
+        "import os, socket\n"
+        "from prada_fast.common import distributed as du\n"
+        "busy = socket.socket(); busy.bind(('127.0.0.1', 0)); busy.listen()\n"
+        "taken = busy.getsockname()[1]; first = iter([taken]); free = du.free_port\n"
+        "du.free_port = lambda: next(first, None) or free()\n"
+        "info = du.setup(1.0)\n"
+        "print('world', info.world_size, 'moved', os.environ['MASTER_PORT'] != str(taken))\n"
+        "du.teardown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "MASTER_PORT", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "world 1 moved True" in proc.stdout, proc.stderr[-2000:]

@@ -45,6 +45,7 @@ def setup(timeout_min: float) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed. One process without a launcher gets
     the environment of a world of one."""
     import deepspeed
+    alone = "RANK" not in os.environ and "MASTER_PORT" not in os.environ  # we pick the port
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
@@ -61,9 +62,17 @@ def setup(timeout_min: float) -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
         if "OMP_NUM_THREADS" not in os.environ or local_world > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=timedelta(minutes=timeout_min))
+    for attempt in range(3):
+        if dist.is_initialized():
+            break
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                       timeout=timedelta(minutes=timeout_min))
+        except dist.DistNetworkError:
+            # a world of one on a port we chose, taken by another process since: choose again
+            if not alone or attempt == 2:
+                raise
+            os.environ["MASTER_PORT"] = str(free_port())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
