@@ -15,6 +15,7 @@ from prada_fast.common.flags import (
     FlagError,
     FlagParser,
     add_data_flags,
+    add_generation_flags,
     add_model_flags,
     add_run_flags,
     at_least,
@@ -25,7 +26,7 @@ from prada_fast.common.flags import (
 from prada_fast.data import DataError
 from prada_fast.models import PRESETS, ModelError
 
-from .generators import PROMPTS, RationaleError, build_generator, gen_tokenizer, make_prompter
+from .generators import RationaleError, build_generator, gen_tokenizer, make_prompter
 from .partial import check_settings, merge, read_partial, settings_of
 from .questions import load_questions, make_batches, run_batch
 
@@ -88,7 +89,7 @@ def sample_share(args, info, mine: list, done: dict, part_dir: Path) -> None:
 
 
 RANGES = {"samples": at_least(1), "sample_temperature": at_least(0), "top_p": within(0, 1, open_low=True),
-          "max_new_tokens": at_least(1), "answer_tokens": at_least(1), "batch_size": at_least(1)}
+          "batch_size": at_least(1)}
 
 
 def build_parser() -> FlagParser:
@@ -117,18 +118,13 @@ def build_parser() -> FlagParser:
                         "--temperature, the distillation temperature")
     deprecated(p, None, "--temperature", "sample_temperature", type=float, metavar="T")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per rationale")
-    p.add_argument("--answer-tokens", type=int, default=16,
-                   help="tokens of the answer-extraction step (a sample that states no answer)")
+    add_generation_flags(p, None, ("max_new_tokens",), max_new_tokens=dict(
+        default=128, help="tokens per rationale (more than the evaluation's answers: a rationale "
+                          "is longer)"))
+    add_generation_flags(p, None, ("answer_tokens",))
     p.add_argument("--batch-size", type=int, default=32,
                    help="sequences per generate call (questions per batch: this / --samples)")
-    p.add_argument("--prompt", choices=PROMPTS, default="auto",
-                   help="cot: zero-shot chain of thought ('Let's think step by step.', in the "
-                        "tokenizer's chat template when it has one); prada: 'Q: ...\\nA:', the "
-                        "format a teacher fitted by prada_fast knows; auto: prada for such a "
-                        "teacher (a preset, or a directory with prada_teacher_fit.json), else cot")
-    p.add_argument("--prompt-template", metavar="FILE",
-                   help="a text file with {question}: the first step's prompt instead of --prompt")
+    add_generation_flags(p, None, ("prompt", "prompt_template"))
     p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
                    help="hf: transformers' generate; vllm: vLLM's offline engine (needs vllm and "
                         "a GPU); auto: vllm when both are there and the teacher is a directory")
