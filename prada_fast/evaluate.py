@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from prada_fast.common import distributed as dist_util
-from prada_fast.common.exits import ExitCode
+from prada_fast.common.exits import ExitCode, run_command
 from prada_fast.common.files import write_json_atomic, write_text_atomic
 from prada_fast.common.flags import (
     FlagError,
@@ -212,17 +212,8 @@ def write_outputs(args, report: dict, rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # --help (0), or a bad flag (2, its one line printed)
-        return e.code if isinstance(e.code, int) else ExitCode.BAD_INPUT
     from prada_fast.teacher.rationales.generators import RationaleError
-    try:
-        return evaluate(args)
-    except (DataError, ModelError, RationaleError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
+    return run_command(lambda: parse_args(argv), evaluate, (DataError, ModelError, RationaleError))
 
 
 if __name__ == "__main__":

@@ -22,18 +22,22 @@ GENERATION = ["--max-new-tokens", "20", "--eval-batch-size", "3"]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, ds_config):
-    """A tiny training run (no teacher, no domain loss: it learns the answer format fast)."""
+    """A tiny training run that learns the answer format in 40 steps: no teacher, no domain
+    loss, a constant lr after 2 warm-up steps (the test config's batch of 8)."""
     from prada_fast.train import main
     tmp = tmp_path_factory.mktemp("evaluate")
     data = tmp / "yn.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cfg = json.loads(ds_config.read_text())
+    cfg["scheduler"]["params"].update(warmup_num_steps=2, cos_min_ratio=1.0)
+    (tmp / "ds.json").write_text(json.dumps(cfg))
     out = tmp / "run"
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                      "MASTER_PORT": str(free_port())}.items():
             mp.setenv(k, v)
         code = main(["--data", f"jsonl:{data}?question=q&answer=a&domain_field=d", "--teacher", "none",
-                     "--no-domain-loss", "--max-steps", "25", "--lr", "1e-2", "--ds", str(ds_config),
+                     "--no-domain-loss", "--max-steps", "40", "--lr", "5e-3", "--ds", str(tmp / "ds.json"),
                      "--eval-per-domain", "4", "--max-len", "48", "--no-progress", "--log-every", "5",
                      *GENERATION, "--output-dir", str(out)])
     assert code == 0

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from prada_fast.common import distributed as dist_util
-from prada_fast.common.exits import ExitCode
+from prada_fast.common.exits import ExitCode, run_command
 from prada_fast.common.flags import (
     FlagError,
     FlagParser,
@@ -151,13 +150,4 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # --help (0), or a bad flag (2, its one line printed)
-        return e.code if isinstance(e.code, int) else ExitCode.BAD_INPUT
-    try:
-        return generate_all(args)
-    except (RationaleError, DataError, ModelError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
+    return run_command(lambda: parse_args(argv), generate_all, (RationaleError, DataError, ModelError))
