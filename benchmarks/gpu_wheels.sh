@@ -2,7 +2,8 @@
 # Fills .whl/ with what a GPU machine without a package index lacks (its Python 3.12 has
 # torch, triton, transformers, numpy and pytest, not these): deepspeed, datasets,
 # liger-kernel, pytest-benchmark and their pure-Python dependencies, plus Apple's Cut
-# Cross-Entropy, a peer in the benchmarks. Versions: those installed here where they are.
+# Cross-Entropy, a peer in the benchmarks, and TRL with accelerate (benchmarks/peers.py's peer
+# trainer). Versions: those installed here where they are.
 # Carry .whl/ with the checkout and install it there with
 #   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl   (benchmarks/gpu_session.sh does)
 #   bash benchmarks/gpu_wheels.sh
@@ -19,7 +20,7 @@ plat=(--only-binary=:all: --python-version 3.12 --implementation cp
       --platform any)
 pkgs=()
 for p in hjson pydantic pydantic-core annotated-types typing-inspection liger-kernel datasets dill \
-         multiprocess pytest-benchmark py-cpuinfo cut-cross-entropy; do
+         multiprocess pytest-benchmark py-cpuinfo cut-cross-entropy trl accelerate; do
   pkgs+=("$(pin "$p")")
 done
 python3 -m pip download -q --no-deps "${plat[@]}" -d .whl "${pkgs[@]}"

@@ -44,6 +44,7 @@ from prada_fast.common.flags import (
 )
 from prada_fast.data import DataError
 from prada_fast.models import PRESETS, ModelError
+from prada_fast.models.hub import real_preset_help
 
 DESCRIPTION = ("Per-domain answer accuracy of a model (a preset, a local causal LM directory, or a "
                "run's final/ with its soft prompt) on --data or on a run's held-out records: "
@@ -54,8 +55,10 @@ DESCRIPTION = ("Per-domain answer accuracy of a model (a preset, a local causal 
 def build_parser() -> FlagParser:
     p = FlagParser(prog="python -m prada_fast.evaluate", description=DESCRIPTION)
     p.add_argument("--model", metavar="DIR|PRESET",
-                   help=f"the model: a preset ({', '.join(PRESETS)}: random weights, seeded by "
-                        "--seed), a local Hugging Face causal LM directory, or a run's final/ "
+                   help=f"the model: a real pretrained preset ({real_preset_help()}: got and "
+                        "converted on first use, see `python -m prada_fast.models --help`), a preset "
+                        f"({', '.join(PRESETS)}: random weights, seeded by --seed), a local Hugging "
+                        "Face causal LM directory, or a run's final/ "
                         "directory (it holds prada_config.json: the student with its soft prompt). "
                         "Default with --held-out-of: RUN_DIR/final")
     add_data_flags(p, None, ("data",), data=dict(
@@ -143,6 +146,7 @@ def evaluate(args) -> int:
     from tqdm.auto import tqdm
 
     from prada_fast.models.final import load_any
+    from prada_fast.models.hub import resolve_args
     from prada_fast.teacher.rationales.generators import make_prompter
     from prada_fast.trainer.evaluation import accuracy_by_domain, answer_batch
     from prada_fast.trainer.report import print_accuracy_table
@@ -152,6 +156,8 @@ def evaluate(args) -> int:
     rank, world = (info.rank, info.world_size) if info else (0, 1)
     try:
         records, what = load_records(args)
+        # a real preset -> its directory (rank 0 gets and converts it once, the others wait)
+        resolve_args(args, ("model",), log=lambda m: print(f"[evaluate] {m}", flush=True))
         model, tok, final_meta = load_any(args.model, attn=args.attn, seed=args.seed)
         device = info.device if info else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device).eval()

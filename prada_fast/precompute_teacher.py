@@ -39,6 +39,7 @@ from prada_fast.trainer.flags import default_data  # noqa: E402
 from prada_fast.data import DataError  # noqa: E402
 from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, load_ds_config  # noqa: E402
 from prada_fast.models import PRESETS, ModelError, byte_tokenizer  # noqa: E402
+from prada_fast.models.hub import resolve_args  # noqa: E402
 
 ROW_CHUNK = 1024  # rows per top-k product (ROW_CHUNK x V logits at a time)
 RANGES = {"k": at_least(1), "batch_size": at_least(1), "crash_after": at_least(0)}
@@ -115,6 +116,7 @@ def run(args) -> int:
     from prada_fast.trainer.settings import data_settings, teacher_spec
     from prada_fast.trainer.engines import teacher_engine  # the trainer's frozen teacher
     info = dist_util.setup(args.dist_timeout)
+    resolve_args(args, log=log)  # real presets -> their directories, as the trainer does
     ds_cfg = load_ds_config(args.ds, world_size=info.world_size, device=info.device, max_steps=1)
     check_with_deepspeed(ds_cfg, args.ds)
     torch.manual_seed(args.seed)

@@ -52,6 +52,7 @@ from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, load_
 from prada_fast.trainer.engines import build_engines
 from prada_fast.models.final import export_final
 from prada_fast.models import ModelError, PradaConfig, PradaModel, check_same_vocab, load_causal_lm
+from prada_fast.models.hub import PRETRAINED_LR, is_pretrained, pretrained_warmup, resolve_args
 from prada_fast.trainer.packing import PackedCollator
 from prada_fast.trainer.preemption import Preempted
 from prada_fast.common.exits import ExitCode
@@ -109,8 +110,13 @@ def setup(args):
     config, the run directory)."""
     info = dist_util.setup(args.dist_timeout)
     run_dir = RunDir(Path(args.output_dir))
+    lr, warmup = args.lr, None
+    if args.lr is None and is_pretrained(args.student):  # models/hub.py: measured defaults
+        lr, warmup = PRETRAINED_LR, pretrained_warmup(args.max_steps)
+        log(f"pretrained student {args.student}: lr {lr:g}, {warmup} warm-up steps (--lr overrides)")
+    resolve_args(args, log=log)  # real presets -> their directories (rank 0 gets them once)
     ds_cfg = load_ds_config(args.ds, world_size=info.world_size, device=info.device,
-                            max_steps=args.max_steps, lr=args.lr)
+                            max_steps=args.max_steps, lr=lr, warmup_steps=warmup)
     check_with_deepspeed(ds_cfg, args.ds)
     dist_util.register_pid()
     torch.manual_seed(args.seed)
@@ -141,7 +147,7 @@ def build_models(args, data: RunData):
     model = PradaModel(student, PradaConfig(
         n_domains=len(data.domains), n_prompt=args.prompt_len, head=args.domain_head,
         mlp_hidden=args.mlp_hidden, loss_impl=args.loss_impl, pool=args.pool, adversary=args.adversary,
-        prompt_encoder=args.prompt_encoder, prompt_hidden=args.prompt_hidden))
+        prompt_encoder=args.prompt_encoder, prompt_hidden=args.prompt_hidden, pool_layer=args.pool_layer))
     if args.teacher_outputs:  # no teacher model: its outputs, read per micro-batch
         return model, open_teacher_outputs(args, tok, data, student), tok
     teacher = resolve_teacher(settings.teacher_spec(args), args.student, tok, data.train, data.collate,

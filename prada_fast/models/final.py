@@ -127,10 +127,12 @@ def is_final(name_or_path: str | os.PathLike) -> bool:
 
 
 def check_model(name_or_path: str) -> None:
-    """Check a model to evaluate without loading it: a preset, a run's final/ directory
-    (safetensors only) or a local model directory with its tokenizer; ModelError names it."""
+    """Check a model to evaluate without loading it: a preset, a real preset (got on first
+    use; a bad K raises), a run's final/ directory (safetensors only) or a local model
+    directory with its tokenizer; ModelError names it."""
+    from prada_fast.models.hub import parse_real
     from prada_fast.models.loading import PRESETS, check_model_dir
-    if name_or_path in PRESETS:
+    if name_or_path in PRESETS or parse_real(name_or_path):
         return
     check_model_dir(name_or_path, tokenizer=True, safetensors_only=is_final(name_or_path))
 

@@ -80,8 +80,9 @@ def check_model_dir(name_or_path: str, *, tokenizer: bool = True, safetensors_on
     what is missing. safetensors_only: pickled weights (pytorch_model.bin) are refused."""
     path = Path(name_or_path)
     if not path.is_dir():
-        raise ModelError(f"model {name_or_path!r}: not a preset ({', '.join(PRESETS)}) and not a "
-                         "local model directory")
+        from .hub import real_preset_help
+        raise ModelError(f"model {name_or_path!r}: not a preset ({', '.join(PRESETS)}, "
+                         f"{real_preset_help()}) and not a local model directory")
     if not (path / "config.json").is_file():
         raise ModelError(f"model directory {path}: no config.json (not a Hugging Face model directory)")
     cfg = _read_json(path / "config.json")
@@ -113,8 +114,9 @@ def check_model_dir(name_or_path: str, *, tokenizer: bool = True, safetensors_on
 
 def load_causal_lm(name_or_path: str, *, tokenizer=None, attn: str = "auto", dtype=None,
                    seed: int = 0, config_overrides: dict | None = None, safetensors_only: bool = False):
-    """A preset name (built from a config with random weights, seeded) or a local
-    Hugging Face model directory (`from_pretrained`). Returns (model, tokenizer).
+    """A preset name (built from a config with random weights, seeded), a real preset
+    (models/hub.py: pretrained weights, converted into a cached directory on first use) or a
+    local Hugging Face model directory (`from_pretrained`). Returns (model, tokenizer).
 
     config_overrides: fields set on top of a preset's config (e.g. {"vocab_size": 32000}:
     the benchmarks' larger vocabulary for the byte-vocabulary presets); presets only.
@@ -137,6 +139,8 @@ def load_causal_lm(name_or_path: str, *, tokenizer=None, attn: str = "auto", dty
             model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn,
                                                      dtype=dtype or torch.float32)
         return model, tok
+    from .hub import resolve_model  # real presets (smollm2-135m[-lK]): a directory, got once
+    name_or_path = resolve_model(name_or_path)
     path = Path(name_or_path)
     check_model_dir(name_or_path, tokenizer=tokenizer is None, safetensors_only=safetensors_only)
     if config_overrides:

@@ -7,6 +7,8 @@ their gradients back to the partitions. Its settings: one PradaConfig (config.py
 greedy decoding: generation.py; what it saves to DIR/final and loads back: final.py."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -64,6 +66,10 @@ class PradaModel(nn.Module):
         self.prompt_encoder = (PromptEncoder(H, config.prompt_encoder, config.prompt_hidden).to(emb.dtype)
                                if config.prompt_encoder != "none" else None)
         self.domain_head = DomainHead(H, config.n_domains, config.head, config.mlp_hidden)
+        n_layers = len(self.backbone.layers)
+        if config.pool_layer is not None and config.pool_layer > n_layers:
+            raise ModelError(f"pool layer {config.pool_layer}: the student has {n_layers} decoder layers "
+                             f"(0: the input embeddings, 1..{n_layers}: a layer's output)")
         # The op reads these weights outside their modules' forward: let ZeRO-3 gather them.
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
         lm_head = student.get_output_embeddings()
@@ -108,10 +114,35 @@ class PradaModel(nn.Module):
             m = m & (labels == IGNORE_INDEX)
         return torch.cat([m.new_zeros(m.shape[0], self.n_prompt), m], 1).to(attention_mask.dtype)
 
+    @contextlib.contextmanager
+    def pooled_layer(self):
+        """Yields a dict that, after a forward of the student inside the block, holds under
+        "states" the output of decoder layer pool_layer (0: its input, the embeddings with
+        the soft prompt): what the domain features pool. Empty without a pool_layer (the
+        features are then the final normed hidden states, the op's input)."""
+        box, layer = {}, self.prada_config.pool_layer
+        if layer is None:
+            yield box
+            return
+
+        def keep(states):
+            box["states"] = states[0] if isinstance(states, tuple) else states
+        layers = self.backbone.layers
+        if layer == 0:
+            hook = layers[0].register_forward_pre_hook(
+                lambda m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        else:
+            hook = layers[layer - 1].register_forward_hook(lambda m, args, out: keep(out))
+        try:
+            yield box
+        finally:
+            hook.remove()
+
     def pooled_features(self, input_ids, attention_mask, labels):
-        """f (B, H): the student's final hidden states averaged over `pool_mask`."""
-        hidden, _ = self.hidden_states(input_ids, attention_mask)
-        return masked_mean(hidden, self.pool_mask(attention_mask, labels))
+        """f (B, H): the student's hidden states (final, or pool_layer's) averaged over `pool_mask`."""
+        with self.pooled_layer() as layer:
+            hidden, _ = self.hidden_states(input_ids, attention_mask)
+        return masked_mean(layer.get("states", hidden), self.pool_mask(attention_mask, labels))
 
     def packed_hidden_states(self, input_ids, attention_mask, position_ids, seq_index):
         """Final hidden states (rows, T, H) of packed rows (packing.py): each sequence's
@@ -149,10 +180,39 @@ class PradaModel(nn.Module):
             else attention_mask.bool()
         return hidden, targets, pool.to(attention_mask.dtype)
 
+    def question_lm_targets(self, input_ids, attention_mask, labels, seq_index=None):
+        """Next-token targets of the auxiliary language-model term, aligned with the hidden
+        states (padded: [prompt | tokens]; packed: the rows): at a question token (a real
+        token whose label is ignored: the prompt "Q: ...\nA:" of a source record, the whole
+        of a target record) whose next token, in the same sequence, is a question token too;
+        IGNORE_INDEX elsewhere (the first labelled token is the task term's)."""
+        question = (attention_mask != 0) & (labels == IGNORE_INDEX)
+        nxt = question[:, :-1] & question[:, 1:]
+        if seq_index is not None:
+            nxt = nxt & (seq_index[:, 1:] == seq_index[:, :-1])
+        targets = torch.full_like(input_ids, IGNORE_INDEX)
+        targets[:, :-1] = torch.where(nxt, input_ids[:, 1:], targets[:, 1:])
+        if seq_index is None and self.n_prompt:
+            targets = torch.cat([targets.new_full((targets.shape[0], self.n_prompt), IGNORE_INDEX),
+                                 targets], 1)
+        return targets
+
+    def question_lm_loss(self, hidden, targets):
+        """Mean cross-entropy of the question tokens' next tokens (`question_lm_targets`)
+        through the loss op on those rows only: the full logits are never built."""
+        lm_head = self.student.get_output_embeddings()
+        rows = targets != IGNORE_INDEX
+        if not bool(rows.any()):
+            return hidden.sum() * 0.0
+        lm, _ = prada_loss(hidden[rows].unsqueeze(0), lm_head.weight, targets[rows].unsqueeze(0),
+                           lm_bias=getattr(lm_head, "bias", None), alpha=1.0, impl=self.loss_impl)
+        return lm
+
     def forward(self, input_ids, attention_mask, labels, domain_labels, *, teacher_hidden=None,
                 teacher_weight=None, adv_lambda=1.0, num_valid_tokens=None, temperature=1.0,
                 alpha=0.5, use_domain=True, features_only=False, teacher_topk_ids=None,
-                teacher_topk_logprobs=None, position_ids=None, seq_index=None, question_index=None):
+                teacher_topk_logprobs=None, position_ids=None, seq_index=None, question_index=None,
+                lm_weight=0.0):
         """(loss, parts) of PRADA's objective on a batch. features_only: (pooled features f,
         domain logits) instead, no loss (a forward through this module, so that ZeRO-3
         gathers the soft prompt and the head for it). Packed rows (packing.py): position_ids
@@ -161,21 +221,29 @@ class PradaModel(nn.Module):
         (several rationales of it, numbered 0..Q-1) pool into one feature, so that the
         question counts once in the domain loss; each row keeps its task loss. adv_lambda:
         the adversary's scale (the schedule's lambda; with adversary "mmd", the MMD term's
-        weight)."""
+        weight). lm_weight: W of the auxiliary language-model term on every sequence's
+        question (targets included: task-adaptive pretraining's unlabelled text), W times
+        its mean over the batch's question tokens (`question_lm_loss`), in parts as "lm"."""
         if features_only:
             f = self.pooled_features(input_ids, attention_mask, labels)
             return f, self.domain_head(f)
         topk = {}  # the teacher as cached top-k log-probabilities
         if teacher_topk_ids is not None:
             topk = {"teacher_topk_ids": teacher_topk_ids, "teacher_topk_logprobs": teacher_topk_logprobs}
-        if seq_index is not None:
-            hidden, targets, pool = self._packed_inputs(input_ids, attention_mask, labels,
-                                                        position_ids, seq_index)
-        else:
-            hidden, targets, pool, teacher_hidden, topk = self._padded_inputs(
-                input_ids, attention_mask, labels, teacher_hidden, topk)
+        lm_targets = (self.question_lm_targets(input_ids, attention_mask, labels, seq_index)
+                      if lm_weight else None)  # before per_question renumbers seq_index
+        with self.pooled_layer() as layer:
+            if seq_index is not None:
+                hidden, targets, pool = self._packed_inputs(input_ids, attention_mask, labels,
+                                                            position_ids, seq_index)
+            else:
+                hidden, targets, pool, teacher_hidden, topk = self._padded_inputs(
+                    input_ids, attention_mask, labels, teacher_hidden, topk)
+        features = layer.get("states", hidden)  # what the domain features pool
         lm_head = self.student.get_output_embeddings()
-        linear_dom = use_domain and self.domain_head.kind == "linear"
+        # a linear head on the final states runs in the op; an MLP head or another layer's
+        # features in plain PyTorch below
+        linear_dom = use_domain and self.domain_head.kind == "linear" and "states" not in layer
         pool = pool.to(hidden.dtype)
         mmd = use_domain and self.adversary == "mmd"  # the head only watches; MMD aligns
         adversary, op_lambda = ("confusion", 0.0) if mmd else (self.adversary, adv_lambda)
@@ -193,9 +261,9 @@ class PradaModel(nn.Module):
             domain_labels=domain_labels if linear_dom else None,
             seq_index=seq_index if linear_dom else None,
             adv_lambda=op_lambda, adversary=adversary, impl=self.loss_impl, **topk)
-        # the pooled features, where plain PyTorch needs them (an MLP head, the MMD term)
-        f = masked_mean(hidden, pool, seq_index, n_seq) if use_domain and (mmd or not linear_dom) else None
-        if use_domain and not linear_dom:  # MLP head: plain PyTorch, either adversary
+        # the pooled features, where plain PyTorch needs them (an MLP head, another layer, MMD)
+        f = masked_mean(features, pool, seq_index, n_seq) if use_domain and (mmd or not linear_dom) else None
+        if use_domain and not linear_dom:  # plain PyTorch, either adversary
             grl = adversary == "grl"
             c = self.domain_head(grad_reverse(f, op_lambda) if grl else f.detach())
             c = c.to(torch.promote_types(c.dtype, torch.float32))
@@ -209,6 +277,10 @@ class PradaModel(nn.Module):
             align = mmd_term(f, domain_labels)
             loss = loss + (adv_lambda * align).to(loss.dtype)
             parts["mmd"] = align.detach()
+        if lm_weight:
+            lm = self.question_lm_loss(hidden, lm_targets)
+            loss = loss + (lm_weight * lm).to(loss.dtype)
+            parts["lm"] = lm.detach()
         return loss, parts
 
     @staticmethod

@@ -13,10 +13,11 @@ class ConfigError(ValueError):
 
 
 def load_ds_config(path: str | Path, *, world_size: int, device: torch.device, max_steps: int,
-                   lr: float | None = None) -> dict:
+                   lr: float | None = None, warmup_steps: int | None = None) -> dict:
     """The config with "auto" filled: bf16 on when the device supports it (CUDA with bf16),
     fp32 otherwise; micro batch from train_batch_size / (accumulation x world size);
-    scheduler lengths from max_steps."""
+    scheduler lengths from max_steps (an "auto" warm-up: warmup_steps when given, else a
+    twentieth of the run)."""
     path = Path(path)
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -80,7 +81,7 @@ def load_ds_config(path: str | Path, *, world_size: int, device: torch.device, m
     for key in ("total_num_steps", "warmup_num_steps", "warmup_max_lr"):
         if sched.get(key) == "auto":
             sched[key] = {"total_num_steps": max_steps,
-                          "warmup_num_steps": max(1, max_steps // 20),
+                          "warmup_num_steps": warmup_steps or max(1, max_steps // 20),
                           "warmup_max_lr": (opt or {}).get("params", {}).get("lr", 1e-3)}[key]
     return cfg
 

@@ -22,9 +22,11 @@ from prada_fast.common.flags import (
     at_least,
     check_data_flags,
     check_model_dirs,
+    deprecated,
     within,
 )
 from prada_fast.models import PRESETS
+from prada_fast.models.hub import PRETRAINED_LR, PRETRAINED_WARMUP
 from prada_fast.trainer.rundir import RunDirError, check_output_dir
 
 __all__ = ["DEFAULT_DS", "FlagError", "RANGES", "build_parser", "parse_args", "validate"]
@@ -38,7 +40,7 @@ RANGES = {
     "stop_after": at_least(0), "save_every": at_least(0), "keep_checkpoints": at_least(0),
     "probe_every": at_least(0), "max_bad_steps": at_least(1), "tokens_per_batch": at_least(0),
     "mlp_hidden": at_least(0), "prompt_hidden": at_least(0), "alpha": within(0, 1),
-    "grl_gamma": above(0), "lr": above(0),
+    "lambda_gamma": above(0), "lm_weight": at_least(0), "pool_layer": at_least(0), "lr": above(0),
 }
 
 
@@ -126,6 +128,13 @@ def build_parser() -> FlagParser:
                        help="positions the domain features average over: the question only, or "
                             "every token (rationale and answer too: the head can then tell "
                             "labelled sources from unlabelled targets by length alone)")
+    model.add_argument("--pool-layer", type=int, default=None, metavar="L",
+                       help="the domain features pool the output of the student's decoder layer L "
+                            "(0: the input embeddings) instead of its final normed hidden states: "
+                            "the adversary then works on an intermediate representation (the head "
+                            "runs in plain PyTorch beside the loss op; the layer probes of "
+                            "`python -m prada_fast.experiments.layers` show where the domain is "
+                            "readable). Default: the final states")
     add_model_flags(p, model, ("attn",))
 
     obj = p.add_argument_group("objective")
@@ -144,11 +153,25 @@ def build_parser() -> FlagParser:
                           "direction, and the head only watches (it trains, nothing flows back). "
                           "The default is what the comparison's tuning picked (docs/results.md)")
     add_knob_flags(p, obj, ("domain_head_lr_mult",))
-    obj.add_argument("--grl-schedule", choices=("dann", "constant"), default="dann",
-                     help="lambda schedule of the adversarial scale")
+    obj.add_argument("--lm-weight", type=float, default=0.0, metavar="W",
+                     help="W x an auxiliary language-model term on every record's question, the "
+                          "targets' too (task-adaptive pretraining, UDALM): the mean next-token CE "
+                          "of the question tokens, logged as lm; the baseline PRADA must beat (0: off)")
+    obj.add_argument("--lambda-schedule", choices=("dann", "constant"), default="dann",
+                     help="schedule of lambda, the adversary's scale (every adversary's: grl, "
+                          "confusion, mmd): the DANN ramp 2/(1+exp(-gamma p))-1 up to --lambda-max, "
+                          "or constant")
+    deprecated(p, obj, "--grl-schedule", "lambda_schedule", choices=("dann", "constant"))
     add_knob_flags(p, obj, ("lambda_max",))
-    obj.add_argument("--grl-gamma", type=float, default=10.0, help="gamma of the DANN schedule")
-    obj.add_argument("--lr", type=float, help="override the optimizer lr of the DeepSpeed config")
+    obj.add_argument("--lambda-gamma", type=float, default=10.0, help="gamma of the DANN schedule")
+    deprecated(p, obj, "--grl-gamma", "lambda_gamma", type=float)
+    obj.add_argument("--lr", type=float,
+                     help="override the optimizer lr of the DeepSpeed config. Default: the config's "
+                          f"lr, except for a pretrained student from `prada_fast.models` (a real "
+                          f"preset such as smollm2-135m-l8, or its directory): {PRETRAINED_LR:g} with "
+                          f"{PRETRAINED_WARMUP} warm-up steps (at most a tenth of the run), chosen by "
+                          "an lr sweep (docs/results.md): the configs' 2e-3 is for tiny students "
+                          "trained from scratch and wrecks a pretrained one")
 
     ev = p.add_argument_group("evaluation")
     add_generation_flags(p, ev, ("max_new_tokens", "eval_batch_size"))

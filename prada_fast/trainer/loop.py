@@ -32,7 +32,7 @@ from prada_fast.trainer.packing import position_counts
 from prada_fast.trainer.preemption import Preempted, StopRequest
 from prada_fast.trainer.rundir import RunDir
 
-PARTS = ("loss", "ce", "kd", "dom", "dom_acc", "mmd")  # mmd: --adversary mmd only
+PARTS = ("loss", "ce", "kd", "dom", "dom_acc", "mmd", "lm")  # mmd: --adversary mmd only; lm: --lm-weight
 
 
 class BadNumerics(RuntimeError):
@@ -56,6 +56,7 @@ class LoopSettings:
     alpha: float = 0.5
     temperature: float = 1.0
     use_domain: bool = True
+    lm_weight: float = 0.0              # the auxiliary language-model term on the questions
     adversary: str = "confusion"
     lambda_schedule: str = "dann"
     lambda_max: float = 1.0
@@ -104,7 +105,7 @@ def _optimizer_step(engine, teacher, micro, *, norm, lam, settings: LoopSettings
     for i, mb in enumerate(micro):
         loss, parts = micro_step(engine, teacher, mb, norm=norm, lam=lam,
                                  temperature=settings.temperature, alpha=settings.alpha,
-                                 use_domain=settings.use_domain,
+                                 use_domain=settings.use_domain, lm_weight=settings.lm_weight,
                                  inject_nan=inject_nan and i == 0)
         vals = [loss.item()] + [float(parts.get(k, 0.0)) for k in PARTS[1:]]
         sums += torch.tensor(vals + list(position_counts(mb, engine.module.n_prompt)),
@@ -170,6 +171,8 @@ def train_steps(engine, teacher, batches, settings: LoopSettings, *, start, run:
             last = totals.last = dict(zip(PARTS, means))
             if settings.adversary != "mmd" or not settings.use_domain:
                 del last["mmd"]
+            if not settings.lm_weight:
+                del last["lm"]
             probed = None
             if probe_batches and settings.probe_every and (
                     (step + 1) % settings.probe_every == 0 or step + 1 == settings.max_steps):

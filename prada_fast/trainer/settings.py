@@ -28,8 +28,9 @@ def loop_settings(args) -> LoopSettings:
         probe_every=args.probe_every, max_bad_steps=args.max_bad_steps, inject_nan=inject,
         show_progress=not args.no_progress, tensorboard=args.report_to == "tensorboard",
         alpha=args.alpha, temperature=args.temperature, use_domain=not args.no_domain_loss,
-        adversary=args.adversary, lambda_schedule=args.grl_schedule, lambda_max=args.lambda_max,
-        lambda_gamma=args.grl_gamma)
+        lm_weight=args.lm_weight,
+        adversary=args.adversary, lambda_schedule=args.lambda_schedule, lambda_max=args.lambda_max,
+        lambda_gamma=args.lambda_gamma)
 
 
 def run_config(args) -> dict:

@@ -24,6 +24,7 @@ from prada_fast.common.flags import (
 )
 from prada_fast.data import DataError
 from prada_fast.models import PRESETS, ModelError
+from prada_fast.models.hub import parse_real, real_preset_help, resolve_args
 
 from .generators import RationaleError, build_generator, gen_tokenizer, make_prompter
 from .partial import check_settings, merge, read_partial, settings_of
@@ -38,6 +39,7 @@ def generate_all(args) -> int:
     try:
         if out.exists() and not args.overwrite:
             raise RationaleError(f"--out {out} exists: pass --overwrite to replace it")
+        resolve_args(args, ("teacher",), log=lambda m: print(f"[rationales] {m}", flush=True))
         questions = load_questions(args.data, args.skip_bad, args.seed)
         # every rank checks: a refusal stops them all
         check_settings(part_dir, settings_of(args, len(questions)), info.rank)
@@ -101,8 +103,10 @@ def build_parser() -> FlagParser:
         ranges=RANGES)
     add_model_flags(p, None, ("teacher",), teacher=dict(
         required=True, default=None, metavar="DIR|PRESET",
-        help=f"a local Hugging Face model directory, or a preset ({', '.join(PRESETS)}: random "
-             "weights, for tests); required: there is no auto teacher to sample from"))
+        help=f"a local Hugging Face model directory, a real pretrained preset ({real_preset_help()}: "
+             "got and converted on first use, see `python -m prada_fast.models --help`), or a "
+             f"preset ({', '.join(PRESETS)}: random weights, for tests); required: there is no "
+             "auto teacher to sample from"))
     add_data_flags(p, None, ("data",), data=dict(
         required=True,
         help="questions with gold answers, repeatable: the trainer's --data grammar "
@@ -139,8 +143,13 @@ def validate(parser, args) -> None:
     """Paths and combinations (the ranges are checked before, from the parser)."""
     if not args.out.endswith(".jsonl"):
         raise FlagError("--out must name a .jsonl file")
-    if args.teacher not in PRESETS and not Path(args.teacher).is_dir():
-        raise FlagError(f"--teacher {args.teacher}: not a preset ({', '.join(PRESETS)}) and not a directory")
+    try:
+        real = parse_real(args.teacher)  # a real preset: got on first use (a bad K raises)
+    except ModelError as e:
+        raise FlagError(f"--teacher: {e}") from None
+    if args.teacher not in PRESETS and not real and not Path(args.teacher).is_dir():
+        raise FlagError(f"--teacher {args.teacher}: not a preset ({', '.join(PRESETS)}, "
+                        f"{real_preset_help()}) and not a directory")
     check_data_flags(parser, args)
 
 
