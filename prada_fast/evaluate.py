@@ -33,15 +33,8 @@ from pathlib import Path
 from prada_fast.common import distributed as dist_util
 from prada_fast.common.exits import ExitCode, run_command
 from prada_fast.common.files import write_json_atomic, write_text_atomic
-from prada_fast.common.flags import (
-    FlagError,
-    FlagParser,
-    add_data_flags,
-    add_generation_flags,
-    add_model_flags,
-    add_run_flags,
-    check_data_flags,
-)
+from prada_fast.common.flags import (FlagError, FlagParser, add_data_flags, add_generation_flags,
+                                     add_model_flags, add_run_flags, check_data_flags, generation_timeout)
 from prada_fast.data import DataError
 from prada_fast.models import PRESETS, ModelError
 from prada_fast.models.hub import real_preset_help
@@ -82,9 +75,8 @@ def build_parser() -> FlagParser:
     add_run_flags(p, None, ("seed",), seed=dict(
         help="seed of a preset's random weights and of synthetic data"))
     add_data_flags(p, None, ("skip_bad",))
-    add_run_flags(p, None, ("no_progress", "dist_timeout", "local_rank"), dist_timeout=dict(
-        default=30.0, help="how long ranks wait for each other in minutes (the slowest rank's share "
-                           "of the batches: longer than the trainer's collectives)"))
+    add_run_flags(p, None, ("no_progress", "dist_timeout", "local_rank"),
+                  dist_timeout=generation_timeout("batches"))
     return p
 
 

@@ -291,6 +291,13 @@ def add_generation_flags(parser, group=None, dests=GENERATION_FLAGS, **overrides
     add_flags(parser, group, dests, **overrides)
 
 
+def generation_timeout(what: str) -> dict:
+    """The --dist-timeout of a command whose ranks each generate for their share of `what`
+    before they meet again: longer than the trainer's."""
+    return dict(default=30.0, help=f"how long ranks wait for each other in minutes (the slowest "
+                                   f"rank's share of the {what}: longer than the trainer's collectives)")
+
+
 def deprecated(parser: FlagParser, group, old: str, dest: str, **kwargs) -> None:
     """An old name of a command's own flag `dest`, for one release (warns when used)."""
     (group if group is not None else parser).add_argument(

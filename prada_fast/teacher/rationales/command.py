@@ -17,6 +17,7 @@ from prada_fast.common.flags import (
     add_generation_flags,
     add_model_flags,
     add_run_flags,
+    generation_timeout,
     at_least,
     check_data_flags,
     deprecated,
@@ -133,9 +134,8 @@ def build_parser() -> FlagParser:
                         "a GPU); auto: vllm when both are there and the teacher is a directory")
     add_run_flags(p, None, ("seed",), seed=dict(help="seed of sampling and of synthetic data"))
     add_data_flags(p, None, ("skip_bad",))
-    add_run_flags(p, None, ("no_progress", "dist_timeout", "local_rank"), dist_timeout=dict(
-        default=30.0, help="how long ranks wait for each other in minutes (the slowest rank's "
-                           "share of the questions: longer than the trainer's collectives)"))
+    add_run_flags(p, None, ("no_progress", "dist_timeout", "local_rank"),
+                  dist_timeout=generation_timeout("questions"))
     return p
 
 
