@@ -25,6 +25,7 @@ in turn; rank 0 gathers the answers, prints the table and writes --out (JSON) an
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -34,7 +35,8 @@ from prada_fast.common import distributed as dist_util
 from prada_fast.common.exits import ExitCode, run_command
 from prada_fast.common.files import write_json_atomic, write_text_atomic
 from prada_fast.common.flags import (FlagError, FlagParser, add_data_flags, add_generation_flags,
-                                     add_model_flags, add_run_flags, check_data_flags, generation_timeout)
+                                     add_model_flags, add_run_flags, check_data_flags, flag,
+                                     generation_timeout)
 from prada_fast.data import DataError
 from prada_fast.models import PRESETS, ModelError
 from prada_fast.models.hub import real_preset_help
@@ -61,7 +63,8 @@ def build_parser() -> FlagParser:
              "the first N records of a spec; records without an answer are left out"))
     p.add_argument("--held-out-of", metavar="RUN_DIR",
                    help="instead of --data: the records that training run held out (rebuilt from "
-                        "its run_config.json, as the trainer chose them)")
+                        "its run_config.json, as the trainer chose them); its --max-new-tokens and "
+                        "--eval-batch-size too, unless given: the run's own table")
     p.add_argument("--out", metavar="FILE.json",
                    help="write the accuracies (per domain and overall, with the settings) as JSON")
     p.add_argument("--save-generations", metavar="FILE.jsonl",
@@ -80,8 +83,12 @@ def build_parser() -> FlagParser:
     return p
 
 
-def validate(parser, args) -> None:
-    """Every flag checked before any work: the data or the run, the model, the outputs."""
+RUN_SETTINGS = ("max_new_tokens", "eval_batch_size")  # taken from --held-out-of's run unless given
+
+
+def validate(parser, args, typed: tuple[str, ...] = ()) -> None:
+    """Every flag checked before any work: the data or the run, the model, the outputs.
+    With --held-out-of, the run's RUN_SETTINGS stand for the flags not `typed`."""
     from prada_fast.models.final import check_model
     from prada_fast.trainer.rundir import RunDir
     if bool(args.data) == bool(args.held_out_of):
@@ -94,6 +101,10 @@ def validate(parser, args) -> None:
             raise FlagError(f"--held-out-of {args.held_out_of}: no {run.run_config.name} (not a "
                             "training run's output directory)")
         args.model = args.model or str(run.final)
+        config = json.loads(run.run_config.read_text())
+        for dest in RUN_SETTINGS:
+            if flag(parser, dest) not in typed and dest in config:
+                setattr(args, dest, config[dest])
     if not args.model:
         raise FlagError("--model is required (a preset, a model directory or a run's final/)")
     try:
@@ -110,14 +121,14 @@ def validate(parser, args) -> None:
 
 def parse_args(argv=None):
     parser = build_parser()
-    return parser.parse_flags(argv, lambda args: validate(parser, args))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    typed = tuple(a.split("=", 1)[0] for a in argv if a.startswith("--"))
+    return parser.parse_flags(argv, lambda args: validate(parser, args, typed))
 
 
 def load_records(args):
     """(records, a line saying what they are)."""
     if args.held_out_of:
-        import json
-
         from prada_fast.trainer.rundir import RunDir
         from prada_fast.trainer.settings import held_out_records
         records, _, _ = held_out_records(json.loads(RunDir(Path(args.held_out_of)).run_config.read_text()))
@@ -198,7 +209,6 @@ def totals(rows: list[dict]) -> dict:
 
 
 def write_outputs(args, report: dict, rows: list[dict]) -> None:
-    import json
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out, report)

@@ -54,8 +54,9 @@ def alone(monkeypatch):
 
 def test_final_on_held_out_records_is_the_trainers_table(run, alone, tmp_path):
     out = tmp_path / "acc.json"
-    assert alone(["--held-out-of", str(run), *GENERATION, "--out", str(out), "--no-progress"]) == 0
+    assert alone(["--held-out-of", str(run), "--out", str(out), "--no-progress"]) == 0
     report = json.loads(out.read_text())
+    assert (report["max_new_tokens"], report["eval_batch_size"]) == (20, 3)  # the run's
     summary = json.loads((run / "summary.json").read_text())
     assert report["final"] and report["prompt"] == "prada" and report["model"] == str(run / "final")
     after = {d: v["accuracy_after"] for d, v in summary["domains"].items()}
