@@ -160,11 +160,13 @@ def test_defaults_and_edge_values_pass(tmp_path):
 # ----------------------------------------------------------------------------- every command's flags
 def _parsers():
     """Each command's parser, built as the command builds it."""
+    from prada_fast import evaluate
     from prada_fast.experiments.compare import flags as compare_flags
     from prada_fast.precompute_teacher import build_precompute_parser
     from prada_fast.teacher.rationales import build_parser as rationales_parser
     return {"train": build_parser(), "precompute_teacher": build_precompute_parser(),
-            "rationales": rationales_parser(), "compare": compare_flags.build_parser()}
+            "rationales": rationales_parser(), "compare": compare_flags.build_parser(),
+            "evaluate": evaluate.build_parser()}
 
 
 def test_shared_flags_are_the_same_flag_in_every_command():
@@ -220,11 +222,14 @@ def test_a_deprecated_name_warns_and_sets_the_new_flag(command, argv, old, new, 
     ("rationales", ["--teacher", "tiny-teacher", "--data", "synthetic:2:coinflip", "--out", "TMP/o.jsonl",
                     "--seed", "-1"]),
     ("compare", ["--output-dir", "TMP/cmp", "--max-steps", "0"]),
+    ("evaluate", ["--model", "tiny", "--data", "synthetic:2", "--out", "TMP/e.json",
+                  "--max-new-tokens", "0"]),
 ])
 def test_one_range_check_refuses_a_bad_value_in_every_command(command, argv, tmp_path, capsys, monkeypatch):
     import importlib
     module = {"train": "prada_fast.train", "precompute_teacher": "prada_fast.precompute_teacher",
-              "rationales": "prada_fast.rationales", "compare": "prada_fast.experiments.compare"}[command]
+              "rationales": "prada_fast.rationales", "compare": "prada_fast.experiments.compare",
+              "evaluate": "prada_fast.evaluate"}[command]
     monkeypatch.delenv("RANK", raising=False)
     argv = [a.replace("TMP", str(tmp_path)) for a in argv]
     code = importlib.import_module(module).main(argv)

@@ -188,6 +188,16 @@ def _collective_device(device=None):
     return device or "cpu"
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank (collective: every rank
+    calls it); [obj] without a process group."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """Whether `flag` is true on any rank (collective: every rank calls it)."""
     return all_mean([float(flag)], None)[0] > 0

@@ -135,6 +135,7 @@ def _shared() -> dict[str, Shared]:
     from prada_fast.models import PRESETS
     from prada_fast.models.hub import real_preset_help
     from prada_fast.models.prompts import PROMPT_ENCODERS
+    from prada_fast.teacher.rationales.generators import PROMPTS
     return {
         # run
         "ds": Shared(("--ds",), dict(default=str(DEFAULT_DS), metavar="JSON", help=(
@@ -208,6 +209,21 @@ def _shared() -> dict[str, Shared]:
                 "the domain head's learning rate over the student's (its own optimizer parameter "
                 "group; needs a scheduler that keeps each group's lr, as the shipped configs' "
                 "WarmupCosineLR; 1 puts the head in the student's group)")), above(0)),
+        # generation: the evaluation's decoding, the prompts of instruct models
+        "max_new_tokens": Shared(("--max-new-tokens",), dict(type=int, default=80, help=(
+            "greedy decoding budget: tokens generated per answer")), at_least(1)),
+        "eval_batch_size": Shared(("--eval-batch-size",), dict(type=int, default=64, help=(
+            "prompts per generate call")), at_least(1)),
+        "prompt": Shared(("--prompt",), dict(choices=PROMPTS, default="auto", help=(
+            "cot: zero-shot chain of thought ('Let's think step by step.', in the tokenizer's "
+            "chat template when it has one); prada: 'Q: ...\\nA:', the format a model trained or "
+            "fitted by prada_fast knows; auto: prada for such a model (a preset, a directory with "
+            "prada_teacher_fit.json, a run's final/), else cot"))),
+        "prompt_template": Shared(("--prompt-template",), dict(metavar="FILE", help=(
+            "a text file with {question}: the first step's prompt instead of --prompt"))),
+        "answer_tokens": Shared(("--answer-tokens",), dict(type=int, default=16, help=(
+            "tokens of the answer-extraction step (a text that states no answer: a second, "
+            "greedy step asks for it)")), at_least(1)),
     }
 
 
@@ -216,7 +232,9 @@ DATA_FLAGS = ("data", "source_domains", "target_domains", "skip_bad", "max_len",
 MODEL_FLAGS = ("student", "teacher", "teacher_steps", "teacher_lr", "teacher_fit_cache", "attn",
                "temperature")
 KNOB_FLAGS = ("prompt_len", "prompt_encoder", "lambda_max", "domain_head_lr_mult")
-SHARED_FLAGS = (*RUN_FLAGS, "max_steps", "log_every", *DATA_FLAGS, *MODEL_FLAGS, *KNOB_FLAGS)
+GENERATION_FLAGS = ("max_new_tokens", "eval_batch_size", "prompt", "prompt_template", "answer_tokens")
+SHARED_FLAGS = (*RUN_FLAGS, "max_steps", "log_every", *DATA_FLAGS, *MODEL_FLAGS, *KNOB_FLAGS,
+                *GENERATION_FLAGS)
 
 
 def shared(dest: str) -> Shared:
@@ -265,6 +283,19 @@ def add_model_flags(parser, group=None, dests=MODEL_FLAGS, **overrides) -> None:
 def add_knob_flags(parser, group=None, dests=KNOB_FLAGS, **overrides) -> None:
     """PRADA's knobs: the soft prompt and its encoder, the adversary's scale, the head's lr."""
     add_flags(parser, group, dests, **overrides)
+
+
+def add_generation_flags(parser, group=None, dests=GENERATION_FLAGS, **overrides) -> None:
+    """Greedy decoding (budget, batch) and the prompt of an instruct model (cot, prada, a
+    template; the answer-extraction step)."""
+    add_flags(parser, group, dests, **overrides)
+
+
+def generation_timeout(what: str) -> dict:
+    """The --dist-timeout of a command whose ranks each generate for their share of `what`
+    before they meet again: longer than the trainer's."""
+    return dict(default=30.0, help=f"how long ranks wait for each other in minutes (the slowest "
+                                   f"rank's share of the {what}: longer than the trainer's collectives)")
 
 
 def deprecated(parser: FlagParser, group, old: str, dest: str, **kwargs) -> None:

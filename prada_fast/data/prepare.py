@@ -178,3 +178,18 @@ def check_lengths(stats: dict, on_long: str | None) -> str | None:
                         "labelled token of each")
     return (f"warning: {what}; --on-long truncate: they train the domain loss only "
             f"(--max-len {stats['max_len_one_label']} would keep a labelled token of each)")
+
+
+def load_answered(specs, *, skip_bad: bool = False, seed: int = 0):
+    """The records of the specs that have a gold answer, in order, each spec whole or its
+    first N (`#N`): the evaluation's input. Returns (records, bad records skipped, records
+    without an answer left out); DataError when none has an answer."""
+    records, skipped, unanswered = [], 0, 0
+    for spec in specs:
+        recs, n_bad = load_spec(spec, skip_bad=skip_bad, seed=seed)
+        skipped += n_bad
+        unanswered += sum(r.answer is None for r in recs)
+        records += [r for r in recs if r.answer is not None]
+    if not records:
+        raise DataError(f"--data {' '.join(specs)}: no record with a gold answer to grade")
+    return records, skipped, unanswered

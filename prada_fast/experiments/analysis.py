@@ -2,7 +2,6 @@
 features of a finished run, their PCA and a domain probe on them, and the loss curves."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -13,6 +12,7 @@ import torch
 from prada_fast.common.distributed import torch_threads
 from prada_fast.trainer.probes import one_thread, probe_accuracy  # noqa: F401 (probe_accuracy: re-exported)
 from prada_fast.trainer.rundir import RunDir
+from prada_fast.trainer.settings import held_out_records
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -79,16 +79,6 @@ def mean_curves(runs: list[list[dict]], keys=("ce", "kd", "dom")) -> dict:
         aggs = [aggregate(v) for v in per_step]
         out[key] = {"mean": [a["mean"] for a in aggs], "std": [a["std"] for a in aggs]}
     return out
-
-
-def held_out_records(run_config: dict):
-    """The held-out records of a finished run, exactly as the trainer chose and encoded
-    them (from its run_config.json): (records, domains, args)."""
-    from prada_fast.data.prepare import load_run_data
-    from prada_fast.trainer.settings import data_settings
-    args = argparse.Namespace(**run_config)
-    data = load_run_data(data_settings(args))
-    return data.eval_records, data.domains, args
 
 
 @torch.no_grad()

@@ -119,3 +119,29 @@ def load_final(path: str | os.PathLike, attn: str = "auto", loss_impl: str = "au
         model.soft_prompt.data.copy_(state["soft_prompt"])
     model.domain_head.load_state_dict(state["domain_head"])
     return model, tok, meta
+
+
+def is_final(name_or_path: str | os.PathLike) -> bool:
+    """Whether a --model names a run's final/ directory (it holds prada_config.json)."""
+    return (Path(name_or_path) / META_FILE).is_file()
+
+
+def check_model(name_or_path: str) -> None:
+    """Check a model to evaluate without loading it: a preset, a real preset (got on first
+    use; a bad K raises), a run's final/ directory (safetensors only) or a local model
+    directory with its tokenizer; ModelError names it."""
+    from prada_fast.models.hub import parse_real
+    from prada_fast.models.loading import PRESETS, check_model_dir
+    if name_or_path in PRESETS or parse_real(name_or_path):
+        return
+    check_model_dir(name_or_path, tokenizer=True, safetensors_only=is_final(name_or_path))
+
+
+def load_any(name_or_path: str, *, attn: str = "auto", seed: int = 0):
+    """(model, tokenizer, the final/ metadata or None): a run's final/ directory as the
+    PradaModel it saved (soft prompt applied), else a preset (seeded random weights) or a
+    local causal LM directory (load_causal_lm)."""
+    if is_final(name_or_path):
+        return load_final(name_or_path, attn=attn)
+    model, tok = load_causal_lm(name_or_path, attn=attn, seed=seed)
+    return model, tok, None

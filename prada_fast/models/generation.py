@@ -1,6 +1,6 @@
-"""Greedy decoding with the PRADA model (its soft prompt in front of the input), and the
-left-padded batches of token ids that decoding starts from (the evaluation's and the
-rationale generators')."""
+"""Greedy decoding with the PRADA model (its soft prompt in front of the input) or any
+causal LM, and the left-padded batches of token ids that decoding starts from (the
+evaluation's and the rationale generators')."""
 from __future__ import annotations
 
 import torch
@@ -31,3 +31,22 @@ def greedy_generate(model, input_ids, attention_mask, max_new_tokens: int, eos_t
     return model.student.generate(inputs_embeds=emb, attention_mask=mask, do_sample=False,
                                   max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                   pad_token_id=pad_token_id)
+
+
+@torch.no_grad()
+def greedy_texts(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The greedy continuations of `prompts` (texts, tokenized without special tokens added:
+    a chat template brings its own) in one left-padded batch, with the KV cache, by a
+    PradaModel (soft prompt in front) or a plain causal LM; the generated text alone."""
+    seqs = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = left_pad(seqs, pad)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    if hasattr(model, "soft_prompt"):  # a PradaModel: generates from embeddings, new tokens only
+        out = model.generate(ids, mask, max_new_tokens, tokenizer.eos_token_id, pad)
+    else:
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, temperature=None,
+                             top_p=None, top_k=None, max_new_tokens=max_new_tokens, use_cache=True,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)[:, ids.shape[1]:]
+    return tokenizer.batch_decode(out, skip_special_tokens=True)

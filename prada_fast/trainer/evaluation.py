@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from prada_fast.data.format import grade, prompt_text
-from prada_fast.models.generation import left_pad
+from prada_fast.data.format import ANSWER_MARKER, grade, prompt_text
+from prada_fast.models.generation import greedy_texts
 from prada_fast.trainer.probes import probe_accuracy
 
 
@@ -18,19 +18,47 @@ def answer_accuracy(model, tokenizer, records, *, max_new_tokens: int = 96,
     """Fraction of records per domain whose greedy completion states the gold answer."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    hits: dict[str, list[bool]] = {}
-    for s in range(0, len(records), batch_size):
-        batch = records[s:s + batch_size]
-        prompts = [tokenizer(prompt_text(r), add_special_tokens=False).input_ids for r in batch]
-        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-        out = model.generate(ids.to(device), mask.to(device), max_new_tokens,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        for r, text in zip(batch, texts):
-            hits.setdefault(r.domain, []).append(grade(text, r.answer)[1])
+    rows = [row for s in range(0, len(records), batch_size)
+            for row in answer_batch(model, tokenizer, records[s:s + batch_size],
+                                    max_new_tokens=max_new_tokens)]
     model.train(was_training)
-    return {d: sum(h) / len(h) for d, h in sorted(hits.items())}
+    return {d: v["accuracy"] for d, v in accuracy_by_domain(rows).items()}
+
+
+def answer_batch(model, tokenizer, records, *, max_new_tokens: int, prompter=None,
+                 answer_tokens: int = 0) -> list[dict]:
+    """Per record of one batch, greedily decoded (models.generation.greedy_texts): the
+    generated text, the answer read from it and whether it is the gold one
+    (data.format.grade), and the domain. prompter: the prompts of an instruct model (a
+    teacher.rationales Prompter: `first(question)`, `second(question, rationale)`); None:
+    the trainer's own "Q: ...\nA:". answer_tokens > 0: a text that states no answer gets a
+    second greedy step of that many tokens asking for it (Kojima et al.'s extraction)."""
+    from prada_fast.teacher.rationales.generators import split_sample
+    firsts = [prompter.first(r.question) if prompter else prompt_text(r) for r in records]
+    texts = greedy_texts(model, tokenizer, firsts, max_new_tokens)
+    if answer_tokens and prompter is not None:
+        pending = [(i, split_sample(t)[0]) for i, t in enumerate(texts)
+                   if not split_sample(t)[1] and split_sample(t)[0]]
+        if pending:
+            seconds = [prompter.second(records[i].question, rationale) for i, rationale in pending]
+            answers = greedy_texts(model, tokenizer, seconds, answer_tokens)
+            for (i, rationale), answer in zip(pending, answers):
+                texts[i] = f"{rationale} {ANSWER_MARKER.strip()}{answer}"
+    rows = []
+    for r, text in zip(records, texts):
+        predicted, correct = grade(text, r.answer)
+        rows.append({"question": r.question, "gold": r.answer, "generated": text,
+                     "predicted": predicted, "correct": correct, "domain": r.domain})
+    return rows
+
+
+def accuracy_by_domain(rows: list[dict]) -> dict[str, dict]:
+    """Per domain (sorted) of `answer_batch`'s rows: records, correct ones, accuracy."""
+    hits: dict[str, list[bool]] = {}
+    for row in rows:
+        hits.setdefault(row["domain"], []).append(row["correct"])
+    return {d: {"records": len(h), "correct": sum(h), "accuracy": sum(h) / len(h)}
+            for d, h in sorted(hits.items())}
 
 
 @torch.no_grad()

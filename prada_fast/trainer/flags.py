@@ -15,6 +15,7 @@ from prada_fast.common.flags import (
     FlagParser,
     above,
     add_data_flags,
+    add_generation_flags,
     add_knob_flags,
     add_model_flags,
     add_run_flags,
@@ -40,7 +41,6 @@ RANGES = {
     "probe_every": at_least(0), "max_bad_steps": at_least(1), "tokens_per_batch": at_least(0),
     "mlp_hidden": at_least(0), "prompt_hidden": at_least(0), "alpha": within(0, 1),
     "lambda_gamma": above(0), "lm_weight": at_least(0), "pool_layer": at_least(0), "lr": above(0),
-    "max_new_tokens": at_least(1), "eval_batch_size": at_least(1),
 }
 
 
@@ -174,8 +174,7 @@ def build_parser() -> FlagParser:
                           "trained from scratch and wrecks a pretrained one")
 
     ev = p.add_argument_group("evaluation")
-    ev.add_argument("--max-new-tokens", type=int, default=80, help="greedy decoding budget")
-    ev.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generate call")
+    add_generation_flags(p, ev, ("max_new_tokens", "eval_batch_size"))
     return p
 
 

@@ -2,7 +2,9 @@
 each stage takes: below the entry points no module reads a flag's name."""
 from __future__ import annotations
 
-from prada_fast.data.prepare import DataSettings
+import argparse
+
+from prada_fast.data.prepare import DataSettings, load_run_data
 from prada_fast.teacher.resolve import TeacherSpec
 from prada_fast.trainer.loop import LoopSettings
 
@@ -34,3 +36,11 @@ def loop_settings(args) -> LoopSettings:
 def run_config(args) -> dict:
     """What DIR/run_config.json records: every flag but the launcher's --local_rank."""
     return {k: v for k, v in vars(args).items() if k != "local_rank"}
+
+
+def held_out_records(run_config: dict):
+    """The held-out records of a finished run, exactly as the trainer chose them (from its
+    run_config.json): (records, domains, the run's flags as a namespace)."""
+    args = argparse.Namespace(**run_config)
+    data = load_run_data(data_settings(args))
+    return data.eval_records, data.domains, args

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from prada_fast.common import distributed as dist_util
-from prada_fast.common.exits import ExitCode
+from prada_fast.common.exits import ExitCode, run_command
 from prada_fast.common.flags import (
     FlagError,
     FlagParser,
     add_data_flags,
+    add_generation_flags,
     add_model_flags,
     add_run_flags,
+    generation_timeout,
     at_least,
     check_data_flags,
     deprecated,
@@ -26,7 +27,7 @@ from prada_fast.data import DataError
 from prada_fast.models import PRESETS, ModelError
 from prada_fast.models.hub import parse_real, real_preset_help, resolve_args
 
-from .generators import PROMPTS, RationaleError, build_generator, gen_tokenizer, make_prompter
+from .generators import RationaleError, build_generator, gen_tokenizer, make_prompter
 from .partial import check_settings, merge, read_partial, settings_of
 from .questions import load_questions, make_batches, run_batch
 
@@ -90,7 +91,7 @@ def sample_share(args, info, mine: list, done: dict, part_dir: Path) -> None:
 
 
 RANGES = {"samples": at_least(1), "sample_temperature": at_least(0), "top_p": within(0, 1, open_low=True),
-          "max_new_tokens": at_least(1), "answer_tokens": at_least(1), "batch_size": at_least(1)}
+          "batch_size": at_least(1)}
 
 
 def build_parser() -> FlagParser:
@@ -121,26 +122,20 @@ def build_parser() -> FlagParser:
                         "--temperature, the distillation temperature")
     deprecated(p, None, "--temperature", "sample_temperature", type=float, metavar="T")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per rationale")
-    p.add_argument("--answer-tokens", type=int, default=16,
-                   help="tokens of the answer-extraction step (a sample that states no answer)")
+    add_generation_flags(p, None, ("max_new_tokens",), max_new_tokens=dict(
+        default=128, help="tokens per rationale (more than the evaluation's answers: a rationale "
+                          "is longer)"))
+    add_generation_flags(p, None, ("answer_tokens",))
     p.add_argument("--batch-size", type=int, default=32,
                    help="sequences per generate call (questions per batch: this / --samples)")
-    p.add_argument("--prompt", choices=PROMPTS, default="auto",
-                   help="cot: zero-shot chain of thought ('Let's think step by step.', in the "
-                        "tokenizer's chat template when it has one); prada: 'Q: ...\\nA:', the "
-                        "format a teacher fitted by prada_fast knows; auto: prada for such a "
-                        "teacher (a preset, or a directory with prada_teacher_fit.json), else cot")
-    p.add_argument("--prompt-template", metavar="FILE",
-                   help="a text file with {question}: the first step's prompt instead of --prompt")
+    add_generation_flags(p, None, ("prompt", "prompt_template"))
     p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
                    help="hf: transformers' generate; vllm: vLLM's offline engine (needs vllm and "
                         "a GPU); auto: vllm when both are there and the teacher is a directory")
     add_run_flags(p, None, ("seed",), seed=dict(help="seed of sampling and of synthetic data"))
     add_data_flags(p, None, ("skip_bad",))
-    add_run_flags(p, None, ("no_progress", "dist_timeout", "local_rank"), dist_timeout=dict(
-        default=30.0, help="how long ranks wait for each other in minutes (the slowest rank's "
-                           "share of the questions: longer than the trainer's collectives)"))
+    add_run_flags(p, None, ("no_progress", "dist_timeout", "local_rank"),
+                  dist_timeout=generation_timeout("questions"))
     return p
 
 
@@ -164,13 +159,4 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # --help (0), or a bad flag (2, its one line printed)
-        return e.code if isinstance(e.code, int) else ExitCode.BAD_INPUT
-    try:
-        return generate_all(args)
-    except (RationaleError, DataError, ModelError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
+    return run_command(lambda: parse_args(argv), generate_all, (RationaleError, DataError, ModelError))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from prada_fast.data.format import ANSWER_MARKER, PROMPT
-from prada_fast.models import PRESETS, load_causal_lm
+from prada_fast.models import META_FILE, PRESETS, load_causal_lm
 
 COT_TRIGGER = "Let's think step by step."
 PROMPTS = ("auto", "cot", "prada")
@@ -54,8 +54,8 @@ def make_prompter(kind: str, template_file: str | None, teacher: str, tokenizer)
         if "{question}" not in text:
             raise RationaleError(f"--prompt-template {path}: no {{question}} placeholder")
         return Prompter("template", template=text.rstrip("\n"))
-    if kind == "auto":
-        fitted = teacher in PRESETS or (Path(teacher) / FIT_FILE).is_file()
+    if kind == "auto":  # a model prada_fast fitted or trained knows its own format
+        fitted = teacher in PRESETS or any((Path(teacher) / f).is_file() for f in (FIT_FILE, META_FILE))
         kind = "prada" if fitted else "cot"
     chat = tokenizer if kind == "cot" and getattr(tokenizer, "chat_template", None) else None
     return Prompter(kind, chat=chat)
