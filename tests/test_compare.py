@@ -291,3 +291,16 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
     assert "reused" in proc.stdout
     assert again["results"]["sorting"]["variants"]["prada-confusion"]["target_accuracy_after"] == \
         res["variants"]["prada-confusion"]["target_accuracy_after"]
+
+
+def test_each_training_run_is_a_job_of_its_own(monkeypatch, tmp_path):
+    """A launcher's variables in compare's environment (an in-process run before it: RANK,
+    MASTER_PORT of a process group that may still hold the port) never reach the trainer
+    runs it starts: each picks its own port (CI saw EADDRINUSE from an inherited one)."""
+    from prada_fast.experiments.compare.runs import trainer_env
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29511"}.items():
+        monkeypatch.setenv(k, v)
+    env = trainer_env(parse_args(["--output-dir", str(tmp_path / "cmp"), "--threads", "1"]))
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & env.keys()
+    assert env["OMP_NUM_THREADS"] == "1" and env["PATH"] == os.environ["PATH"]

@@ -53,8 +53,13 @@ def launcher(args) -> list[str]:
     return launch_cmd(TRAIN_SCRIPT, args.nproc)
 
 
+# A launcher's variables name this process's place in a job; each training run is a job of its own.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT")
+
+
 def trainer_env(args) -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.pop("OMP_NUM_THREADS", None)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
