@@ -8,10 +8,9 @@ import torch
 
 from prada_fast.data.format import Collator
 from prada_fast.models import PradaConfig, PradaModel, load_causal_lm
-from prada_fast.trainer.packing import PackedCollator
 
 from runner import FAST
-from test_packing import PAD, examples, rel
+from test_packing import PAD, examples, padded_and_packed, rel
 
 
 def _model(seed, n_prompt, dtype=torch.float32):
@@ -62,17 +61,9 @@ def test_packed_equals_padded_with_the_term(seed):
     g = torch.Generator().manual_seed(seed)
     model = _model(seed, n_prompt=5)
     exs = examples(g, 11, hi=37)
-    results = []
-    for collate in (Collator(PAD), PackedCollator(PAD, 5, 42)):
-        b = collate(exs)
-        extra = {k: b[k] for k in ("position_ids", "seq_index") if k in b}
-        model.zero_grad(set_to_none=True)
-        loss, parts = model(b["input_ids"], b["attention_mask"], b["labels"], b["domain_labels"],
-                            adv_lambda=0.3, lm_weight=0.8, **extra)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((loss.detach(), float(parts["lm"]), grads))
-    (l_pad, lm_pad, g_pad), (l_pack, lm_pack, g_pack) = results
+    (l_pad, p_pad, g_pad), (l_pack, p_pack, g_pack) = padded_and_packed(
+        model, exs, 42, adv_lambda=0.3, lm_weight=0.8)
+    lm_pad, lm_pack = p_pad["lm"], p_pack["lm"]
     assert lm_pad > 0 and abs(lm_pack - lm_pad) <= 1e-5 * lm_pad
     assert rel(l_pack, l_pad) < 1e-5
     assert g_pad.keys() == g_pack.keys()

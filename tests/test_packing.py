@@ -162,6 +162,21 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def padded_and_packed(model, exs, width, **forward):
+    """[(loss, parts, gradients)] of one forward and backward of `model` on `exs`, padded then
+    packed into rows of `width` positions (the model's own soft-prompt length)."""
+    out = []
+    for collate in (Collator(PAD), PackedCollator(PAD, model.n_prompt, width)):
+        b = collate(exs)
+        extra = {k: b[k] for k in ("position_ids", "seq_index") if k in b}
+        model.zero_grad(set_to_none=True)
+        loss, parts = model(b["input_ids"], b["attention_mask"], b["labels"], b["domain_labels"],
+                            **forward, **extra)
+        loss.backward()
+        out.append((loss.detach(), {k: float(v) for k, v in parts.items()}, _grads(model)))
+    return out
+
+
 @pytest.mark.parametrize("teacher,head,adversary", [
     (False, "none", "grl"), (True, "linear", "grl"), (True, "mlp", "confusion"),
     (False, "linear", "confusion"), (True, "none", "grl"), (False, "linear", "mmd"),

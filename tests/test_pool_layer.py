@@ -7,9 +7,8 @@ import torch
 
 from prada_fast.data.format import Collator
 from prada_fast.models import ModelError, PradaConfig, PradaModel, load_causal_lm
-from prada_fast.trainer.packing import PackedCollator
 
-from test_packing import PAD, examples, rel
+from test_packing import PAD, examples, padded_and_packed, rel
 
 
 def _model(seed, layer, adversary="confusion", dtype=torch.float32, head="linear"):
@@ -61,17 +60,8 @@ def test_packed_equals_padded_on_an_intermediate_layer(seed):
     g = torch.Generator().manual_seed(seed)
     model = _model(seed, 2, head="mlp")
     exs = examples(g, 9, hi=33)
-    results = []
-    for collate in (Collator(PAD), PackedCollator(PAD, 3, 40)):
-        b = collate(exs)
-        extra = {k: b[k] for k in ("position_ids", "seq_index") if k in b}
-        model.zero_grad(set_to_none=True)
-        loss, parts = model(b["input_ids"], b["attention_mask"], b["labels"], b["domain_labels"],
-                            adv_lambda=0.6, **extra)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((loss.detach(), float(parts["dom"]), grads))
-    (l_pad, d_pad, g_pad), (l_pack, d_pack, g_pack) = results
+    (l_pad, p_pad, g_pad), (l_pack, p_pack, g_pack) = padded_and_packed(model, exs, 40, adv_lambda=0.6)
+    d_pad, d_pack = p_pad["dom"], p_pack["dom"]
     assert rel(l_pack, l_pad) < 1e-5 and abs(d_pack - d_pad) <= 1e-5 * d_pad
     assert g_pad.keys() == g_pack.keys()
     for k in g_pad:

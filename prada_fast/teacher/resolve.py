@@ -31,11 +31,6 @@ class TeacherSpec:
         return self.seed + TEACHER_SEED_OFFSET
 
 
-def has_teacher(spec: TeacherSpec, student: str) -> bool:
-    """Whether `resolve_teacher` gives a model: not "none", and "auto" only for a preset student."""
-    return spec.name != "none" and (spec.name != "auto" or student in PRESETS)
-
-
 def teacher_provenance(spec: TeacherSpec, train_examples) -> dict:
     """What names the teacher of a run in a teacher cache's manifest: the auto fit's key (its
     preset, settings and training examples), a preset's name and init seed, or a hash of a

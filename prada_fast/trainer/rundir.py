@@ -44,9 +44,6 @@ class RunDir:
         return self.root / "tensorboard"
 
 
-RUN_FILE = RunDir(Path()).run_config.name
-
-
 class RunDirError(ValueError):
     """The output directory holds something we must not overwrite."""
 
