@@ -30,6 +30,14 @@ The trainers (each in a child process of its own, `--child SPEC`):
 - `TRL GKDTrainer + Liger-Kernel` (use_liger_kernel): on CUDA only; on a CPU it is reported
   as not run (Liger's kernels are Triton GPU kernels).
 
+On CUDA (--device auto or cuda): bf16 unless --dtype fp32 (prada_fast: DeepSpeed's bf16,
+fp32 master weights in the optimizer; TRL: bf16=True, autocast over fp32 student weights,
+the frozen teacher loaded in bf16), each step's end read after a device synchronisation,
+and each trainer's peak GPU memory (torch.cuda.max_memory_allocated / max_memory_reserved
+over the whole process) in a second table; the RSS-capped micro-batch search is skipped.
+--trainers T,... runs exactly those, in that order (the GPU session's `peers` stage runs
+one per process: benchmarks/tools/gpu_session.py).
+
 The objective: GKD's loss is generalized_jsd_loss(student, teacher, labels, beta) at its
 default temperature 1 (compute_loss passes no temperature; GKDConfig.temperature is the
 sampling temperature of its on-policy generation) with no cross-entropy term, summed over

@@ -342,7 +342,8 @@ def stage_peers(s: Session, rec: dict) -> None:
     rec["info"] = {"machine": machine(), "versions": versions(), "device": s.device, **_gpu_info(s),
                    "peers": {**p, "work": str(work)}}
     from benchmarks.peers import versions as peer_versions
-    rec["info"]["versions"].update(peer_versions())
+    have = {k.replace("_", "-") for k in rec["info"]["versions"]}
+    rec["info"]["versions"].update({k: v for k, v in peer_versions().items() if k not in have})  # + trl
     trainers = s.pick(list(PEERS))
     t0 = time.monotonic()
     problems = _import_problems(m for t in trainers for m in PEERS_IMPORTS[t])
