@@ -559,7 +559,7 @@ def run(args) -> dict:
     trainers = ["prada-live"] + (["prada-topk"] if args.k else []) + (["trl-gkd"] if have_trl else [])
     if have_trl and on_gpu:
         trainers.append("trl-gkd-liger")
-    if args.trainers:  # exactly these, in this order (TRL + Liger on a CPU too: Triton interpreted)
+    if args.trainers:  # exactly these, in this order (TRL + Liger on a CPU too, if asked for)
         trainers = args.trainers.split(",")
         bad = [t for t in trainers if t not in TRAINERS]
         if bad or ("prada-topk" in trainers and not args.k):
