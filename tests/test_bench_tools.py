@@ -298,3 +298,32 @@ def test_gpu_session_second_command_rehearsal(tmp_path, request):
     assert {p.name for p in out.iterdir()} == {"stage-peers.json", "peers.log"}  # what $OUT brings back
     assert "### peers" in proc.stdout and "prada_fast (live teacher)" in proc.stdout
     print(f"second command rehearsed in {took:.0f} s")
+
+
+def test_peers_table_on_gpu_records():
+    """benchmarks.peers' markdown from a CUDA run's summary (what only a GPU produces): the
+    precision named, the TRL + Liger row in the main table, a second table with the peak GPU
+    memory against TRL + Liger."""
+    import argparse
+
+    from benchmarks import peers
+
+    def trainer(tps, gib):
+        return {"tokens_per_s": tps, "maxrss_bytes": 3 * 2**30, "rss_setup_bytes": 2**30,
+                "losses": [0.23, 0.2], "bf16": True, "gpu_peak_allocated_bytes": gib * 2**30,
+                "gpu_peak_reserved_bytes": (gib + 1) * 2**30, "gpu_setup_allocated_bytes": 2**29,
+                "gpu_name": "NVIDIA H200"}
+
+    s = {"shapes": {"student": [576, 8], "teacher": [576, 30], "vocab": 49152},
+         "student": "smollm2-shape-l8", "teacher": "smollm2-shape-l30", "date": "2026-12-03 12:00 UTC",
+         "machine": "16 CPUs", "cap_bytes": None, "liger_run": True, "trl_missing": False, "check": None,
+         "cache": None, "op": None, "wall_s": 100.0, "n_examples": 1200,
+         "trainers": {"prada-live": trainer(300.0, 4), "trl-gkd-liger": trainer(200.0, 12),
+                      "trl-gkd": trainer(180.0, 13)}}
+    args = argparse.Namespace(steps=25, batch=128, max_len=256, threads=4, lr=1e-4, temperature=1.0,
+                              data="synthetic:400", k=0, max_batch_estimate=False)
+    text = peers.table(s, args)
+    assert "bf16 (prada_fast: DeepSpeed bf16" in text and "| TRL GKDTrainer + Liger-Kernel | 200 |" in text
+    assert "| trainer (NVIDIA H200) | real tokens/s | vs TRL GKDTrainer + Liger-Kernel |" in text
+    assert "| prada_fast (live teacher) | 300 | 1.50x | 4096 MiB | 0.33x | 5120 MiB | 512 MiB |" in text
+    assert "not run" not in text
