@@ -16,9 +16,15 @@ mkdir -p "$site"
 if [ -n "${GPU_SESSION_NO_WHEELS:-}" ]; then
   echo "GPU_SESSION_NO_WHEELS: .whl/ not installed, this machine's packages in use" >&2
 elif compgen -G ".whl/*.whl" >/dev/null; then
-  "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" .whl/*.whl 2>&1 | tail -3
-  echo "wheels installed: $(( $(date +%s) - GPU_SESSION_T0 )) s after the start" >&2
+  # the same wheels already there (an earlier call on this still-warm machine): not again
+  stamp="$site/.wheels-$(cat .whl/*.whl | md5sum | cut -c1-16)"
+  if [ -f "$stamp" ]; then
+    echo "wheels already installed in $site" >&2
+  else
+    "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$site" .whl/*.whl 2>&1 | tail -3 && touch "$stamp"
+    echo "wheels installed: $(( $(date +%s) - GPU_SESSION_T0 )) s after the start" >&2
+  fi
 else
   echo "no .whl/: deepspeed, liger-kernel, trl, cut-cross-entropy and pytest-benchmark may be missing" >&2
 fi
