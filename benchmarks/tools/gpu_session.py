@@ -660,8 +660,8 @@ def main(argv=None) -> int:
                    help="stop starting new work after this many seconds (the device allows 600 per call)")
     p.add_argument("--update-results", metavar="RESULTS_MD",
                    help="report: also put the markdown into this file's gpu-session block")
-    p.add_argument("--only", default="", help="comma-separated implementations: run just these "
-                                              "(e.g. --only triton to split a stage over two calls)")
+    p.add_argument("--only", default="", help="comma-separated implementations (peers: trainers): run just "
+                                              "these (e.g. --only triton to split a stage over two calls)")
     a = p.parse_args(argv)
     if a.stages[0] == "report":
         text = render(load_records(a.stages[1:] or [a.out]))
