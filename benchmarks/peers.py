@@ -30,6 +30,14 @@ The trainers (each in a child process of its own, `--child SPEC`):
 - `TRL GKDTrainer + Liger-Kernel` (use_liger_kernel): on CUDA only; on a CPU it is reported
   as not run (Liger's kernels are Triton GPU kernels).
 
+On CUDA (--device auto or cuda): bf16 unless --dtype fp32 (prada_fast: DeepSpeed's bf16,
+fp32 master weights in the optimizer; TRL: bf16=True, autocast over fp32 student weights,
+the frozen teacher loaded in bf16), each step's end read after a device synchronisation,
+and each trainer's peak GPU memory (torch.cuda.max_memory_allocated / max_memory_reserved
+over the whole process) in a second table; the RSS-capped micro-batch search is skipped.
+--trainers T,... runs exactly those, in that order (the GPU session's `peers` stage runs
+one per process: benchmarks/tools/gpu_session.py).
+
 The objective: GKD's loss is generalized_jsd_loss(student, teacher, labels, beta) at its
 default temperature 1 (compute_loss passes no temperature; GKDConfig.temperature is the
 sampling temperature of its on-policy generation) with no cross-entropy term, summed over
@@ -250,6 +258,30 @@ def _hwm() -> int:
     return hwm_bytes() or 0
 
 
+def _cuda_sync() -> None:
+    """Wait for the GPU's queued work (a step's end is read on the host clock); no-op on a CPU."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _gpu_memory(res: dict, setup_bytes: int | None = None) -> dict:
+    """The process's peak GPU memory (torch.cuda.max_memory_allocated / max_memory_reserved,
+    the whole run: set-up and steps) added to `res` on CUDA; on a CPU `res` as it is."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        res.update(gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                   gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+                   gpu_setup_allocated_bytes=setup_bytes, gpu_name=torch.cuda.get_device_name())
+    return res
+
+
+def _gpu_allocated() -> int | None:
+    import torch
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+
+
 def _grown(spec: dict, b: int, grown: list) -> None:
     """Record that 2 steps at micro-batch b ran, with the peak RSS so far (written at once:
     the watchdog may end the process at the next size)."""
@@ -274,6 +306,8 @@ def child_prada(spec: dict) -> dict:
                          max_steps=steps, lr=spec["lr"])
     cfg.update(train_batch_size=B, train_micro_batch_size_per_gpu=B, gradient_accumulation_steps=1)
     cfg.pop("scheduler", None)  # a constant lr, as TRL's run
+    if spec.get("dtype") == "fp32":  # bf16 is DeepSpeed's "auto" on CUDA; --dtype fp32 turns it off
+        cfg.setdefault("bf16", {})["enabled"] = False
     torch.manual_seed(spec["seed"])
     student, tok = load_causal_lm(spec["student"])
     examples = json.loads(Path(spec["examples"]).read_text())
@@ -293,10 +327,11 @@ def child_prada(spec: dict) -> dict:
                                  lam=0.0, temperature=spec["temperature"], alpha=spec["alpha"],
                                  use_domain=False)
             losses.append(float(loss.detach()))
+            _cuda_sync()
             step_ends.append(time.perf_counter())
             tokens.append(int(mb["attention_mask"].sum()))
 
-    rss_setup = _rss()
+    rss_setup, gpu_setup = _rss(), _gpu_allocated()
     t0 = time.perf_counter()
     if spec["mode"] == "grow":  # ZeRO-3 does not fix the micro-batch: the same engines
         grown = []
@@ -305,9 +340,11 @@ def child_prada(spec: dict) -> dict:
             _grown(spec, b, grown)
         return {"grown": grown}
     train(_batches(examples, B, steps))
+    res = _gpu_memory({"losses": losses, "step_ends": step_ends, "t0": t0, "tokens": tokens,
+                       "rss_setup_bytes": rss_setup, "padding_fraction": None,
+                       "bf16": bool(cfg.get("bf16", {}).get("enabled"))}, gpu_setup)
     dist_util.teardown()
-    return {"losses": losses, "step_ends": step_ends, "t0": t0, "tokens": tokens,
-            "rss_setup_bytes": rss_setup, "padding_fraction": None}
+    return res
 
 
 def child_trl(spec: dict) -> dict:
@@ -319,9 +356,14 @@ def child_trl(spec: dict) -> dict:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     torch.manual_seed(spec["seed"])
+    # bf16 (CUDA, unless --dtype fp32): mixed precision, the student's weights fp32 (the
+    # optimizer's master copy, as DeepSpeed's bf16 mode keeps one) under autocast, the frozen
+    # teacher in bf16 (no master copy needed; prada_fast's is bf16 under DeepSpeed too)
+    bf16 = torch.cuda.is_available() and spec.get("dtype") != "fp32"
     load = dict(dtype=torch.float32, attn_implementation="sdpa")
     student = AutoModelForCausalLM.from_pretrained(spec["student"], **load)
-    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], **load)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], **{
+        **load, "dtype": torch.bfloat16 if bf16 else torch.float32})
     tok = AutoTokenizer.from_pretrained(spec["student"])
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -331,6 +373,7 @@ def child_trl(spec: dict) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
+            _cuda_sync()
             step_ends.append(time.perf_counter())
 
     class RecordingGKD(GKDTrainer):
@@ -351,7 +394,7 @@ def child_trl(spec: dict) -> dict:
             learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
             adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
             lmbda=0.0, beta=0.0, seq_kd=False, temperature=spec["temperature"], max_length=spec["max_len"],
-            gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
+            gradient_checkpointing=False, bf16=bf16, fp16=False, use_cpu=not torch.cuda.is_available(),
             use_liger_kernel=liger, train_sampling_strategy="sequential", dataloader_num_workers=0,
             report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=spec["seed"])
         return RecordingGKD(model=student, teacher_model=teacher, args=args,
@@ -370,12 +413,12 @@ def child_trl(spec: dict) -> dict:
         return {"grown": grown}
     B, steps = spec["batch"], spec["steps"]
     trainer = trainer_for(B, steps)
-    rss_setup = _rss()
+    rss_setup, gpu_setup = _rss(), _gpu_allocated()
     t0 = time.perf_counter()
     trainer.train()
     tokens = [sum(len(ex["input_ids"]) for ex in batch) for batch in _batches(examples, B, steps)]
-    return {"losses": losses, "step_ends": step_ends, "t0": t0, "tokens": tokens,
-            "rss_setup_bytes": rss_setup}
+    return _gpu_memory({"losses": losses, "step_ends": step_ends, "t0": t0, "tokens": tokens,
+                        "rss_setup_bytes": rss_setup, "bf16": bf16}, gpu_setup)
 
 
 def child_op(spec: dict) -> dict:
@@ -485,8 +528,15 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
+    # the checkout first, then what the caller's PYTHONPATH holds (a GPU machine's carried wheels)
+    env.update(OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
                PRADA_FAST_CACHE=str(out / "fit-cache"))
+    on_gpu = torch.cuda.is_available() and args.device != "cpu"
+    if args.device == "cuda" and not on_gpu:
+        sys.exit("--device cuda: no CUDA device here")
+    if not on_gpu and torch.cuda.is_available():
+        env["CUDA_VISIBLE_DEVICES"] = ""  # --device cpu on a GPU machine
     if args.omp_wait_policy and "OMP_WAIT_POLICY" not in os.environ:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     t_start = time.time()
@@ -505,12 +555,16 @@ def run(args) -> dict:
     base = {"mode": "train", "student": str(student), "teacher": str(teacher), "examples": str(ex_path),
             "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
             "threads": args.threads, "max_len": args.max_len, "seed": args.seed, "alpha": 0.0,
-            "temperature": args.temperature, "ds": args.ds}
+            "temperature": args.temperature, "ds": args.ds, "dtype": args.dtype}
     trainers = ["prada-live"] + (["prada-topk"] if args.k else []) + (["trl-gkd"] if have_trl else [])
-    on_gpu = torch.cuda.is_available()
     if have_trl and on_gpu:
         trainers.append("trl-gkd-liger")
-    cache = build_topk_cache(args, student, teacher, out, env) if args.k else None
+    if args.trainers:  # exactly these, in this order (TRL + Liger on a CPU too, if asked for)
+        trainers = args.trainers.split(",")
+        bad = [t for t in trainers if t not in TRAINERS]
+        if bad or ("prada-topk" in trainers and not args.k):
+            sys.exit(f"--trainers: {bad or 'prada-topk needs --k > 0'} (known: {', '.join(TRAINERS)})")
+    cache = build_topk_cache(args, student, teacher, out, env) if "prada-topk" in trainers else None
     results = {}
     if args.parallel:  # every trainer at once: the losses only (the timings share the cores)
         from concurrent.futures import ThreadPoolExecutor
@@ -531,7 +585,7 @@ def run(args) -> dict:
                   f"first loss {r['losses'][0]:.6f}, last loss {r['losses'][-1]:.6f}", flush=True)
 
     check = None
-    if "trl-gkd" in results:
+    if "trl-gkd" in results and "prada-live" in results:
         a, b = results["prada-live"]["losses"][0], results["trl-gkd"]["losses"][0]
         rel = abs(a - b) / max(abs(b), 1e-30)
         check = {"prada_fast": a, "trl_gkd": b, "rel_diff": rel, "tol": args.tol, "ok": rel <= args.tol}
@@ -539,7 +593,9 @@ def run(args) -> dict:
               f"(tolerance {args.tol:g}): {'same' if check['ok'] else 'DIFFERENT'}", flush=True)
 
     cap = None
-    if args.max_batch and len(results) > 0:
+    if args.max_batch and results and on_gpu:
+        print("micro-batch search skipped: its cap is on the resident set (CPU memory)", flush=True)
+    elif args.max_batch and len(results) > 0:
         cap = int(args.cap_mib * 2**20) if args.cap_mib else \
             int(1.5 * max(r["maxrss_bytes"] for r in results.values()))
         for t, r in results.items():
@@ -576,16 +632,42 @@ def run(args) -> dict:
                "n_examples": len(examples), "cache": cache, "cap_bytes": cap, "check": check, "op": op,
                "wall_s": round(time.time() - t_start, 1),
                "trainers": results,
-               "trl_missing": not have_trl, "liger_run": on_gpu and have_trl,
+               "trl_missing": not have_trl, "liger_run": "trl-gkd-liger" in results,
                "args": {k: v for k, v in vars(args).items()}}
     return summary
+
+
+def _precision(s: dict) -> str:
+    bf16 = [r.get("bf16") for r in s["trainers"].values()]
+    if not any(bf16):
+        return "fp32"
+    return ("bf16 (prada_fast: DeepSpeed bf16; TRL: bf16=True, autocast over fp32 student weights, "
+            "teacher in bf16)")
+
+
+def gpu_table(rows: dict) -> list[str]:
+    """Markdown lines: real tokens/s and peak GPU memory per trainer, against TRL + Liger
+    (else TRL) where it ran."""
+    base = rows.get("trl-gkd-liger") or rows.get("trl-gkd")
+    name = TRAINERS["trl-gkd-liger" if "trl-gkd-liger" in rows else "trl-gkd"]
+    out = [f"| trainer ({next(iter(rows.values())).get('gpu_name', 'GPU')}) | real tokens/s | vs {name} | "
+           f"peak GPU allocated | vs {name} | peak GPU reserved | GPU allocated before step 1 |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for t, r in rows.items():
+        vs_t = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        vs_m = f"{r['gpu_peak_allocated_bytes'] / base['gpu_peak_allocated_bytes']:.2f}x" if base else "-"
+        out.append(f"| {TRAINERS[t]} | {r['tokens_per_s']:.0f} | {vs_t} | "
+                   f"{mib(r['gpu_peak_allocated_bytes'])} | {vs_m} | {mib(r['gpu_peak_reserved_bytes'])} | "
+                   f"{mib(r['gpu_setup_allocated_bytes'] or 0)} |")
+    return out
 
 
 def table(s: dict, args) -> str:
     sh = s["shapes"]
     lines = [f"{s['student']} (H {sh['student'][0]}, {sh['student'][1]} layers) from {s['teacher']} "
              f"(H {sh['teacher'][0]}, {sh['teacher'][1]} layers), V = {sh['vocab']}; {args.steps} steps "
-             f"at micro-batch {args.batch}, max length {args.max_len}, {args.threads} threads, fp32, "
+             f"at micro-batch {args.batch}, max length {args.max_len}, {args.threads} threads, "
+             f"{_precision(s)}, "
              f"lr {args.lr:g} (constant), AdamW; objective KL(p_t || p_s) at tau {args.temperature:g} "
              f"(prada_fast alpha 0; GKD lmbda 0, beta 0); data {args.data}; {s['date']}; "
              f"{s['machine']}.", ""]
@@ -607,6 +689,9 @@ def table(s: dict, args) -> str:
     if not s["liger_run"]:
         lines.append(f"| {TRAINERS['trl-gkd-liger']} | not run | | | | | | | |")
     lines.append("")
+    gpu = {t: r for t, r in s["trainers"].items() if r.get("gpu_peak_allocated_bytes") is not None}
+    if gpu:  # CUDA: the GPU's peaks beside the tokens/s (the peak RSS above is host memory)
+        lines += gpu_table(gpu) + [""]
     if s["trl_missing"]:
         lines.append("TRL is not installed (`pip install -e \".[peers]\"`): only prada_fast ran.")
     if not s["liger_run"]:
@@ -684,6 +769,14 @@ def main(argv=None) -> int:
                         "OpenMP's default): PASSIVE, because with spinning threads on a 2-core machine "
                         "that other jobs share, a step of transformers' eager path (TRL) ran 5-10x slower")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the trainers run (auto: CUDA where available)")
+    p.add_argument("--dtype", choices=("auto", "fp32"), default="auto",
+                   help="auto: bf16 on CUDA (prada_fast: DeepSpeed's bf16; TRL: bf16=True, the "
+                        "student's weights fp32 under autocast, the teacher bf16), fp32 on a CPU")
+    p.add_argument("--trainers", default="",
+                   help=f"comma-separated, run in this order: {', '.join(TRAINERS)} (default: those "
+                        "that can run here)")
     p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of the first-batch loss check")
     p.add_argument("--no-max-batch", dest="max_batch", action="store_false")
     p.add_argument("--cap-mib", type=float, default=None, help="RSS cap of the micro-batch search")

@@ -19,7 +19,8 @@ def pytest_addoption(parser):
                           "a failing test prints its seed and the command that replays it")
     parser.addoption("--gpu-rehearsal", action="store_true",
                      help="also run every stage of benchmarks/tools/gpu_session.py at tiny shapes on this "
-                          "machine (about 4 minutes on 2 cores): do it before a GPU session")
+                          "machine, the first command's (about 8 minutes on 2 cores) and the second's "
+                          "(peers, through benchmarks/gpu_session.sh): do it before a GPU session")
 
 
 @pytest.fixture(autouse=True)

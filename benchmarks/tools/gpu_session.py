@@ -24,7 +24,14 @@ and records what it left out):
   tune      the target case at 512-4096 rows per chunk; the row kernel alone (bandwidth,
             the autotuner's choice) at V = 32000 / 128256 / 262144
   compiled  reference under torch.compile and Liger's chunked JSD (slow to compile)
-  smoke     every stage's plumbing at tiny shapes, on whatever device is here (CI: CPU)
+  peers     the second command (benchmarks/NOTES.md): distillation end to end at the real
+            pair's shapes (SmolLM2-135M-shaped teacher, its 8-layer pruned student, V = 49152,
+            weights drawn from the configs), bf16, one `python -m benchmarks.peers` per trainer:
+            prada_fast (live teacher), TRL GKDTrainer + Liger-Kernel (use_liger_kernel), TRL
+            GKDTrainer, then prada_fast from a top-k cache as time allows; real tokens/s and
+            peak GPU memory side by side; the stage's JSON is rewritten after each trainer
+  smoke     every stage's plumbing at tiny shapes, on whatever device is here (CI: CPU);
+            `smoke STAGE...`: those stages only (`smoke peers`: the second command's rehearsal)
 """
 from __future__ import annotations
 
@@ -46,8 +53,14 @@ from benchmarks.tools.report import MiB, fmt, md_table, op_table, train_table, u
 from prada_fast.common.envinfo import machine, versions
 
 STAGES = ("env", "correct", "op", "train", "maxbatch", "big", "tune", "compiled")
+SECOND = ("peers",)  # not in `smoke` alone: `smoke peers` rehearses them
 TARGETS = {"vs_liger_jsd": 0.9, "vs_reference_time": 0.5, "vs_reference_memory": 0.10,
-           "of_ceiling": 0.60, "train_tokens": 1.3, "train_batch": 1.5}
+           "of_ceiling": 0.60, "train_tokens": 1.3, "train_batch": 1.5, "peers_tokens": 1.3}
+# the peers stage's trainers in the order they run: the issue's comparison first (prada_fast,
+# TRL + Liger), then plain TRL, then the top-k cache; with the seconds each needs at least
+# (GPU: process start, imports, models to the GPU, Triton compilation in the warm-up steps)
+PEERS = {"prada-live": 75, "trl-gkd-liger": 50, "trl-gkd": 40, "prada-topk": 60}
+PEERS_REQUIRED = ("prada-live", "trl-gkd-liger")
 
 
 def shapes(smoke: bool) -> dict:
@@ -60,19 +73,29 @@ def shapes(smoke: bool) -> dict:
                     ce=rows_case(48, 32, 300, 0, "float32", D=0),
                     big=rows_case(64, 32, 400, 32, "float32"), chunks=(16, 32), rows=[(4, 300)],
                     train=dict(student="tiny", teacher="tiny-teacher", vocab=300, batch=1, seq=16),
-                    max_limit=3, dtype="float32", topk=None)
+                    max_limit=3, dtype="float32", topk=None,
+                    # the second command: 3 steps of 4 sequences per trainer, tiny presets
+                    peers=dict(student="tiny", teacher="tiny-teacher", batch=4, steps=3, warmup=1,
+                               data="synthetic:12:arithmetic,coinflip", max_len=64, k=4, threads=1))
     return dict(target=rows_case(8192, 4096, 128256, 4096, "bfloat16"),
                 ce=rows_case(8192, 4096, 128256, 0, "bfloat16", D=0),
                 topk=rows_case(8192, 4096, 128256, 0, "bfloat16", topk=64),
                 big=rows_case(65536, 4096, 262144, 4096, "bfloat16"),
                 chunks=(512, 1024, 2048, 4096), rows=[(2048, 32000), (2048, 128256), (1024, 262144)],
                 train=dict(student="qwen2.5-0.5b", teacher="qwen2.5-1.5b", vocab=0, batch=4, seq=1024),
-                max_limit=512, dtype="bfloat16")
+                max_limit=512, dtype="bfloat16",
+                # the real pair's shapes (benchmarks/peers.py SHAPES); byte tokens, ~67 per
+                # example: 128 sequences are ~8.6k real tokens a step, what 32-64 sequences of a
+                # real BPE-tokenised rationale data set would be; 25 steps, the first 5 not timed
+                peers=dict(student="smollm2-shape-l8", teacher="smollm2-shape-l30",
+                           data="synthetic:400:arithmetic,coinflip,lastletter", batch=128, steps=25,
+                           warmup=5, max_len=256, k=32, threads=4))
 
 
 class Session:
-    def __init__(self, out: Path, deadline_s: float, smoke: bool, only: set[str] | None = None):
-        self.out, self.smoke, self.only = out, smoke, only
+    def __init__(self, out: Path, deadline_s: float, smoke: bool, only: set[str] | None = None,
+                 suffix: str = ""):
+        self.out, self.smoke, self.only, self.suffix = out, smoke, only, suffix
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # the deadline counts from the wrapper's start (wheel install, imports), when it says so
         started = float(os.environ.get("GPU_SESSION_T0", time.time()))
@@ -90,6 +113,14 @@ class Session:
 
     def left(self) -> float:
         return self.end - time.monotonic()
+
+    def save(self, rec: dict) -> None:
+        """The stage's record as it stands, to OUT/stage-NAME.json (rewritten whole, by a
+        rename: a command killed at its time limit leaves the last complete version)."""
+        path = self.out / f"stage-{rec['stage']}{self.suffix}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(rec, indent=1, default=str))
+        tmp.replace(path)
 
     def log(self, stage: str, text: str) -> None:
         with open(self.out / f"{stage}.log", "a") as f:
@@ -129,18 +160,7 @@ class Session:
 
 # ----------------------------------------------------------------------------- stages
 def stage_env(s: Session, rec: dict) -> None:
-    info = {"machine": machine(), "versions": versions(), "device": s.device}
-    if s.device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": p.name, "sms": p.multi_processor_count, "memory_gib": p.total_memory / 2**30,
-                       "l2_mib": getattr(p, "L2_cache_size", 0) / 2**20}
-        q = "name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit,temperature.gpu"
-        try:
-            info["nvidia_smi"] = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv"],
-                                                capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired) as e:
-            info["nvidia_smi"] = f"not available: {e}"
-    rec["info"] = info
+    rec["info"] = {"machine": machine(), "versions": versions(), "device": s.device, **_gpu_info(s)}
     dtype = s.shapes["dtype"]
     gemms = [None] if s.smoke else [None, (2048, 4096, 128256), (128256, 2048, 4096), (2048, 128256, 4096)]
     from benchmarks.cases import copy_bandwidth, gemm_ceiling
@@ -282,8 +302,137 @@ def stage_maxbatch(s: Session, rec: dict) -> None:
                 "cut_short")}})
 
 
+PEERS_IMPORTS = {"trl-gkd": ("datasets", "trl", "trl.experimental.gkd"),
+                 "trl-gkd-liger": ("datasets", "trl", "trl.experimental.gkd", "liger_kernel.transformers"),
+                 "prada-live": ("deepspeed",), "prada-topk": ("deepspeed",)}
+
+
+def _import_problems(modules) -> dict:
+    """{module: error} for each of `modules` that does not import here (in seconds, so that a
+    missing or broken wheel is named before any trainer starts)."""
+    import importlib
+    bad = {}
+    for m in dict.fromkeys(modules):
+        try:
+            importlib.import_module(m)
+        except Exception as e:  # ImportError, or a version clash raising anything at import
+            bad[m] = f"{type(e).__name__}: {str(e)[:300]}"
+    return bad
+
+
+def _peers_row(trainer: str, r: dict, seconds: float) -> dict:
+    """One trainer's line of the peers stage, from benchmarks.peers' JSON."""
+    keep = ("tokens_per_s", "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes",
+            "gpu_setup_allocated_bytes", "maxrss_bytes", "rss_setup_bytes", "bf16", "threads", "gpu_name")
+    return {"trainer": trainer, "steps": len(r["losses"]), "real_tokens": sum(r["tokens"]),
+            "first_loss": r["losses"][0], "last_loss": r["losses"][-1], "losses": r["losses"],
+            "seconds": seconds, **{k: r.get(k) for k in keep}}
+
+
+def stage_peers(s: Session, rec: dict) -> None:
+    """The second command: one `python -m benchmarks.peers --trainers T` per trainer (PEERS
+    order), within the deadline; the models (config-built, seeded) are made once, first, in a
+    work folder outside --out (GBs of weights the device tool must not copy back)."""
+    from benchmarks.peers import TRAINERS, model_dir
+    from prada_fast.teacher.resolve import TeacherSpec
+    p = s.shapes["peers"]
+    work = Path(tempfile.gettempdir()) / ("prada-peers-smoke" if s.smoke else "prada-peers")
+    work.mkdir(parents=True, exist_ok=True)
+    cuda = s.device == "cuda"
+    rec["info"] = {"machine": machine(), "versions": versions(), "device": s.device, **_gpu_info(s),
+                   "peers": {**p, "work": str(work)}}
+    from benchmarks.peers import versions as peer_versions
+    have = {k.replace("_", "-") for k in rec["info"]["versions"]}
+    rec["info"]["versions"].update({k: v for k, v in peer_versions().items() if k not in have})  # + trl
+    trainers = s.pick(list(PEERS))
+    t0 = time.monotonic()
+    problems = _import_problems(m for t in trainers for m in PEERS_IMPORTS[t])
+    rec["info"]["import_problems"] = problems
+    student = model_dir(p["student"], work, 0)  # peers' seeds (--seed 0): the runs reuse these
+    teacher = model_dir(p["teacher"], work, TeacherSpec(seed=0).init_seed)
+    s.log("peers", f"[set-up] imports checked, models in {work}: {time.monotonic() - t0:.0f} s "
+                   f"({student.name}, {teacher.name}); import problems: {problems or 'none'}")
+    s.save(rec)
+    base = ["--student", str(student), "--teacher", str(teacher), "--data", p["data"],
+            "--steps", str(p["steps"]), "--warmup", str(p["warmup"]), "--batch", str(p["batch"]),
+            "--max-len", str(p["max_len"]), "--threads", str(p["threads"]), "--no-max-batch", "--no-op",
+            "--device", s.device]
+    for i, t in enumerate(trainers):
+        missing = [m for m in PEERS_IMPORTS[t] if m in problems]
+        if missing:
+            rec["errors"].append(f"{t}: not run, cannot import {', '.join(missing)}: "
+                                 f"{'; '.join(problems[m] for m in missing)}")
+            s.save(rec)
+            continue
+        # leave the trainers of the issue's comparison still to come their minimum
+        reserve = sum(PEERS[u] for u in trainers[i + 1:] if u in PEERS_REQUIRED)
+        if s.left() < PEERS[t]:
+            rec["not_run"].append(f"{t}: out of time ({s.left():.0f} s left, needs ~{PEERS[t]})")
+            s.save(rec)
+            continue
+        timeout = max(PEERS[t], s.left() - reserve)
+        out_md = work / f"peers-{t}.md"
+        out_md.with_suffix(".json").unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "benchmarks.peers", *base, "--trainers", t,
+               "--k", str(p["k"] if t == "prada-topk" else 0), "--out", str(out_md)]
+        # Liger's Triton kernels on a CPU (the rehearsal): under the interpreter
+        env = child_env(interpret_triton=t == "trl-gkd-liger" and not cuda)
+        t1 = time.monotonic()
+        rc, out, err = run_group(cmd, env=env, timeout=timeout)
+        took = time.monotonic() - t1
+        self_cmd = " ".join(["python -m benchmarks.peers", *cmd[3:]])
+        s.log("peers", f"[{t}] {took:.0f} s, exit {rc}: {self_cmd}\n{out}\n{err}")
+        res = out_md.with_suffix(".json")
+        interpreted = "InterpreterError" in err and "liger_kernel" in err
+        if rc != 0 and not cuda and t == "trl-gkd-liger" and interpreted:
+            # a CPU (the rehearsal): Liger's kernels fail in Triton's interpreter at their first
+            # launch; everything before it (TRL's use_liger_kernel, Liger's patching) has run
+            rec["not_run"].append(f"{t}: Liger-Kernel's Triton kernels do not run under Triton's interpreter "
+                                  f"(expected on a CPU; TRL's use_liger_kernel path ran up to their first "
+                                  f"launch): {err.strip().splitlines()[-1][:300]}")
+        elif rc != 0 or not res.is_file():
+            why = f"timed out after {timeout:.0f} s" if rc is None else f"exit {rc}"
+            rec["errors"].append(f"{t} ({TRAINERS[t]}): {why}: {(out + err)[-1500:]}")
+        else:
+            summary = json.loads(res.read_text())
+            r = summary["trainers"][t]
+            rec["rows"].append(_peers_row(t, r, took))
+            if "shapes" not in rec["info"]:
+                rec["info"]["shapes"] = summary["shapes"]
+                rec["info"]["n_examples"] = summary["n_examples"]
+            if summary.get("cache"):
+                rec["info"]["topk_cache"] = summary["cache"]
+        s.save(rec)  # at once: the next trainer may run into the call's limit
+    rows = {r["trainer"]: r for r in rec["rows"]}
+    if "prada-live" in rows:  # the same objective on the same first batch (top-k: an approximation)
+        tol = 3e-2 if cuda else 1e-4  # bf16 on the GPU (TRL: autocast; prada_fast: bf16 weights)
+        for t in ("trl-gkd-liger", "trl-gkd"):
+            if t in rows:
+                a, b = rows["prada-live"]["first_loss"], rows[t]["first_loss"]
+                rel = abs(a - b) / max(abs(b), 1e-30)
+                rec.setdefault("checks", []).append({"vs": t, "prada_fast": a, "peer": b, "rel_diff": rel,
+                                                     "tol": tol, "ok": rel <= tol})
+
+
+def _gpu_info(s: Session) -> dict:
+    """The GPU and its driver (nvidia-smi), where there is one."""
+    if s.device != "cuda":
+        return {}
+    p = torch.cuda.get_device_properties(0)
+    info = {"gpu": {"name": p.name, "sms": p.multi_processor_count, "memory_gib": p.total_memory / 2**30,
+                    "l2_mib": getattr(p, "L2_cache_size", 0) / 2**20}}
+    q = "name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit,temperature.gpu"
+    try:
+        info["nvidia_smi"] = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv"],
+                                            capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        info["nvidia_smi"] = f"not available: {e}"
+    return info
+
+
 RUNNERS = {"env": stage_env, "correct": stage_correct, "op": stage_op, "train": stage_train,
-           "maxbatch": stage_maxbatch, "big": stage_big, "tune": stage_tune, "compiled": stage_compiled}
+           "maxbatch": stage_maxbatch, "big": stage_big, "tune": stage_tune, "compiled": stage_compiled,
+           "peers": stage_peers}
 
 
 # ----------------------------------------------------------------------------- report
@@ -337,6 +486,8 @@ def render(recs: dict) -> str:
                           fmt(at[0]["tokens_per_s"] if at else None, ".0f"), tr])
         out += ["### maxbatch", "", md_table(["impl", "largest micro-batch", "smallest failing",
                                               "tokens/s there (1 step)", "trials"], "lrrrl", lines), ""]
+    if "peers" in recs:
+        out += render_peers(recs["peers"])
     out += targets(recs)
     commands = [c for rec in recs.values() for c in rec.get("commands", [rec.get("command")]) if c]
     if commands:
@@ -350,8 +501,58 @@ def render(recs: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_peers(rec: dict) -> list[str]:
+    """The peers stage: each trainer's real tokens/s and peak GPU memory, against TRL + Liger
+    and plain TRL, with the set-up it ran in."""
+    from benchmarks.peers import TRAINERS
+    info = rec.get("info", {})
+    p, sh, v = info.get("peers", {}), info.get("shapes"), info.get("versions") or {}
+    out = ["### peers", ""]
+    if sh:
+        out.append(f"- {p.get('student')} (H {sh['student'][0]}, {sh['student'][1]} layers) from "
+                   f"{p.get('teacher')} (H {sh['teacher'][0]}, {sh['teacher'][1]} layers), "
+                   f"V = {sh['vocab']}, "
+                   f"weights drawn from the configs; {p.get('steps')} steps of {p.get('batch')} sequences "
+                   f"(the first {p.get('warmup')} not timed), max length {p.get('max_len')}, data "
+                   f"{p.get('data')} ({info.get('n_examples')} labelled examples, byte tokens); "
+                   f"{'bf16' if any(r.get('bf16') for r in rec['rows']) else 'fp32'}; KL(p_t || p_s) "
+                   "at tau 1 (prada_fast alpha 0; GKD lmbda 0, beta 0)")
+    out.append(f"- device: {info.get('gpu') or info.get('machine')}; "
+               f"nvidia-smi: `{info.get('nvidia_smi', '–')}`")
+    out.append(f"- versions: {versions_text(v)}; started {rec['started']}")
+    rows = {r["trainer"]: r for r in rec["rows"]}
+    liger, trl = rows.get("trl-gkd-liger"), rows.get("trl-gkd")
+
+    def vs(r, base, key):
+        return fmt(r[key] / base[key] if base and r.get(key) and base.get(key) else None, ".2f", unit="x")
+
+    lines = [[TRAINERS[t], fmt(r["tokens_per_s"], ".0f"), vs(r, liger, "tokens_per_s"),
+              vs(r, trl, "tokens_per_s"),
+              fmt(r.get("gpu_peak_allocated_bytes"), ".0f", scale=1 / MiB, unit=" MiB"),
+              vs(r, liger, "gpu_peak_allocated_bytes"),
+              fmt(r.get("gpu_peak_reserved_bytes"), ".0f", scale=1 / MiB, unit=" MiB"),
+              fmt(r.get("gpu_setup_allocated_bytes"), ".0f", scale=1 / MiB, unit=" MiB"),
+              fmt(r.get("maxrss_bytes"), ".0f", scale=1 / MiB, unit=" MiB"),
+              f"{r['first_loss']:.6f}", f"{r['last_loss']:.6f}", f"{r['seconds']:.0f}"]
+             for t, r in rows.items()]
+    if rows:
+        out += ["", md_table(["trainer", "real tokens/s", "vs TRL + Liger", "vs TRL", "peak GPU allocated",
+                              "vs TRL + Liger", "peak GPU reserved", "GPU allocated before step 1",
+                              "peak RSS", "first loss", "last loss", "process s"], "lrrrrrrrrrrr", lines)]
+    out.append("")
+    for c in rec.get("checks", []):
+        out.append(f"- first-batch loss, prada_fast {c['prada_fast']:.6f} vs {TRAINERS[c['vs']]} "
+                   f"{c['peer']:.6f}: "
+                   f"relative difference {c['rel_diff']:.1e} (tolerance {c['tol']:g}): "
+                   f"{'same' if c['ok'] else 'DIFFERENT'}")
+    if info.get("topk_cache"):
+        out.append(f"- top-k cache built in {info['topk_cache']['seconds']:.0f} s (not in the tokens/s)")
+    return out + [""]
+
+
 def _row_key(r: dict) -> tuple:
-    return tuple(str(r.get(k)) for k in ("what", "shape", "check", "case", "impl", "chunk_rows", "rows"))
+    return tuple(str(r.get(k)) for k in ("what", "shape", "check", "case", "impl", "chunk_rows", "rows",
+                                         "trainer"))
 
 
 def targets(recs: dict) -> list[str]:
@@ -411,6 +612,15 @@ def targets(recs: dict) -> list[str]:
         lines.append(f"- {r['impl']} at {r['case']}: {'ran, parity ok' if ok else 'FAILED'} "
                      f"({fmt(r.get('median_s'), '.4g', unit=' s')}, "
                      f"{fmt(r.get('peak_extra_bytes'), '.0f', scale=1 / MiB, unit=' MiB')} extra)")
+    peers = {r["trainer"]: r for r in recs.get("peers", {}).get("rows", []) if r.get("tokens_per_s")}
+    if "prada-live" in peers and "trl-gkd-liger" in peers:
+        check("end to end real tokens/s vs TRL GKDTrainer + Liger-Kernel (the real pair's shapes)",
+              peers["prada-live"]["tokens_per_s"] / peers["trl-gkd-liger"]["tokens_per_s"],
+              TARGETS["peers_tokens"], most=False)
+        a, b = (peers[t].get("gpu_peak_allocated_bytes") for t in ("prada-live", "trl-gkd-liger"))
+        if a and b:  # no target: reported beside the speed
+            lines.append(f"- end to end peak GPU memory (allocated) vs TRL GKDTrainer + Liger-Kernel: "
+                         f"{a / b:.2f}")
     for r in recs.get("correct", {}).get("rows", []):
         lines.append(f"- {r['check']}: {'passed' if r['rc'] == 0 else 'FAILED'} ({r['summary']})")
     return ["### Targets", "", *lines, ""] if lines else []
@@ -432,8 +642,9 @@ def load_records(dirs) -> dict:
         have.setdefault("commands", [])
         if rec["command"] not in have["commands"]:
             have["commands"].append(rec["command"])
-        if "info" in rec:
-            have["info"] = rec["info"]
+        for k in ("info", "checks"):  # the latest record's
+            if k in rec:
+                have[k] = rec[k]
     return recs
 
 
@@ -441,15 +652,16 @@ def load_records(dirs) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tools.gpu_session", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stages", nargs="+", help=f"{', '.join(STAGES)}, smoke, or 'report DIR...'")
+    p.add_argument("stages", nargs="+", help=f"{', '.join(STAGES + SECOND)}, smoke [STAGE...], or "
+                                             "'report DIR...'")
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "out" / "gpu"),
                    help="where the logs and JSON go (default: $OUT, else benchmarks/out/gpu)")
     p.add_argument("--deadline-s", type=float, default=540,
                    help="stop starting new work after this many seconds (the device allows 600 per call)")
     p.add_argument("--update-results", metavar="RESULTS_MD",
                    help="report: also put the markdown into this file's gpu-session block")
-    p.add_argument("--only", default="", help="comma-separated implementations: run just these "
-                                              "(e.g. --only triton to split a stage over two calls)")
+    p.add_argument("--only", default="", help="comma-separated implementations (peers: trainers): run just "
+                                              "these (e.g. --only triton to split a stage over two calls)")
     a = p.parse_args(argv)
     if a.stages[0] == "report":
         text = render(load_records(a.stages[1:] or [a.out]))
@@ -459,11 +671,12 @@ def main(argv=None) -> int:
         print(text)
         return 0
     smoke = "smoke" in a.stages
-    stages = list(STAGES) if smoke else a.stages
-    bad = [x for x in stages if x not in STAGES]
+    stages = [x for x in a.stages if x != "smoke"] or list(STAGES)  # `smoke` alone: the first command's
+    bad = [x for x in stages if x not in RUNNERS]
     if bad:
-        p.error(f"unknown stage(s) {bad}: expected {', '.join(STAGES)}, smoke or report")
-    s = Session(Path(a.out), a.deadline_s, smoke, set(filter(None, a.only.split(","))) or None)
+        p.error(f"unknown stage(s) {bad}: expected {', '.join(STAGES + SECOND)}, smoke or report")
+    suffix = f"-{a.only.replace(',', '_')}" if a.only else ""  # [A-Za-z0-9._-] only
+    s = Session(Path(a.out), a.deadline_s, smoke, set(filter(None, a.only.split(","))) or None, suffix)
     if s.device != "cuda" and not smoke:
         p.error("no CUDA device here: the stages measure a GPU (run 'smoke' to check the plumbing)")
     only = ["--only", a.only] if a.only else []
@@ -479,8 +692,7 @@ def main(argv=None) -> int:
         except Exception as e:  # a stage's bug must not lose the other stages' results
             rec["errors"].append(f"{type(e).__name__}: {e}")
         rec["seconds"] = time.monotonic() - t0
-        suffix = f"-{a.only.replace(',', '_')}" if a.only else ""  # [A-Za-z0-9._-] only
-        (s.out / f"stage-{name}{suffix}.json").write_text(json.dumps(rec, indent=1, default=str))
+        s.save(rec)
         recs[name] = rec
     print(render(recs))
     return 1 if any(r["errors"] for r in recs.values()) else 0
