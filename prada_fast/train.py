@@ -79,7 +79,8 @@ def run(args) -> int:
     before = evaluate_before(args, run_dir, model, tok, data)
     cached = teacher if args.teacher_outputs else None
     engine, live = build_engines(model, None if cached else teacher, ds_cfg,
-                                 head_lr_mult=args.domain_head_lr_mult)
+                                 head_lr_mult=args.domain_head_lr_mult,
+                                 teacher_memo_bytes=args.teacher_memo_mb << 20)
     if cached:  # the teacher's tensors in the precision DeepSpeed trains the student in
         cached.set_dtype(next(engine.module.parameters()).dtype)
     teacher = cached or live  # a TeacherSource (teacher/interface.py), or None: no KD
@@ -93,6 +94,10 @@ def run(args) -> int:
     stats = train_steps(engine, teacher, batches, settings.loop_settings(args), start=start,
                         run=run_dir, ckpt_dir=run_dir.checkpoints, log=log, skipped=skipped,
                         probe_batches=probe_batches)
+    if live is not None and live.memo is not None:
+        log(f"teacher: {live.skipped} of {live.skipped + live.forwards} micro-batches read from "
+            f"memory ({len(live.memo.rows)} records, {live.memo.bytes / 2**20:.1f} MB"
+            + ("; --teacher-memo-mb was full" if live.memo.full else "") + ")")
     if stats["steps"] < args.max_steps:
         log(f"stopped after step {stats['steps']} of {args.max_steps} (--stop-after); "
             "continue with --resume")

@@ -55,6 +55,7 @@ BAD = {
     "--adversary": ["--adversary", "dann"],
     "--domain-head-lr-mult": ["--domain-head-lr-mult", "0"],
     "--lm-weight": ["--lm-weight", "-0.5"],
+    "--teacher-memo-mb": ["--teacher-memo-mb", "-1"],
     "--lambda-schedule": ["--lambda-schedule", "linear"],
     "--grl-schedule": ["--grl-schedule", "linear"],  # the deprecated name of --lambda-schedule
     "--lambda-max": ["--lambda-max", "nan"],

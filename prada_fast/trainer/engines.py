@@ -40,14 +40,17 @@ def param_groups(model, head_lr_mult: float, ds_cfg: dict):
     return [{"params": rest, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
 
 
-def build_engines(model, teacher_model, ds_cfg: dict, head_lr_mult: float = 1.0):
+def build_engines(model, teacher_model, ds_cfg: dict, head_lr_mult: float = 1.0,
+                  teacher_memo_bytes: int = 0):
     """(engine, LiveTeacher or None): the student (a PradaModel) trains its parameters
     that require grad under `ds_cfg` (the domain head at head_lr_mult x the lr); the
-    teacher model (None: no teacher) is frozen and sharded the same way (`teacher_engine`)."""
+    teacher model (None: no teacher) is frozen and sharded the same way (`teacher_engine`),
+    keeping up to teacher_memo_bytes of its outputs per record (teacher/live.py; 0: none)."""
     import deepspeed
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, head_lr_mult, ds_cfg), config=ds_cfg)
-    return engine, None if teacher_model is None else LiveTeacher(teacher_engine(teacher_model, ds_cfg))
+    return engine, None if teacher_model is None else LiveTeacher(
+        teacher_engine(teacher_model, ds_cfg), teacher_memo_bytes)
 
 
 def teacher_engine(teacher_model, ds_cfg: dict):

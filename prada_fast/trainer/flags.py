@@ -41,6 +41,7 @@ RANGES = {
     "probe_every": at_least(0), "max_bad_steps": at_least(1), "tokens_per_batch": at_least(0),
     "mlp_hidden": at_least(0), "prompt_hidden": at_least(0), "alpha": within(0, 1),
     "lambda_gamma": above(0), "lm_weight": at_least(0), "pool_layer": at_least(0), "lr": above(0),
+    "teacher_memo_mb": at_least(0),
 }
 
 
@@ -118,6 +119,15 @@ def build_parser() -> FlagParser:
                             "exact KD of the live teacher; or top-k log-probabilities): no teacher "
                             "is built. A cache made from other data, tokenizer, --max-len, "
                             "--temperature (top-k) or teacher is refused")
+    model.add_argument("--teacher-memo-mb", type=int, default=1024, metavar="MB",
+                       help="keep the live teacher's final hidden states at each training "
+                            "record's labelled positions in host memory, up to MB megabytes, so "
+                            "that the frozen teacher runs once per record instead of once per "
+                            "epoch (the exact KD, like a hidden-state --teacher-outputs cache, "
+                            "built as the run goes; records past the cap are recomputed each "
+                            "time). The default main job needs ~30 MB (1100 labelled records "
+                            "x ~36 labelled tokens x 192 floats); a teacher of width H costs 4 H bytes a "
+                            "labelled token (fp32). 0: off")
     add_knob_flags(p, model, ("prompt_len", "prompt_encoder"))
     model.add_argument("--prompt-hidden", type=int, default=0, metavar="H",
                        help="width of the prompt encoder (0: the student's hidden size)")
