@@ -37,6 +37,8 @@ BAD = {
     "--student": ["--student", "TMP/no-model"],
     "--teacher": ["--teacher", "TMP/no-teacher"],
     "--teacher-steps": ["--teacher-steps", "0"],
+    "--teacher-seed": ["--teacher-seed", "-1"],
+    "--data-seed": ["--data-seed", "-1"],
     "--teacher-lr": ["--teacher-lr", "0"],
     "--teacher-fit-cache": ["--teacher-fit-cache", "FILE"],
     "--teacher-cache": ["--teacher-cache", "FILE"],  # the deprecated name of --teacher-fit-cache

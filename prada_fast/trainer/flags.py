@@ -92,7 +92,7 @@ def build_parser() -> FlagParser:
     add_run_flags(p, io, ("local_rank",))
 
     data = p.add_argument_group("data")
-    add_data_flags(p, data, ("data", "source_domains", "target_domains", "skip_bad", "max_len"))
+    add_data_flags(p, data, ("data", "data_seed", "source_domains", "target_domains", "skip_bad", "max_len"))
     data.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                       help="pack the examples of each micro-batch into rows of at most --max-len + "
                            "--prompt-len positions (each sequence with its own soft prompt, its "
@@ -111,7 +111,8 @@ def build_parser() -> FlagParser:
     add_data_flags(p, data, ("eval_per_domain",))
 
     model = p.add_argument_group("models")
-    add_model_flags(p, model, ("student", "teacher", "teacher_steps", "teacher_lr", "teacher_fit_cache"))
+    add_model_flags(p, model, ("student", "teacher", "teacher_seed", "teacher_steps", "teacher_lr",
+                               "teacher_fit_cache"))
     model.add_argument("--teacher-outputs", metavar="DIR",
                        help="distil from a cache of the teacher's outputs that `python -m "
                             "prada_fast.precompute_teacher --out DIR` wrote (hidden states: the "
