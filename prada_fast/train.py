@@ -281,6 +281,7 @@ def summarise(args, run_dir: RunDir, info, data: RunData, stats: dict, sharding:
         final_dom = None if args.no_domain_loss else stats["final_parts"].get("dom")
         alignment = {**align_after, "final_dom_loss": final_dom,
                      "probe_accuracy_before": align_before["probe_accuracy"],
+                     "layer_probe_accuracy_before": align_before["layer_probe_accuracy"],
                      "fooled": fooled(align_after, final_dom)}
     summary = {"steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"],
                "real_tokens": stats["real_tokens"], "padding_fraction": stats["padding_fraction"],
