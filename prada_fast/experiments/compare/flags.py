@@ -40,9 +40,12 @@ layout of --output-dir:
   report.md, report.json, pca_<target>.png, loss_curves_<target>.png
 
 cost (tiny student, batch 16, 2 CPU cores): idle cores ~6.5 optimizer steps/s, teacher fit
-~3.5 steps/s, ~25 s per run for start-up, evaluation before/after, export and features:
-default (1 target x 3 seeds x 5 variants, 400 steps; 3 teacher fits of 200 steps)
-15 x (62 + 25) s + 3 x 57 s = ~25 min (an estimate from the rates measured on 2026-11-25).
+~3.5 steps/s, ~25 s per run for start-up, evaluation before/after, export and features, ~5 s
+more for the per-layer probes; the LM term's second op call was within the noise of a step
+(measured on 2026-12-03 on a busy machine, interleaved: ratio 0.91, i.e. < ~10 %):
+default (1 target x 4 seeds x 4 arms, 400 steps; 1 teacher fit of 200 steps, shared)
+16 x (62 + 25 + 5 (+ up to 6 for the LM term)) s + 57 s = ~26 min (an estimate from the rates
+measured on 2026-11-25 and these increments, not a timed run on idle cores).
 On cores shared with other jobs it is several times that: on 2026-12-01, with tests running
 beside it, one 400-step run took ~20 min. --tune adds its tuning runs (with the default arms and
 grids: 1 (A) + 2 LM weights (B) + 6 confusion settings + 3 prompt encoders = 12 per tuning seed,
@@ -70,16 +73,19 @@ RANGES = {"nproc": at_least(1), "probe_folds": at_least(1), "lm_weight": at_leas
 def build_parser() -> FlagParser:
     p = FlagParser(
         prog="python -m prada_fast.experiments.compare",
-        description="Train plain CoT distillation, the two adversaries alone and PRADA with each, "
-                    "with the same steps, data and seeds, leave-one-domain-out, and write a report "
-                    "(report.md, report.json, PNG plots) under --output-dir. Default: the story "
-                    f"benchmark ({STORY_BENCHMARK}, target '{STORY_TARGET}') on the CPU, 5 variants "
-                    "x 3 seeds: about 25 minutes on 2 idle CPU cores (estimated, see below).",
+        description="Train (A) plain CoT distillation, (B) CoT + an LM term on every domain's "
+                    "questions, (C) PRADA and (D) PRADA + the LM term (and on request each "
+                    "adversary alone), with the same steps, data, teacher and seeds, leave-one-"
+                    "domain-out, and write a report (report.md, report.json, PNG plots) under "
+                    "--output-dir: per arm the mean over seeds and the paired 95 % intervals "
+                    "against (A) and (B); PRADA helps only where (C) or (D) beats (B). Default: the "
+                    f"story benchmark ({STORY_BENCHMARK}, target '{STORY_TARGET}') on the CPU, 4 arms "
+                    "x 4 seeds: about 26 minutes on 2 idle CPU cores (estimated, see below).",
         epilog=EPILOG, formatter_class=_Help, ranges=RANGES)
     e = p.add_argument_group("experiment")
     e.add_argument("--output-dir", default="runs/compare", metavar="DIR",
                    help="where the runs, teachers, report and plots go (layout below)")
-    e.add_argument("--seeds", default="0,1,2", metavar="S,S,...",
+    e.add_argument("--seeds", default="0,1,2,3", metavar="S,S,...",
                    help="seeds of the student: its initialisation (soft prompt and domain head "
                         "included) and the data order, the same for every variant. The data, "
                         "the held-out split and the teacher are shared by all seeds (see "
@@ -156,7 +162,7 @@ def build_parser() -> FlagParser:
     t = p.add_argument_group("training budget and data (passed to prada_fast/train.py)")
     add_run_flags(p, t, ("max_steps",), max_steps=dict(
         default=400, help="optimizer steps of every run (400, not the trainer's 1000: the default "
-                          "comparison trains 15 runs, about 25 minutes on 2 idle CPU cores)"))
+                          "comparison trains 16 runs, about 26 minutes on 2 idle CPU cores)"))
     add_model_flags(p, t, ("teacher_steps",), teacher_steps=dict(
         default=200, help="steps of the auto teacher fit, once per seed and target (200, not the "
                           "trainer's 300: the fit is repeated per seed and target; cost below)"))
