@@ -217,6 +217,10 @@ def _shared() -> dict[str, Shared]:
                 "the domain head's learning rate over the student's (its own optimizer parameter "
                 "group; needs a scheduler that keeps each group's lr, as the shipped configs' "
                 "WarmupCosineLR; 1 puts the head in the student's group)")), above(0)),
+        "lm_weight": Shared(("--lm-weight",), dict(type=float, default=0.0, metavar="W", help=(
+            "W x an auxiliary language-model term on every record's question, the targets' too "
+            "(task-adaptive pretraining, UDALM): the mean next-token CE of the question tokens, "
+            "logged as lm; the baseline PRADA must beat (0: off)")), at_least(0)),
         # generation: the evaluation's decoding, the prompts of instruct models
         "max_new_tokens": Shared(("--max-new-tokens",), dict(type=int, default=80, help=(
             "greedy decoding budget: tokens generated per answer")), at_least(1)),
@@ -240,7 +244,7 @@ DATA_FLAGS = ("data", "data_seed", "source_domains", "target_domains", "skip_bad
               "eval_per_domain")
 MODEL_FLAGS = ("student", "teacher", "teacher_seed", "teacher_steps", "teacher_lr", "teacher_fit_cache",
                "attn", "temperature")
-KNOB_FLAGS = ("prompt_len", "prompt_encoder", "lambda_max", "domain_head_lr_mult")
+KNOB_FLAGS = ("prompt_len", "prompt_encoder", "lambda_max", "domain_head_lr_mult", "lm_weight")
 GENERATION_FLAGS = ("max_new_tokens", "eval_batch_size", "prompt", "prompt_template", "answer_tokens")
 SHARED_FLAGS = (*RUN_FLAGS, "max_steps", "log_every", *DATA_FLAGS, *MODEL_FLAGS, *KNOB_FLAGS,
                 *GENERATION_FLAGS)

@@ -40,7 +40,7 @@ RANGES = {
     "stop_after": at_least(0), "save_every": at_least(0), "keep_checkpoints": at_least(0),
     "probe_every": at_least(0), "max_bad_steps": at_least(1), "tokens_per_batch": at_least(0),
     "mlp_hidden": at_least(0), "prompt_hidden": at_least(0), "alpha": within(0, 1),
-    "lambda_gamma": above(0), "lm_weight": at_least(0), "pool_layer": at_least(0), "lr": above(0),
+    "lambda_gamma": above(0), "pool_layer": at_least(0), "lr": above(0),
 }
 
 
@@ -154,10 +154,7 @@ def build_parser() -> FlagParser:
                           "direction, and the head only watches (it trains, nothing flows back). "
                           "The default is what the comparison's tuning picked (docs/results.md)")
     add_knob_flags(p, obj, ("domain_head_lr_mult",))
-    obj.add_argument("--lm-weight", type=float, default=0.0, metavar="W",
-                     help="W x an auxiliary language-model term on every record's question, the "
-                          "targets' too (task-adaptive pretraining, UDALM): the mean next-token CE "
-                          "of the question tokens, logged as lm; the baseline PRADA must beat (0: off)")
+    add_knob_flags(p, obj, ("lm_weight",))
     obj.add_argument("--lambda-schedule", choices=("dann", "constant"), default="dann",
                      help="schedule of lambda, the adversary's scale (every adversary's: grl, "
                           "confusion, mmd): the DANN ramp 2/(1+exp(-gamma p))-1 up to --lambda-max, "

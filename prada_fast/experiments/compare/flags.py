@@ -67,7 +67,7 @@ examples:
 
 
 # the comparison's own numeric flags (the shared ones bring theirs)
-RANGES = {"nproc": at_least(1), "probe_folds": at_least(1), "lm_weight": at_least(0)}
+RANGES = {"nproc": at_least(1), "probe_folds": at_least(1)}
 
 
 def build_parser() -> FlagParser:
@@ -125,13 +125,13 @@ def build_parser() -> FlagParser:
         "The adversary's knobs are chosen on the adversarial-only variant and reused by PRADA "
         "with that adversary; then the prompt encoder is chosen on the PRADA variant. The real "
         "target's records are never looked at before the main runs.")
-    k.add_argument("--lm-weight", type=float, default=1.0, metavar="W",
-                   help="weight of the LM term of the -lm arms (the trainer's --lm-weight). 1: the "
-                        "question tokens' mean next-token CE weighs as much as the task's mean CE "
-                        "per token, the plain sum of the two losses as in mixed task-adaptive "
-                        "training; not measured against other values unless --tune chooses it from "
-                        "--tune-lm-weights")
-    add_knob_flags(p, k, ("lambda_max", "domain_head_lr_mult", "prompt_encoder"),
+    add_knob_flags(p, k, ("lambda_max", "domain_head_lr_mult", "prompt_encoder", "lm_weight"),
+                   lm_weight=dict(default=1.0, help=(
+                       "weight of the LM term of the -lm arms (the trainer's --lm-weight). 1: the "
+                       "question tokens' mean next-token CE weighs as much as the task's mean CE "
+                       "per token, the plain sum of the two losses as in mixed task-adaptive "
+                       "training; not measured against other values unless --tune chooses it from "
+                       "--tune-lm-weights")),
                    lambda_max=dict(help="largest adversarial scale"),
                    domain_head_lr_mult=dict(help="the domain head's lr over the student's (the "
                                                  "trainer's flag of the same name)"),
