@@ -414,15 +414,16 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
             assert (d / "summary.json").is_file() and (d / "pooled_features.pt").is_file()
 
     # resumable: the same command again reuses every finished run and trains nothing
-    stamp = (out / "runs" / "sorting" / "prada-confusion" / "seed1" / "summary.json").stat().st_mtime
+    last = out / "runs" / "sorting" / "prada-confusion-lm" / "seed1" / "summary.json"
+    stamp = last.stat().st_mtime
     proc = compare(out)
     again = json.loads((out / "report.json").read_text())
     assert again["n_runs_trained"] == 0 and again["n_runs_done"] == 6
     assert {r["status"] for r in again["runs"]} == {"reused"}
-    assert (out / "runs" / "sorting" / "prada-confusion" / "seed1" / "summary.json").stat().st_mtime == stamp
+    assert last.stat().st_mtime == stamp
     assert "reused" in proc.stdout
-    assert again["results"]["sorting"]["variants"]["prada-confusion"]["target_accuracy_after"] == \
-        res["variants"]["prada-confusion"]["target_accuracy_after"]
+    assert again["results"]["sorting"]["variants"]["prada-confusion-lm"]["target_accuracy_after"] == \
+        res["variants"]["prada-confusion-lm"]["target_accuracy_after"]
 
 
 def test_each_training_run_is_a_job_of_its_own(monkeypatch, tmp_path):
