@@ -70,6 +70,7 @@ NO_BAD_VALUE = {  # flag -> why no value of it is wrong on its own
     "--help": "prints the help",
     "--no-progress": "a switch with no combination to contradict",
     "--skip-bad": "a switch with no combination to contradict",
+    "--layer-probes": "a switch; without held-out records it measures nothing, as the probe",
     "--packing": "a switch (--no-packing: off) with no combination to contradict",
     "--no-domain-loss": "a switch; the flags it makes moot are still valid",
 }

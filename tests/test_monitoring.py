@@ -45,7 +45,7 @@ def test_domain_alignment_reports_a_fooled_head_and_a_probe_that_still_separates
     ids = torch.arange(len(y)).unsqueeze(1)
     batches = [{"input_ids": ids[s:s + 10], "attention_mask": torch.ones(len(ids[s:s + 10]), 1),
                 "labels": ids[s:s + 10], "domain_labels": y[s:s + 10]} for s in range(0, len(y), 10)]
-    a = domain_alignment(model, batches)
+    a = domain_alignment(model, batches, layers=True)
     assert a["head_accuracy"] == 0.0 and a["probe_accuracy"] == 1.0
     assert a["layer_probe_accuracy"][1] == 1.0 and a["layer_probe_accuracy"][0] < 0.7  # chance 1/3
     assert a["chance"] == pytest.approx(1 / 3) and a["ln_domains"] == pytest.approx(math.log(3))

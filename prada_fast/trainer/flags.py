@@ -78,6 +78,11 @@ def build_parser() -> FlagParser:
                          "question features, as probe_head_acc and probe_acc in metrics.jsonl: "
                          "the curves that say whether the student hides the domain or fools its "
                          "head (0: off; needs --eval-per-domain >= 2)")
+    io.add_argument("--layer-probes", action="store_true",
+                    help="at the evaluations before and after training, also fit the fresh domain "
+                         "probe on every layer's question-pooled output, from the input embeddings "
+                         "to the final states (summary.json: domain_alignment.layer_probe_accuracy "
+                         "and _before; the comparison turns it on). Costs L + 1 probes per evaluation")
     add_run_flags(p, io, ("seed", "no_progress"))
     io.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
                     help="also write the metrics of metrics.jsonl and the final evaluation to "

@@ -39,7 +39,8 @@ def trainer_args(args, target: str, v: Variant, seed: int, knobs: dict | None = 
          "--max-steps", str(args.max_steps), "--teacher-steps", str(args.teacher_steps),
          "--eval-per-domain", str(args.eval_per_domain), "--log-every", str(args.log_every),
          "--target-domains", target, "--student", args.student, "--teacher", args.teacher,
-         "--teacher-fit-cache", str(args.teacher_fit_cache), "--save-every", "0", "--no-progress"]
+         "--teacher-fit-cache", str(args.teacher_fit_cache), "--save-every", "0", "--no-progress",
+         "--layer-probes"]
     if not args.teacher_per_seed:  # one teacher and one data set for all seeds
         a += ["--teacher-seed", str(args.teacher_seed), "--data-seed", str(args.teacher_seed)]
     if sources:
