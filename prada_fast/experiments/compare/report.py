@@ -32,11 +32,14 @@ def write_markdown(report: dict, path: Path) -> None:
          + (f", {report['machine']['gpu']}" if report["machine"]["gpu"] else "") + ").", "",
          "```bash", report["command"], "```", "",
          f"- data: {', '.join(cfg['data'])}; student `{cfg['student']}`, teacher `{cfg['teacher']}`",
-         f"- budget per run: {cfg['max_steps']} optimizer steps, auto-teacher fit "
-         f"{cfg['teacher_steps']} steps ("
-         + ("once per seed and target" if cfg.get("teacher_per_seed") else
-            f"once per target: one teacher and one data set (data seed {cfg.get('teacher_seed')}) "
-            "for all seeds") + f"), {cfg['eval_per_domain']} held-out records per domain"
+         f"- budget per run: {cfg['max_steps']} optimizer steps, "
+         + ((f"auto-teacher fit {cfg['teacher_steps']} steps (" + (
+             "once per seed and target" if cfg.get("teacher_per_seed") else
+             f"once per target: one teacher and one data set (data seed {cfg.get('teacher_seed')}) "
+             "for all seeds") + ")") if cfg["teacher"] == "auto" else
+            "the named teacher, one for all seeds" + (
+             "" if cfg.get("teacher_per_seed") else f", one data set (data seed {cfg.get('teacher_seed')})"))
+         + f", {cfg['eval_per_domain']} held-out records per domain"
          + (f"; LM weight of the -lm arms {cfg['lm_weight']:g}" if cfg.get("lm_weight") is not None else ""),
          f"- seeds: {', '.join(map(str, cfg['seeds']))}"
          + ("" if cfg.get("teacher_per_seed") else " (the student's init and data order only)")
@@ -114,7 +117,7 @@ def write_markdown(report: dict, path: Path) -> None:
             L.append(f"| {x['label']} | {head} | {fmt(x['probe_accuracy'])} | {fmt(x['ncm_accuracy'])} "
                      f"| {dom} | {fmt(x['final_ce'])} | {fmt(x['final_kd'])} | {fmt(x['final_loss'])} "
                      f"| {fmt(x['wall_seconds'], 0)} |")
-        L += ["", "¹ the first run to need a teacher also fitted it ("
+        L += ["", "¹ with the auto teacher, the first run to need it also fitted it ("
               + ("one per seed" if cfg.get("teacher_per_seed") else "one for all seeds")
               + f"; in one invocation that is {vs[keys[0]]['label']}; the fit times are listed above).", ""]
         L += layer_probe_lines(vs, keys)
