@@ -268,7 +268,7 @@ def evaluate(model, tok, eval_records, eval_examples, collate, args):
     with dist_util.all_threads():
         acc = answer_accuracy(model, tok, eval_records, max_new_tokens=args.max_new_tokens,
                               batch_size=args.eval_batch_size)
-        align = domain_alignment(model, eval_batches(eval_examples, collate))
+        align = domain_alignment(model, eval_batches(eval_examples, collate), layers=args.layer_probes)
     return acc, align
 
 
@@ -286,6 +286,7 @@ def summarise(args, run_dir: RunDir, info, data: RunData, stats: dict, sharding:
         final_dom = None if args.no_domain_loss else stats["final_parts"].get("dom")
         alignment = {**align_after, "final_dom_loss": final_dom,
                      "probe_accuracy_before": align_before["probe_accuracy"],
+                     "layer_probe_accuracy_before": align_before.get("layer_probe_accuracy"),
                      "fooled": fooled(align_after, final_dom)}
     summary = {"steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"],
                "real_tokens": stats["real_tokens"], "padding_fraction": stats["padding_fraction"],

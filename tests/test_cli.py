@@ -37,6 +37,8 @@ BAD = {
     "--student": ["--student", "TMP/no-model"],
     "--teacher": ["--teacher", "TMP/no-teacher"],
     "--teacher-steps": ["--teacher-steps", "0"],
+    "--teacher-seed": ["--teacher-seed", "-1"],
+    "--data-seed": ["--data-seed", "-1"],
     "--teacher-lr": ["--teacher-lr", "0"],
     "--teacher-fit-cache": ["--teacher-fit-cache", "FILE"],
     "--teacher-cache": ["--teacher-cache", "FILE"],  # the deprecated name of --teacher-fit-cache
@@ -69,6 +71,7 @@ NO_BAD_VALUE = {  # flag -> why no value of it is wrong on its own
     "--help": "prints the help",
     "--no-progress": "a switch with no combination to contradict",
     "--skip-bad": "a switch with no combination to contradict",
+    "--layer-probes": "a switch; without held-out records it measures nothing, as the probe",
     "--packing": "a switch (--no-packing: off) with no combination to contradict",
     "--no-domain-loss": "a switch; the flags it makes moot are still valid",
 }

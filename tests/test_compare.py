@@ -1,6 +1,6 @@
 """The comparison experiment (`python -m prada_fast.experiments.compare`): its numbers
 (aggregation over seeds, PCA, domain probes), the trainer commands it builds, and a tiny
-end-to-end run of 3 variants x 2 seeds that must leave a complete report."""
+end-to-end run of 3 arms x 2 seeds that must leave a complete report."""
 import json
 import math
 import os
@@ -106,58 +106,99 @@ def test_probes_separate_clusters_and_stay_near_chance_on_noise():
 
 
 def test_trainer_commands_differ_only_in_the_variant_flags(tmp_path):
+    from prada_fast.experiments.compare.variants import VARIANT_KEYS
     args = parse_args(["--output-dir", str(tmp_path), "--seeds", "0,1,2", "--extra", "--max-len 128",
                        "--lambda-max", "0.3", "--head-lr-mult", "10", "--prompt-encoder", "mlp",
-                       "--data", "synthetic:48"])
+                       "--lm-weight", "0.7", "--teacher-seed", "5",
+                       "--data", "synthetic:48", "--variants", ",".join(VARIANT_KEYS)])
     assert args.targets == ["sorting"]
-    assert parse_args(["--output-dir", str(tmp_path)]).targets == ["market"]  # the story benchmark
-    assert args.variants == ["cot", "grl", "confusion", "prada-grl", "prada-confusion"]
+    default = parse_args(["--output-dir", str(tmp_path)])
+    assert default.targets == ["market"]  # the story benchmark
+    assert default.variants == ["cot", "cot-lm", "prada-confusion", "prada-confusion-lm"]  # (A)-(D)
+    assert args.variants == list(VARIANT_KEYS)
     V = variants(args.prompt_len)
     for seed in args.seeds:
         cmds = {k: trainer_args(args, "sorting", V[k], seed) for k in args.variants}
         for k, cmd in cmds.items():
             out = cmd[cmd.index("--output-dir") + 1]
             assert out == str(tmp_path / "runs" / "sorting" / k / f"seed{seed}")
-            # one teacher cache for every variant: a seed's teacher is fitted once
+            # one teacher and one data set for every seed and variant: only --seed differs
             assert cmd[cmd.index("--teacher-fit-cache") + 1] == str(tmp_path / "teachers")
+            assert cmd[cmd.index("--teacher-seed") + 1] == cmd[cmd.index("--data-seed") + 1] == "5"
             assert cmd[cmd.index("--seed") + 1] == str(seed)
             assert cmd[cmd.index("--target-domains") + 1] == "sorting"
             assert cmd[-2:] == ["--max-len", "128"]
-        assert "--no-domain-loss" in cmds["cot"] and "--no-domain-loss" not in cmds["grl"]
+            if k.endswith("-lm"):
+                assert cmd[cmd.index("--lm-weight") + 1] == "0.7"
+            else:
+                assert "--lm-weight" not in cmd
+        for k in ("cot", "cot-lm"):
+            assert "--no-domain-loss" in cmds[k] and "--adversary" not in cmds[k]
+            assert "--lambda-max" not in cmds[k]
         pl = {k: c[c.index("--prompt-len") + 1] for k, c in cmds.items()}
-        assert pl == {"cot": "0", "grl": "0", "confusion": "0", "prada-grl": "8", "prada-confusion": "8"}
-        for k in ("grl", "confusion", "prada-grl", "prada-confusion"):
+        assert pl == {k: "8" if k.startswith("prada") else "0" for k in VARIANT_KEYS}
+        for k in VARIANT_KEYS[2:]:
             c = cmds[k]
-            assert c[c.index("--adversary") + 1] == k.removeprefix("prada-")
+            assert "--no-domain-loss" not in c
+            assert c[c.index("--adversary") + 1] == k.removeprefix("prada-").removesuffix("-lm")
             assert c[c.index("--lambda-max") + 1] == "0.3"
             assert c[c.index("--domain-head-lr-mult") + 1] == "10.0"
             assert ("--prompt-encoder" in c) == k.startswith("prada")
-        assert "--lambda-max" not in cmds["cot"] and "--adversary" not in cmds["cot"]
 
         def common(c):
             c = list(c)
             for flag in ("--output-dir", "--prompt-len", "--adversary", "--lambda-max",
-                         "--domain-head-lr-mult", "--prompt-encoder"):
+                         "--domain-head-lr-mult", "--prompt-encoder", "--lm-weight"):
                 if flag in c:
                     i = c.index(flag)
                     del c[i:i + 2]
             return [x for x in c if x != "--no-domain-loss"]
         assert len({tuple(common(c)) for c in cmds.values()}) == 1
+    # the old behaviour: each seed its own data and teacher (no --teacher-seed, --data-seed)
+    old = parse_args(["--output-dir", str(tmp_path), "--teacher-per-seed", "--data", "synthetic:48"])
+    cmd = trainer_args(old, "sorting", V["cot"], 3)
+    assert "--teacher-seed" not in cmd and "--data-seed" not in cmd
+
+
+def test_a_shared_teacher_seed_gives_every_student_seed_the_same_data_and_teacher():
+    """The trainer's --data-seed and --teacher-seed (what compare passes): runs of different
+    --seed hold out the same records and fit the same auto teacher (its cache key is a hash
+    of the training examples and the teacher's seed); unset, both follow --seed as before."""
+    from prada_fast.data.prepare import load_run_data
+    from prada_fast.trainer import settings
+    from prada_fast.trainer.flags import build_parser
+    p = build_parser()
+
+    def run(*argv):
+        a = p.parse_args(["--data", "synthetic:11", "--eval-per-domain", "3", *argv])
+        d = load_run_data(settings.data_settings(a))
+        spec = settings.teacher_spec(a)
+        train = [(r.question, r.answer, r.domain) for r in d.train_records]
+        return [(r.question, r.domain) for r in d.eval_records], train, spec.seed
+    shared = [run("--seed", str(s), "--data-seed", "4", "--teacher-seed", "4") for s in (0, 9)]
+    assert shared[0] == shared[1] and shared[0][2] == 4
+    own = [run("--seed", str(s)) for s in (0, 9)]
+    assert own[0][2] == 0 and own[1][2] == 9
+    assert own[0][0] != own[1][0] and own[0][1] != own[1][1]
+    assert own[0] == run("--seed", "0", "--data-seed", "0", "--teacher-seed", "0")
 
 
 def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(tmp_path, monkeypatch):
     """--tune: every tuning run trains on the sources minus the pseudo-target, with the
     pseudo-target unlabelled and the real target absent; the chosen knobs are those with the
-    best pseudo-target accuracy (adversary knobs on the adversarial-only variant, then the
-    prompt encoder on PRADA)."""
+    best pseudo-target accuracy (the LM weight on CoT + LM, adversary knobs on the
+    adversarial-only variant, then the prompt encoder on PRADA; PRADA + LM takes both)."""
     from prada_fast.experiments.compare import tuning as cmp
+    from prada_fast.experiments.compare.variants import VARIANT_KEYS
     args = parse_args(["--output-dir", str(tmp_path), "--data", "synthetic:8:shopping,travel,recipes,garden",
                        "--targets", "garden", "--tune", "--tune-lambdas", "0.1,1",
                        "--tune-head-mults", "1,10", "--tune-prompt-encoders", "none,mlp",
-                       "--tune-seeds", "7,8"])
+                       "--tune-lm-weights", "1,0.3,3", "--tune-seeds", "7,8",
+                       "--variants", ",".join(VARIANT_KEYS)])
     # a made-up pseudo-target accuracy per setting; the seeds average it
     score = {("grl", 0.1, 1.0): 0.3, ("grl", 1.0, 10.0): 0.35, ("confusion", 1.0, 1.0): 0.4}
     enc_bonus = {("grl", "mlp"): 0.05, ("confusion", "none"): 0.02}
+    lm_score = {"0.3": 0.5, "3.0": 0.45}
     seen = []
 
     def fake_run(args_, argv, d, tag, walls):
@@ -166,6 +207,8 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
         adv = get("--adversary")
         key = (adv, float(get("--lambda-max", 0)), float(get("--domain-head-lr-mult", 0)))
         acc = score.get(key, 0.1) + enc_bonus.get((adv, get("--prompt-encoder")), 0.0)
+        if adv is None and "--lm-weight" in argv:
+            acc = lm_score.get(get("--lm-weight"), 0.2)
         acc += 0.01 * (int(get("--seed")) - 7.5)  # seed noise that averages out
         d.mkdir(parents=True, exist_ok=True)
         (d / "summary.json").write_text(json.dumps({"domains": {
@@ -176,17 +219,23 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
     monkeypatch.setattr(cmp, "ensure_run", fake_run)
     monkeypatch.setattr(cmp, "data_domains", lambda specs: ["garden", "recipes", "shopping", "travel"])
     chosen = cmp.tune(args, "garden", [])
-    # cot, 4 settings x 2 adversaries, 2 encoders x 2 PRADA variants; each on 2 seeds
-    assert len(seen) == 2 * (1 + 4 * 2 + 2 * 2)
+    # cot, 3 LM weights, 4 settings x 2 adversaries, 2 encoders x 2 PRADA variants; each on 2 seeds
+    assert len(seen) == 2 * (1 + 3 + 4 * 2 + 2 * 2)
     for argv in seen:
         assert argv[argv.index("--target-domains") + 1] == "recipes"
         assert argv[argv.index("--source-domains") + 1] == "shopping,travel"
         assert str(tmp_path / "tune" / "garden") in argv[argv.index("--output-dir") + 1]
         assert int(argv[argv.index("--seed") + 1]) in (7, 8)
-    assert chosen["grl"] == {"lambda_max": 1.0, "head_lr_mult": 10.0, "prompt_encoder": "none"}
-    assert chosen["confusion"] == {"lambda_max": 1.0, "head_lr_mult": 1.0, "prompt_encoder": "none"}
-    assert chosen["prada-grl"] == {"lambda_max": 1.0, "head_lr_mult": 10.0, "prompt_encoder": "mlp"}
-    assert chosen["prada-confusion"] == {"lambda_max": 1.0, "head_lr_mult": 1.0, "prompt_encoder": "none"}
+        assert argv[argv.index("--teacher-seed") + 1] == "0"  # one teacher for the tuning seeds
+    base = {"lm_weight": 1.0}
+    assert chosen["cot-lm"]["lm_weight"] == 0.3
+    assert chosen["grl"] == {**base, "lambda_max": 1.0, "head_lr_mult": 10.0, "prompt_encoder": "none"}
+    assert chosen["confusion"] == {**base, "lambda_max": 1.0, "head_lr_mult": 1.0, "prompt_encoder": "none"}
+    assert chosen["prada-grl"] == {**base, "lambda_max": 1.0, "head_lr_mult": 10.0, "prompt_encoder": "mlp"}
+    assert chosen["prada-confusion"] == {**base, "lambda_max": 1.0, "head_lr_mult": 1.0,
+                                         "prompt_encoder": "none"}
+    for adv in ("grl", "confusion"):
+        assert chosen[f"prada-{adv}-lm"] == {**chosen[f"prada-{adv}"], "lm_weight": 0.3}
     saved = json.loads((tmp_path / "tune" / "garden" / "chosen.json").read_text())
     assert saved["chosen"] == chosen and saved["pseudo_target"] == "recipes"
     # a grid of one is chosen without a tuning run
@@ -194,9 +243,11 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
     args.tune_prompt_encoders = ["lstm"]
     args.tune_head_mults = [10.0]
     args.tune_lambdas = [0.3]
+    args.tune_lm_weights = [2.0]
     args.report_only = False
     one = cmp.tune(args, "garden", [])
-    assert one["prada-grl"] == {"lambda_max": 0.3, "head_lr_mult": 10.0, "prompt_encoder": "lstm"}
+    assert one["prada-grl-lm"] == {"lambda_max": 0.3, "head_lr_mult": 10.0, "prompt_encoder": "lstm",
+                                   "lm_weight": 2.0}
     assert len(seen) == 2  # only the cot reference, on 2 seeds
     best = next(r for r in saved["tried"]
                 if r["variant"] == "confusion" and r["knobs"] == chosen["confusion"])
@@ -213,8 +264,76 @@ def test_paired_interval_is_the_t_interval():
     assert ci95([0.1]) is None
 
 
+def _fake_run(variant, seed, src, tgt, layers=None):
+    """One run's record as collect_run leaves it (two sources, one target)."""
+    return {"target": "t", "variant": variant, "seed": seed,
+            "roles": {"s1": "source", "s2": "source", "t": "target"},
+            "accuracy_after": {"s1": src[0], "s2": src[1], "t": tgt},
+            "accuracy_before": {"s1": 0.0, "s2": 0.0, "t": 0.0}, "probe_accuracy": 0.5,
+            "ncm_accuracy": 0.5, "domain_classifier_accuracy": 0.3, "final_loss": 1.0,
+            "wall_seconds": 1.0, "tokens_per_s": 1.0, "final": {},
+            "layer_probes_before": None if layers is None else layers[0],
+            "layer_probes_after": None if layers is None else layers[1]}
+
+
+def test_paired_intervals_against_a_and_b_and_the_verdict(seed):
+    """7 seeds (t(0.975, 6) = 2.447): per arm the paired difference against (A) and (B) is
+    the per-seed difference of the source mean and of the target, its t-interval computed
+    here with numpy; PRADA's verdict is taken against (B) only: an arm planted well above
+    (B) is "better", one planted below "worse", and (A) plays no part in it."""
+    from prada_fast.experiments.compare.statistics import paired_differences, verdict
+    rng = np.random.default_rng(seed)
+    n = 7
+    acc = {"cot": rng.uniform(0.2, 0.4, (n, 3))}
+    acc["cot-lm"] = acc["cot"] + rng.normal(0.15, 0.02, (n, 3))  # (B) far above (A)
+    acc["prada-confusion"] = acc["cot"] + rng.normal(0.05, 0.02, (n, 3))  # above (A), below (B)
+    acc["prada-confusion-lm"] = acc["cot-lm"] + rng.normal(0.1, 0.01, (n, 3))  # above (B)
+    seeds = rng.permutation(100)[:n].tolist()
+    by = {k: [_fake_run(k, s, a[i, :2].tolist(), float(a[i, 2])) for i, s in enumerate(seeds)]
+          for k, a in acc.items()}
+    by["cot"] = by["cot"][::-1]  # pairing is by seed, not by position
+    V = variants(8)
+    for base in ("cot", "cot-lm"):
+        got = paired_differences(by, base)
+        assert set(got) == set(acc) - {base}
+        for k, d in got.items():
+            diff = acc[k] - acc[base]
+            for name, ref in (("target_accuracy_after", diff[:, 2]),
+                              ("source_accuracy_after", diff[:, :2].mean(1))):
+                half = 2.447 * ref.std(ddof=1) / math.sqrt(n)
+                assert d[name]["n"] == n and d[name]["mean"] == pytest.approx(ref.mean())
+                assert d[name]["ci95"] == pytest.approx([ref.mean() - half, ref.mean() + half], rel=1e-3)
+    v = verdict(paired_differences(by, "cot-lm"), V)
+    assert set(v["arms"]) == {"prada-confusion", "prada-confusion-lm"}
+    assert v["arms"]["prada-confusion"]["target"] == "worse"
+    assert v["arms"]["prada-confusion-lm"]["target"] == "better" and v["helps"] is True
+    del by["prada-confusion-lm"]
+    assert verdict(paired_differences(by, "cot-lm"), V)["helps"] is False  # above (A) is not enough
+    one = {k: r[:1] for k, r in by.items()}
+    assert verdict(paired_differences(one, "cot-lm"), V)["helps"] is None  # one seed: undecided
+
+
+def test_layer_probe_summary_is_the_mean_over_seeds_per_layer(seed):
+    from prada_fast.experiments.compare.statistics import summarise
+    rng = np.random.default_rng(seed)
+    n, L = 5, 4  # 3 decoder layers + the embeddings
+    before, after = rng.uniform(0.5, 1, (n, L)), rng.uniform(0.25, 1, (n, L))
+    runs = [_fake_run("prada-confusion", s, [0.5, 0.5], 0.5, (before[s].tolist(), after[s].tolist()))
+            for s in range(n)]
+    rows = summarise(runs, variants(8)["prada-confusion"])["layer_probes"]
+    assert [r["layer"] for r in rows] == list(range(L))
+    for i, r in enumerate(rows):
+        assert r["before"]["mean"] == pytest.approx(before[:, i].mean())
+        assert r["after"]["mean"] == pytest.approx(after[:, i].mean())
+        assert r["drop"]["mean"] == pytest.approx((before[:, i] - after[:, i]).mean())
+        assert r["after"]["std"] == pytest.approx(after[:, i].std(ddof=1))
+    assert summarise([_fake_run("cot", 0, [0.5, 0.5], 0.5)], variants(8)["cot"])["layer_probes"] is None
+
+
 def test_bad_flags_are_refused(tmp_path, capsys):
-    for bad in (["--extra", "--seed 3"], ["--seeds", "0,0"], ["--variants", "cot,foo"],
+    for bad in (["--extra", "--seed 3"], ["--extra", "--lm-weight 2"], ["--extra", "--data-seed 1"],
+                ["--seeds", "0,0"], ["--variants", "cot,foo"], ["--lm-weight", "-1"],
+                ["--tune-lm-weights", "0.3,nan"], ["--teacher-seed", "-1"],
                 ["--data", "../shared/data/aqua_dev.json"], ["--eval-per-domain", "1"]):
         with pytest.raises(SystemExit) as e:
             parse_args(["--output-dir", str(tmp_path), *bad])
@@ -223,7 +342,7 @@ def test_bad_flags_are_refused(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- end to end
 
-TINY = ["--seeds", "0,1", "--variants", "cot,grl,prada-confusion", "--prompt-encoder", "mlp",
+TINY = ["--seeds", "0,1", "--variants", "cot,cot-lm,prada-confusion-lm", "--prompt-encoder", "mlp",
         "--max-steps", "3", "--teacher-steps", "3", "--data", "synthetic:24",
         "--eval-per-domain", "2", "--log-every", "1", "--extra", "--max-new-tokens 8 --max-len 96"]
 
@@ -245,7 +364,7 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
     assert report["command"].startswith("python -m prada_fast.experiments.compare")
     res = report["results"]["sorting"]
     assert res["n_domains"] == 4 and res["chance"] == 0.25
-    assert set(res["variants"]) == {"cot", "grl", "prada-confusion"}
+    assert set(res["variants"]) == {"cot", "cot-lm", "prada-confusion-lm"}
     for k, v in res["variants"].items():
         assert v["seeds"] == [0, 1]
         assert set(v["domains"]) == {"arithmetic", "coinflip", "lastletter", "sorting"}
@@ -258,39 +377,53 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
         acc = v["domains"]["arithmetic"]["accuracy_after"]
         assert acc["n"] == 2 and 0 <= acc["mean"] <= 1
     assert res["variants"]["cot"]["domain_head_trained"] is False
-    assert res["variants"]["grl"]["final_dom"]["mean"] > 0
-    assert res["variants"]["cot"]["final_dom"]["mean"] == 0  # no domain loss in (a)
-    assert set(res["paired_vs_cot"]) == {"grl", "prada-confusion"}
-    ci = res["paired_vs_cot"]["grl"]["target_accuracy_after"]["ci95"]
+    assert res["variants"]["prada-confusion-lm"]["final_dom"]["mean"] > 0
+    assert res["variants"]["cot"]["final_dom"]["mean"] == 0  # no domain loss in (A)
+    assert res["variants"]["cot-lm"]["final_lm"]["mean"] > 0  # the LM term is on in (B) and (D)
+    assert res["variants"]["prada-confusion-lm"]["final_lm"]["mean"] > 0
+    assert res["variants"]["cot"]["final_lm"]["n"] == 0  # and off in (A)
+    assert set(res["paired_vs_cot"]) == {"cot-lm", "prada-confusion-lm"}
+    assert set(res["paired_vs_cot_lm"]) == {"cot", "prada-confusion-lm"}
+    ci = res["paired_vs_cot_lm"]["prada-confusion-lm"]["target_accuracy_after"]["ci95"]
     assert ci is not None and ci[0] <= ci[1]
-    # the same seed distils from one teacher: one fit per seed in the shared cache
-    assert len([p for p in (out / "teachers").iterdir() if p.is_dir()]) == 2
+    assert res["verdict"]["arms"]["prada-confusion-lm"]["target_ci95"] == ci
+    # one teacher for both seeds: one fit in the shared cache
+    assert len([p for p in (out / "teachers").iterdir() if p.is_dir()]) == 1
+    for k, v in res["variants"].items():  # the tiny student: the embeddings and 3 layers
+        rows = v["layer_probes"]
+        assert [r["layer"] for r in rows] == [0, 1, 2, 3], k
+        assert all(r["before"]["n"] == r["after"]["n"] == 2 for r in rows)
+    for r in report["runs"]:  # the last layer's probe is the trainer's probe on the final features
+        summary = json.loads((out / r["dir"] / "summary.json").read_text())["domain_alignment"]
+        assert summary["layer_probe_accuracy"][-1] == summary["probe_accuracy"]
 
     plots = report["plots"]["sorting"]
     for name in (plots["pca"], plots["loss_curves"]):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    assert set(plots["pca_explained_variance"]) == {"cot", "prada-confusion"}
+    assert set(plots["pca_explained_variance"]) == {"cot", "prada-confusion-lm"}
     md = (out / "report.md").read_text()
-    for text in ("(a) plain CoT distillation", "(b) adversarial only (grl)", "(e) PRADA", " ± ",
+    for text in ("(A) plain CoT distillation", "(B) CoT + LM term", "(D) PRADA", " ± ",
+                 "PRADA helps only where (C) or (D) beats (B)", "Fresh probe per layer",
                  plots["pca"], plots["loss_curves"], report["command"]):
         assert text in md
     # every run left its own directory, metrics and pooled features
-    for v in ("cot", "grl", "prada-confusion"):
+    for v in ("cot", "cot-lm", "prada-confusion-lm"):
         for s in (0, 1):
             d = out / "runs" / "sorting" / v / f"seed{s}"
             assert (d / "summary.json").is_file() and (d / "pooled_features.pt").is_file()
 
     # resumable: the same command again reuses every finished run and trains nothing
-    stamp = (out / "runs" / "sorting" / "prada-confusion" / "seed1" / "summary.json").stat().st_mtime
+    last = out / "runs" / "sorting" / "prada-confusion-lm" / "seed1" / "summary.json"
+    stamp = last.stat().st_mtime
     proc = compare(out)
     again = json.loads((out / "report.json").read_text())
     assert again["n_runs_trained"] == 0 and again["n_runs_done"] == 6
     assert {r["status"] for r in again["runs"]} == {"reused"}
-    assert (out / "runs" / "sorting" / "prada-confusion" / "seed1" / "summary.json").stat().st_mtime == stamp
+    assert last.stat().st_mtime == stamp
     assert "reused" in proc.stdout
-    assert again["results"]["sorting"]["variants"]["prada-confusion"]["target_accuracy_after"] == \
-        res["variants"]["prada-confusion"]["target_accuracy_after"]
+    assert again["results"]["sorting"]["variants"]["prada-confusion-lm"]["target_accuracy_after"] == \
+        res["variants"]["prada-confusion-lm"]["target_accuracy_after"]
 
 
 def test_each_training_run_is_a_job_of_its_own(monkeypatch, tmp_path):

@@ -26,6 +26,12 @@ class _Features(torch.nn.Module):
         f = self.feats[input_ids[:, 0]]
         return f, self.domain_head(f)
 
+    def layer_pooled_features(self, input_ids, attention_mask, labels):
+        """Two "layers": noise that carries no domain, then the features."""
+        f = self.feats[input_ids[:, 0]]
+        noise = torch.randn(f.shape, generator=torch.Generator().manual_seed(int(input_ids[0, 0])))
+        return torch.stack([noise, f])
+
 
 def test_domain_alignment_reports_a_fooled_head_and_a_probe_that_still_separates():
     """Features that separate D = 3 domains perfectly, and a head that maps each domain to
@@ -39,8 +45,9 @@ def test_domain_alignment_reports_a_fooled_head_and_a_probe_that_still_separates
     ids = torch.arange(len(y)).unsqueeze(1)
     batches = [{"input_ids": ids[s:s + 10], "attention_mask": torch.ones(len(ids[s:s + 10]), 1),
                 "labels": ids[s:s + 10], "domain_labels": y[s:s + 10]} for s in range(0, len(y), 10)]
-    a = domain_alignment(model, batches)
+    a = domain_alignment(model, batches, layers=True)
     assert a["head_accuracy"] == 0.0 and a["probe_accuracy"] == 1.0
+    assert a["layer_probe_accuracy"][1] == 1.0 and a["layer_probe_accuracy"][0] < 0.7  # chance 1/3
     assert a["chance"] == pytest.approx(1 / 3) and a["ln_domains"] == pytest.approx(math.log(3))
     assert fooled(a, final_dom_loss=1.5)          # below chance, loss above ln 3
     assert not fooled(a, final_dom_loss=1.0)      # below chance, but the loss is not above ln 3

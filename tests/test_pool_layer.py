@@ -75,3 +75,21 @@ def test_a_layer_the_student_lacks_is_refused_and_the_export_keeps_it(tmp_path):
     assert PradaConfig.from_meta({**cfg.to_meta(), "domains": ["a", "b"]}).pool_layer == 2
     older = {"domains": ["a", "b"], "domain_head": "linear", "n_prompt": 0}  # no pool_layer key
     assert PradaConfig.from_meta(older).pool_layer is None
+
+
+def test_every_layers_pooled_features_are_what_pool_layer_pools(seed):
+    """layer_pooled_features (the per-layer probes' input, one forward with every hidden
+    state) equals, layer by layer, the domain features of a model pooling that layer through
+    its hook (--pool-layer L), and its last layer the final features; float64, odd sizes."""
+    g = torch.Generator().manual_seed(seed)
+    b = Collator(PAD)(examples(g, 5, hi=23))
+    torch.manual_seed(seed)  # the same soft prompt and head in every model built here
+    every = _model(seed, None, dtype=torch.float64).layer_pooled_features(
+        b["input_ids"], b["attention_mask"], b["labels"])
+    assert every.shape == (4, 5, 128)  # the embeddings and 3 decoder layers
+    for layer in (0, 1, 2, None):
+        torch.manual_seed(seed)
+        f, _ = _model(seed, layer, dtype=torch.float64)(
+            b["input_ids"], b["attention_mask"], b["labels"], b["domain_labels"], features_only=True)
+        assert rel(every[3 if layer is None else layer], f) < 1e-12, layer
+    assert rel(every[0], every[3]) > 0.1  # the layers differ: not one tensor compared with itself

@@ -167,6 +167,10 @@ def _shared() -> dict[str, Shared]:
         "target_domains": Shared(("--target-domains",), dict(metavar="C", help=(
             "unlabelled domains: they feed the domain loss only (default: "
             f"'{SYNTHETIC_TARGET}' for synthetic data, none otherwise)"))),
+        "data_seed": Shared(("--data-seed",), dict(type=int, metavar="S", help=(
+            "seed of the synthetic data and of the held-out split (default: --seed); the "
+            "comparison fixes it so that its seeds share one data set and one teacher")),
+            within(0, 2**32 - 1)),
         "skip_bad": Shared(("--skip-bad",), dict(action="store_true", help=(
             "skip malformed records (and report their count) instead of stopping"))),
         "max_len": Shared(("--max-len",), dict(type=int, default=192, help="tokens per sequence"),
@@ -185,6 +189,10 @@ def _shared() -> dict[str, Shared]:
             "'tiny-teacher' preset on the rationales first (cached)"))),
         "teacher_steps": Shared(("--teacher-steps",), dict(type=int, default=300, help=(
             "steps of the auto teacher fit")), at_least(1)),
+        "teacher_seed": Shared(("--teacher-seed",), dict(type=int, metavar="S", help=(
+            "seed of the auto teacher's fit and of a random-weight preset teacher's init (default: "
+            "--seed); with --data-seed fixed too, runs of different --seed share one teacher")),
+            within(0, 2**32 - 1)),
         "teacher_lr": Shared(("--teacher-lr",), dict(type=float, default=3e-3, help=(
             "lr of the auto teacher fit")), above(0)),
         "teacher_fit_cache": Shared(("--teacher-fit-cache",), dict(metavar="DIR", help=(
@@ -209,6 +217,10 @@ def _shared() -> dict[str, Shared]:
                 "the domain head's learning rate over the student's (its own optimizer parameter "
                 "group; needs a scheduler that keeps each group's lr, as the shipped configs' "
                 "WarmupCosineLR; 1 puts the head in the student's group)")), above(0)),
+        "lm_weight": Shared(("--lm-weight",), dict(type=float, default=0.0, metavar="W", help=(
+            "W x an auxiliary language-model term on every record's question, the targets' too "
+            "(task-adaptive pretraining, UDALM): the mean next-token CE of the question tokens, "
+            "logged as lm; the baseline PRADA must beat (0: off)")), at_least(0)),
         # generation: the evaluation's decoding, the prompts of instruct models
         "max_new_tokens": Shared(("--max-new-tokens",), dict(type=int, default=80, help=(
             "greedy decoding budget: tokens generated per answer")), at_least(1)),
@@ -228,10 +240,11 @@ def _shared() -> dict[str, Shared]:
 
 
 RUN_FLAGS = ("ds", "seed", "no_progress", "dist_timeout", "local_rank")
-DATA_FLAGS = ("data", "source_domains", "target_domains", "skip_bad", "max_len", "eval_per_domain")
-MODEL_FLAGS = ("student", "teacher", "teacher_steps", "teacher_lr", "teacher_fit_cache", "attn",
-               "temperature")
-KNOB_FLAGS = ("prompt_len", "prompt_encoder", "lambda_max", "domain_head_lr_mult")
+DATA_FLAGS = ("data", "data_seed", "source_domains", "target_domains", "skip_bad", "max_len",
+              "eval_per_domain")
+MODEL_FLAGS = ("student", "teacher", "teacher_seed", "teacher_steps", "teacher_lr", "teacher_fit_cache",
+               "attn", "temperature")
+KNOB_FLAGS = ("prompt_len", "prompt_encoder", "lambda_max", "domain_head_lr_mult", "lm_weight")
 GENERATION_FLAGS = ("max_new_tokens", "eval_batch_size", "prompt", "prompt_template", "answer_tokens")
 SHARED_FLAGS = (*RUN_FLAGS, "max_steps", "log_every", *DATA_FLAGS, *MODEL_FLAGS, *KNOB_FLAGS,
                 *GENERATION_FLAGS)

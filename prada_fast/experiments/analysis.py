@@ -93,7 +93,6 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
     Returns (features float32 (n x H), domain ids (n,), domains, roles)."""
     from prada_fast.data import Collator
     from prada_fast.models import PradaModel
-    from prada_fast.op import masked_mean
     from prada_fast.data.prepare import encode_all
 
     from transformers.utils import logging as hf_logging
@@ -117,18 +116,10 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
             b = collate(examples[s:s + batch_size])
             ids, att, lab = b["input_ids"].to(dev), b["attention_mask"].to(dev), b["labels"].to(dev)
             if all_layers:
-                pool = model.pool_mask(att, lab)
-                f = torch.stack([masked_mean(h, pool) for h in layer_states(model, ids, att)])
+                f = model.layer_pooled_features(ids, att, lab)
             else:
                 f = model.pooled_features(ids, att, lab)
             feats.append(f.float().cpu())
             labels.append(b["domain_labels"])
     return torch.cat(feats, -2), torch.cat(labels), domains, meta.get("roles", {})
 
-
-def layer_states(model, input_ids, attention_mask) -> tuple:
-    """Every layer's output of the student over [soft prompt | tokens]: the input embeddings,
-    then each decoder layer's (the last one after the final norm, as transformers returns it)."""
-    emb, mask = model.embed(input_ids, attention_mask)
-    return model.backbone(inputs_embeds=emb, attention_mask=mask, use_cache=False,
-                          output_hidden_states=True).hidden_states

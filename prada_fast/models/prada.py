@@ -144,6 +144,17 @@ class PradaModel(nn.Module):
             hidden, _ = self.hidden_states(input_ids, attention_mask)
         return masked_mean(layer.get("states", hidden), self.pool_mask(attention_mask, labels))
 
+    def layer_pooled_features(self, input_ids, attention_mask, labels):
+        """(L + 1, B, H): the output of every layer over [soft prompt | tokens] averaged over
+        `pool_mask`, as the domain features are: the input embeddings (soft prompt included)
+        first, then each decoder layer's, the last one after the final norm (as transformers
+        returns hidden_states; the final features without a pool_layer)."""
+        emb, mask = self.embed(input_ids, attention_mask)
+        states = self.backbone(inputs_embeds=emb, attention_mask=mask, use_cache=False,
+                               output_hidden_states=True).hidden_states
+        pool = self.pool_mask(attention_mask, labels)
+        return torch.stack([masked_mean(h, pool) for h in states])
+
     def packed_hidden_states(self, input_ids, attention_mask, position_ids, seq_index):
         """Final hidden states (rows, T, H) of packed rows (packing.py): each sequence's
         prompt slots (seq_index >= 0, attention_mask 0) hold the soft prompt, vector p at

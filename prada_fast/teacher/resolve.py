@@ -11,15 +11,16 @@ from prada_fast.common import distributed as dist_util
 from prada_fast.models import PRESETS, load_causal_lm
 from prada_fast.teacher.fit import AUTO_PRESET, FIT_BATCH, cache_key, default_cache_dir, fit_teacher
 
-# A preset teacher's random init is seeded with the run's seed + this, never the student's.
+# A preset teacher's random init is seeded with the teacher's seed + this, never the student's.
 TEACHER_SEED_OFFSET = 7
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
     """name: "auto" (fit AUTO_PRESET for a preset student), "none", a preset or a directory;
-    steps, lr: the auto fit's; seed: the run's; fit_cache: the auto fits' folder (None:
-    fit.default_cache_dir())."""
+    steps, lr: the auto fit's; seed: the teacher's (--teacher-seed; default the run's --seed):
+    it seeds the auto fit and, + TEACHER_SEED_OFFSET, a preset teacher's init; fit_cache: the
+    auto fits' folder (None: fit.default_cache_dir())."""
     name: str = "auto"
     steps: int = 300
     lr: float = 3e-3

@@ -80,6 +80,21 @@ def domain_features(model, batches):
     return torch.cat(feats), torch.cat(labels), torch.cat(preds)
 
 
+@torch.no_grad()
+def layer_features(model, batches) -> torch.Tensor:
+    """(L + 1, n, H) float32: every layer's pooled question features over collated batches
+    (PradaModel.layer_pooled_features; layer 0 the input embeddings, the last the final
+    states). A plain (unpartitioned) model: the trainer calls it on rank 0 before training
+    and on the reloaded final/ after."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    feats = [model.layer_pooled_features(b["input_ids"].to(device), b["attention_mask"].to(device),
+                                         b["labels"].to(device)).float().cpu() for b in batches]
+    model.train(was_training)
+    return torch.cat(feats, 1)
+
+
 def alignment_probe(module, batches, *, fit: bool = True, folds: int = 5) -> dict | None:
     """The curve point of --probe-every, during training: the head's accuracy on the held-out
     batches' pooled question features ("probe_head_acc") and a freshly fitted logistic
@@ -93,16 +108,24 @@ def alignment_probe(module, batches, *, fit: bool = True, folds: int = 5) -> dic
             "probe_acc": None if probe is None else round(probe, 6)}
 
 
-def domain_alignment(model, batches, *, folds: int = 5) -> dict:
+def domain_alignment(model, batches, *, folds: int = 5, layers: bool = False) -> dict:
     """On held-out records: the domain head's accuracy, a fresh logistic probe's
     (cross-validated, `folds` folds; None with too few records per domain), chance, and the
     number of records. Aligned features put both near chance; a head below chance with a
-    probe near 1 means the student fools its head instead of hiding the domain."""
+    probe near 1 means the student fools its head instead of hiding the domain.
+    layers: also "layer_probe_accuracy", the same probe on every layer's pooled question
+    features (layer_features: the embeddings first, the final states last), where the domain
+    is readable and how far training moves it out of reach, layer by layer (L + 1 probes
+    more: the trainer's --layer-probes)."""
     f, y, pred = domain_features(model, batches)
     n_domains = model.domain_head.out.out_features
-    return {"head_accuracy": float((pred == y).float().mean()) if len(y) else None,
-            "probe_accuracy": probe_accuracy(f, y, folds=folds), "chance": 1 / n_domains,
-            "ln_domains": math.log(n_domains), "records": len(y)}
+    out = {"head_accuracy": float((pred == y).float().mean()) if len(y) else None,
+           "probe_accuracy": probe_accuracy(f, y, folds=folds), "chance": 1 / n_domains,
+           "ln_domains": math.log(n_domains), "records": len(y)}
+    if layers:
+        every = layer_features(model, batches) if len(y) else []
+        out["layer_probe_accuracy"] = [probe_accuracy(x, y, folds=folds) for x in every]
+    return out
 
 
 FOOLED_P = 0.01  # how unlikely a head at chance must find the accuracy seen before we say "fooled"

@@ -40,7 +40,7 @@ RANGES = {
     "stop_after": at_least(0), "save_every": at_least(0), "keep_checkpoints": at_least(0),
     "probe_every": at_least(0), "max_bad_steps": at_least(1), "tokens_per_batch": at_least(0),
     "mlp_hidden": at_least(0), "prompt_hidden": at_least(0), "alpha": within(0, 1),
-    "lambda_gamma": above(0), "lm_weight": at_least(0), "pool_layer": at_least(0), "lr": above(0),
+    "lambda_gamma": above(0), "pool_layer": at_least(0), "lr": above(0),
     "teacher_memo_mb": at_least(0),
 }
 
@@ -79,6 +79,11 @@ def build_parser() -> FlagParser:
                          "question features, as probe_head_acc and probe_acc in metrics.jsonl: "
                          "the curves that say whether the student hides the domain or fools its "
                          "head (0: off; needs --eval-per-domain >= 2)")
+    io.add_argument("--layer-probes", action="store_true",
+                    help="at the evaluations before and after training, also fit the fresh domain "
+                         "probe on every layer's question-pooled output, from the input embeddings "
+                         "to the final states (summary.json: domain_alignment.layer_probe_accuracy "
+                         "and _before; the comparison turns it on). Costs L + 1 probes per evaluation")
     add_run_flags(p, io, ("seed", "no_progress"))
     io.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
                     help="also write the metrics of metrics.jsonl and the final evaluation to "
@@ -93,7 +98,7 @@ def build_parser() -> FlagParser:
     add_run_flags(p, io, ("local_rank",))
 
     data = p.add_argument_group("data")
-    add_data_flags(p, data, ("data", "source_domains", "target_domains", "skip_bad", "max_len"))
+    add_data_flags(p, data, ("data", "data_seed", "source_domains", "target_domains", "skip_bad", "max_len"))
     data.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                       help="pack the examples of each micro-batch into rows of at most --max-len + "
                            "--prompt-len positions (each sequence with its own soft prompt, its "
@@ -112,7 +117,8 @@ def build_parser() -> FlagParser:
     add_data_flags(p, data, ("eval_per_domain",))
 
     model = p.add_argument_group("models")
-    add_model_flags(p, model, ("student", "teacher", "teacher_steps", "teacher_lr", "teacher_fit_cache"))
+    add_model_flags(p, model, ("student", "teacher", "teacher_seed", "teacher_steps", "teacher_lr",
+                               "teacher_fit_cache"))
     model.add_argument("--teacher-outputs", metavar="DIR",
                        help="distil from a cache of the teacher's outputs that `python -m "
                             "prada_fast.precompute_teacher --out DIR` wrote (hidden states: the "
@@ -163,10 +169,7 @@ def build_parser() -> FlagParser:
                           "direction, and the head only watches (it trains, nothing flows back). "
                           "The default is what the comparison's tuning picked (docs/results.md)")
     add_knob_flags(p, obj, ("domain_head_lr_mult",))
-    obj.add_argument("--lm-weight", type=float, default=0.0, metavar="W",
-                     help="W x an auxiliary language-model term on every record's question, the "
-                          "targets' too (task-adaptive pretraining, UDALM): the mean next-token CE "
-                          "of the question tokens, logged as lm; the baseline PRADA must beat (0: off)")
+    add_knob_flags(p, obj, ("lm_weight",))
     obj.add_argument("--lambda-schedule", choices=("dann", "constant"), default="dann",
                      help="schedule of lambda, the adversary's scale (every adversary's: grl, "
                           "confusion, mmd): the DANN ramp 2/(1+exp(-gamma p))-1 up to --lambda-max, "

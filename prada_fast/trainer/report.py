@@ -30,6 +30,11 @@ def print_table(summary: dict) -> None:
           f"{1 / max(len(summary['domains']), 1):.3f}); fresh probe on the pooled question "
           f"features: {_fmt(summary.get('domain_probe_accuracy'))} "
           f"(before {_fmt((summary.get('domain_alignment') or {}).get('probe_accuracy_before'))})")
+    align = summary.get("domain_alignment") or {}
+    if align.get("layer_probe_accuracy"):
+        print("fresh probe per layer (0: embeddings ... final): before "
+              + " ".join(map(_fmt, align.get("layer_probe_accuracy_before") or [])) + ", after "
+              + " ".join(map(_fmt, align["layer_probe_accuracy"])))
     print(f"final loss {summary['final_loss']:.4f}  steps {summary['steps']}  "
           f"tokens/s {summary['tokens_per_s']:.0f} (real tokens; padding "
           f"{summary.get('padding_fraction', 0):.1%} of positions)  wall {summary['wall_seconds']}s",

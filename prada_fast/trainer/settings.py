@@ -12,12 +12,18 @@ from prada_fast.trainer.loop import LoopSettings
 def data_settings(args) -> DataSettings:
     return DataSettings(specs=tuple(args.data), source_domains=args.source_domains,
                         target_domains=args.target_domains, skip_bad=args.skip_bad,
-                        eval_per_domain=args.eval_per_domain, seed=args.seed)
+                        eval_per_domain=args.eval_per_domain, seed=seed_of(args, "data_seed"))
 
 
 def teacher_spec(args) -> TeacherSpec:
     return TeacherSpec(name=args.teacher, steps=args.teacher_steps, lr=args.teacher_lr,
-                       seed=args.seed, fit_cache=args.teacher_fit_cache)
+                       seed=seed_of(args, "teacher_seed"), fit_cache=args.teacher_fit_cache)
+
+
+def seed_of(args, dest: str) -> int:
+    """--data-seed or --teacher-seed, --seed where unset (or absent: an older run_config.json)."""
+    value = getattr(args, dest, None)
+    return args.seed if value is None else value
 
 
 def loop_settings(args) -> LoopSettings:

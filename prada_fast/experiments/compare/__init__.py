@@ -7,25 +7,31 @@
         --data data/strategyqa_train.json#400 --data data/aqua_dev.json \\
         --targets aqua --extra "--max-len 512"
 
-Five variants are trained by `prada_fast/train.py`, one subprocess per (target, variant,
-seed), leave-one-domain-out (the target domain is unlabelled, every other domain is a
-labelled source):
+The arms are trained by `prada_fast/train.py`, one subprocess per (target, variant, seed),
+leave-one-domain-out (the target domain is unlabelled, every other domain is a labelled
+source). By default the four arms of the fair test:
 
-  cot              (a) plain CoT distillation:       --prompt-len 0 --no-domain-loss
-  grl              (b) adversarial only, GRL:        --prompt-len 0 --adversary grl
-  confusion        (c) adversarial only, confusion:  --prompt-len 0 --adversary confusion
-  prada-grl        (d) PRADA, GRL:                   --prompt-len K --adversary grl
-  prada-confusion  (e) PRADA, confusion:             --prompt-len K --adversary confusion
+  cot                 (A) plain CoT distillation:     --prompt-len 0 --no-domain-loss
+  cot-lm              (B) CoT + the LM term:          (A) + --lm-weight W (every domain's
+                          questions, the target's unlabelled ones included)
+  prada-confusion     (C) PRADA:                      --prompt-len K --adversary confusion
+  prada-confusion-lm  (D) PRADA + the LM term:        (C) + --lm-weight W
 
-The adversarial variants also get --lambda-max, --domain-head-lr-mult and (PRADA) the
-prompt encoder: given as flags, or chosen per target by --tune on a pseudo-target split of
-the sources, never on the target's records. The report gives per variant the mean over
-seeds and the paired difference against (a) with its 95 % t-interval.
+and on request (--variants) grl, confusion (an adversary alone, --prompt-len 0), prada-grl
+and prada-grl-lm. PRADA helps only where (C) or (D) beats (B): (B) uses the target's text too.
 
-Runs of the same seed share one teacher cache, so a seed's teacher is fitted once and every
-variant of that seed distils from the same teacher, in the same data order. Finished runs
-(summary.json present) are reused: rerunning the same command continues an interrupted
-experiment. The report goes to OUTPUT_DIR/report.md and report.json, with PNG plots.
+The knobs (--lambda-max, --domain-head-lr-mult, the prompt encoder, --lm-weight) are given
+as flags, or chosen per target by --tune on a pseudo-target split of the sources, never on
+the target's records. The report gives per arm the mean over seeds and the paired
+differences against (A) and against (B) with their 95 % t-intervals, the verdict against
+(B), and the trainer's fresh probe on every layer's pooled features before and after.
+
+One teacher for all seeds (--teacher-seed, the default): every run gets the same data, held-
+out split and teacher, so the seeds vary the student (its init and data order) only; the auto
+teacher is fitted once per target. --teacher-per-seed restores a teacher and data set per
+seed. Finished runs (summary.json present) are reused: rerunning the same command continues
+an interrupted experiment. The report goes to OUTPUT_DIR/report.md and report.json, with PNG
+plots.
 
 The code, by seam: flags.py (the command's flags), variants.py (the compared trainer
 configurations), runs.py (one run: its flags, training or reusing it, what it measured),

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             if status == "missing":
                 continue
             r = collect_run(args, t, v, s, status, wall)
-            r["knobs"] = chosen[t].get(v.key) if v.trains_domain_head else None
+            r["knobs"] = chosen[t].get(v.key) if v.trains_domain_head or v.lm else None
             src = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "source"])
             tgt = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "target"])
             head = _f(r["domain_classifier_accuracy"]) if v.trains_domain_head else "untrained"

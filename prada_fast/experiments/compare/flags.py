@@ -18,7 +18,7 @@ from prada_fast.common.flags import (
 from prada_fast.data import SYNTHETIC_TARGET
 from prada_fast.data.synthetic import STORY_BENCHMARK, STORY_PSEUDO_TARGET, STORY_TARGET
 
-from .variants import VARIANT_KEYS, variants
+from .variants import DEFAULT_VARIANTS, VARIANT_KEYS, variants
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -35,16 +35,21 @@ layout of --output-dir:
   runs/<target>/<variant>/seed<S>/   one trainer run (metrics.jsonl, summary.json, final/,
                                      pooled_features.pt, compare_run.json)
   runs/<target>/<variant>/seed<S>.log  its console output
-  teachers/                          the auto teachers, one per (seed, target), shared by variants
+  teachers/                          the auto teachers: one per target (and per tuning split)
+                                     for all seeds and variants (--teacher-per-seed: per seed)
   report.md, report.json, pca_<target>.png, loss_curves_<target>.png
 
 cost (tiny student, batch 16, 2 CPU cores): idle cores ~6.5 optimizer steps/s, teacher fit
-~3.5 steps/s, ~25 s per run for start-up, evaluation before/after, export and features:
-default (1 target x 3 seeds x 5 variants, 400 steps; 3 teacher fits of 200 steps)
-15 x (62 + 25) s + 3 x 57 s = ~25 min (an estimate from the rates measured on 2026-11-25).
+~3.5 steps/s, ~25 s per run for start-up, evaluation before/after, export and features, ~5 s
+more for the per-layer probes; the LM term's second op call was within the noise of a step
+(measured on 2026-12-03 on a busy machine, interleaved: ratio 0.91, i.e. < ~10 %):
+default (1 target x 4 seeds x 4 arms, 400 steps; 1 teacher fit of 200 steps, shared)
+16 x (62 + 25 + 5 (+ up to 6 for the LM term)) s + 57 s = ~26 min (an estimate from the rates
+measured on 2026-11-25 and these increments, not a timed run on idle cores).
 On cores shared with other jobs it is several times that: on 2026-12-01, with tests running
-beside it, one 400-step run took ~20 min. --tune adds its tuning runs (with the default
-grid: 1 + 2 x 6 + 2 x 3 = 19 per tuning seed).
+beside it, one 400-step run took ~20 min. --tune adds its tuning runs (with the default arms and
+grids: 1 (A) + 2 LM weights (B) + 6 confusion settings + 3 prompt encoders = 12 per tuning seed,
+and one teacher fit for the tuning split).
 --targets all: x the number of domains. Interrupted? Run the same command again: finished runs are reused.
 Quote --extra values that start with "--": --extra="--lr 1e-3".
 
@@ -68,26 +73,46 @@ RANGES = {"nproc": at_least(1), "probe_folds": at_least(1)}
 def build_parser() -> FlagParser:
     p = FlagParser(
         prog="python -m prada_fast.experiments.compare",
-        description="Train plain CoT distillation, the two adversaries alone and PRADA with each, "
-                    "with the same steps, data and seeds, leave-one-domain-out, and write a report "
-                    "(report.md, report.json, PNG plots) under --output-dir. Default: the story "
-                    f"benchmark ({STORY_BENCHMARK}, target '{STORY_TARGET}') on the CPU, 5 variants "
-                    "x 3 seeds: about 25 minutes on 2 idle CPU cores (estimated, see below).",
+        description="Train (A) plain CoT distillation, (B) CoT + an LM term on every domain's "
+                    "questions, (C) PRADA and (D) PRADA + the LM term (and on request each "
+                    "adversary alone), with the same steps, data, teacher and seeds, leave-one-"
+                    "domain-out, and write a report (report.md, report.json, PNG plots) under "
+                    "--output-dir: per arm the mean over seeds and the paired 95 % intervals "
+                    "against (A) and (B); PRADA helps only where (C) or (D) beats (B). Default: the "
+                    f"story benchmark ({STORY_BENCHMARK}, target '{STORY_TARGET}') on the CPU, 4 arms "
+                    "x 4 seeds: about 26 minutes on 2 idle CPU cores (estimated, see below).",
         epilog=EPILOG, formatter_class=_Help, ranges=RANGES)
     e = p.add_argument_group("experiment")
     e.add_argument("--output-dir", default="runs/compare", metavar="DIR",
                    help="where the runs, teachers, report and plots go (layout below)")
-    e.add_argument("--seeds", default="0,1,2", metavar="S,S,...",
-                   help="seeds; each seed fixes the data, the data order, the initialisation "
-                        "and the auto teacher, shared by every variant")
+    e.add_argument("--seeds", default="0,1,2,3", metavar="S,S,...",
+                   help="seeds of the student: its initialisation (soft prompt and domain head "
+                        "included) and the data order, the same for every variant. The data, "
+                        "the held-out split and the teacher are shared by all seeds (see "
+                        "--teacher-seed)")
+    add_model_flags(p, e, ("teacher_seed",), teacher_seed=dict(
+        default=0, help="one teacher for all seeds, so that the seeds vary the student only: every "
+                        "run gets the trainer's --teacher-seed S and --data-seed S, so the auto "
+                        "teacher is fitted once (per target and tuning split) on the records of "
+                        "data seed S, and every seed trains and evaluates on those records (a "
+                        "teacher shared across other data seeds would have been fitted on some "
+                        "seed's held-out records). A named --teacher (a directory, a real preset) "
+                        "is one teacher anyway; the data are still shared"))
+    e.add_argument("--teacher-per-seed", action="store_true",
+                   help="the behaviour before --teacher-seed: each seed fixes its own data, "
+                        "held-out split and auto teacher (shared by the variants of that seed)")
     e.add_argument("--targets", metavar="DOM,...|all",
                    help="held-out (unlabelled) target domain(s), one leave-one-domain-out "
                         "experiment each; 'all' rotates over every domain of the data (cost: "
                         f"x number of domains). Default: '{STORY_TARGET}' for the default data, "
                         f"'{SYNTHETIC_TARGET}' for other synthetic data; "
                         "required with other data")
-    e.add_argument("--variants", default=",".join(VARIANT_KEYS), metavar="V,...",
-                   help="which of " + ", ".join(VARIANT_KEYS) + " to train")
+    e.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), metavar="V,...",
+                   help="which of " + ", ".join(VARIANT_KEYS) + " to train: (A) cot, plain CoT "
+                        "distillation; (B) cot-lm, CoT + the LM term on every domain's questions "
+                        "(the target's unlabelled text used without an adversary); grl, confusion: "
+                        "an adversary alone; (C) prada-ADV: soft prompt + adversary; (D) "
+                        "prada-ADV-lm: (C) + the LM term")
     add_knob_flags(p, e, ("prompt_len",), prompt_len=dict(
         help="soft-prompt length of the PRADA variants; the others use 0"))
 
@@ -100,7 +125,13 @@ def build_parser() -> FlagParser:
         "The adversary's knobs are chosen on the adversarial-only variant and reused by PRADA "
         "with that adversary; then the prompt encoder is chosen on the PRADA variant. The real "
         "target's records are never looked at before the main runs.")
-    add_knob_flags(p, k, ("lambda_max", "domain_head_lr_mult", "prompt_encoder"),
+    add_knob_flags(p, k, ("lambda_max", "domain_head_lr_mult", "prompt_encoder", "lm_weight"),
+                   lm_weight=dict(default=1.0, help=(
+                       "weight of the LM term of the -lm arms (the trainer's --lm-weight). 1: the "
+                       "question tokens' mean next-token CE weighs as much as the task's mean CE "
+                       "per token, the plain sum of the two losses as in mixed task-adaptive "
+                       "training; not measured against other values unless --tune chooses it from "
+                       "--tune-lm-weights")),
                    lambda_max=dict(help="largest adversarial scale"),
                    domain_head_lr_mult=dict(help="the domain head's lr over the student's (the "
                                                  "trainer's flag of the same name)"),
@@ -116,6 +147,8 @@ def build_parser() -> FlagParser:
     k.add_argument("--tune-head-mults", default="1,10", metavar="X,...", help="head lr multiplier grid")
     k.add_argument("--tune-prompt-encoders", default="none,mlp,lstm", metavar="E,...",
                    help="prompt encoders tried on the PRADA variants")
+    k.add_argument("--tune-lm-weights", default="0.3,1", metavar="W,...",
+                   help="LM weight grid, judged on the cot-lm arm and reused by PRADA + LM")
     k.add_argument("--tune-seeds", default="100", metavar="S,...",
                    help="seeds of the tuning runs (kept apart from --seeds)")
     for name, text in (
@@ -129,7 +162,7 @@ def build_parser() -> FlagParser:
     t = p.add_argument_group("training budget and data (passed to prada_fast/train.py)")
     add_run_flags(p, t, ("max_steps",), max_steps=dict(
         default=400, help="optimizer steps of every run (400, not the trainer's 1000: the default "
-                          "comparison trains 15 runs, about 25 minutes on 2 idle CPU cores)"))
+                          "comparison trains 16 runs, about 26 minutes on 2 idle CPU cores)"))
     add_model_flags(p, t, ("teacher_steps",), teacher_steps=dict(
         default=200, help="steps of the auto teacher fit, once per seed and target (200, not the "
                           "trainer's 300: the fit is repeated per seed and target; cost below)"))
@@ -175,13 +208,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.tune_lambdas = [float(x) for x in args.tune_lambdas.split(",") if x.strip()]
         args.tune_head_mults = [float(x) for x in args.tune_head_mults.split(",") if x.strip()]
         args.tune_seeds = [int(x) for x in args.tune_seeds.split(",") if x.strip()]
+        args.tune_lm_weights = [float(x) for x in args.tune_lm_weights.split(",") if x.strip()]
     except ValueError as e:
-        p.error(f"--tune-lambdas/--tune-head-mults/--tune-seeds: {e}")
+        p.error(f"--tune-lambdas/--tune-head-mults/--tune-seeds/--tune-lm-weights: {e}")
     args.tune_prompt_encoders = [x.strip() for x in args.tune_prompt_encoders.split(",") if x.strip()]
-    if not (args.tune_lambdas and args.tune_head_mults and args.tune_seeds and args.tune_prompt_encoders):
+    if not (args.tune_lambdas and args.tune_head_mults and args.tune_seeds and args.tune_prompt_encoders
+            and args.tune_lm_weights):
         p.error("--tune-*: give at least one value each")
-    if any(x < 0 for x in args.tune_lambdas) or any(x <= 0 for x in args.tune_head_mults):
-        p.error("--tune-lambdas must be >= 0 and --tune-head-mults > 0")
+    if (any(x < 0 for x in args.tune_lambdas) or any(x <= 0 for x in args.tune_head_mults)
+            or any(not x >= 0 for x in args.tune_lm_weights)):
+        p.error("--tune-lambdas and --tune-lm-weights must be >= 0 and --tune-head-mults > 0")
     bad_enc = [e for e in args.tune_prompt_encoders if e not in ("none", "mlp", "lstm")]
     if bad_enc:
         p.error(f"--tune-prompt-encoders: unknown {bad_enc}; choose from none, mlp, lstm")
@@ -200,7 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     owned = {"--output-dir", "--seed", "--max-steps", "--teacher-steps", "--target-domains",
              "--prompt-len", "--no-domain-loss", "--overwrite", "--resume", "--teacher-cache",
              "--teacher-fit-cache", "--source-domains", "--adversary", "--lambda-max",
-             "--domain-head-lr-mult", "--prompt-encoder"}
+             "--domain-head-lr-mult", "--prompt-encoder", "--lm-weight", "--teacher-seed",
+             "--data-seed"}
     clash = sorted({f.split("=")[0] for f in args.extra} & owned)
     if clash:
         p.error(f"--extra must not set {', '.join(clash)}: the comparison sets them")

@@ -27,7 +27,7 @@ def run_dir(args, target: str, variant: str, seed: int) -> Path:
 
 def default_knobs(args) -> dict:
     return {"lambda_max": args.lambda_max, "head_lr_mult": args.domain_head_lr_mult,
-            "prompt_encoder": args.prompt_encoder}
+            "prompt_encoder": args.prompt_encoder, "lm_weight": args.lm_weight}
 
 
 def trainer_args(args, target: str, v: Variant, seed: int, knobs: dict | None = None, *,
@@ -39,7 +39,10 @@ def trainer_args(args, target: str, v: Variant, seed: int, knobs: dict | None = 
          "--max-steps", str(args.max_steps), "--teacher-steps", str(args.teacher_steps),
          "--eval-per-domain", str(args.eval_per_domain), "--log-every", str(args.log_every),
          "--target-domains", target, "--student", args.student, "--teacher", args.teacher,
-         "--teacher-fit-cache", str(args.teacher_fit_cache), "--save-every", "0", "--no-progress"]
+         "--teacher-fit-cache", str(args.teacher_fit_cache), "--save-every", "0", "--no-progress",
+         "--layer-probes"]
+    if not args.teacher_per_seed:  # one teacher and one data set for all seeds
+        a += ["--teacher-seed", str(args.teacher_seed), "--data-seed", str(args.teacher_seed)]
     if sources:
         a += ["--source-domains", ",".join(sources)]
     if args.ds:
@@ -178,6 +181,7 @@ def collect_run(args, target: str, v: Variant, seed: int, status: str, wall: flo
         wall = json.loads(side.read_text()).get("wall_seconds")
     feats = features_of(d)
     x, y = feats["features"], feats["labels"]
+    align = summary.get("domain_alignment") or {}
     return {
         "target": target, "variant": v.key, "seed": seed,
         "dir": str(d.relative_to(args.output_dir)), "status": status,
@@ -190,7 +194,10 @@ def collect_run(args, target: str, v: Variant, seed: int, status: str, wall: flo
         "domain_classifier_accuracy": summary.get("domain_classifier_accuracy"),
         "domain_classifier_accuracy_before": summary.get("domain_classifier_accuracy_before"),
         "final_loss": summary.get("final_loss"),
-        "final": {k: last.get(k) for k in ("ce", "kd", "dom", "dom_acc", "grl_lambda")},
+        "final": {k: last.get(k) for k in ("ce", "kd", "dom", "dom_acc", "lm", "grl_lambda")},
+        # the trainer's fresh probe on every layer's pooled question features (0: embeddings)
+        "layer_probes_before": align.get("layer_probe_accuracy_before"),
+        "layer_probes_after": align.get("layer_probe_accuracy"),
         "probe_accuracy": probe_accuracy(x, y, kind="logistic", folds=args.probe_folds),
         "ncm_accuracy": probe_accuracy(x, y, kind="ncm", folds=args.probe_folds),
         "n_probe": int(len(y)),

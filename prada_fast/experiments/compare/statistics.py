@@ -1,5 +1,6 @@
-"""The numbers of the report: a variant over its seeds, and the paired per-seed
-differences against plain CoT distillation with their 95 % t-interval."""
+"""The numbers of the report: a variant over its seeds, the paired per-seed differences
+against plain CoT distillation (A) and against CoT + the LM term (B) with their 95 %
+t-interval, PRADA's verdict against (B), and the per-layer probes before and after training."""
 from __future__ import annotations
 
 import math
@@ -35,13 +36,34 @@ def summarise(runs: list[dict], v: Variant) -> dict:
     for key in ("domain_classifier_accuracy", "probe_accuracy", "ncm_accuracy", "final_loss",
                 "wall_seconds", "tokens_per_s"):
         out[key] = aggregate(r[key] for r in runs)
-    for key in ("ce", "kd", "dom", "dom_acc"):
+    for key in ("ce", "kd", "dom", "dom_acc", "lm"):
         out[f"final_{key}"] = aggregate(r["final"].get(key) for r in runs)
+    out["layer_probes"] = layer_probe_summary(runs)
+    return out
+
+
+def layer_probe_summary(runs: list[dict]) -> list[dict] | None:
+    """Per layer (0: the input embeddings, last: the final states), over seeds: the fresh
+    probe's accuracy on that layer's pooled question features before and after training and
+    the per-seed drop (before - after: how far training moved the domain out of reach).
+    None when the runs hold no layer probes (a trainer before they were added)."""
+    have = [r for r in runs if r.get("layer_probes_after")]
+    if not have:
+        return None
+    n = min(len(r["layer_probes_after"]) for r in have)
+    out = []
+    for i in range(n):
+        before = [(r.get("layer_probes_before") or [None] * n)[i] for r in have]
+        after = [r["layer_probes_after"][i] for r in have]
+        out.append({"layer": i, "before": aggregate(before), "after": aggregate(after),
+                    "drop": aggregate(b - a for b, a in zip(before, after)
+                                      if b is not None and a is not None)})
     return out
 
 
 def paired_differences(by_variant: dict[str, list[dict]], base: str = "cot") -> dict:
-    """Per seed, variant minus the base variant (same seed = same teacher, data and order)."""
+    """Per seed, variant minus the base variant (same seed: same student init and data order;
+    the teacher and the data are those of every seed, or with --teacher-per-seed of that one)."""
     if base not in by_variant:
         return {}
     base_runs = {r["seed"]: r for r in by_variant[base]}
@@ -64,6 +86,23 @@ def paired_differences(by_variant: dict[str, list[dict]], base: str = "cot") -> 
                     diffs[name].append(a - c)
         out[key] = {k: {**aggregate(v), "ci95": ci95(v)} for k, v in diffs.items()}
     return out
+
+
+def verdict(paired_vs_lm: dict, variants: dict) -> dict:
+    """PRADA helps only where (C) or (D) beats (B): per PRADA arm against CoT + LM, whether
+    the paired 95 % interval of the target accuracy's difference lies above 0 ("better"),
+    below 0 ("worse") or holds 0 ("no difference shown"; None below 2 paired seeds), and
+    "helps": whether any PRADA arm is better (None: no arm has 2 paired seeds)."""
+    arms = {}
+    for k, d in paired_vs_lm.items():
+        if not variants[k].has_prompt:
+            continue
+        ci = d["target_accuracy_after"].get("ci95")
+        arms[k] = {"target_ci95": ci, "source_ci95": d["source_accuracy_after"].get("ci95"),
+                   "target": None if ci is None else
+                   "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "no difference shown"}
+    decided = [a for a in arms.values() if a["target"] is not None]
+    return {"arms": arms, "helps": any(a["target"] == "better" for a in decided) if decided else None}
 
 
 # two-sided 97.5 % quantiles of Student's t, by degrees of freedom (1..30); 1.96 beyond

@@ -14,7 +14,14 @@ from .variants import ADVERSARIES, Variant, variants
 
 def _tag(knobs: dict, v: Variant) -> str:
     tag = f"lam{knobs['lambda_max']:g}-mult{knobs['head_lr_mult']:g}" if v.trains_domain_head else "base"
-    return tag + (f"-enc{knobs['prompt_encoder']}" if v.has_prompt else "")
+    return (tag + (f"-enc{knobs['prompt_encoder']}" if v.has_prompt else "")
+            + (f"-lm{knobs['lm_weight']:g}" if v.lm else ""))
+
+
+def _best(grid: list[dict], score) -> dict:
+    """The first best setting of the grid by score (grid order breaks ties); a grid of one is
+    chosen without a run."""
+    return max(grid, key=score) if len(grid) > 1 else grid[0]
 
 
 def tune_split(args, target: str) -> tuple[str, list[str]]:
@@ -37,7 +44,7 @@ def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
     out = args.output_dir / "tune" / target / "chosen.json"
     if args.report_only and out.is_file():  # the choice already made; nothing retrained
         saved = json.loads(out.read_text())["chosen"]
-        return {k: saved.get(k, default_knobs(args)) for k in args.variants}
+        return {k: {**default_knobs(args), **saved.get(k, {})} for k in args.variants}
     pseudo, rest = tune_split(args, target)
     table = []
 
@@ -54,33 +61,43 @@ def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
                    json.loads((d / "summary.json").read_text())["domains"].items()}
             pa.append(acc[pseudo])
             sa.append(_mean([acc[x] for x in rest]))
-        row = {"variant": v.key, "knobs": knobs if v.trains_domain_head else None,
+        row = {"variant": v.key, "knobs": knobs if v.trains_domain_head or v.lm else None,
                "pseudo_target_accuracy": _mean(pa), "source_accuracy": _mean(sa), "n_seeds": len(pa)}
         table.append(row)
         log(f"tune target={target} {v.key} {_tag(knobs, v)}: pseudo-target {pseudo} "
             f"{_f(row['pseudo_target_accuracy'])}, sources {_f(row['source_accuracy'])}")
         return (row["pseudo_target_accuracy"] or 0.0, row["source_accuracy"] or 0.0)
 
-    chosen = {k: default_knobs(args) for k in args.variants}
+    base = default_knobs(args)
+    chosen = {k: dict(base) for k in args.variants}
     if "cot" in args.variants:
-        score(V["cot"], default_knobs(args))  # the reference on the same split
+        score(V["cot"], base)  # the reference on the same split
+    lm_weight = base["lm_weight"]
+    if any(V[k].lm for k in args.variants):  # the LM weight, on CoT + LM (B)
+        lm_weight = _best([{**base, "lm_weight": w} for w in args.tune_lm_weights],
+                          lambda kn: score(V["cot-lm"], kn))["lm_weight"]
+        if "cot-lm" in args.variants:
+            chosen["cot-lm"] = {**base, "lm_weight": lm_weight}
     for adv in ADVERSARIES:
-        wanted = [k for k in (adv, f"prada-{adv}") if k in args.variants]
-        if not wanted:
+        prada = [k for k in (f"prada-{adv}", f"prada-{adv}-lm") if k in args.variants]
+        if adv not in args.variants and not prada:
             continue
-        grid = [{"lambda_max": lam, "head_lr_mult": mult, "prompt_encoder": "none"}
-                for lam in args.tune_lambdas for mult in args.tune_head_mults]
-        # first best on ties (grid order); a single candidate is chosen without a run
-        best = max(grid, key=lambda kn: score(V[adv], kn)) if len(grid) > 1 else grid[0]
-        chosen[adv] = best
-        if f"prada-{adv}" in args.variants:
-            encs = [{**best, "prompt_encoder": e} for e in args.tune_prompt_encoders]
-            chosen[f"prada-{adv}"] = (max(encs, key=lambda kn: score(V[f"prada-{adv}"], kn))
-                                      if len(encs) > 1 else encs[0])
+        # the adversary's knobs on the adversary alone, then the encoder on PRADA (C); PRADA + LM
+        # (D) takes both and the LM weight chosen on (B)
+        best = _best([{**base, "lambda_max": lam, "head_lr_mult": mult, "prompt_encoder": "none"}
+                      for lam in args.tune_lambdas for mult in args.tune_head_mults],
+                     lambda kn, v=V[adv]: score(v, kn))
+        if adv in args.variants:
+            chosen[adv] = best
+        if prada:
+            enc = _best([{**best, "prompt_encoder": e} for e in args.tune_prompt_encoders],
+                        lambda kn, v=V[f"prada-{adv}"]: score(v, kn))
+            for k in prada:
+                chosen[k] = {**enc, "lm_weight": lm_weight} if V[k].lm else enc
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"target": target, "pseudo_target": pseudo, "sources": rest,
                                "seeds": args.tune_seeds, "chosen": chosen, "tried": table},
                               indent=2) + "\n")
     log(f"tune target={target}: chosen " + "; ".join(
-        f"{k} {_tag(kn, V[k])}" for k, kn in chosen.items() if V[k].trains_domain_head))
+        f"{k} {_tag(kn, V[k])}" for k, kn in chosen.items() if V[k].trains_domain_head or V[k].lm))
     return chosen
