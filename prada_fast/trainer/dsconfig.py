@@ -110,7 +110,8 @@ def zero_buckets(world_size: int) -> dict:
       arithmetic with temporaries of its size; at DeepSpeed's 1e9 every model here is one
       sub-group and these temporaries are several copies of the whole student at once, the
       peak of the step. 1e7 bounds them to the largest parameter (a sub-group holds whole
-      parameters) at no measurable cost in time."""
+      parameters); the few more optimizer calls were not timed apart (the tokens/s in
+      RESULTS.md include them)."""
     return dict(WORLD_OF_ONE_BUCKETS if world_size == 1 else DEEPSPEED_BUCKETS)
 
 
