@@ -15,7 +15,9 @@ directories.
 The trainers (each in a child process of its own, `--child SPEC`):
 - `prada_fast (live teacher)`: the trainer's own engines and micro-step
   (prada_fast.trainer.engines.build_engines / micro_step: DeepSpeed ZeRO-3 from ds_configs/zero3.json,
-  a world of one) on packed rows (packing.PackedCollator, the trainer's default), the
+  a world of one, with the trainer's world-of-one bucket sizes, the teacher a plain frozen
+  module and no second fp32 copy of the student; the table lists the settings) on packed
+  rows (packing.PackedCollator, the trainer's default), the
   loss op's default implementation, no soft prompt (--prompt-len 0), no domain term
   (--no-domain-loss), gradient checkpointing off (the trainer has none);
 - `prada_fast (top-k cache)`: the same, the teacher read from a top-k cache
@@ -68,6 +70,10 @@ tau 1) and prada_loss (alpha 0, tau 1) at one micro-batch's shapes (N real token
 the models' H, H_t, V): forward + backward time and peak memory above the inputs
 (benchmarks.tools.run_case.measure_cpu_peak); and the student's `generate` rate (sampling, KV
 cache, as GKD's on-policy branch), from which the cost of on-policy generation per step.
+
+--profile DIR: each trainer's last warm-up step (never a timed one) under torch.profiler:
+operators by self CPU time and by the memory they allocate, DIR/TRAINER/top.md (its
+allocations add to that process's peak RSS: profile in a run of its own).
 """
 from __future__ import annotations
 
@@ -289,6 +295,58 @@ def _grown(spec: dict, b: int, grown: list) -> None:
     Path(spec["result"]).write_text(json.dumps({"grown": grown}))
 
 
+class StepProfiler:
+    """torch.profiler around one training step of a child (--profile DIR): the last warm-up
+    step. Writes DIR/TRAINER/trace.json and DIR/TRAINER/top.md: operators by
+    self CPU time and by the memory they allocate themselves (profile_memory)."""
+
+    def __init__(self, spec: dict):
+        self.dir = Path(spec["profile"]) / spec["trainer"] if spec.get("profile") else None
+        # the last warm-up step (0-based; the first step where there is only one): never a
+        # timed step, and after the optimizer state exists
+        self.at = max(spec.get("warmup", 1), 1) - 1
+        self.prof, self.t0, self.step, self.title = None, 0.0, 0, spec["trainer"]
+
+    def begin(self) -> None:
+        if self.dir is not None and self.step == self.at:
+            from torch.profiler import ProfilerActivity, profile
+            self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=True)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def end(self) -> None:
+        if self.prof is not None:
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            self.write(self.prof, wall)
+            self.prof = None
+        self.step += 1
+
+    def write(self, prof, wall: float) -> None:
+        from benchmarks.tools.profiler import top_table
+        self.dir.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.dir / "trace.json"))
+        events = [e for e in prof.key_averages() if e.self_cpu_memory_usage > 0]
+        events.sort(key=lambda e: e.self_cpu_memory_usage, reverse=True)
+        total = sum(e.self_cpu_memory_usage for e in events) or 1
+        mem = ["| # | name | calls | self allocated MiB | % |", "|---|---|---:|---:|---:|"]
+        for i, e in enumerate(events[:20], 1):
+            mem.append(f"| {i} | `{e.key[:80]}` | {e.count} | {e.self_cpu_memory_usage / 2**20:.1f} | "
+                       f"{100 * e.self_cpu_memory_usage / total:.1f} |")
+        text = [f"# {TRAINERS.get(self.title, self.title)}: step {self.at + 1} under torch.profiler", "",
+                f"wall time of the profiled step (profiler overhead included): {wall:.2f} s; "
+                f"{torch_threads()} threads; load average {os.getloadavg()[0]:.1f}", "",
+                "## Operators by self CPU time", "", top_table(prof, "cpu", rows=25), "",
+                f"## Operators by the memory they allocate (sum over the step: {total / 2**20:.0f} MiB; "
+                "allocations, not a peak)", "", *mem, ""]
+        (self.dir / "top.md").write_text("\n".join(text))
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
 def child_prada(spec: dict) -> dict:
     import torch
 
@@ -320,17 +378,23 @@ def child_prada(spec: dict) -> dict:
     collate = PackedCollator(tok.pad_token_id, 0, spec["max_len"])
     losses, step_ends, tokens = [], [], []
 
+    prof = StepProfiler(spec)
+
     def train(batches):
         for batch in batches:
+            prof.begin()
             mb = collate(batch)
             loss, _ = micro_step(engine, teacher_source, mb, norm=max(sum(ex["n_labels"] for ex in batch), 1),
                                  lam=0.0, temperature=spec["temperature"], alpha=spec["alpha"],
                                  use_domain=False)
             losses.append(float(loss.detach()))
             _cuda_sync()
+            prof.end()
             step_ends.append(time.perf_counter())
             tokens.append(int(mb["attention_mask"].sum()))
+            hwm.append(_hwm())
 
+    hwm = []
     rss_setup, gpu_setup = _rss(), _gpu_allocated()
     t0 = time.perf_counter()
     if spec["mode"] == "grow":  # ZeRO-3 does not fix the micro-batch: the same engines
@@ -340,9 +404,13 @@ def child_prada(spec: dict) -> dict:
             _grown(spec, b, grown)
         return {"grown": grown}
     train(_batches(examples, B, steps))
+    settings = {"zero_optimization": cfg["zero_optimization"],
+                "teacher": type(teacher_source).__name__ if teacher_source is not None else None,
+                "teacher_holder": type(getattr(teacher_source, "engine", None)).__name__}
     res = _gpu_memory({"losses": losses, "step_ends": step_ends, "t0": t0, "tokens": tokens,
-                       "rss_setup_bytes": rss_setup, "padding_fraction": None,
-                       "bf16": bool(cfg.get("bf16", {}).get("enabled"))}, gpu_setup)
+                       "rss_setup_bytes": rss_setup, "hwm_after_step": hwm, "padding_fraction": None,
+                       "bf16": bool(cfg.get("bf16", {}).get("enabled")), "settings": settings},
+                      gpu_setup)
     dist_util.teardown()
     return res
 
@@ -371,10 +439,18 @@ def child_trl(spec: dict) -> dict:
     liger = spec["trainer"] == "trl-gkd-liger"
     step_ends, losses = [], []
 
+    prof = StepProfiler(spec)
+    hwm = []
+
     class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            prof.begin()
+
         def on_step_end(self, args, state, control, **kw):
             _cuda_sync()
+            prof.end()
             step_ends.append(time.perf_counter())
+            hwm.append(_hwm())
 
     class RecordingGKD(GKDTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -418,7 +494,12 @@ def child_trl(spec: dict) -> dict:
     trainer.train()
     tokens = [sum(len(ex["input_ids"]) for ex in batch) for batch in _batches(examples, B, steps)]
     return _gpu_memory({"losses": losses, "step_ends": step_ends, "t0": t0, "tokens": tokens,
-                        "rss_setup_bytes": rss_setup, "bf16": bf16}, gpu_setup)
+                        "rss_setup_bytes": rss_setup, "hwm_after_step": hwm, "bf16": bf16,
+                        "settings": {"gradient_checkpointing": trainer.args.gradient_checkpointing,
+                                     "padding_free": getattr(trainer.args, "padding_free", None),
+                                     "packing": getattr(trainer.args, "packing", None),
+                                     "collator": type(trainer.data_collator).__name__,
+                                     "optim": str(trainer.args.optim)}}, gpu_setup)
 
 
 def child_op(spec: dict) -> dict:
@@ -555,7 +636,8 @@ def run(args) -> dict:
     base = {"mode": "train", "student": str(student), "teacher": str(teacher), "examples": str(ex_path),
             "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
             "threads": args.threads, "max_len": args.max_len, "seed": args.seed, "alpha": 0.0,
-            "temperature": args.temperature, "ds": args.ds, "dtype": args.dtype}
+            "temperature": args.temperature, "ds": args.ds, "dtype": args.dtype,
+            "profile": str(Path(args.profile).resolve()) if args.profile else None}
     trainers = ["prada-live"] + (["prada-topk"] if args.k else []) + (["trl-gkd"] if have_trl else [])
     if have_trl and on_gpu:
         trainers.append("trl-gkd-liger")
@@ -689,6 +771,24 @@ def table(s: dict, args) -> str:
     if not s["liger_run"]:
         lines.append(f"| {TRAINERS['trl-gkd-liger']} | not run | | | | | | | |")
     lines.append("")
+    for t, r in s["trainers"].items():  # what each row ran with (older JSON files have none)
+        st = r.get("settings")
+        if not st:
+            continue
+        if "zero_optimization" in st:
+            z = st["zero_optimization"]
+            keys = ("reduce_bucket_size", "sub_group_size", "contiguous_gradients", "overlap_comm",
+                    "stage3_param_persistence_threshold")
+            teacher = {"FrozenTeacher": "a plain frozen module (a world of one)",
+                       "DeepSpeedEngine": "a ZeRO-3 inference engine"}.get(st.get("teacher_holder"),
+                                                                           st.get("teacher") or "none")
+            lines.append(f"{TRAINERS[t]}: ZeRO-3 " + ", ".join(f"{k} {z.get(k, '(DeepSpeed default)')}"
+                                                              for k in keys) + f"; teacher: {teacher}.")
+        else:
+            lines.append(f"{TRAINERS[t]}: collator {st['collator']}, gradient checkpointing "
+                         f"{st['gradient_checkpointing']}, padding_free {st['padding_free']}, packing "
+                         f"{st['packing']} (GKD's compute_loss passes input_ids and attention_mask "
+                         f"only: no padding-free path), optimizer {st['optim']}.")
     gpu = {t: r for t, r in s["trainers"].items() if r.get("gpu_peak_allocated_bytes") is not None}
     if gpu:  # CUDA: the GPU's peaks beside the tokens/s (the peak RSS above is host memory)
         lines += gpu_table(gpu) + [""]
@@ -787,6 +887,9 @@ def main(argv=None) -> int:
                    help="no search: peaks at --batch and 2 x --batch, a line through them to the cap")
     p.add_argument("--reuse", action="store_true",
                    help="reuse the timed runs already in OUT's folder whose spec is the same")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="profile each trainer's last warm-up step under torch.profiler (time and "
+                        "allocations by operator): DIR/TRAINER/top.md and trace.json")
     p.add_argument("--no-op", dest="op", action="store_false", help="skip the loss-function comparison")
     p.add_argument("--out", default=str(OUT_DIR / "peers.md"), help="markdown table (JSON beside it)")
     p.add_argument("--parallel", action="store_true",

@@ -5,8 +5,9 @@
 
 The data, tokenizer and teacher are the trainer's (the same flags give the same training
 examples and the same teacher: an auto teacher is fitted, or reused from the fit cache,
-exactly as the trainer would). The teacher runs under ZeRO-3 inference with the
-DeepSpeed config of --ds; the ranks share the examples, each writes its own part, and
+exactly as the trainer would). Across ranks the teacher runs under ZeRO-3 inference with
+the DeepSpeed config of --ds (in a world of one it is a plain frozen module, as in the
+trainer: trainer/engines.py `teacher_engine`); the ranks share the examples, each writes its own part, and
 rank 0 writes the index and, last and atomically, the manifest (teacher_cache.py describes
 the layout). A crash leaves no manifest; rerunning with the same flags resumes from the
 batches already on disk.

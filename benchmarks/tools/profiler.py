@@ -12,7 +12,7 @@ for Nsight Compute / Nsight Systems: the commands are in benchmarks/README.md.
 `op`: forward + backward of `prada_loss` on the benchmark suite's random inputs of N rows
 (benchmarks.cases: `rows_case` + `make_inputs`). `step`: the training-step benchmark's
 step (benchmarks.train_step.build_train_step: the trainer's engines and micro-step, student
-+ frozen teacher under DeepSpeed ZeRO-3 in a world of one, on a fixed random batch).
+under DeepSpeed ZeRO-3 + frozen teacher in a world of one, on a fixed random batch).
 """
 from __future__ import annotations
 

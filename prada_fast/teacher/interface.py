@@ -1,6 +1,6 @@
 """What the training step asks of a teacher (trainer/engines.py `micro_step`): the teacher's
 arguments of the loss op for one micro-batch. Two kinds give them: a live teacher model
-(`teacher.live.LiveTeacher`, its forward pass under ZeRO-3) and its outputs read from a
+(`teacher.live.LiveTeacher`, its forward pass, under ZeRO-3 across ranks) and its outputs read from a
 cache (`teacher.cache.TeacherOutputs`, `--teacher-outputs`)."""
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ def load_ds_config(path: str | Path, *, world_size: int, device: torch.device, m
                    lr: float | None = None, warmup_steps: int | None = None) -> dict:
     """The config with "auto" filled: bf16 on when the device supports it (CUDA with bf16),
     fp32 otherwise; micro batch from train_batch_size / (accumulation x world size);
+    ZeRO's reduce_bucket_size and sub_group_size from the world size (`zero_buckets`);
     scheduler lengths from max_steps (an "auto" warm-up: warmup_steps when given, else a
     twentieth of the run)."""
     path = Path(path)
@@ -74,6 +75,11 @@ def load_ds_config(path: str | Path, *, world_size: int, device: torch.device, m
     cfg.update(train_batch_size=tbs, train_micro_batch_size_per_gpu=mbs,
                gradient_accumulation_steps=gas)
 
+    zero = cfg.get("zero_optimization") or {}
+    for key, value in zero_buckets(world_size).items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+
     opt = cfg.get("optimizer")
     if opt and lr is not None:
         opt.setdefault("params", {})["lr"] = lr
@@ -84,6 +90,29 @@ def load_ds_config(path: str | Path, *, world_size: int, device: torch.device, m
                           "warmup_num_steps": warmup_steps or max(1, max_steps // 20),
                           "warmup_max_lr": (opt or {}).get("params", {}).get("lr", 1e-3)}[key]
     return cfg
+
+
+# DeepSpeed's own defaults (deepspeed/runtime/zero/config.py), kept across several ranks
+DEEPSPEED_BUCKETS = {"reduce_bucket_size": 500_000_000, "sub_group_size": 1_000_000_000}
+# a world of one: nothing to reduce, and the optimizer step's temporaries bounded
+WORLD_OF_ONE_BUCKETS = {"reduce_bucket_size": 5_000_000, "sub_group_size": 10_000_000}
+
+
+def zero_buckets(world_size: int) -> dict:
+    """The "auto" values of ZeRO-3's bucket sizes (elements). Several ranks: DeepSpeed's
+    defaults. A world of one (benchmarks/RESULTS.md, "Where prada_fast's memory goes"):
+    - reduce_bucket_size: every gradient is copied into this bucket before its reduction,
+      which in a world of one moves nothing; the bucket (5e8 elements by default, reserved
+      whole, touched up to the trainable parameters' size) only holds a second copy of the
+      gradients, so it is kept small (5e6: 20 MB in fp32);
+    - sub_group_size: the optimizer steps over sub-groups of this many elements, and each
+      sub-group's step flattens its gradients into a new tensor and runs AdamW's foreach
+      arithmetic with temporaries of its size; at DeepSpeed's 1e9 every model here is one
+      sub-group and these temporaries are several copies of the whole student at once, the
+      peak of the step. 1e7 bounds them to the largest parameter (a sub-group holds whole
+      parameters); the few more optimizer calls were not timed apart (the tokens/s in
+      RESULTS.md include them)."""
+    return dict(WORLD_OF_ONE_BUCKETS if world_size == 1 else DEEPSPEED_BUCKETS)
 
 
 def check_with_deepspeed(cfg: dict, path: str | Path) -> None:

@@ -9,8 +9,10 @@ the benchmarks time is the trainer's own step:
 """
 from __future__ import annotations
 
+import torch
 from deepspeed import zero
 
+from prada_fast.common import distributed as dist_util
 from prada_fast.teacher.live import LiveTeacher
 from prada_fast.trainer.dsconfig import ConfigError, inference_config
 
@@ -44,21 +46,74 @@ def build_engines(model, teacher_model, ds_cfg: dict, head_lr_mult: float = 1.0,
                   teacher_memo_bytes: int = 0):
     """(engine, LiveTeacher or None): the student (a PradaModel) trains its parameters
     that require grad under `ds_cfg` (the domain head at head_lr_mult x the lr); the
-    teacher model (None: no teacher) is frozen and sharded the same way (`teacher_engine`),
-    keeping up to teacher_memo_bytes of its outputs per record (teacher/live.py; 0: none)."""
+    teacher model (None: no teacher) is frozen, and sharded the same way when there are
+    ranks to shard it over (`teacher_engine`), keeping up to teacher_memo_bytes of its
+    outputs per record (teacher/live.py; 0: none)."""
     import deepspeed
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, head_lr_mult, ds_cfg), config=ds_cfg)
+    share_master_weights(engine.optimizer)
     return engine, None if teacher_model is None else LiveTeacher(
         teacher_engine(teacher_model, ds_cfg), teacher_memo_bytes)
 
 
+def share_master_weights(optimizer) -> int:
+    """Let ZeRO-3's fp32 master partitions share the storage of the partitions the model
+    computes with when both are the same tensor in all but name (fp32 training, no offload):
+    DeepSpeed means to alias them then (stage3.py, "we don't need another copy of the
+    weights"), but in 0.19.8 its test compares the partition's torch.device with the
+    accelerator's device name, a string ('cpu' on the CPU), which is never equal, so it
+    keeps a second copy of every trainable weight. The optimizer updates the shared storage
+    in place and DeepSpeed's copy of the master into the model's partition becomes a copy
+    onto itself; checkpoints save and load the same values. Returns the bytes freed."""
+    lp = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    fp = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    elsewhere = any(getattr(optimizer, a, False)  # the master lives on the CPU or on disk
+                    for a in ("offload_optimizer", "swap_optimizer", "params_in_nvme_and_cpu"))
+    if not lp or not fp or len(lp) != len(fp) or elsewhere:
+        return 0
+    freed = 0
+    for low, master in zip(lp, fp):
+        if low is None or master is None or low is master or master.data_ptr() == low.data_ptr():
+            continue
+        if low.dtype == master.dtype and low.device == master.device and low.shape == master.shape \
+                and torch.equal(low, master):
+            master.data = low.data
+            freed += low.numel() * low.element_size()
+    return freed
+
+
+class FrozenTeacher:
+    """The teacher of a world of one: its model as it is (frozen, eval mode, in the run's
+    precision, on the run's device), with the `module` and `device` attributes of a
+    DeepSpeed engine, so that whatever reads a teacher engine (teacher_hidden,
+    precompute_teacher) reads it."""
+
+    def __init__(self, module, device):
+        self.module = module
+        self.device = torch.device(device)
+
+
 def teacher_engine(teacher_model, ds_cfg: dict):
-    """The teacher model, frozen (no grad, eval mode), under ZeRO-3 with the run's config
-    and no optimizer (`dsconfig.inference_config`)."""
+    """The teacher model, frozen (no grad, eval mode). Across several ranks: under ZeRO-3
+    with the run's config and no optimizer (`dsconfig.inference_config`), each rank holding
+    its shard. In a world of one there is nothing to shard: a DeepSpeed engine would only
+    copy every weight into its partition (twice the teacher's size in memory while it does)
+    and hook every layer, so the model stays a plain module (`FrozenTeacher`), cast to the
+    precision the engine would give it (bf16 / fp16 when the config enables them; buffers
+    kept) and moved to the device."""
     import deepspeed
     teacher_model.requires_grad_(False)
     teacher_model.eval()
+    if dist_util.world_size() == 1:
+        from deepspeed.accelerator import get_accelerator
+        dtype = torch.bfloat16 if (ds_cfg.get("bf16") or {}).get("enabled") is True else \
+            torch.float16 if (ds_cfg.get("fp16") or {}).get("enabled") is True else None
+        if dtype is not None:
+            for p in teacher_model.parameters():
+                p.data = p.data.to(dtype)
+        device = get_accelerator().current_device_name()
+        return FrozenTeacher(teacher_model.to(device), device)
     t_engine, *_ = deepspeed.initialize(model=teacher_model, config=inference_config(ds_cfg))
     t_engine.eval()
     return t_engine
