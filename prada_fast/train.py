@@ -45,7 +45,7 @@ if not __package__:  # run as a script (`deepspeed prada_fast/train.py`): this c
 from prada_fast.trainer import checkpoint
 from prada_fast.common import distributed as dist_util
 from prada_fast.trainer.batching import StepBatches
-from prada_fast.trainer.flags import parse_args
+from prada_fast.trainer.flags import parse_args, teacher_fit_note
 from prada_fast.data import Collator, DataError
 from prada_fast.data.prepare import RunData, check_lengths, describe_lengths, encode_all, load_run_data
 from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, load_ds_config
@@ -119,6 +119,9 @@ def setup(args):
     if args.lr is None and is_pretrained(args.student):  # models/hub.py: measured defaults
         lr, warmup = PRETRAINED_LR, pretrained_warmup(args.max_steps)
         log(f"pretrained student {args.student}: lr {lr:g}, {warmup} warm-up steps (--lr overrides)")
+    note = teacher_fit_note(args)
+    if note:
+        log(note)
     resolve_args(args, log=log)  # real presets -> their directories (rank 0 gets them once)
     ds_cfg = load_ds_config(args.ds, world_size=info.world_size, device=info.device,
                             max_steps=args.max_steps, lr=lr, warmup_steps=warmup)

@@ -6,7 +6,7 @@ checked once the run has started fails here."""
 import pytest
 
 from prada_fast import train
-from prada_fast.trainer.flags import build_parser, parse_args
+from prada_fast.trainer.flags import build_parser, parse_args, teacher_fit_note
 
 # flag -> the arguments that make it bad (TMP: this test's tmp_path; FILE: a file there).
 # A combination names the flag of its row, possibly with another one.
@@ -95,6 +95,21 @@ def test_the_old_name_of_teacher_fit_cache_warns(tmp_path, capsys):
                                                "--teacher-fit-cache")
     args = parse_args(["--output-dir", str(tmp_path / "run"), "--teacher-fit-cache", str(tmp_path / "f")])
     assert args.teacher_fit_cache == str(tmp_path / "f") and not capsys.readouterr().err
+
+
+def test_teacher_fit_flags_without_a_fit_are_named(tmp_path):
+    """--teacher-steps/--teacher-lr fit the auto teacher only: with a real teacher (or none,
+    or a cache) the run says that they are not used, instead of ignoring them silently."""
+    out = ["--output-dir", str(tmp_path / "run")]
+    assert teacher_fit_note(parse_args([*out, "--teacher-steps", "50"])) is None  # the auto fit
+    assert teacher_fit_note(parse_args([*out, "--teacher", "none"])) is None  # nothing given
+    note = teacher_fit_note(parse_args([*out, "--student", "smollm2-135m-l8", "--teacher",
+                                        "smollm2-135m", "--teacher-steps", "50"]))
+    assert note.startswith("note: --teacher-steps set the fit") and "(--teacher smollm2-135m)" in note
+    assert "--student TEACHER --teacher none --no-domain-loss --prompt-len 0" in note
+    note = teacher_fit_note(parse_args([*out, "--teacher", "none", "--teacher-lr", "1e-4",
+                                        "--teacher-steps", "9"]))
+    assert "--teacher-steps and --teacher-lr set the fit" in note
 
 
 def _long(action) -> str:

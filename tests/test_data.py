@@ -377,6 +377,23 @@ def test_answer_correct(pred: str | None, gold: str, ok: bool) -> None:
     assert answer_correct(pred, gold) is ok
 
 
+@pytest.mark.parametrize(("pred", "gold", "ok"), [
+    # an instruct model's wording of the gold answer (SmolLM2-135M-Instruct's, docs/results.md)
+    ("D) 74325", "D", True), ("C) 8(√3 – 2) is the correct answer", "C", True), ("D)", "D", True),
+    ("(c) 600", "C", True), ("D) 52", "C", False), ("not A) 1,1", "A", False),
+    ("E is right", "E", False),
+    ("no, shrimp scampi", "no", True), ("yes, Christmas trees are indeed different", "yes", True),
+    ("No, because I'm not on a diet", "no", True), ("yes, Disneyland Paris is", "no", False),
+    ("yes or no", "yes", False), ("not possible", "no", False), ("indeed yes", "yes", False),
+    ("48 eggs", "48", True), ("9 hours", "9", True), ("$5 dollars", "5", True),
+    ("80 minutes", "160", False), ("1560 * 3 = 4200 cups", "4200", False),
+    ("10 + 15 = 25 years", "25", False), ("12 apples and 3 pears", "12", False),
+    ("2 5 7 then", "2 5 7", False), ("tg is it", "tg", False),
+])
+def test_answer_correct_instruct_wording(pred: str, gold: str, ok: bool) -> None:
+    assert answer_correct(pred, gold) is ok
+
+
 def test_round_trip_synthetic() -> None:
     for record in generate_all(25, seed=1):
         assert answer_correct(extract_answer(completion_text(record)), record.answer)

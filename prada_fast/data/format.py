@@ -94,13 +94,43 @@ def _normalise(text: str) -> str | float:
 
 
 def answer_correct(pred: str | None, gold: str) -> bool:
-    """Whether a predicted answer matches the gold one (case, commas, 6 vs 6.0, yes/true)."""
+    """Whether a predicted answer matches the gold one (case, commas, 6 vs 6.0, yes/true),
+    or states it in an instruct model's words (`_stated`): "D) 74325" for the choice D,
+    "yes, they are" for yes, "48 eggs" for 48."""
     if pred is None:
         return False
     a, b = _normalise(pred), _normalise(gold)
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-    return a == b
+    return a == b or _stated(pred, b)
+
+
+_CHOICE = re.compile(r"\(?([a-e])\)(?=\s|$)")            # "d) 74325", "(c) 600"
+_WORD = re.compile(r"[a-z]+")
+_UNIT_WORDS = re.compile(r"[a-z][a-z'-]*(\s+[a-z][a-z'-]*)*")  # "eggs", "miles per hour"
+
+
+def _stated(pred: str, gold: str | float) -> bool:
+    """Whether `pred` states the normalised `gold` the way an instruct model words an
+    answer, where the plain comparison fails: a multiple-choice letter followed by its
+    option's text ("D) 74325" for d); a yes/no first, with words after it and no other
+    yes/no/true/false ("no, the kingdom had no monarch" for no; "yes or no" is not); a
+    number followed by words alone ("48 eggs", "9 hours" for 48, 9; "1560 * 3 = 4200 cups"
+    is not). Nothing else: an answer that says more than one thing stays wrong."""
+    text = " ".join(pred.strip().lower().split())
+    if isinstance(gold, float):
+        number, _, rest = text.partition(" ")
+        value = parse_number(number)
+        return (value is not None and bool(_UNIT_WORDS.fullmatch(rest.rstrip(".")))
+                and math.isclose(value, gold, rel_tol=1e-9, abs_tol=1e-9))
+    if gold in ("yes", "no"):
+        words = [_BOOLEANS[w] for w in _WORD.findall(text) if w in _BOOLEANS]
+        first = _WORD.match(text)
+        return bool(first) and _BOOLEANS.get(first.group()) == gold and set(words) == {gold}
+    if len(gold) == 1 and gold in "abcde":
+        choice = _CHOICE.match(text)
+        return bool(choice) and choice.group(1) == gold
+    return False
 
 
 def grade(text: str, gold: str | None) -> tuple[str | None, bool]:

@@ -23,13 +23,15 @@ from prada_fast.common.flags import (
     check_data_flags,
     check_model_dirs,
     deprecated,
+    flag,
     within,
 )
 from prada_fast.models import PRESETS
 from prada_fast.models.hub import PRETRAINED_LR, PRETRAINED_WARMUP
 from prada_fast.trainer.rundir import RunDirError, check_output_dir
 
-__all__ = ["DEFAULT_DS", "FlagError", "RANGES", "build_parser", "parse_args", "validate"]
+__all__ = ["DEFAULT_DS", "FlagError", "RANGES", "build_parser", "parse_args", "teacher_fit_note",
+           "validate"]
 
 # The ranges of the trainer's own numeric flags: dest -> (test, what it must be); the shared
 # flags' ranges come with them (common/flags.py). One check (common.flags.check_ranges)
@@ -199,6 +201,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def default_data(args) -> None:
     args.data = args.data or ["synthetic"]
+
+
+def teacher_fit_note(args) -> str | None:
+    """A line for the log when --teacher-steps or --teacher-lr were given a value and no
+    teacher is fitted (only `--teacher auto` with a random-weight preset student fits one):
+    they would otherwise be ignored without a word, e.g. with `--teacher smollm2-135m`."""
+    if args.teacher == "auto" and args.student in PRESETS and not args.teacher_outputs:
+        return None
+    parser = _parser()
+    changed = [flag(parser, dest) for dest in ("teacher_steps", "teacher_lr")
+               if getattr(args, dest) != parser.get_default(dest)]
+    if not changed:
+        return None
+    what = (f"--teacher-outputs {args.teacher_outputs}" if args.teacher_outputs
+            else f"--teacher {args.teacher}")
+    return (f"note: {' and '.join(changed)} set the fit of the auto teacher (a random-weight preset "
+            f"student's), and this run fits none ({what}): they are not used. To fit a real "
+            f"teacher on the rationales first, train it as the student (--student TEACHER "
+            f"--teacher none --no-domain-loss --prompt-len 0), then give --teacher RUN_DIR/final")
 
 
 # ----------------------------------------------------------------------------- validation
