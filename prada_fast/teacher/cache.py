@@ -253,6 +253,20 @@ def example_spans(mb: dict) -> list[tuple[int, int, int]]:
     return out
 
 
+def labelled_spans(mb: dict) -> list[tuple[int, torch.Tensor, str]]:
+    """(row, positions in the row, key) of each example of the collated batch `mb` that has
+    labelled positions (`example_spans`, `labelled_positions`, `example_key`): where a
+    teacher's rows for that example go."""
+    ids, labels = mb["input_ids"], mb["labels"]
+    out = []
+    for b, start, end in example_spans(mb):
+        lab = labels[b, start:end].tolist()
+        pos = labelled_positions(lab)
+        if pos:
+            out.append((b, torch.tensor(pos) + start, example_key(ids[b, start:end].tolist(), lab)))
+    return out
+
+
 class TeacherOutputs:
     """The teacher of a training run, read from a finished cache: `op_inputs(mb, device)`
     gives a micro-batch's teacher arguments of the loss op (teacher_hidden and
@@ -299,24 +313,17 @@ class TeacherOutputs:
         """The teacher arguments of the loss op for the collated micro-batch `mb` (rows
         right-padded: attention_mask gives each row's length; packed rows: `seq_index`
         gives each position's sequence, -1 none, and each sequence is an example)."""
-        ids, labels = mb["input_ids"], mb["labels"]
-        B, T = ids.shape
+        B, T = mb["input_ids"].shape
         if self.mode == "hidden":
             out = torch.zeros(B, T, self.manifest["hidden_size"], dtype=self.dtype)
         else:
             k, vocab = self.manifest["k"], self.manifest["vocab_size"]
             top_ids = torch.arange(k, dtype=torch.long).expand(B, T, k).clone()
             top_lp = torch.full((B, T, k), -math.log(vocab), dtype=torch.float32)  # unused rows
-        for b, start, end in example_spans(mb):
-            lab = labels[b, start:end].tolist()
-            pos = labelled_positions(lab)
-            if not pos:
-                continue
-            key = example_key(ids[b, start:end].tolist(), lab)
+        for b, pos, key in labelled_spans(mb):
             if key not in self.rows:
                 raise TeacherCacheError(f"--teacher-outputs {self.path}: field \"records\": an "
                                         f"example of this batch (row {b}) is not in the cache")
-            pos = torch.tensor(pos) + start
             if self.mode == "hidden":
                 out[b, pos] = self._tensor(self.entry(key, "hidden.bin")).to(self.dtype)
             else:

@@ -6,10 +6,10 @@ and run, not once per epoch."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from prada_fast.common import distributed as dist_util
 from prada_fast.models.packed_attention import backbone_forward
-from prada_fast.teacher.cache import example_key, example_spans, labelled_positions
+from prada_fast.teacher.cache import labelled_spans
 
 
 def teacher_hidden(t_engine, mb: dict, device):
@@ -44,19 +44,8 @@ class TeacherMemo:
         self.rows: dict[str, torch.Tensor] = {}
         self.full = False  # a record did not fit: it will be computed again each time
 
-    @staticmethod
-    def spans(mb: dict) -> list[tuple[int, torch.Tensor, str]]:
-        """(row, positions, key) of each example of `mb` with labelled positions."""
-        ids, labels = mb["input_ids"], mb["labels"]
-        out = []
-        for b, start, end in example_spans(mb):
-            lab = labels[b, start:end].tolist()
-            pos = labelled_positions(lab)
-            if pos:
-                out.append((b, torch.tensor(pos) + start, example_key(ids[b, start:end].tolist(), lab)))
-        return out
-
     def has_all(self, spans) -> bool:
+        """Whether every example of `spans` (`cache.labelled_spans`) is kept."""
         return all(key in self.rows for _, _, key in spans)
 
     def add(self, spans, hidden: torch.Tensor) -> None:
@@ -81,16 +70,6 @@ class TeacherMemo:
         return out.to(device)
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True when `flag` holds on any rank (ZeRO-3's teacher forward is a collective: every
-    rank runs it, or none)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 class LiveTeacher:
     """A frozen teacher model's DeepSpeed engine (trainer/engines.py builds it) as the
     step's teacher: its hidden states on each micro-batch and its LM head weight, which
@@ -107,8 +86,9 @@ class LiveTeacher:
     def op_inputs(self, mb: dict, device) -> dict:
         weight = self.partitioned[0]
         if self.memo is not None:
-            spans = self.memo.spans(mb)
-            if not any_rank(not self.memo.has_all(spans), device):
+            spans = labelled_spans(mb)
+            # ZeRO-3's teacher forward is a collective: every rank runs it, or none
+            if not dist_util.any_rank(not self.memo.has_all(spans)):
                 self.skipped += 1
                 width = self.engine.module.config.hidden_size
                 return {"teacher_hidden": self.memo.hidden(mb, spans, width, weight.dtype, device),
