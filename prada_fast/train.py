@@ -124,7 +124,8 @@ def setup(args):
         log(note)
     resolve_args(args, log=log)  # real presets -> their directories (rank 0 gets them once)
     ds_cfg = load_ds_config(args.ds, world_size=info.world_size, device=info.device,
-                            max_steps=args.max_steps, lr=lr, warmup_steps=warmup)
+                            max_steps=args.max_steps, lr=lr, warmup_steps=warmup,
+                            one_rank_zero=args.one_rank_zero, log=log)
     check_with_deepspeed(ds_cfg, args.ds)
     dist_util.register_pid()
     torch.manual_seed(args.seed)
@@ -235,11 +236,12 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 def log_sharding(engine) -> dict:
-    """How ZeRO-3 partitioned the student (logged, and kept for the summary)."""
-    sharding = dist_util.zero3_partition_stats(engine.module)
-    log(f"ZeRO-3: rank 0 holds {sharding['local_numel'][0]:,} of {sharding['full_numel']:,} "
-        f"parameter elements ({sharding['partitioned_tensors']} of {sharding['tensors']} "
-        "tensors partitioned)")
+    """How ZeRO partitioned the student, and at which stage (logged, and kept for the summary)."""
+    sharding = {"stage": engine.zero_optimization_stage(),
+                **dist_util.zero3_partition_stats(engine.module)}
+    log(f"ZeRO stage {sharding['stage']}: rank 0 holds {sharding['local_numel'][0]:,} of "
+        f"{sharding['full_numel']:,} parameter elements ({sharding['partitioned_tensors']} of "
+        f"{sharding['tensors']} tensors partitioned)")
     return sharding
 
 

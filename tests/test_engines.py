@@ -1,10 +1,13 @@
-"""The engines of a world of one (prada_fast/trainer/engines.py, dsconfig.py): the teacher
-is a plain frozen module, ZeRO-3's fp32 master shares the weights' storage, and the "auto"
-bucket sizes follow the world size; the losses are those of the former set-up (a ZeRO-3
-teacher engine, a separate master copy, DeepSpeed's default buckets)."""
+"""The engines of a world of one (prada_fast/trainer/engines.py, dsconfig.py): the student
+trains at ZeRO stage 0 (non-finite steps skipped as ZeRO skips them), or with
+--one-rank-zero keep at ZeRO-3, whose fp32 master shares the weights' storage; the teacher
+is a plain frozen module, and the "auto" bucket sizes follow the world size; the losses
+are those of the former set-up (a ZeRO-3 teacher engine, a separate master copy,
+DeepSpeed's default buckets)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prada_fast.trainer.dsconfig import (DEEPSPEED_BUCKETS, WORLD_OF_ONE_BUCKETS, load_ds_config,
-                                         zero_buckets)
+from prada_fast.trainer.dsconfig import (DEEPSPEED_BUCKETS, WORLD_OF_ONE_BUCKETS, ConfigError,
+                                         load_ds_config, one_rank_stage, zero_buckets)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -38,8 +41,32 @@ def test_auto_buckets_follow_the_world_size(tmp_path, world):
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 12345
 
 
-# Run in a child process (a world of one of its own): 3 steps through build_engines, and the
-# same 3 steps with the former engines (the teacher under ZeRO-3, no shared master, DeepSpeed's
+def test_a_world_of_one_trains_at_stage_0_unless_told_or_offloaded_or_mixed_precision(tmp_path):
+    cpu = torch.device("cpu")
+    heard = []
+    cfg = load_ds_config(_cfg(tmp_path), world_size=1, device=cpu, max_steps=4, log=heard.append)
+    assert cfg["zero_optimization"]["stage"] == 0
+    assert len(heard) == 1 and "stage 3 in a world of one" in heard[0] and "--one-rank-zero keep" in heard[0]
+    heard.clear()
+    for kwargs in ({"world_size": 2}, {"world_size": 1, "one_rank_zero": "keep"}):
+        cfg = load_ds_config(_cfg(tmp_path), device=cpu, max_steps=4, log=heard.append, **kwargs)
+        assert cfg["zero_optimization"]["stage"] == 3, kwargs
+    assert not heard
+    base = json.loads(_cfg(tmp_path).read_text())
+    for change in ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},
+                   {"zero_optimization": {"stage": 2, "offload_param": {"device": "nvme"}}},
+                   {"bf16": {"enabled": True}}, {"fp16": {"enabled": True}}):
+        want = {**base, **change}["zero_optimization"]["stage"]
+        assert one_rank_stage({**base, **change}, 1) == want, change
+    assert one_rank_stage({**base, "zero_optimization": {"stage": 1}}, 1) == 0
+    assert one_rank_stage({**base, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}, 1) == 0
+    assert one_rank_stage({"train_batch_size": 4}, 1) == 0  # no ZeRO section: stage 0 already
+    with pytest.raises(ConfigError, match="one_rank_zero"):
+        one_rank_stage(base, 1, "sometimes")
+
+
+# Run in a child process (a world of one of its own): 3 steps through build_engines at stage 0
+# (the default) and at ZeRO-3 (--one-rank-zero keep), and the same 3 steps with the former engines (the teacher under ZeRO-3, no shared master, DeepSpeed's
 # default buckets), from the same weights and batches.
 SCRIPT = r"""
 import json, sys
@@ -63,14 +90,19 @@ for _ in range(8):
                 "n_labels": L - q - 1})
 collate = PackedCollator(0, 0, 64)
 out = {}
-for mode in ("new", "former"):
-    cfg = load_ds_config(DEFAULT_DS, world_size=1, device=info.device, max_steps=3, lr=1e-2)
+for mode in ("stage0", "new", "former"):
+    cfg = load_ds_config(DEFAULT_DS, world_size=1, device=info.device, max_steps=3, lr=1e-2,
+                         one_rank_zero="skip" if mode == "stage0" else "keep")
     cfg.update(train_batch_size=4, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1)
     cfg.pop("scheduler")
     student = load_causal_lm("tiny", seed=1)[0]
     model = PradaModel(student, PradaConfig(n_domains=2, n_prompt=0))
     teacher = load_causal_lm("tiny-teacher", seed=2)[0]
-    if mode == "new":
+    if mode == "stage0":
+        engine, live = engines.build_engines(model, teacher, cfg)
+        out["stage0_engine"] = [engine.zero_optimization_stage(), type(engine.optimizer).__name__,
+                         any(hasattr(p, "ds_id") for p in model.parameters())]
+    elif mode == "new":
         engine, live = engines.build_engines(model, teacher, cfg)
         opt = engine.optimizer
         out["teacher_kind"] = type(live.engine).__name__
@@ -93,6 +125,18 @@ for mode in ("new", "former"):
                                      lam=0.0, temperature=2.0, alpha=0.5, use_domain=False)
         losses.append(float(loss.detach()))
     out[mode] = losses
+    if mode == "stage0":  # a NaN loss: the step skipped, weights unchanged, gradients zeroed
+        weights = [p.detach().clone() for p in model.parameters()]
+        skipped = engine.skipped_steps
+        engines.micro_step(engine, live, collate(exs[:4]), norm=1.0, lam=0.0, temperature=2.0,
+                           alpha=0.5, use_domain=False, inject_nan=True)
+        out["nan_skipped"] = engine.skipped_steps - skipped
+        out["nan_unchanged"] = all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+        out["nan_grads_zero"] = all(p.grad is None or not p.grad.any() for p in model.parameters())
+        loss, _ = engines.micro_step(engine, live, collate(exs[:4]), norm=1.0, lam=0.0,
+                                     temperature=2.0, alpha=0.5, use_domain=False)
+        out["after_nan"] = [float(loss.detach()), engine.skipped_steps - skipped,
+                            all(torch.isfinite(p).all() for p in model.parameters())]
     if mode == "new":  # the optimizer's update reached the weights the model computes with
         low, master = opt.fp16_partitioned_groups_flat[0], opt.fp32_partitioned_groups_flat[0]
         out["moved"] = not torch.equal(before, low)
@@ -118,3 +162,8 @@ def test_world_of_one_engines_give_the_former_losses_with_less_memory():
     assert r["moved"] and r["same"]
     for a, b in zip(r["new"], r["former"]):
         assert abs(a - b) <= 1e-6 * abs(b), (r["new"], r["former"])
+    assert r["stage0_engine"] == [0, "SkipNonFinite", False]
+    for a, b in zip(r["stage0"], r["former"]):
+        assert abs(a - b) <= 1e-6 * abs(b), (r["stage0"], r["former"])
+    assert r["nan_skipped"] == 1 and r["nan_unchanged"] and r["nan_grads_zero"]
+    assert math.isfinite(r["after_nan"][0]) and r["after_nan"][1:] == [1, True]

@@ -65,11 +65,22 @@ def _step_tags(ckpt_dir: Path) -> list[str]:
                   key=_step_of)
 
 
-def _write_manifest(folder: Path, step: int) -> None:
+def _write_manifest(folder: Path, step: int, zero_stage: int) -> None:
     files = {str(p.relative_to(folder)): p.stat().st_size
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     write_text_atomic(folder / MANIFEST, json.dumps(
-        {"step": step, "world_size": dist_util.world_size(), "files": files}, indent=1) + "\n")
+        {"step": step, "world_size": dist_util.world_size(), "zero_stage": zero_stage, "files": files},
+        indent=1) + "\n")
+
+
+def _stage_mismatch(manifest: dict, stage: int) -> str | None:
+    """How the ZeRO stage a checkpoint was saved at differs from `stage` (None: it does
+    not). Manifests from before the stage was recorded tell ZeRO (its partition files,
+    *zero_pp_rank_*) from stage 0 only."""
+    if "zero_stage" in manifest:
+        return None if manifest["zero_stage"] == stage else f"ZeRO stage {manifest['zero_stage']}"
+    zero = any("zero_pp_rank_" in Path(f).name for f in manifest.get("files", {}))
+    return None if zero == (stage > 0) else ("a ZeRO stage above 0" if zero else "ZeRO stage 0")
 
 
 def _first_line(err: BaseException) -> str:
@@ -98,7 +109,7 @@ def save(engine, ckpt_dir: Path, step: int, extra: dict | None = None, keep: int
         _fail(ckpt_dir, tag, partial, None, err)
     if rank0:
         try:
-            _write_manifest(partial, step)
+            _write_manifest(partial, step, engine.zero_optimization_stage())
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -208,10 +219,18 @@ def load(engine, ckpt_dir: Path, log=print) -> tuple[str | None, dict | None]:
         if problems:
             raise CheckpointError(f"--resume: no usable checkpoint in {ckpt_dir} ({problems[0]})")
         return None, None
-    saved_by = json.loads((ckpt_dir / tag / MANIFEST).read_text()).get("world_size")
+    manifest = json.loads((ckpt_dir / tag / MANIFEST).read_text())
+    saved_by = manifest.get("world_size")
     if saved_by is not None and saved_by != dist_util.world_size():
         raise CheckpointError(f"--resume: {ckpt_dir / tag} was saved by {saved_by} ranks and this run "
                               f"has {dist_util.world_size()}: resume with the same number of ranks")
+    stage = engine.zero_optimization_stage()
+    saved_at = _stage_mismatch(manifest, stage)
+    if saved_at:
+        hint = ("the same DeepSpeed config" if dist_util.world_size() > 1 else
+                "--one-rank-zero keep" if saved_at != "ZeRO stage 0" else "--one-rank-zero skip (the default)")
+        raise CheckpointError(f"--resume: {ckpt_dir / tag} was saved at {saved_at} and this "
+                              f"run trains at stage {stage}: resume with {hint}")
     try:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError,

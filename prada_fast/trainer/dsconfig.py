@@ -13,12 +13,15 @@ class ConfigError(ValueError):
 
 
 def load_ds_config(path: str | Path, *, world_size: int, device: torch.device, max_steps: int,
-                   lr: float | None = None, warmup_steps: int | None = None) -> dict:
+                   lr: float | None = None, warmup_steps: int | None = None,
+                   one_rank_zero: str = "skip", log=None) -> dict:
     """The config with "auto" filled: bf16 on when the device supports it (CUDA with bf16),
     fp32 otherwise; micro batch from train_batch_size / (accumulation x world size);
     ZeRO's reduce_bucket_size and sub_group_size from the world size (`zero_buckets`);
     scheduler lengths from max_steps (an "auto" warm-up: warmup_steps when given, else a
-    twentieth of the run)."""
+    twentieth of the run); in a world of one, ZeRO's stage 0 where partitioning buys
+    nothing (`one_rank_stage`; one_rank_zero "keep": the config's stage; `log` hears
+    of the change)."""
     path = Path(path)
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -79,6 +82,13 @@ def load_ds_config(path: str | Path, *, world_size: int, device: torch.device, m
     for key, value in zero_buckets(world_size).items():
         if zero.get(key) == "auto":
             zero[key] = value
+    stage = one_rank_stage(cfg, world_size, one_rank_zero)
+    if stage != zero.get("stage", 0):
+        if log:
+            log(f"{path}: ZeRO stage {zero['stage']} in a world of one partitions nothing; "
+                f"training at stage {stage} (the same optimizer and losses, without ZeRO's per-step "
+                "bookkeeping; --one-rank-zero keep for the config's stage)")
+        zero["stage"] = stage
 
     opt = cfg.get("optimizer")
     if opt and lr is not None:
@@ -113,6 +123,33 @@ def zero_buckets(world_size: int) -> dict:
       parameters); the few more optimizer calls were not timed apart (the tokens/s in
       RESULTS.md include them)."""
     return dict(WORLD_OF_ONE_BUCKETS if world_size == 1 else DEEPSPEED_BUCKETS)
+
+
+ONE_RANK_ZERO = ("skip", "keep")
+
+
+def one_rank_stage(cfg: dict, world_size: int, one_rank_zero: str = "skip") -> int:
+    """The ZeRO stage to train at. Across ranks, and with one_rank_zero "keep": the
+    config's. In a world of one ZeRO shards over a single rank, so every stage only adds
+    bookkeeping: ZeRO-3 hooks every module to gather and release its parameters (views of
+    the whole partition here), copies every gradient into a reduce bucket and the
+    partitions, and steps over flat buffers; on the tiny preset a step costs 2.4x that of
+    stage 0 (benchmarks/RESULTS.md, "ZeRO in a world of one"). So a world of one trains at
+    stage 0 (the model's own parameters and gradients, DeepSpeed's engine, optimizer,
+    scheduler, clipping and checkpoints as before) when its weights are fp32 and nothing is
+    offloaded. Kept: offload (ZeRO-Offload on one GPU is how a model too large for it
+    trains) and bf16/fp16, whose stage-0 optimizers in DeepSpeed (a bf16 DDP wrapper) were
+    not measured here."""
+    if one_rank_zero not in ONE_RANK_ZERO:
+        raise ConfigError(f"one_rank_zero must be one of {', '.join(ONE_RANK_ZERO)}, got {one_rank_zero!r}")
+    zero = cfg.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    offloaded = any((zero.get(k) or {}).get("device", "none") not in ("none", None)
+                    for k in ("offload_optimizer", "offload_param"))
+    low_precision = any((cfg.get(k) or {}).get("enabled") is True for k in ("bf16", "fp16"))
+    if world_size > 1 or one_rank_zero == "keep" or offloaded or low_precision:
+        return stage
+    return 0
 
 
 def check_with_deepspeed(cfg: dict, path: str | Path) -> None:

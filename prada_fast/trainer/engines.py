@@ -53,6 +53,8 @@ def build_engines(model, teacher_model, ds_cfg: dict, head_lr_mult: float = 1.0,
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, head_lr_mult, ds_cfg), config=ds_cfg)
     share_master_weights(engine.optimizer)
+    if not hasattr(engine.optimizer, "overflow"):  # stage 0 in fp32: torch's optimizer itself
+        engine.optimizer = SkipNonFinite(engine.optimizer)
     return engine, None if teacher_model is None else LiveTeacher(
         teacher_engine(teacher_model, ds_cfg), teacher_memo_bytes)
 
@@ -81,6 +83,29 @@ def share_master_weights(optimizer) -> int:
             master.data = low.data
             freed += low.numel() * low.element_size()
     return freed
+
+
+class SkipNonFinite:
+    """Torch's optimizer, skipping a step whose gradients are not all finite, as ZeRO's and
+    DeepSpeed's mixed-precision optimizers do: at ZeRO stage 0 in fp32 the engine steps the
+    optimizer itself, which would write NaN into every weight. DeepSpeed's engine reads
+    `overflow` after `step`: set, it counts the step in `skipped_steps`, does not advance
+    the lr schedule, and zeroes the gradients as after any step. The rest (param_groups,
+    state, state_dict for checkpoints) is the wrapped optimizer's."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.overflow = False
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["optimizer"], name)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if not self.overflow:
+            self.optimizer.step(closure)
 
 
 class FrozenTeacher:

@@ -56,7 +56,7 @@ def build_parser() -> FlagParser:
                     "plain python (one process).",
         ranges=RANGES)
     io = p.add_argument_group("run")
-    add_run_flags(p, io, ("ds",))
+    add_run_flags(p, io, ("ds", "one_rank_zero"))
     io.add_argument("--output-dir", default="runs/prada", metavar="DIR",
                     help="where metrics.jsonl, summary.json, checkpoints/ and final/ go")
     io.add_argument("--resume", action="store_true",
