@@ -250,8 +250,9 @@ def test_checkpoint_of_another_zero_stage_is_refused_with_the_flag_that_resumes_
         (folder / name).rename(folder / f"zero_pp_rank_0_mp_rank_00_{name}")
         legacy["files"][f"zero_pp_rank_0_mp_rank_00_{name}"] = legacy["files"].pop(name)
     (folder / checkpoint.MANIFEST).write_text(json.dumps(legacy))
-    with pytest.raises(checkpoint.CheckpointError, match="saved at a ZeRO stage above 0 and this run "
-                                                         "trains at stage 0: resume with --one-rank-zero keep"):
+    with pytest.raises(checkpoint.CheckpointError, match="saved at a ZeRO stage above 0 and this "
+                                                         "run trains at stage 0: resume with "
+                                                         "--one-rank-zero keep"):
         checkpoint.load(eng, tmp_path / "z0")
     eng.stage = 3
     assert checkpoint.load(eng, tmp_path / "z0")[0] == "step2"

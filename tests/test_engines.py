@@ -59,14 +59,16 @@ def test_a_world_of_one_trains_at_stage_0_unless_told_or_offloaded_or_mixed_prec
         want = {**base, **change}["zero_optimization"]["stage"]
         assert one_rank_stage({**base, **change}, 1) == want, change
     assert one_rank_stage({**base, "zero_optimization": {"stage": 1}}, 1) == 0
-    assert one_rank_stage({**base, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}, 1) == 0
+    no_offload = {"stage": 2, "offload_optimizer": {"device": "none"}}
+    assert one_rank_stage({**base, "zero_optimization": no_offload}, 1) == 0
     assert one_rank_stage({"train_batch_size": 4}, 1) == 0  # no ZeRO section: stage 0 already
     with pytest.raises(ConfigError, match="one_rank_zero"):
         one_rank_stage(base, 1, "sometimes")
 
 
 # Run in a child process (a world of one of its own): 3 steps through build_engines at stage 0
-# (the default) and at ZeRO-3 (--one-rank-zero keep), and the same 3 steps with the former engines (the teacher under ZeRO-3, no shared master, DeepSpeed's
+# (the default) and at ZeRO-3 (--one-rank-zero keep), and the same 3 steps with the former
+# engines (the teacher under ZeRO-3, no shared master, DeepSpeed's
 # default buckets), from the same weights and batches.
 SCRIPT = r"""
 import json, sys

@@ -227,8 +227,8 @@ def load(engine, ckpt_dir: Path, log=print) -> tuple[str | None, dict | None]:
     stage = engine.zero_optimization_stage()
     saved_at = _stage_mismatch(manifest, stage)
     if saved_at:
-        hint = ("the same DeepSpeed config" if dist_util.world_size() > 1 else
-                "--one-rank-zero keep" if saved_at != "ZeRO stage 0" else "--one-rank-zero skip (the default)")
+        hint = ("the same DeepSpeed config" if dist_util.world_size() > 1 else "--one-rank-zero keep"
+                if saved_at != "ZeRO stage 0" else "--one-rank-zero skip (the default)")
         raise CheckpointError(f"--resume: {ckpt_dir / tag} was saved at {saved_at} and this "
                               f"run trains at stage {stage}: resume with {hint}")
     try:
