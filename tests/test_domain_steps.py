@@ -221,3 +221,21 @@ def test_mmd_with_domain_steps_is_refused(tmp_path, capsys, monkeypatch):
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("error: --domain-steps 2") and "--adversary mmd" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_passes_it_to_the_adversarial_arms(tmp_path):
+    from prada_fast.experiments.compare.flags import parse_args
+    from prada_fast.experiments.compare.runs import trainer_args
+    from prada_fast.experiments.compare.tuning import _tag
+    from prada_fast.experiments.compare.variants import VARIANT_KEYS, variants
+    for k in (0, 3):
+        args = parse_args(["--output-dir", str(tmp_path), "--data", "synthetic:48", "--domain-steps", str(k),
+                           "--variants", ",".join(VARIANT_KEYS)])
+        V = variants(args.prompt_len)
+        for key in VARIANT_KEYS:
+            cmd = trainer_args(args, "sorting", V[key], 0)
+            steps = cmd[cmd.index("--domain-steps") + 1] if "--domain-steps" in cmd else None
+            assert steps == (str(k) if k and V[key].trains_domain_head else None), (k, key, cmd)
+        knobs = {"lambda_max": 1.0, "head_lr_mult": 10.0, "domain_steps": k, "prompt_encoder": "none",
+                 "lm_weight": 1.0}
+        assert _tag(knobs, V["grl"]).endswith("-d3" if k else "-mult10")
