@@ -171,7 +171,7 @@ SMALL = [*_fast(data="synthetic:24", eval_per_domain="0"), "--teacher", "none", 
 
 
 @pytest.mark.slow
-def test_resume_continues_with_identical_losses(tmp_path, in_process):
+def test_resume_continues_with_identical_losses(tmp_path, in_process, capsys):
     """K = 2, the linear head in the op, GRL, packed rows, two micro-batches per step: a
     run stopped after 2 steps and resumed logs the losses of one run straight through (the
     head and its AdamW state come back from the checkpoint). In this process (a world of
@@ -188,6 +188,12 @@ def test_resume_continues_with_identical_losses(tmp_path, in_process):
             for d in (full, part))
     for name, p in a["domain_head"]["head"].items():
         torch.testing.assert_close(b["domain_head"]["head"][name], p, rtol=1e-6, atol=1e-7)
+    # resuming it with the head back in DeepSpeed's optimizer is refused, in one line
+    capsys.readouterr()
+    assert in_process([*common, "--output-dir", str(part), "--resume", "--max-steps", "6",
+                       "--domain-steps", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resume with the same --domain-steps" in err[0], err
 
 
 @pytest.mark.slow

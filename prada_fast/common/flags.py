@@ -216,7 +216,8 @@ def _shared() -> dict[str, Shared]:
             type=float, default=10.0, metavar="X", help=(
                 "the domain head's learning rate over the student's (its own optimizer parameter "
                 "group; needs a scheduler that keeps each group's lr, as the shipped configs' "
-                "WarmupCosineLR; 1 puts the head in the student's group)")), above(0)),
+                "WarmupCosineLR; 1 puts the head in the student's group; with --domain-steps, "
+                "the lr of the head's own optimizer, any scheduler)")), above(0)),
         "domain_steps": Shared(("--domain-steps",), dict(type=int, default=0, metavar="K", help=(
             "K >= 1: after each optimizer step of the student, the domain head takes K updates of "
             "its own domain loss on that step's pooled features (detached), with an AdamW of its "
