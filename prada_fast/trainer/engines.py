@@ -143,8 +143,7 @@ def micro_step(engine, teacher, mb: dict, *, norm: float, lam: float, temperatur
             mb["input_ids"].to(device), mb["attention_mask"].to(device),
             mb["labels"].to(device), mb["domain_labels"].to(device), **inputs, adv_lambda=lam,
             num_valid_tokens=max(norm, 1e-9), temperature=temperature, alpha=alpha,
-            use_domain=use_domain, lm_weight=lm_weight, **packed,
-            **({"keep_pooled": True} if keep_pooled else {}))
+            use_domain=use_domain, lm_weight=lm_weight, keep_pooled=keep_pooled, **packed)
     if inject_nan:
         loss = loss * float("nan")
     engine.backward(loss)
