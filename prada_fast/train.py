@@ -49,6 +49,7 @@ from prada_fast.trainer.flags import parse_args, teacher_fit_note
 from prada_fast.data import Collator, DataError
 from prada_fast.data.prepare import RunData, check_lengths, describe_lengths, encode_all, load_run_data
 from prada_fast.trainer.dsconfig import ConfigError, check_with_deepspeed, load_ds_config
+from prada_fast.trainer.domain_steps import HeadSteps
 from prada_fast.trainer.engines import build_engines
 from prada_fast.models.final import export_final
 from prada_fast.models import ModelError, PradaConfig, PradaModel, check_same_vocab, load_causal_lm
@@ -78,8 +79,10 @@ def run(args) -> int:
     model, teacher, tok = build_models(args, data)
     before = evaluate_before(args, run_dir, model, tok, data)
     cached = teacher if args.teacher_outputs else None
+    # --domain-steps K >= 1: the head leaves the model before DeepSpeed wraps it (domain_steps.py)
+    head_steps = HeadSteps.release(model, args.domain_steps, ds_cfg, args.domain_head_lr_mult, info.device)
     engine, live = build_engines(model, None if cached else teacher, ds_cfg,
-                                 head_lr_mult=args.domain_head_lr_mult,
+                                 head_lr_mult=1.0 if head_steps else args.domain_head_lr_mult,
                                  teacher_memo_bytes=args.teacher_memo_mb << 20)
     if cached:  # the teacher's tensors in the precision DeepSpeed trains the student in
         cached.set_dtype(next(engine.module.parameters()).dtype)
@@ -88,12 +91,12 @@ def run(args) -> int:
                           micro_batch=ds_cfg["train_micro_batch_size_per_gpu"],
                           world_size=info.world_size, rank=info.rank, seed=args.seed,
                           tokens_per_batch=args.tokens_per_batch, n_prompt=args.prompt_len)
-    start, skipped = resume(args, engine, run_dir)
+    start, skipped = resume(args, engine, run_dir, head_steps)
     sharding = log_sharding(engine)
     probe_batches = eval_batches(data.eval, data.collate) if args.probe_every else None
     stats = train_steps(engine, teacher, batches, settings.loop_settings(args), start=start,
                         run=run_dir, ckpt_dir=run_dir.checkpoints, log=log, skipped=skipped,
-                        probe_batches=probe_batches)
+                        probe_batches=probe_batches, head_steps=head_steps)
     if live is not None and live.memo is not None:
         log(f"teacher: {live.skipped} of {live.skipped + live.forwards} micro-batches read from "
             f"memory ({len(live.memo.rows)} records, {live.memo.bytes / 2**20:.1f} MB"
@@ -210,14 +213,18 @@ def evaluate_before(args, run_dir: RunDir, model, tok, data: RunData):
     return acc, dom
 
 
-def resume(args, engine, run_dir: RunDir):
+def resume(args, engine, run_dir: RunDir, head_steps=None):
     """(first step, steps skipped so far): from the latest usable checkpoint with --resume
     (a truncated or incomplete one is named and the previous one used), else (0, 0). On
-    rank 0 the metrics of steps after the checkpoint are dropped (recomputed)."""
+    rank 0 the metrics of steps after the checkpoint are dropped (recomputed). head_steps
+    (--domain-steps): its head and optimizer come back from this rank's file too."""
     start, ckpt_dir = 0, run_dir.checkpoints
-    tag, client = checkpoint.load(engine, ckpt_dir, log=log) if args.resume else (None, None)
+    tag, client = checkpoint.load(engine, ckpt_dir, log=log, rank_state=head_steps is not None) \
+        if args.resume else (None, None)
     if client is not None:
         start = int(client["step"])
+        if head_steps is not None:
+            head_steps.load_state_dict(client["rank_state"]["domain_head"])
         log(f"resumed from {ckpt_dir / tag} at step {start}")
     elif args.resume:
         log(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")

@@ -57,6 +57,8 @@ BAD = {
     "--adversary": ["--adversary", "dann"],
     "--domain-head-lr-mult": ["--domain-head-lr-mult", "0"],
     "--lm-weight": ["--lm-weight", "-0.5"],
+    "--domain-steps": ["--domain-steps", "-1"],
+    "--one-rank-zero": ["--one-rank-zero", "always"],
     "--teacher-memo-mb": ["--teacher-memo-mb", "-1"],
     "--lambda-schedule": ["--lambda-schedule", "linear"],
     "--grl-schedule": ["--grl-schedule", "linear"],  # the deprecated name of --lambda-schedule
@@ -83,6 +85,7 @@ MORE_BAD = [
     ["--seed", str(2**32)], ["--max-len", "0"], ["--prompt-encoder", "gru"],
     ["--prompt-hidden", "-1", "--prompt-encoder", "lstm"],
     ["--probe-every", "50", "--eval-per-domain", "1"],
+    ["--domain-steps", "2", "--adversary", "mmd"], ["--domain-steps", "1", "--no-domain-loss"],
     ["--teacher-outputs", "TMP"],  # a folder without a manifest: no finished cache
     ["--teacher-outputs", "TMP", "--teacher", "none"],
 ]

@@ -227,7 +227,7 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
         assert str(tmp_path / "tune" / "garden") in argv[argv.index("--output-dir") + 1]
         assert int(argv[argv.index("--seed") + 1]) in (7, 8)
         assert argv[argv.index("--teacher-seed") + 1] == "0"  # one teacher for the tuning seeds
-    base = {"lm_weight": 1.0}
+    base = {"lm_weight": 1.0, "domain_steps": 0}  # --domain-steps is passed on, not tuned
     assert chosen["cot-lm"]["lm_weight"] == 0.3
     assert chosen["grl"] == {**base, "lambda_max": 1.0, "head_lr_mult": 10.0, "prompt_encoder": "none"}
     assert chosen["confusion"] == {**base, "lambda_max": 1.0, "head_lr_mult": 1.0, "prompt_encoder": "none"}
@@ -247,7 +247,7 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
     args.report_only = False
     one = cmp.tune(args, "garden", [])
     assert one["prada-grl-lm"] == {"lambda_max": 0.3, "head_lr_mult": 10.0, "prompt_encoder": "lstm",
-                                   "lm_weight": 2.0}
+                                   "lm_weight": 2.0, "domain_steps": 0}
     assert len(seen) == 2  # only the cot reference, on 2 seeds
     best = next(r for r in saved["tried"]
                 if r["variant"] == "confusion" and r["knobs"] == chosen["confusion"])

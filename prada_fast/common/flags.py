@@ -222,7 +222,15 @@ def _shared() -> dict[str, Shared]:
             type=float, default=10.0, metavar="X", help=(
                 "the domain head's learning rate over the student's (its own optimizer parameter "
                 "group; needs a scheduler that keeps each group's lr, as the shipped configs' "
-                "WarmupCosineLR; 1 puts the head in the student's group)")), above(0)),
+                "WarmupCosineLR; 1 puts the head in the student's group; with --domain-steps, "
+                "the lr of the head's own optimizer, any scheduler)")), above(0)),
+        "domain_steps": Shared(("--domain-steps",), dict(type=int, default=0, metavar="K", help=(
+            "K >= 1: after each optimizer step of the student, the domain head takes K updates of "
+            "its own domain loss on that step's pooled features (detached), with an AdamW of its "
+            "own at the student's scheduled lr x --domain-head-lr-mult, outside DeepSpeed's "
+            "optimizer: a stronger adversary (DomainBed's d_steps_per_g_step). 0 (default): the "
+            "head learns jointly with the student, one update per step. Not with --adversary mmd "
+            "(no head to train against)")), at_least(0)),
         "lm_weight": Shared(("--lm-weight",), dict(type=float, default=0.0, metavar="W", help=(
             "W x an auxiliary language-model term on every record's question, the targets' too "
             "(task-adaptive pretraining, UDALM): the mean next-token CE of the question tokens, "
@@ -250,7 +258,8 @@ DATA_FLAGS = ("data", "data_seed", "source_domains", "target_domains", "skip_bad
               "eval_per_domain")
 MODEL_FLAGS = ("student", "teacher", "teacher_seed", "teacher_steps", "teacher_lr", "teacher_fit_cache",
                "attn", "temperature")
-KNOB_FLAGS = ("prompt_len", "prompt_encoder", "lambda_max", "domain_head_lr_mult", "lm_weight")
+KNOB_FLAGS = ("prompt_len", "prompt_encoder", "lambda_max", "domain_head_lr_mult", "domain_steps",
+              "lm_weight")
 GENERATION_FLAGS = ("max_new_tokens", "eval_batch_size", "prompt", "prompt_template", "answer_tokens")
 SHARED_FLAGS = (*RUN_FLAGS, "max_steps", "log_every", *DATA_FLAGS, *MODEL_FLAGS, *KNOB_FLAGS,
                 *GENERATION_FLAGS)
@@ -300,7 +309,8 @@ def add_model_flags(parser, group=None, dests=MODEL_FLAGS, **overrides) -> None:
 
 
 def add_knob_flags(parser, group=None, dests=KNOB_FLAGS, **overrides) -> None:
-    """PRADA's knobs: the soft prompt and its encoder, the adversary's scale, the head's lr."""
+    """PRADA's knobs: the soft prompt and its encoder, the adversary's scale, the head's lr
+    and its own steps, the LM term's weight."""
     add_flags(parser, group, dests, **overrides)
 
 

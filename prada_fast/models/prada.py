@@ -78,6 +78,25 @@ class PradaModel(nn.Module):
             if p is not None:
                 register_external_parameter(self, p)
 
+    def release_domain_head(self) -> DomainHead:
+        """Take the domain head out of this module's parameters (the trainer's --domain-steps
+        K >= 1, before DeepSpeed wraps the module) and return it: it stays this module's
+        `domain_head`, read by the forward as before, but as a plain attribute, so that
+        ZeRO-3 never partitions, casts or optimizes it and the module's state dict leaves it
+        out (trainer/domain_steps.py trains it and checkpoints it)."""
+        from deepspeed.runtime.zero.partition_parameters import unregister_external_parameter
+        head = self._modules.pop("domain_head")
+        for p in (head.out.weight, head.out.bias):
+            if p is not None:
+                unregister_external_parameter(self, p)
+        self.__dict__["domain_head"] = head
+        return head
+
+    def _head_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the domain head's dtype: a released head (`release_domain_head`) stays fp32
+        while DeepSpeed may run the student in bf16; a no-op otherwise."""
+        return x.to(self.domain_head.out.weight.dtype)
+
     @property
     def backbone(self):
         return getattr(self.student, self.student.base_model_prefix)
@@ -223,7 +242,7 @@ class PradaModel(nn.Module):
                 teacher_weight=None, adv_lambda=1.0, num_valid_tokens=None, temperature=1.0,
                 alpha=0.5, use_domain=True, features_only=False, teacher_topk_ids=None,
                 teacher_topk_logprobs=None, position_ids=None, seq_index=None, question_index=None,
-                lm_weight=0.0):
+                lm_weight=0.0, keep_pooled=False):
         """(loss, parts) of PRADA's objective on a batch. features_only: (pooled features f,
         domain logits) instead, no loss (a forward through this module, so that ZeRO-3
         gathers the soft prompt and the head for it). Packed rows (packing.py): position_ids
@@ -234,10 +253,13 @@ class PradaModel(nn.Module):
         the adversary's scale (the schedule's lambda; with adversary "mmd", the MMD term's
         weight). lm_weight: W of the auxiliary language-model term on every sequence's
         question (targets included: task-adaptive pretraining's unlabelled text), W times
-        its mean over the batch's question tokens (`question_lm_loss`), in parts as "lm"."""
+        its mean over the batch's question tokens (`question_lm_loss`), in parts as "lm".
+        keep_pooled: parts["pooled"] is (the pooled features, detached; their domain labels),
+        per sequence as the domain term sees them (the trainer's --domain-steps trains the
+        head on them)."""
         if features_only:
             f = self.pooled_features(input_ids, attention_mask, labels)
-            return f, self.domain_head(f)
+            return f, self.domain_head(self._head_dtype(f))
         topk = {}  # the teacher as cached top-k log-probabilities
         if teacher_topk_ids is not None:
             topk = {"teacher_topk_ids": teacher_topk_ids, "teacher_topk_logprobs": teacher_topk_logprobs}
@@ -262,32 +284,38 @@ class PradaModel(nn.Module):
             seq_index, domain_labels = self.per_question(question_index, domain_labels, seq_index,
                                                          hidden.shape[1])
         n_seq = None if seq_index is None else len(domain_labels)
+        dw, db = (self.domain_head.out.weight, self.domain_head.out.bias) if linear_dom else (None, None)
+        if dw is not None and dw.dtype != hidden.dtype:  # a released fp32 head, a bf16 student
+            dw, db = dw.to(hidden.dtype), None if db is None else db.to(hidden.dtype)
         loss, parts = prada_loss(
             hidden, lm_head.weight, targets, lm_bias=getattr(lm_head, "bias", None),
             teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
             temperature=temperature, alpha=alpha, num_valid_tokens=num_valid_tokens,
             pool_mask=pool,
-            domain_weight=self.domain_head.out.weight if linear_dom else None,
-            domain_bias=self.domain_head.out.bias if linear_dom else None,
+            domain_weight=dw, domain_bias=db,
             domain_labels=domain_labels if linear_dom else None,
             seq_index=seq_index if linear_dom else None,
             adv_lambda=op_lambda, adversary=adversary, impl=self.loss_impl, **topk)
         # the pooled features, where plain PyTorch needs them (an MLP head, another layer, MMD)
-        f = masked_mean(features, pool, seq_index, n_seq) if use_domain and (mmd or not linear_dom) else None
+        f = masked_mean(features, pool, seq_index, n_seq) if use_domain and (
+            mmd or not linear_dom or keep_pooled) else None
         if use_domain and not linear_dom:  # plain PyTorch, either adversary
             grl = adversary == "grl"
-            c = self.domain_head(grad_reverse(f, op_lambda) if grl else f.detach())
+            c = self.domain_head(self._head_dtype(grad_reverse(f, op_lambda) if grl else f.detach()))
             c = c.to(torch.promote_types(c.dtype, torch.float32))
             dom = nn.functional.cross_entropy(c, domain_labels)
             loss = loss + dom
             if not grl:
-                loss = loss + confusion_term(f, self.domain_head, op_lambda).to(loss.dtype)
+                head = lambda x: self.domain_head(self._head_dtype(x))  # noqa: E731
+                loss = loss + confusion_term(f, head, op_lambda).to(loss.dtype)
             parts["dom"] = dom.detach()
             parts["dom_acc"] = (c.argmax(-1) == domain_labels).to(c.dtype).mean()
         if mmd:
             align = mmd_term(f, domain_labels)
             loss = loss + (adv_lambda * align).to(loss.dtype)
             parts["mmd"] = align.detach()
+        if use_domain and keep_pooled:  # what the head trains on with --domain-steps
+            parts["pooled"] = (f.detach(), domain_labels)
         if lm_weight:
             lm = self.question_lm_loss(hidden, lm_targets)
             loss = loss + (lm_weight * lm).to(loss.dtype)

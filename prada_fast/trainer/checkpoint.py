@@ -11,6 +11,9 @@
 * `--resume` checks the manifest of the checkpoint `latest` names; a file that is missing
   or shorter than written is named, and the newest earlier complete checkpoint is used.
 * `keep` (--keep-checkpoints) bounds the disk: older checkpoints are deleted after a save.
+* `rank_state`: state of this rank's own beside DeepSpeed's (the --domain-steps head and its
+  optimizer, trainer/domain_steps.py), one file per rank, RANK_STATE; `load` reads it back
+  when asked for, and refuses a checkpoint that has it when not (or lacks it when asked).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from prada_fast.common import distributed as dist_util
 from prada_fast.common.files import write_text_atomic
 LATEST = "latest"
 MANIFEST = "prada_manifest.json"
+RANK_STATE = "prada_rank{rank}_state.pt"
 _TAG = re.compile(r"^step(\d+)$")
 
 
@@ -88,8 +92,10 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
 
 
-def save(engine, ckpt_dir: Path, step: int, extra: dict | None = None, keep: int = 0) -> None:
-    """Collective: every rank calls it. keep > 0: keep only the newest `keep` checkpoints."""
+def save(engine, ckpt_dir: Path, step: int, extra: dict | None = None, keep: int = 0,
+         rank_state: dict | None = None) -> None:
+    """Collective: every rank calls it. keep > 0: keep only the newest `keep` checkpoints.
+    rank_state: this rank's own state (torch.save-able), written beside DeepSpeed's files."""
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step}"
     partial, final = ckpt_dir / f"{tag}.partial", ckpt_dir / tag
@@ -105,6 +111,11 @@ def save(engine, ckpt_dir: Path, step: int, extra: dict | None = None, keep: int
     except Exception as e:  # noqa: BLE001 - every rank must learn of it, see below
         err = e
         dist_util.barrier()  # the barrier that ends DeepSpeed's save on the ranks where it worked
+    if err is None and rank_state is not None:
+        try:
+            torch.save(rank_state, partial / RANK_STATE.format(rank=dist_util.rank()))
+        except OSError as e:
+            err = e
     if dist_util.any_rank(err is not None):
         _fail(ckpt_dir, tag, partial, None, err)
     if rank0:
@@ -205,9 +216,10 @@ def choose(ckpt_dir: Path) -> tuple[str | None, list[str]]:
     return None, problems
 
 
-def load(engine, ckpt_dir: Path, log=print) -> tuple[str | None, dict | None]:
+def load(engine, ckpt_dir: Path, log=print, rank_state: bool = False) -> tuple[str | None, dict | None]:
     """Collective. Load the newest usable checkpoint (see `choose`; rank 0 decides for
     all); returns (its tag, its client state), or (None, None) when there is none.
+    rank_state: the client state's "rank_state" is this rank's file of `save(rank_state=)`.
     Raises CheckpointError when checkpoints exist but none is usable, when they were saved
     by another number of ranks, or when DeepSpeed cannot read the chosen one."""
     ckpt_dir = Path(ckpt_dir)
@@ -231,8 +243,17 @@ def load(engine, ckpt_dir: Path, log=print) -> tuple[str | None, dict | None]:
                 if saved_at != "ZeRO stage 0" else "--one-rank-zero skip (the default)")
         raise CheckpointError(f"--resume: {ckpt_dir / tag} was saved at {saved_at} and this "
                               f"run trains at stage {stage}: resume with {hint}")
+    own = ckpt_dir / tag / RANK_STATE.format(rank=dist_util.rank())
+    if own.is_file() != rank_state:
+        raise CheckpointError(
+            f"{ckpt_dir / tag}: saved with the domain head trained on its own (--domain-steps 1 or "
+            "more); resume with the same --domain-steps" if not rank_state else
+            f"{ckpt_dir / tag}: saved with the domain head in DeepSpeed's optimizer (--domain-steps "
+            "0); resume with --domain-steps 0")
     try:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if client is not None and rank_state:
+            client["rank_state"] = torch.load(own, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError,
             zipfile.BadZipFile) as e:  # what torch.load raises on a damaged file
         raise CheckpointError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint "

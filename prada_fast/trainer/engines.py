@@ -145,7 +145,8 @@ def teacher_engine(teacher_model, ds_cfg: dict):
 
 
 def micro_step(engine, teacher, mb: dict, *, norm: float, lam: float, temperature: float,
-               alpha: float, use_domain: bool = True, lm_weight: float = 0.0, inject_nan: bool = False):
+               alpha: float, use_domain: bool = True, lm_weight: float = 0.0, inject_nan: bool = False,
+               keep_pooled: bool = False):
     """One micro-batch: the teacher's inputs (`teacher`: a TeacherSource, teacher/interface.py:
     live or cached; None without KD), student forward (the loss op, with the teacher's
     partitioned parameters gathered), `engine.backward` and `engine.step` (DeepSpeed
@@ -155,7 +156,9 @@ def micro_step(engine, teacher, mb: dict, *, norm: float, lam: float, temperatur
     norm: the loss normaliser (valid target tokens per rank and micro-batch; DeepSpeed
     averages over both); lam: the adversary's scale (adv_lambda); lm_weight: the weight of
     the auxiliary language-model term on the questions (PradaModel.forward). inject_nan: multiply the
-    loss by NaN before the backward pass (fault injection, the trainer's --inject-nan)."""
+    loss by NaN before the backward pass (fault injection, the trainer's --inject-nan).
+    keep_pooled: parts["pooled"] holds the detached pooled features and their domain labels
+    (what --domain-steps trains the head on, trainer/domain_steps.py)."""
     device = engine.device
     inputs = teacher.op_inputs(mb, device) if teacher is not None else {}
     gather = list(teacher.partitioned) if teacher is not None else []
@@ -165,7 +168,7 @@ def micro_step(engine, teacher, mb: dict, *, norm: float, lam: float, temperatur
             mb["input_ids"].to(device), mb["attention_mask"].to(device),
             mb["labels"].to(device), mb["domain_labels"].to(device), **inputs, adv_lambda=lam,
             num_valid_tokens=max(norm, 1e-9), temperature=temperature, alpha=alpha,
-            use_domain=use_domain, lm_weight=lm_weight, **packed)
+            use_domain=use_domain, lm_weight=lm_weight, keep_pooled=keep_pooled, **packed)
     if inject_nan:
         loss = loss * float("nan")
     engine.backward(loss)

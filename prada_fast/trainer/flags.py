@@ -170,7 +170,7 @@ def build_parser() -> FlagParser:
                           "between the domains' pooled features pulls them together in every "
                           "direction, and the head only watches (it trains, nothing flows back). "
                           "The default is what the comparison's tuning picked (docs/results.md)")
-    add_knob_flags(p, obj, ("domain_head_lr_mult",))
+    add_knob_flags(p, obj, ("domain_head_lr_mult", "domain_steps"))
     add_knob_flags(p, obj, ("lm_weight",))
     obj.add_argument("--lambda-schedule", choices=("dann", "constant"), default="dann",
                      help="schedule of lambda, the adversary's scale (every adversary's: grl, "
@@ -280,6 +280,11 @@ def _check_combinations(args) -> None:
     if args.prompt_hidden and args.prompt_encoder == "none":
         raise FlagError(f"--prompt-hidden {args.prompt_hidden} sets the width of a prompt encoder: "
                         "it needs --prompt-encoder mlp or lstm")
+    if args.domain_steps and (args.no_domain_loss or args.adversary == "mmd"):
+        raise FlagError(f"--domain-steps {args.domain_steps} trains the domain head against the "
+                        "student: " + ("--no-domain-loss has no domain head" if args.no_domain_loss else
+                                       "--adversary mmd has none (its head only watches); use grl "
+                                       "or confusion, or --domain-steps 0"))
     if args.probe_every and args.eval_per_domain < 2:
         raise FlagError(f"--probe-every {args.probe_every} probes the held-out records: it needs "
                         f"--eval-per-domain 2 or more (given {args.eval_per_domain})")

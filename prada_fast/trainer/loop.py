@@ -97,16 +97,20 @@ class Totals:
                 "tokens_per_s": self.tokens / max(elapsed, 1e-9)}
 
 
-def _optimizer_step(engine, teacher, micro, *, norm, lam, settings: LoopSettings, inject_nan: bool):
+def _optimizer_step(engine, teacher, micro, *, norm, lam, settings: LoopSettings, inject_nan: bool,
+                    pooled: list | None = None):
     """Forward/backward of every micro-batch and the optimizer step; returns the summed
     parts, and the real tokens, padding and positions of this rank (`packing.position_counts`).
-    inject_nan: a NaN loss in the first micro-batch."""
+    inject_nan: a NaN loss in the first micro-batch. pooled: a list that receives each
+    micro-batch's detached pooled features and domain labels (--domain-steps)."""
     sums = torch.zeros(len(PARTS) + 3, dtype=torch.float64)
     for i, mb in enumerate(micro):
         loss, parts = micro_step(engine, teacher, mb, norm=norm, lam=lam,
                                  temperature=settings.temperature, alpha=settings.alpha,
                                  use_domain=settings.use_domain, lm_weight=settings.lm_weight,
-                                 inject_nan=inject_nan and i == 0)
+                                 inject_nan=inject_nan and i == 0, keep_pooled=pooled is not None)
+        if pooled is not None:
+            pooled.append(parts.pop("pooled"))
         vals = [loss.item()] + [float(parts.get(k, 0.0)) for k in PARTS[1:]]
         sums += torch.tensor(vals + list(position_counts(mb, engine.module.n_prompt)),
                              dtype=torch.float64)
@@ -122,11 +126,13 @@ def tensorboard_writer(enabled: bool, run: RunDir):
 
 
 def train_steps(engine, teacher, batches, settings: LoopSettings, *, start, run: RunDir, ckpt_dir,
-                log, skipped=0, probe_batches=None) -> dict:
+                log, skipped=0, probe_batches=None, head_steps=None) -> dict:
     """Steps start+1 .. max_steps (or stop_after of them), metrics into `run`, checkpoints
     into `ckpt_dir` (run.checkpoints in a training run). teacher: the live teacher's engine,
     a teacher cache's reader, or None. probe_batches: held-out batches for probe_every's
-    curve of the head's and a fresh probe's domain accuracy."""
+    curve of the head's and a fresh probe's domain accuracy. head_steps: the domain head's
+    own updates after each good step (--domain-steps, domain_steps.HeadSteps), checkpointed
+    with the rest."""
     world = batches.world_size
     rank0 = dist_util.rank() == 0
     metrics = open(run.metrics, "a") if rank0 else None  # noqa: SIM115
@@ -137,7 +143,8 @@ def train_steps(engine, teacher, batches, settings: LoopSettings, *, start, run:
 
     def save(step: int) -> None:
         checkpoint.save(engine, ckpt_dir, step, {"skipped_steps": totals.skipped},
-                        keep=settings.keep_checkpoints)
+                        keep=settings.keep_checkpoints,
+                        rank_state=None if head_steps is None else {"domain_head": head_steps.state_dict()})
 
     stop = StopRequest()
     try:
@@ -151,9 +158,10 @@ def train_steps(engine, teacher, batches, settings: LoopSettings, *, start, run:
             micro, n_valid = batches.step(step)
             norm = n_valid / (world * batches.accum)  # DeepSpeed averages over ranks and micro-steps
             skipped_before, lr = engine.skipped_steps, engine.get_lr()[0]  # the lr this step uses
+            pooled = [] if head_steps is not None else None
             try:
                 sums = _optimizer_step(engine, teacher, micro, norm=norm, lam=lam, settings=settings,
-                                       inject_nan=rank0 and step + 1 in settings.inject_nan)
+                                       inject_nan=rank0 and step + 1 in settings.inject_nan, pooled=pooled)
             except (RuntimeError, dist_util.DistError) as e:
                 dist_util.raise_if_peer_failed(e, f"step {step + 1}")
                 raise
@@ -165,6 +173,8 @@ def train_steps(engine, teacher, batches, settings: LoopSettings, *, start, run:
             padding = round(means.pop() * world)
             tokens = round(means.pop() * world)  # real tokens, every rank
             bad = engine.skipped_steps > skipped_before or not all(map(math.isfinite, means[:4]))
+            if head_steps is not None and not bad:  # every rank alike: `bad` is the same on all
+                head_steps.step(pooled, lr)
             totals.add(tokens=tokens, padding=padding, positions=positions, bad=bad,
                        no_labels=n_valid == 0)
             dt = time.time() - t0

@@ -125,7 +125,7 @@ def build_parser() -> FlagParser:
         "The adversary's knobs are chosen on the adversarial-only variant and reused by PRADA "
         "with that adversary; then the prompt encoder is chosen on the PRADA variant. The real "
         "target's records are never looked at before the main runs.")
-    add_knob_flags(p, k, ("lambda_max", "domain_head_lr_mult", "prompt_encoder", "lm_weight"),
+    add_knob_flags(p, k, ("lambda_max", "domain_head_lr_mult", "domain_steps", "prompt_encoder", "lm_weight"),
                    lm_weight=dict(default=1.0, help=(
                        "weight of the LM term of the -lm arms (the trainer's --lm-weight). 1: the "
                        "question tokens' mean next-token CE weighs as much as the task's mean CE "
@@ -135,6 +135,9 @@ def build_parser() -> FlagParser:
                    lambda_max=dict(help="largest adversarial scale"),
                    domain_head_lr_mult=dict(help="the domain head's lr over the student's (the "
                                                  "trainer's flag of the same name)"),
+                   domain_steps=dict(help="the domain head's own updates per student step in the "
+                                          "adversarial arms (the trainer's flag of the same name, "
+                                          "DomainBed's d_steps_per_g_step; not tuned; 0: joint)"),
                    prompt_encoder=dict(help="P-tuning encoder of the PRADA variants' soft prompt"))
     deprecated(p, k, "--head-lr-mult", "domain_head_lr_mult", type=float, metavar="X")
     k.add_argument("--tune", action="store_true",
@@ -236,7 +239,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     owned = {"--output-dir", "--seed", "--max-steps", "--teacher-steps", "--target-domains",
              "--prompt-len", "--no-domain-loss", "--overwrite", "--resume", "--teacher-cache",
              "--teacher-fit-cache", "--source-domains", "--adversary", "--lambda-max",
-             "--domain-head-lr-mult", "--prompt-encoder", "--lm-weight", "--teacher-seed",
+             "--domain-head-lr-mult", "--domain-steps", "--prompt-encoder", "--lm-weight", "--teacher-seed",
              "--data-seed"}
     clash = sorted({f.split("=")[0] for f in args.extra} & owned)
     if clash:

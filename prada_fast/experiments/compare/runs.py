@@ -27,7 +27,8 @@ def run_dir(args, target: str, variant: str, seed: int) -> Path:
 
 def default_knobs(args) -> dict:
     return {"lambda_max": args.lambda_max, "head_lr_mult": args.domain_head_lr_mult,
-            "prompt_encoder": args.prompt_encoder, "lm_weight": args.lm_weight}
+            "domain_steps": args.domain_steps, "prompt_encoder": args.prompt_encoder,
+            "lm_weight": args.lm_weight}
 
 
 def trainer_args(args, target: str, v: Variant, seed: int, knobs: dict | None = None, *,

@@ -14,6 +14,8 @@ from .variants import ADVERSARIES, Variant, variants
 
 def _tag(knobs: dict, v: Variant) -> str:
     tag = f"lam{knobs['lambda_max']:g}-mult{knobs['head_lr_mult']:g}" if v.trains_domain_head else "base"
+    if v.trains_domain_head and knobs.get("domain_steps"):
+        tag += f"-d{knobs['domain_steps']}"
     return (tag + (f"-enc{knobs['prompt_encoder']}" if v.has_prompt else "")
             + (f"-lm{knobs['lm_weight']:g}" if v.lm else ""))
 

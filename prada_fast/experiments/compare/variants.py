@@ -63,6 +63,8 @@ def knob_flags(v: Variant, knobs: dict) -> list[str]:
     a = []
     if v.trains_domain_head:
         a += ["--lambda-max", str(knobs["lambda_max"]), "--domain-head-lr-mult", str(knobs["head_lr_mult"])]
+        if knobs.get("domain_steps"):  # 0 (joint) adds nothing: earlier runs' commands stay the same
+            a += ["--domain-steps", str(knobs["domain_steps"])]
     if v.has_prompt:
         a += ["--prompt-encoder", knobs["prompt_encoder"]]
     if v.lm:
