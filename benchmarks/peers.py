@@ -361,7 +361,7 @@ def child_prada(spec: dict) -> dict:
     B, steps = spec["batch"], spec["steps"]
     info = dist_util.setup(10.0)
     cfg = load_ds_config(spec.get("ds") or DEFAULT_DS, world_size=1, device=info.device,
-                         max_steps=steps, lr=spec["lr"])
+                         max_steps=steps, lr=spec["lr"], one_rank_zero=spec.get("one_rank_zero", "skip"))
     cfg.update(train_batch_size=B, train_micro_batch_size_per_gpu=B, gradient_accumulation_steps=1)
     cfg.pop("scheduler", None)  # a constant lr, as TRL's run
     if spec.get("dtype") == "fp32":  # bf16 is DeepSpeed's "auto" on CUDA; --dtype fp32 turns it off
@@ -636,7 +636,8 @@ def run(args) -> dict:
     base = {"mode": "train", "student": str(student), "teacher": str(teacher), "examples": str(ex_path),
             "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
             "threads": args.threads, "max_len": args.max_len, "seed": args.seed, "alpha": 0.0,
-            "temperature": args.temperature, "ds": args.ds, "dtype": args.dtype,
+            "temperature": args.temperature, "ds": args.ds, "one_rank_zero": args.one_rank_zero,
+            "dtype": args.dtype,
             "profile": str(Path(args.profile).resolve()) if args.profile else None}
     trainers = ["prada-live"] + (["prada-topk"] if args.k else []) + (["trl-gkd"] if have_trl else [])
     if have_trl and on_gpu:
@@ -782,8 +783,10 @@ def table(s: dict, args) -> str:
             teacher = {"FrozenTeacher": "a plain frozen module (a world of one)",
                        "DeepSpeedEngine": "a ZeRO-3 inference engine"}.get(st.get("teacher_holder"),
                                                                            st.get("teacher") or "none")
-            lines.append(f"{TRAINERS[t]}: ZeRO-3 " + ", ".join(f"{k} {z.get(k, '(DeepSpeed default)')}"
-                                                              for k in keys) + f"; teacher: {teacher}.")
+            stage = z.get("stage", 3)
+            zero = "ZeRO stage 0 (a world of one: nothing to partition)" if stage == 0 else \
+                f"ZeRO-{stage} " + ", ".join(f"{k} {z.get(k, '(DeepSpeed default)')}" for k in keys)
+            lines.append(f"{TRAINERS[t]}: {zero}; teacher: {teacher}.")
         else:
             lines.append(f"{TRAINERS[t]}: collator {st['collator']}, gradient checkpointing "
                          f"{st['gradient_checkpointing']}, padding_free {st['padding_free']}, packing "
@@ -862,6 +865,9 @@ def main(argv=None) -> int:
                         "the same objective)")
     p.add_argument("--k", type=int, default=32, help="K of the top-k cache (0: no cached-teacher run)")
     p.add_argument("--ds", default=None, help="prada_fast's DeepSpeed config (default ds_configs/zero3.json)")
+    p.add_argument("--one-rank-zero", choices=("skip", "keep"), default="skip",
+                   help="the trainer's flag of that name: 'skip' (its default) trains this world of one at "
+                        "ZeRO stage 0, 'keep' at the config's stage (ZeRO-3)")
     p.add_argument("--repeats", type=int, default=1,
                    help="timed runs per trainer, alternating; the table keeps each one's fastest")
     p.add_argument("--omp-wait-policy", default="PASSIVE",
