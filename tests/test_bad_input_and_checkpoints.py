@@ -385,7 +385,8 @@ def _loop_args(**kw):
 def loop(monkeypatch, tmp_path):
     """train_steps with a fake engine; returns (run(args, batches, on_step), saved steps, log)."""
     saved, said = [], []
-    monkeypatch.setattr(trainloop.checkpoint, "save", lambda eng, d, step, extra, keep=0: saved.append(step))
+    monkeypatch.setattr(trainloop.checkpoint, "save",
+                        lambda eng, d, step, extra, keep=0, rank_state=None: saved.append(step))
 
     def run(args, batches, on_step=lambda step: None):
         def micro_step(engine, t_engine, mb, **kw):
