@@ -147,7 +147,7 @@ def _shared() -> dict[str, Shared]:
             "parameters: the same losses, 2.4x less time per step on the tiny preset); 'keep' uses "
             "the config's stage as across ranks. Configs with offload or bf16/fp16 keep their "
             "stage either way; several ranks always do"))),
-        "max_steps": Shared(("--max-steps",), dict(type=int, default=1000, help=(
+        "max_steps": Shared(("--max-steps",), dict(type=int, default=1200, help=(
             "optimizer steps of the run")), at_least(1)),
         "log_every": Shared(("--log-every",), dict(type=int, default=10, metavar="N", help=(
             "steps between lines of metrics.jsonl")), at_least(1)),

@@ -164,7 +164,7 @@ def build_parser() -> FlagParser:
 
     t = p.add_argument_group("training budget and data (passed to prada_fast/train.py)")
     add_run_flags(p, t, ("max_steps",), max_steps=dict(
-        default=400, help="optimizer steps of every run (400, not the trainer's 1000: the default "
+        default=400, help="optimizer steps of every run (400, not the trainer's 1200: the default "
                           "comparison trains 16 runs, about 26 minutes on 2 idle CPU cores)"))
     add_model_flags(p, t, ("teacher_steps",), teacher_steps=dict(
         default=200, help="steps of the auto teacher fit, once per seed and target (200, not the "
