@@ -14,9 +14,10 @@ directories.
 
 The trainers (each in a child process of its own, `--child SPEC`):
 - `prada_fast (live teacher)`: the trainer's own engines and micro-step
-  (prada_fast.trainer.engines.build_engines / micro_step: DeepSpeed ZeRO-3 from ds_configs/zero3.json,
-  a world of one, with the trainer's world-of-one bucket sizes, the teacher a plain frozen
-  module and no second fp32 copy of the student; the table lists the settings) on packed
+  (prada_fast.trainer.engines.build_engines / micro_step: DeepSpeed from ds_configs/zero3.json
+  in a world of one, so at ZeRO stage 0 as the trainer runs it (`--one-rank-zero keep`: ZeRO-3
+  with the trainer's world-of-one bucket sizes and no second fp32 copy of the student), the
+  teacher a plain frozen module; the table lists the settings) on packed
   rows (packing.PackedCollator, the trainer's default), the
   loss op's default implementation, no soft prompt (--prompt-len 0), no domain term
   (--no-domain-loss), gradient checkpointing off (the trainer has none);
@@ -323,6 +324,8 @@ class StepProfiler:
         self.step += 1
 
     def write(self, prof, wall: float) -> None:
+        import torch
+
         from benchmarks.tools.profiler import top_table
         self.dir.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.dir / "trace.json"))
@@ -335,16 +338,11 @@ class StepProfiler:
                        f"{100 * e.self_cpu_memory_usage / total:.1f} |")
         text = [f"# {TRAINERS.get(self.title, self.title)}: step {self.at + 1} under torch.profiler", "",
                 f"wall time of the profiled step (profiler overhead included): {wall:.2f} s; "
-                f"{torch_threads()} threads; load average {os.getloadavg()[0]:.1f}", "",
+                f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}", "",
                 "## Operators by self CPU time", "", top_table(prof, "cpu", rows=25), "",
                 f"## Operators by the memory they allocate (sum over the step: {total / 2**20:.0f} MiB; "
                 "allocations, not a peak)", "", *mem, ""]
         (self.dir / "top.md").write_text("\n".join(text))
-
-
-def torch_threads() -> int:
-    import torch
-    return torch.get_num_threads()
 
 
 def child_prada(spec: dict) -> dict:
@@ -392,9 +390,7 @@ def child_prada(spec: dict) -> dict:
             prof.end()
             step_ends.append(time.perf_counter())
             tokens.append(int(mb["attention_mask"].sum()))
-            hwm.append(_hwm())
 
-    hwm = []
     rss_setup, gpu_setup = _rss(), _gpu_allocated()
     t0 = time.perf_counter()
     if spec["mode"] == "grow":  # ZeRO-3 does not fix the micro-batch: the same engines
@@ -408,7 +404,7 @@ def child_prada(spec: dict) -> dict:
                 "teacher": type(teacher_source).__name__ if teacher_source is not None else None,
                 "teacher_holder": type(getattr(teacher_source, "engine", None)).__name__}
     res = _gpu_memory({"losses": losses, "step_ends": step_ends, "t0": t0, "tokens": tokens,
-                       "rss_setup_bytes": rss_setup, "hwm_after_step": hwm, "padding_fraction": None,
+                       "rss_setup_bytes": rss_setup, "padding_fraction": None,
                        "bf16": bool(cfg.get("bf16", {}).get("enabled")), "settings": settings},
                       gpu_setup)
     dist_util.teardown()
@@ -440,7 +436,6 @@ def child_trl(spec: dict) -> dict:
     step_ends, losses = [], []
 
     prof = StepProfiler(spec)
-    hwm = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -450,7 +445,6 @@ def child_trl(spec: dict) -> dict:
             _cuda_sync()
             prof.end()
             step_ends.append(time.perf_counter())
-            hwm.append(_hwm())
 
     class RecordingGKD(GKDTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -494,7 +488,7 @@ def child_trl(spec: dict) -> dict:
     trainer.train()
     tokens = [sum(len(ex["input_ids"]) for ex in batch) for batch in _batches(examples, B, steps)]
     return _gpu_memory({"losses": losses, "step_ends": step_ends, "t0": t0, "tokens": tokens,
-                        "rss_setup_bytes": rss_setup, "hwm_after_step": hwm, "bf16": bf16,
+                        "rss_setup_bytes": rss_setup, "bf16": bf16,
                         "settings": {"gradient_checkpointing": trainer.args.gradient_checkpointing,
                                      "padding_free": getattr(trainer.args, "padding_free", None),
                                      "packing": getattr(trainer.args, "packing", None),

@@ -1,5 +1,6 @@
 """One training-step benchmark case in this (fresh) process: student + frozen teacher
-under DeepSpeed ZeRO-3 (a world of one), the trainer's own forward (PradaModel, the loss op
+under DeepSpeed in a world of one (ZeRO stage 0 in fp32, as the trainer runs it;
+ZeRO-3 in bf16), the trainer's own forward (PradaModel, the loss op
 with --loss-impl) and teacher pass, on a fixed random batch.
 
     python -m benchmarks.train_step --loss-impl chunked [--student tiny --teacher tiny-teacher

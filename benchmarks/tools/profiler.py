@@ -12,7 +12,8 @@ for Nsight Compute / Nsight Systems: the commands are in benchmarks/README.md.
 `op`: forward + backward of `prada_loss` on the benchmark suite's random inputs of N rows
 (benchmarks.cases: `rows_case` + `make_inputs`). `step`: the training-step benchmark's
 step (benchmarks.train_step.build_train_step: the trainer's engines and micro-step, student
-under DeepSpeed ZeRO-3 + frozen teacher in a world of one, on a fixed random batch).
+under DeepSpeed (a world of one: ZeRO stage 0 in fp32, as the trainer runs it) + frozen
+teacher, on a fixed random batch).
 """
 from __future__ import annotations
 

@@ -15,6 +15,17 @@ import sys
 
 import torch
 
+def packed_next_targets(labels: torch.Tensor, attention_mask: torch.Tensor, seq_index: torch.Tensor,
+                        ignore_index: int) -> torch.Tensor:
+    """Each position's next-token target in packed rows: the next position's label when it
+    belongs to the same sequence (`seq_index`), ignore_index for a sequence's last token,
+    prompt slots and padding (attention_mask 0)."""
+    targets = torch.full_like(labels, ignore_index)
+    same = (seq_index[:, 1:] == seq_index[:, :-1]) & (attention_mask[:, :-1] != 0)
+    targets[:, :-1] = torch.where(same, labels[:, 1:], targets[:, 1:])
+    return targets
+
+
 def position_runs(position_ids: torch.Tensor) -> torch.Tensor:
     """(rows, T) number of each position's run of consecutive position ids in its row (a
     new run wherever the id is not the previous one + 1), as transformers reads them."""

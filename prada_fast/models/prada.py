@@ -16,7 +16,7 @@ from prada_fast.models.config import PradaConfig
 from prada_fast.models.generation import greedy_generate
 from prada_fast.models.loading import ModelError
 from prada_fast.models.mmd import mmd_term
-from prada_fast.models.packed_attention import backbone_forward
+from prada_fast.models.packed_attention import backbone_forward, packed_next_targets
 from prada_fast.models.prompts import PromptEncoder
 from prada_fast.op import IGNORE_INDEX, confusion_term, grad_reverse, masked_mean, prada_loss
 
@@ -203,9 +203,7 @@ class PradaModel(nn.Module):
         """(hidden, targets, pool mask) of packed rows: a token's target is the next token of
         its own sequence (none for the last, nor for prompt slots and padding)."""
         hidden = self.packed_hidden_states(input_ids, attention_mask, position_ids, seq_index)
-        targets = torch.full_like(labels, IGNORE_INDEX)
-        same = (seq_index[:, 1:] == seq_index[:, :-1]) & (attention_mask[:, :-1] != 0)
-        targets[:, :-1] = torch.where(same, labels[:, 1:], targets[:, 1:])
+        targets = packed_next_targets(labels, attention_mask, seq_index, IGNORE_INDEX)
         pool = attention_mask.bool() & (labels == IGNORE_INDEX) if self.pool == "question" \
             else attention_mask.bool()
         return hidden, targets, pool.to(attention_mask.dtype)

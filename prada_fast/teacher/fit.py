@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from prada_fast.common.files import replace_dir
 from prada_fast.data.format import IGNORE_INDEX
 from prada_fast.models import load_causal_lm
-from prada_fast.models.packed_attention import backbone_forward
+from prada_fast.models.packed_attention import backbone_forward, packed_next_targets
 from prada_fast.trainer.packing import PackedCollator
 
 FIT_VERSION = 2  # 2: packed rows (1: padded batches)
@@ -95,7 +95,6 @@ def packed_lm_loss(model, b: dict) -> torch.Tensor:
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone_forward(backbone, b["position_ids"], input_ids=b["input_ids"])
     logits = model.get_output_embeddings()(hidden[:, :-1]).float()
-    seq = b["seq_index"]
-    target = b["labels"][:, 1:].masked_fill(seq[:, 1:] != seq[:, :-1], IGNORE_INDEX)
+    target = packed_next_targets(b["labels"], b["attention_mask"], b["seq_index"], IGNORE_INDEX)[:, :-1]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=IGNORE_INDEX)
