@@ -128,10 +128,11 @@ def build_parser() -> FlagParser:
     add_knob_flags(p, k, ("lambda_max", "domain_head_lr_mult", "domain_steps", "prompt_encoder", "lm_weight"),
                    lm_weight=dict(default=1.0, help=(
                        "weight of the LM term of the -lm arms (the trainer's --lm-weight). 1: the "
-                       "question tokens' mean next-token CE weighs as much as the task's mean CE "
-                       "per token, the plain sum of the two losses as in mixed task-adaptive "
-                       "training; not measured against other values unless --tune chooses it from "
-                       "--tune-lm-weights")),
+                       "question tokens' mean next-token CE is added to the task loss alpha CE + "
+                       "(1 - alpha) KD at full weight, so at the default alpha 0.5 it weighs as "
+                       "much as the whole task loss and twice its CE term (the plain sum of the two "
+                       "losses, as in mixed task-adaptive training); not measured against other "
+                       "values unless --tune chooses it from --tune-lm-weights")),
                    lambda_max=dict(help="largest adversarial scale"),
                    domain_head_lr_mult=dict(help="the domain head's lr over the student's (the "
                                                  "trainer's flag of the same name)"),
