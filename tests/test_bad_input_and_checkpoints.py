@@ -346,7 +346,7 @@ def test_run_on_data_that_cannot_teach_exits_2_before_the_teacher(tmp_path, in_p
                        "--teacher-steps", "1", "--max-steps", "1", "--output-dir", str(out)]) == 2
     line = _one_line(capsys)
     assert line == ("error: 96 of 144 labelled training records keep no labelled token at --max-len 24: "
-                    "the prompt alone fills the row (first: synthetic:coinflip:9). --max-len 55 keeps at "
+                    "the prompt alone fills the row (first: synthetic:coinflip:20). --max-len 55 keeps at "
                     "least one labelled token of each, --max-len 102 every record whole; or pass --on-long "
                     "truncate to train on the labelled tokens that remain"), line
     assert not out.exists() and not teachers.exists()  # no teacher was fitted

@@ -437,6 +437,51 @@ def test_split_errors() -> None:
     assert len(split_domains(unanswered, ["b"], ["a"])) == 5
 
 
+def _questions(recs: list[Record]) -> list[int]:
+    """Reference: each record's question, the connected components of 'same domain and the
+    same whitespace-normalised text or the same question_id' (breadth-first search)."""
+    comp = [-1] * len(recs)
+    same = [[j for j, s in enumerate(recs) if j != i and s.domain == r.domain and (
+        s.question.split() == r.question.split() or (r.question_id and s.question_id == r.question_id))]
+        for i, r in enumerate(recs)]
+    for i in range(len(recs)):
+        if comp[i] < 0:
+            comp[i], todo = i, [i]
+            while todo:
+                for j in same[todo.pop()]:
+                    if comp[j] < 0:
+                        comp[j] = i
+                        todo.append(j)
+    return comp
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_held_out_questions_are_never_training_records(seed: int) -> None:
+    """A question drawn several times (the same text, spacing aside, or the same question_id
+    under another text) is held out whole: its copies leave training. Fresh random data."""
+    import random
+
+    from prada_fast.data.prepare import hold_out
+    rng = random.Random(seed)
+    recs = []
+    for i in range(rng.randrange(90, 140)):
+        dom, q = rng.choice("xyz"), rng.randrange(23)  # ~23 questions a domain, with repeats
+        text = rng.choice([f"what is {q}?", f" what  is {q}? ", f"reworded {q} #{rng.randrange(3)}"])
+        qid = f"{dom}:{q}" if rng.random() < 0.4 else None
+        recs.append(Record(text, "r", "a", dom, question_id=qid, origin=f"f:{i}"))
+    comp = _questions(recs)
+    of = {id(r): c for r, c in zip(recs, comp)}
+    per_domain = 7
+    train, held = hold_out(recs, per_domain, seed)
+    for dom in "xyz":
+        n_questions = len({c for r, c in zip(recs, comp) if r.domain == dom})
+        assert n_questions > 2 * per_domain and sum(r.domain == dom for r in held) == per_domain
+    held_q = [of[id(r)] for r in held]
+    assert len(held_q) == len(set(held_q))  # once each
+    assert not set(held_q) & {of[id(r)] for r in train}  # no held-out question in training
+    assert sorted(map(id, train)) == sorted(id(r) for r, c in zip(recs, comp) if c not in held_q)
+
+
 # ---------------------------------------------------------------- questions without rationales
 
 

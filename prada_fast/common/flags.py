@@ -182,7 +182,9 @@ def _shared() -> dict[str, Shared]:
         "max_len": Shared(("--max-len",), dict(type=int, default=192, help="tokens per sequence"),
                           at_least(2)),
         "eval_per_domain": Shared(("--eval-per-domain",), dict(type=int, default=64, metavar="N", help=(
-            "records per domain held out for answer accuracy (0: no evaluation)")), at_least(0)),
+            "questions per domain held out for answer accuracy, at most half of a domain's distinct "
+            "questions; every copy of a held-out question (the same text or question id) leaves "
+            "training (0: no evaluation)")), at_least(0)),
         # models
         "student": Shared(("--student",), dict(default="tiny", metavar="NAME|DIR", help=(
             f"student: a preset ({', '.join(PRESETS)}: random weights), a real pretrained preset "

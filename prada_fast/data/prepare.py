@@ -79,12 +79,28 @@ def load_run_data(settings: DataSettings) -> RunData:
 
 def hold_out(records, per_domain: int, seed: int):
     """Split each domain into (train, eval) by question: `per_domain` shuffled questions are
-    held out, once each: records that share a `question_id` (several teacher rationales of
-    one question) never straddle the split; any other record is a question of its own."""
+    held out, once each. A question is its text (whitespace-normalised) within its domain, or
+    its `question_id`: records that share either (several teacher rationales of one question,
+    or the same question drawn twice) never straddle the split, so no held-out question is
+    also a training record, labelled or not."""
+    parent = list(range(len(records)))  # union-find over records: one set per question
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict = {}  # (domain, "text", text) or (domain, "id", question_id) -> a record index
+    for i, r in enumerate(records):
+        names = [(r.domain, "text", " ".join(r.question.split()))]
+        if r.question_id is not None:
+            names.append((r.domain, "id", r.question_id))
+        for n in names:
+            parent[root(i)] = root(first.setdefault(n, i))
     by_dom: dict[str, dict] = {}
     for i, r in enumerate(records):
-        key = i if r.question_id is None else r.question_id
-        by_dom.setdefault(r.domain, {}).setdefault(key, []).append(r)
+        by_dom.setdefault(r.domain, {}).setdefault(root(i), []).append(r)
     train, evaluation = [], []
     for d in sorted(by_dom):
         groups = list(by_dom[d].values())
