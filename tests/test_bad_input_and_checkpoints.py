@@ -422,7 +422,8 @@ def test_the_deepspeed_launcher_above_a_rank_is_watched(monkeypatch):
     """Under `deepspeed`, the rank's parent is deepspeed.launcher.launch and its parent the
     deepspeed runner (their /proc entries faked here): the rank stops when either dies."""
     from prada_fast.trainer import preemption
-    launcher, runner = os.getppid(), 4242
+    launcher, runner = 4241, 4242  # not the real parent: pytest may itself run under PID 1
+    monkeypatch.setattr(os, "getppid", lambda: launcher)
     parents = {launcher: runner}
     cmd = {launcher: "python -u -m deepspeed.launcher.launch --world_info=e30= prada_fast/train.py",
            runner: "python /venv/bin/deepspeed --num_gpus 2 prada_fast/train.py"}
