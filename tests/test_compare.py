@@ -437,3 +437,19 @@ def test_each_training_run_is_a_job_of_its_own(monkeypatch, tmp_path):
     env = trainer_env(parse_args(["--output-dir", str(tmp_path / "cmp"), "--threads", "1"]))
     assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & env.keys()
     assert env["OMP_NUM_THREADS"] == "1" and env["PATH"] == os.environ["PATH"]
+
+
+def test_the_tuning_table_marks_the_adversary_knobs_prada_took():
+    """The adversary alone is tuned for PRADA's sake even when it is not an arm: its row with
+    the lambda and lr multiplier PRADA took is marked chosen, the others are not."""
+    from prada_fast.experiments.compare.report import chosen_row
+    base = {"lm_weight": 1.0, "domain_steps": 0, "head_lr_mult": 10.0, "prompt_encoder": "none"}
+    chosen = {"cot": base, "cot-lm": base, "prada-confusion": {**base, "lambda_max": 1.0},
+              "prada-confusion-lm": {**base, "lambda_max": 1.0}}
+    rows = [{"variant": "cot", "knobs": None},
+            {"variant": "confusion", "knobs": {**base, "lambda_max": 0.3}},
+            {"variant": "confusion", "knobs": {**base, "lambda_max": 1.0}},
+            {"variant": "grl", "knobs": {**base, "lambda_max": 1.0}},
+            {"variant": "confusion", "knobs": {**base, "lambda_max": 1.0, "domain_steps": 2}},
+            {"variant": "prada-confusion", "knobs": {**base, "lambda_max": 1.0}}]
+    assert [chosen_row(r, chosen) for r in rows] == [False, False, True, False, False, True]

@@ -13,7 +13,7 @@ from prada_fast.common.envinfo import machine, versions
 from ..analysis import load_metrics, mean_curves, pca_2d
 from .runs import default_knobs, features_of, trainer_env
 from .statistics import _f, paired_differences, summarise, verdict
-from .variants import BASELINE, LM_BASELINE, Variant, variants
+from .variants import ADVERSARIES, BASELINE, LM_BASELINE, Variant, variants
 
 
 def fmt(a: dict | None, digits: int = 3) -> str:
@@ -69,7 +69,7 @@ def write_markdown(report: dict, path: Path) -> None:
                   "| source acc | chosen |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
             for row in tuned["tried"]:
                 kn = row["knobs"] or {}
-                pick = kn and tuned["chosen"].get(row["variant"]) == kn
+                pick = chosen_row(row, tuned["chosen"])
                 v = report["variant_info"].get(row["variant"], {})
                 L.append(f"| {row['variant']} | {kn.get('lambda_max', '–') if v.get('head') else '–'} | "
                          f"{kn.get('head_lr_mult', '–') if v.get('head') else '–'} | "
@@ -132,6 +132,10 @@ def write_markdown(report: dict, path: Path) -> None:
           "- Accuracy: fraction of the held-out records of a domain whose greedy completion states "
           "the gold answer after \"The answer is\"; with N held-out records per domain its "
           "resolution is 1/N.",
+          "- The 95 % intervals are over seeds on one fixed set of held-out questions (one data "
+          "seed): they say how far another student seed would move the difference on these "
+          "questions, not how far other questions of the domain would (with N questions a "
+          "domain's accuracy alone has a binomial standard error of up to 0.5 / sqrt(N)).",
           "- PRADA helps only where (C) or (D) beats (B): (B) uses the target's unlabelled "
           "questions too (the LM term), without an adversary, so a gain of PRADA over (A) alone "
           "may be the target text's, not the adversary's or the prompt's.",
@@ -250,6 +254,21 @@ def teacher_fits(cache: Path) -> list[dict]:
         fits.append({"dir": f.parent.name, **{k: info.get(k) for k in
                                                ("seed", "steps", "seconds", "final_loss")}})
     return fits
+
+
+def chosen_row(row: dict, chosen: dict) -> bool:
+    """Whether a tuning table row (tuning.py's "tried") holds knobs the protocol chose: its
+    variant's own, or, for an adversary-alone row, the adversary's knobs that PRADA with that
+    adversary took (the adversary alone is tuned for them even when it is not an arm)."""
+    kn = row["knobs"]
+    if not kn:
+        return False
+    if chosen.get(row["variant"]) == kn:
+        return True
+    adv_knobs = ("lambda_max", "head_lr_mult", "domain_steps")
+    return row["variant"] in ADVERSARIES and any(
+        all(c.get(k) == kn.get(k) for k in adv_knobs)
+        for v, c in chosen.items() if v in (f"prada-{row['variant']}", f"prada-{row['variant']}-lm"))
 
 
 def build_report(args, argv: list[str], runs: list[dict], n_trained: int, t0: float) -> dict:
