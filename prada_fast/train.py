@@ -208,7 +208,8 @@ def evaluate_before(args, run_dir: RunDir, model, tok, data: RunData):
         run_dir.ranks.write_text(json.dumps(dist_util.rank_pids()) + "\n")
         if data.eval_records:
             log("evaluating before training ...")
-            acc, dom = evaluate(model, tok, data.eval_records, data.eval, data.collate, args)
+            acc, dom = evaluate(model, tok, data.eval_records, data.eval, data.collate, args,
+                                generations=run_dir.generations("before"))
     dist_util.wait_for_rank0("before-eval", (acc, dom))
     return acc, dom
 
@@ -265,7 +266,8 @@ def evaluate_after(args, run_dir: RunDir, data: RunData):
         return None, None
     log("evaluating the saved model ...")
     final_model, final_tok, _ = PradaModel.from_final(run_dir.final, attn=args.attn)
-    return evaluate(final_model, final_tok, data.eval_records, data.eval, data.collate, args)
+    return evaluate(final_model, final_tok, data.eval_records, data.eval, data.collate, args,
+                    generations=run_dir.generations("after"))
 
 
 def eval_batches(eval_examples, collate, size: int = 64) -> list:
@@ -273,13 +275,17 @@ def eval_batches(eval_examples, collate, size: int = 64) -> list:
     return [collate(eval_examples[i:i + size]) for i in range(0, len(eval_examples), size)]
 
 
-def evaluate(model, tok, eval_records, eval_examples, collate, args):
+def evaluate(model, tok, eval_records, eval_examples, collate, args, generations: Path):
     """(answer accuracy by domain, domain alignment: the head's and a fresh probe's accuracy
-    on the pooled features, evaluation.domain_alignment) on the held-out records."""
+    on the pooled features, evaluation.domain_alignment) on the held-out records; every
+    record's question, gold answer, generated text, answer read and grade go to
+    `generations` (one JSON line each)."""
     from prada_fast.trainer.evaluation import answer_accuracy, domain_alignment
+    rows: list[dict] = []
     with dist_util.all_threads():
         acc = answer_accuracy(model, tok, eval_records, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.eval_batch_size)
+                              batch_size=args.eval_batch_size, rows_out=rows)
+        write_text_atomic(generations, "".join(json.dumps(r) + "\n" for r in rows))
         align = domain_alignment(model, eval_batches(eval_examples, collate), layers=args.layer_probes)
     return acc, align
 

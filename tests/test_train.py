@@ -52,6 +52,26 @@ def test_two_rank_zero3_partitions_parameters_and_learns(two_rank_runs):
     assert summary["domains"]["sorting"]["role"] == "target"
 
 
+def test_generations_are_the_held_out_questions_and_give_the_summary(two_rank_runs):
+    """DIR/generations_{before,after}.jsonl: one row per held-out question (4 a domain, as
+    --eval-per-domain asks), none of them a training question, with the gold answer of the
+    data, and the summary's accuracies are their fractions graded correct."""
+    from prada_fast.data.prepare import DataSettings, load_run_data
+    out = two_rank_runs["chunked"]
+    summary = json.loads((out / "summary.json").read_text())
+    data = load_run_data(DataSettings(specs=("synthetic:48",), eval_per_domain=4, seed=3))
+    gold = {(r.domain, r.question): r.answer for r in data.eval_records}
+    trained = {(r.domain, r.question) for r in data.train_records}
+    for when in ("before", "after"):
+        rows = [json.loads(x) for x in (out / f"generations_{when}.jsonl").read_text().splitlines()]
+        assert sorted((r["domain"], r["question"]) for r in rows) == sorted(gold)
+        assert len(rows) == 16 and not {(r["domain"], r["question"]) for r in rows} & trained
+        for d, s in summary["domains"].items():
+            mine = [r for r in rows if r["domain"] == d]
+            assert all(r["gold"] == gold[(d, r["question"])] and isinstance(r["generated"], str) for r in mine)
+            assert s[f"accuracy_{when}"] == pytest.approx(sum(r["correct"] for r in mine) / 4)
+
+
 def test_final_model_loads_with_from_pretrained(two_rank_runs, tied_student):
     from transformers import AutoModelForCausalLM
 

@@ -39,6 +39,9 @@ class RunDir:
     def final(self) -> Path:           # the exported model (models/final.py)
         return self.root / "final"
 
+    def generations(self, when: str) -> Path:  # the held-out records' answers, "before" / "after"
+        return self.root / f"generations_{when}.jsonl"
+
     @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
