@@ -68,7 +68,8 @@ def test_generations_are_the_held_out_questions_and_give_the_summary(two_rank_ru
         assert len(rows) == 16 and not {(r["domain"], r["question"]) for r in rows} & trained
         for d, s in summary["domains"].items():
             mine = [r for r in rows if r["domain"] == d]
-            assert all(r["gold"] == gold[(d, r["question"])] and isinstance(r["generated"], str) for r in mine)
+            assert all(r["gold"] == gold[(d, r["question"])] and isinstance(r["generated"], str)
+                       for r in mine)
             assert s[f"accuracy_{when}"] == pytest.approx(sum(r["correct"] for r in mine) / 4)
 
 
