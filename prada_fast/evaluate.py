@@ -131,7 +131,8 @@ def load_records(args):
     if args.held_out_of:
         from prada_fast.trainer.rundir import RunDir
         from prada_fast.trainer.settings import held_out_records
-        records, _, _ = held_out_records(json.loads(RunDir(Path(args.held_out_of)).run_config.read_text()))
+        records, _, _ = held_out_records(json.loads(RunDir(Path(args.held_out_of)).run_config.read_text()),
+                                          where=args.held_out_of)
         if not records:
             raise DataError(f"--held-out-of {args.held_out_of}: the run held out no records "
                             "(--eval-per-domain 0)")

@@ -65,6 +65,20 @@ def test_final_on_held_out_records_is_the_trainers_table(run, alone, tmp_path):
     assert [v["records"] for v in report["domains"].values()] == [4, 4]
 
 
+def test_a_run_from_before_the_question_split_is_warned_about(run, capsys):
+    """run_config.json says how the held-out split was made; a run without that (trained
+    when records, not questions, were held out) gets today's split with a warning."""
+    from prada_fast.trainer.settings import held_out_records
+    config = json.loads((run / "run_config.json").read_text())
+    assert config["held_out_by"] == "question"
+    now, _, _ = held_out_records(config, where="RUN")
+    assert "warning" not in capsys.readouterr().err
+    del config["held_out_by"]
+    old, _, _ = held_out_records(config, where="RUN")
+    assert capsys.readouterr().err.startswith("warning: RUN was trained before a held-out question")
+    assert [r.question for r in old] == [r.question for r in now] and len(now) == 8
+
+
 def test_slices_joined_columns_and_generations(alone, tmp_path, capsys):
     (tmp_path / "svamp.json").write_text(json.dumps(
         [{"Body": f"Tom has {i} apples.", "Question": "How many?", "Answer": i} for i in range(5)]))

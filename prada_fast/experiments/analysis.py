@@ -99,7 +99,7 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
     hf_logging.disable_progress_bar()
     run_dir = Path(run_dir)
     config = json.loads(RunDir(run_dir).run_config.read_text())
-    records, domains, args = held_out_records(config)
+    records, domains, args = held_out_records(config, where=str(run_dir))
     if not records:
         raise ValueError(f"{run_dir}: no held-out records (--eval-per-domain 0?)")
     model, tok, meta = PradaModel.from_final(RunDir(run_dir).final, attn="sdpa")

@@ -3,6 +3,7 @@ each stage takes: below the entry points no module reads a flag's name."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from prada_fast.data.prepare import DataSettings, load_run_data
 from prada_fast.teacher.resolve import TeacherSpec
@@ -39,14 +40,25 @@ def loop_settings(args) -> LoopSettings:
         lambda_gamma=args.lambda_gamma)
 
 
+# How the held-out split groups records (data.prepare.hold_out), recorded in run_config.json:
+# a run without it held out records, not questions, so its held-out set cannot be rebuilt.
+HELD_OUT_BY = "question"
+
+
 def run_config(args) -> dict:
-    """What DIR/run_config.json records: every flag but the launcher's --local_rank."""
-    return {k: v for k, v in vars(args).items() if k != "local_rank"}
+    """What DIR/run_config.json records: every flag but the launcher's --local_rank, and
+    how the held-out split was made (`held_out_by`)."""
+    return {**{k: v for k, v in vars(args).items() if k != "local_rank"}, "held_out_by": HELD_OUT_BY}
 
 
-def held_out_records(run_config: dict):
+def held_out_records(run_config: dict, where: str = "the run"):
     """The held-out records of a finished run, exactly as the trainer chose them (from its
-    run_config.json): (records, domains, the run's flags as a namespace)."""
-    args = argparse.Namespace(**run_config)
+    run_config.json): (records, domains, the run's flags as a namespace). A run from before
+    questions were held out whole is warned about: today's split is not the one it used."""
+    if run_config.get("held_out_by") != HELD_OUT_BY:
+        print(f"warning: {where} was trained before a held-out question was held out whole (no "
+              "held_out_by in its run_config.json): its held-out records are rebuilt by today's "
+              "rule, so some of them may have been its training records", file=sys.stderr)
+    args = argparse.Namespace(**{k: v for k, v in run_config.items() if k != "held_out_by"})
     data = load_run_data(data_settings(args))
     return data.eval_records, data.domains, args
