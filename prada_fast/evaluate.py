@@ -33,7 +33,7 @@ from pathlib import Path
 
 from prada_fast.common import distributed as dist_util
 from prada_fast.common.exits import ExitCode, run_command
-from prada_fast.common.files import write_json_atomic, write_text_atomic
+from prada_fast.common.files import write_json_atomic, write_jsonl_atomic
 from prada_fast.common.flags import (FlagError, FlagParser, add_data_flags, add_generation_flags,
                                      add_model_flags, add_run_flags, check_data_flags, flag,
                                      generation_timeout)
@@ -216,7 +216,7 @@ def write_outputs(args, report: dict, rows: list[dict]) -> None:
         print(f"[evaluate] wrote {args.out}", flush=True)
     if args.save_generations:
         Path(args.save_generations).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.save_generations, "".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl_atomic(args.save_generations, rows)
         print(f"[evaluate] wrote {args.save_generations}", flush=True)
 
 

@@ -59,7 +59,7 @@ from prada_fast.trainer.preemption import Preempted
 from prada_fast.common.exits import ExitCode
 from prada_fast.trainer.report import print_table
 from prada_fast.trainer.rundir import RunDir, RunDirError, prepare_output_dir
-from prada_fast.common.files import write_text_atomic
+from prada_fast.common.files import write_jsonl_atomic, write_text_atomic
 from prada_fast.trainer import settings
 from prada_fast.teacher.cache import TeacherCacheError
 from prada_fast.teacher.resolve import resolve_teacher
@@ -280,12 +280,12 @@ def evaluate(model, tok, eval_records, eval_examples, collate, args, generations
     on the pooled features, evaluation.domain_alignment) on the held-out records; every
     record's question, gold answer, generated text, answer read and grade go to
     `generations` (one JSON line each)."""
-    from prada_fast.trainer.evaluation import answer_accuracy, domain_alignment
-    rows: list[dict] = []
+    from prada_fast.trainer.evaluation import accuracy_by_domain, answer_rows, domain_alignment
     with dist_util.all_threads():
-        acc = answer_accuracy(model, tok, eval_records, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.eval_batch_size, rows_out=rows)
-        write_text_atomic(generations, "".join(json.dumps(r) + "\n" for r in rows))
+        rows = answer_rows(model, tok, eval_records, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.eval_batch_size)
+        write_jsonl_atomic(generations, rows)
+        acc = {d: v["accuracy"] for d, v in accuracy_by_domain(rows).items()}
         align = domain_alignment(model, eval_batches(eval_examples, collate), layers=args.layer_probes)
     return acc, align
 

@@ -37,6 +37,11 @@ def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2) -> N
     write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def write_jsonl_atomic(path: str | os.PathLike, rows) -> None:
+    """One JSON object a line, all or nothing."""
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 def replace_dir(build: Callable[[Path], None], out: str | os.PathLike, *,
                 keep_existing: bool = False) -> bool:
     """Build a directory at a temporary path (`build(tmp)`), then rename it to `out`.

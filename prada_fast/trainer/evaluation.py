@@ -13,19 +13,17 @@ from prada_fast.trainer.probes import probe_accuracy
 
 
 @torch.no_grad()
-def answer_accuracy(model, tokenizer, records, *, max_new_tokens: int = 96,
-                    batch_size: int = 32, rows_out: list | None = None) -> dict[str, float]:
-    """Fraction of records per domain whose greedy completion states the gold answer;
-    rows_out, when given, receives `answer_batch`'s row of every record, in order."""
+def answer_rows(model, tokenizer, records, *, max_new_tokens: int = 96,
+                batch_size: int = 32) -> list[dict]:
+    """`answer_batch`'s row of every record, in order, in batches of `batch_size` (the
+    model in eval mode meanwhile); `accuracy_by_domain` turns them into accuracies."""
     was_training = model.training
     model.eval()
     rows = [row for s in range(0, len(records), batch_size)
             for row in answer_batch(model, tokenizer, records[s:s + batch_size],
                                     max_new_tokens=max_new_tokens)]
     model.train(was_training)
-    if rows_out is not None:
-        rows_out.extend(rows)
-    return {d: v["accuracy"] for d, v in accuracy_by_domain(rows).items()}
+    return rows
 
 
 def answer_batch(model, tokenizer, records, *, max_new_tokens: int, prompter=None,

@@ -59,6 +59,6 @@ def held_out_records(run_config: dict, where: str = "the run"):
         print(f"warning: {where} was trained before a held-out question was held out whole (no "
               "held_out_by in its run_config.json): its held-out records are rebuilt by today's "
               "rule, so some of them may have been its training records", file=sys.stderr)
-    args = argparse.Namespace(**{k: v for k, v in run_config.items() if k != "held_out_by"})
+    args = argparse.Namespace(**run_config)
     data = load_run_data(data_settings(args))
     return data.eval_records, data.domains, args

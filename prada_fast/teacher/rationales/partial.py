@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from prada_fast.common.files import write_json_atomic, write_text_atomic
+from prada_fast.common.files import write_json_atomic, write_jsonl_atomic
 from prada_fast.models import PRESETS
 
 from .generators import RationaleError
@@ -125,7 +125,7 @@ def merge(out: Path, part_dir: Path, questions: list[Question], args) -> None:
     summary = summarise(questions, done, args.samples)
     summary.update({"teacher": teacher, "settings": settings_of(args, len(questions))})
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl_atomic(out, records)
     write_json_atomic(summary_path(out), summary)
     for f in part_dir.iterdir():
         f.unlink()
