@@ -425,6 +425,39 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
     assert again["results"]["sorting"]["variants"]["prada-confusion-lm"]["target_accuracy_after"] == \
         res["variants"]["prada-confusion-lm"]["target_accuracy_after"]
 
+    # an interrupted run resumes from its latest checkpoint and ends as if never interrupted:
+    # the (D) run of seed 1 (soft prompt, adversary, LM term) is redone, stopped after step 2
+    # of 3 with the flags compare gave it, and the same command finishes it
+    d = out / "runs" / "sorting" / "prada-confusion-lm" / "seed1"
+    argv = json.loads((d / "compare_run.json").read_text())["trainer_args"]
+    assert argv[argv.index("--save-every") + 1] == "100"
+    first_metrics = _losses(d / "metrics.jsonl")
+    first_summary = json.loads((d / "summary.json").read_text())
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    stop = subprocess.run([sys.executable, "prada_fast/train.py", *argv, "--overwrite", "--stop-after", "2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert stop.returncode == 0, stop.stderr[-4000:]
+    (d.parent / "seed1.started.json").write_text(json.dumps({"trainer_args": argv}))
+    assert not (d / "summary.json").exists() and (d / "checkpoints" / "latest").read_text() == "step2"
+    proc = compare(out)
+    assert "seed=1: resuming the unfinished run from its checkpoint step2" in proc.stdout
+    third = json.loads((out / "report.json").read_text())
+    assert third["n_runs_trained"] == 1 and third["n_runs_done"] == 6
+    assert "resumed from" in (d.parent / "seed1.log").read_text()
+    assert _losses(d / "metrics.jsonl") == first_metrics  # steps 1-2 kept, step 3 recomputed
+    again_summary = json.loads((d / "summary.json").read_text())
+    for key in ("final_loss", "domains", "domain_classifier_accuracy", "domain_alignment"):
+        assert again_summary[key] == first_summary[key], key
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["latest", "step3"]
+    assert json.loads((d / "compare_run.json").read_text())["resumed_from"] == "step2"
+    assert not (d.parent / "seed1.started.json").exists()
+
+
+def _losses(path: Path) -> list[dict]:
+    """metrics.jsonl without its timings."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
 
 def test_each_training_run_is_a_job_of_its_own(monkeypatch, tmp_path):
     """A launcher's variables in compare's environment (an in-process run before it: RANK,

@@ -35,6 +35,7 @@ layout of --output-dir:
   runs/<target>/<variant>/seed<S>/   one trainer run (metrics.jsonl, summary.json, final/,
                                      pooled_features.pt, compare_run.json)
   runs/<target>/<variant>/seed<S>.log  its console output
+  runs/<target>/<variant>/seed<S>.started.json  the flags of a run not yet finished
   teachers/                          the auto teachers: one per target (and per tuning split)
                                      for all seeds and variants (--teacher-per-seed: per seed)
   report.md, report.json, pca_<target>.png, loss_curves_<target>.png
@@ -50,7 +51,8 @@ On cores shared with other jobs it is several times that: on 2026-12-01, with te
 beside it, one 400-step run took ~20 min. --tune adds its tuning runs (with the default arms and
 grids: 1 (A) + 2 LM weights (B) + 6 confusion settings + 3 prompt encoders = 12 per tuning seed,
 and one teacher fit for the tuning split).
---targets all: x the number of domains. Interrupted? Run the same command again: finished runs are reused.
+--targets all: x the number of domains. Interrupted? Run the same command again: finished runs are
+reused and an unfinished one resumes from its latest checkpoint (--save-every).
 Quote --extra values that start with "--": --extra="--lr 1e-3".
 
 examples:
@@ -67,7 +69,7 @@ examples:
 
 
 # the comparison's own numeric flags (the shared ones bring theirs)
-RANGES = {"nproc": at_least(1), "probe_folds": at_least(1)}
+RANGES = {"nproc": at_least(1), "probe_folds": at_least(1), "save_every": at_least(0)}
 
 
 def build_parser() -> FlagParser:
@@ -186,6 +188,12 @@ def build_parser() -> FlagParser:
     add_run_flags(p, t, ("ds",), ds=dict(
         default=None, help="DeepSpeed config passed to every run (default: none passed, so the "
                            "trainer's own default, ds_configs/zero3.json)"))
+    t.add_argument("--save-every", type=int, default=100, metavar="N",
+                   help="steps between each run's checkpoints: an interrupted run resumes from its "
+                        "latest when the same command is run again (0: only the final one, so an "
+                        "interrupted run starts afresh). A finished run keeps only its final "
+                        "checkpoint; a checkpoint of the pruned SmolLM2 student takes ~650 MB and "
+                        "a few seconds")
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="processes per run: 1 runs `python prada_fast/train.py`; N > 1 the "
                         "deepspeed launcher with --num_gpus N (GPUs, or CPU ranks)")
@@ -241,7 +249,7 @@ def parse_args(argv=None) -> argparse.Namespace:
              "--prompt-len", "--no-domain-loss", "--overwrite", "--resume", "--teacher-cache",
              "--teacher-fit-cache", "--source-domains", "--adversary", "--lambda-max",
              "--domain-head-lr-mult", "--domain-steps", "--prompt-encoder", "--lm-weight", "--teacher-seed",
-             "--data-seed"}
+             "--data-seed", "--save-every", "--keep-checkpoints"}
     clash = sorted({f.split("=")[0] for f in args.extra} & owned)
     if clash:
         p.error(f"--extra must not set {', '.join(clash)}: the comparison sets them")

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from prada_fast.common.distributed import launch_cmd
+from prada_fast.common.files import write_text_atomic
+from prada_fast.trainer import checkpoint
 
 from ..analysis import load_metrics, pooled_features, probe_accuracy
 from .statistics import _mean
@@ -40,8 +42,10 @@ def trainer_args(args, target: str, v: Variant, seed: int, knobs: dict | None = 
          "--max-steps", str(args.max_steps), "--teacher-steps", str(args.teacher_steps),
          "--eval-per-domain", str(args.eval_per_domain), "--log-every", str(args.log_every),
          "--target-domains", target, "--student", args.student, "--teacher", args.teacher,
-         "--teacher-fit-cache", str(args.teacher_fit_cache), "--save-every", "0", "--no-progress",
-         "--layer-probes"]
+         "--teacher-fit-cache", str(args.teacher_fit_cache), "--no-progress", "--layer-probes",
+         # checkpoints so that an interrupted run resumes (two kept: one stays complete while
+         # the next is written); a finished run keeps only its last (ensure_run)
+         "--save-every", str(args.save_every), "--keep-checkpoints", "2"]
     if not args.teacher_per_seed:  # one teacher and one data set for all seeds
         a += ["--teacher-seed", str(args.teacher_seed), "--data-seed", str(args.teacher_seed)]
     if sources:
@@ -84,13 +88,19 @@ def finished(d: Path) -> bool:
     return (d / "summary.json").is_file() and (d / "final" / "prada_config.json").is_file()
 
 
+# flags that change where a run writes or how often it saves, never what it computes
+NOT_COMPARED = ("--output-dir", "--teacher-fit-cache", "--teacher-cache", "--save-every",
+                "--keep-checkpoints")
+
+
 def _comparable(argv: list[str]) -> list[str]:
-    """Trainer flags without the paths (so that a moved experiment directory still matches)."""
+    """Trainer flags without the paths and the checkpoint cadence (so that a moved experiment
+    directory, or one made with another --save-every, still matches)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a in ("--output-dir", "--teacher-fit-cache", "--teacher-cache"):
+        elif a in NOT_COMPARED:
             skip = True
         else:
             out.append(a)
@@ -108,15 +118,35 @@ def check_reusable(d: Path, argv: list[str]) -> None:
                 "use another --output-dir, or delete that run directory to redo it")
 
 
+def started_file(d: Path) -> Path:
+    """Beside the run directory (the trainer empties it when it starts afresh): the flags of
+    a run that has started and not finished, so that only the same experiment resumes it."""
+    return d.with_name(d.name + ".started.json")
+
+
+def resumable(d: Path, argv: list[str]) -> str | None:
+    """The checkpoint an unfinished run of these same flags left in d, to resume from; None
+    when there is none (then the run starts afresh)."""
+    started = started_file(d)
+    if finished(d) or not started.is_file():
+        return None
+    old = json.loads(started.read_text()).get("trainer_args")
+    if old is None or _comparable(old) != _comparable(argv):
+        return None
+    return checkpoint.latest_tag(d / "checkpoints")
+
+
 def log(msg: str) -> None:
     print(f"[compare] {msg}", flush=True)
 
 
-def train_one(args, argv: list[str], log_path: Path) -> float:
-    cmd = launcher(args) + argv + ["--overwrite"]
+def train_one(args, argv: list[str], log_path: Path, resume: bool = False) -> float:
+    """Train one run in a subprocess, its output into log_path; resume: continue the unfinished
+    run in its directory (its log is appended to), else start afresh. Returns wall seconds."""
+    cmd = launcher(args) + argv + ["--resume" if resume else "--overwrite"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(log_path, "w") as fh:
+    with open(log_path, "a" if resume else "w") as fh:
         fh.write("$ " + shlex.join(cmd) + "\n")
         fh.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -164,11 +194,20 @@ def ensure_run(args, argv: list[str], d: Path, tag: str, walls: list[float]) -> 
         log(f"{tag}: missing, skipped (--report-only)")
         return "missing", None
     eta = f" (recent runs took {_mean(walls[-5:]):.0f} s)" if walls else ""
-    log(f"{tag}: training{eta}; log: {d.relative_to(args.output_dir)}.log")
-    wall = train_one(args, argv, d.with_name(d.name + ".log"))
+    where = f"log: {d.relative_to(args.output_dir)}.log"
+    ckpt = resumable(d, argv)
+    if ckpt:
+        log(f"{tag}: resuming the unfinished run from its checkpoint {ckpt}{eta}; {where}")
+    else:
+        log(f"{tag}: training{eta}; {where}")
+        d.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(started_file(d), json.dumps({"trainer_args": argv}, indent=2) + "\n")
+    wall = train_one(args, argv, d.with_name(d.name + ".log"), resume=bool(ckpt))
     walls.append(wall)
-    (d / SIDECAR).write_text(json.dumps({"trainer_args": argv, "wall_seconds": round(wall, 1)},
-                                        indent=2) + "\n")
+    checkpoint.prune(d / "checkpoints", 1)  # the last one: what --save-every 0 leaves
+    write_text_atomic(d / SIDECAR, json.dumps(
+        {"trainer_args": argv, "wall_seconds": round(wall, 1), "resumed_from": ckpt}, indent=2) + "\n")
+    started_file(d).unlink(missing_ok=True)
     return "trained", wall
 
 
