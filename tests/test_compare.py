@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from prada_fast.experiments.analysis import aggregate, mean_curves, pca_2d, probe_accuracy
+from prada_fast.experiments.analysis import (
+    aggregate,
+    domain_variance_share,
+    mean_curves,
+    pca_2d,
+    probe_accuracy,
+)
 from prada_fast.experiments.compare import parse_args, trainer_args, variants
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +84,29 @@ def test_pca_matches_numpy_svd_and_finds_the_dominant_direction():
     for k in range(2):
         assert comps[k][comps[k].abs().argmax()] > 0
     np.testing.assert_allclose(np.linalg.norm(comps.numpy(), axis=1), 1.0, rtol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_domain_variance_share_is_the_r2_of_a_least_squares_fit_on_the_domain(seed):
+    """Reference: regress the features on one-hot domain indicators (numpy lstsq, float64);
+    the fitted rows are the domain means and the share is the explained sum of squares."""
+    rng = np.random.default_rng(seed)
+    n, h, d = int(rng.integers(9, 40)), int(rng.integers(3, 17)), int(rng.integers(2, 5))
+    labels = np.concatenate([np.arange(d), rng.integers(0, d, n - d)])
+    x = rng.normal(size=(n, h)) + rng.normal(scale=rng.uniform(0.1, 3), size=(d, h))[labels]
+    onehot = np.eye(d)[labels]
+    coef, *_ = np.linalg.lstsq(onehot, x, rcond=None)
+    fitted = onehot @ coef
+    ref = ((fitted - x.mean(0)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    got = domain_variance_share(torch.from_numpy(x).float(), torch.from_numpy(labels))
+    assert got == pytest.approx(ref, rel=1e-5)
+    means = torch.from_numpy(rng.normal(size=(d, h)))[labels]  # every row at its domain's mean
+    assert domain_variance_share(means, torch.from_numpy(labels)) == pytest.approx(1.0)
+    centred = x - fitted  # the domain means coincide
+    assert domain_variance_share(torch.from_numpy(centred), torch.from_numpy(labels)) == \
+        pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError):
+        domain_variance_share(torch.from_numpy(x), torch.from_numpy(labels[:-1]))
 
 
 def test_pca_rejects_too_few_rows():

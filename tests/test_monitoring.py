@@ -115,7 +115,7 @@ def test_summary_alignment_tensorboard_and_layer_probes(in_process, tmp_path):
     assert events.Scalars("eval/domain_probe_accuracy")[0].value == pytest.approx(a["probe_accuracy"])
 
     # where the domain lives: a probe per layer of the same run (layers.py)
-    from prada_fast.experiments.analysis import pooled_features
+    from prada_fast.experiments.analysis import domain_variance_share, pooled_features
     from prada_fast.experiments.layers import layer_probes, table
     from prada_fast.models import PradaModel
     per_layer, y, domains, _ = pooled_features(out, all_layers=True)
@@ -126,6 +126,8 @@ def test_summary_alignment_tensorboard_and_layer_probes(in_process, tmp_path):
     res = layer_probes(out)
     assert [r["layer"] for r in res["layers"]] == list(range(len(per_layer)))
     assert all(0 <= r["logistic"] <= 1 and 0 <= r["ncm"] <= 1 for r in res["layers"])
+    assert [r["domain_share"] for r in res["layers"]] == \
+        [pytest.approx(domain_variance_share(f, y)) for f in per_layer]
     assert res["chance"] == pytest.approx(1 / len(domains)) and res["n"] == len(y)
     sub = res["head_subspace"]  # a linear head of rank D - 1 or D
     assert sub["rank"] in (len(domains) - 1, len(domains)) and 0 <= sub["outside"] <= 1

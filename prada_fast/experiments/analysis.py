@@ -56,6 +56,26 @@ def pca_2d(x: torch.Tensor, k: int = 2):
     return xc @ comps.T, comps, ratio
 
 
+# ----------------------------------------------------------------------------- domain share
+
+
+def domain_variance_share(x: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of the rows' total variance that lies between the domain means (the
+    multivariate R^2 of the domain, in float64): sum_d n_d |mu_d - mu|^2 / sum_i |x_i - mu|^2.
+    0: the domain means coincide; 1: every row sits at its domain's mean. Where a probe is at
+    1.0 for every model (separable domains), this still says how much of the features is domain."""
+    x = torch.as_tensor(x).to(torch.float64)
+    labels = torch.as_tensor(labels)
+    if x.ndim != 2 or x.shape[0] != labels.shape[0] or x.shape[0] < 2:
+        raise ValueError(f"domain_variance_share needs an (n >= 2) x H matrix and n labels, got "
+                         f"{tuple(x.shape)} and {tuple(labels.shape)}")
+    mu = x.mean(0)
+    total = (x - mu).pow(2).sum()
+    between = sum((labels == d).sum() * (x[labels == d].mean(0) - mu).pow(2).sum()
+                  for d in labels.unique())
+    return float(between / total) if total > 0 else 0.0
+
+
 # ----------------------------------------------------------------------------- run outputs
 
 

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from prada_fast.experiments.analysis import pooled_features
+from prada_fast.experiments.analysis import domain_variance_share, pooled_features
 from prada_fast.trainer.probes import one_thread, probe_accuracy
 
 
 @one_thread
 def layer_probes(run_dir, *, folds: int = 5) -> dict:
-    """{"layers": [{"layer": i, "logistic": acc, "ncm": acc}, ...], "head_subspace": {...},
+    """{"layers": [{"layer": i, "logistic": acc, "ncm": acc, "domain_share": share}, ...],
+    "head_subspace": {...},
     "chance": 1/D, "n": rows} for one finished run (layer 0: the input embeddings; the last:
     the final hidden states, the head's input). head_subspace (a linear head only): the
     logistic probe on the final features projected onto the span of the head's D weight rows
@@ -33,7 +34,8 @@ def layer_probes(run_dir, *, folds: int = 5) -> dict:
 
     feats, labels, domains, _ = pooled_features(run_dir, all_layers=True)
     rows = [{"layer": i, "logistic": probe_accuracy(f, labels, folds=folds),
-             "ncm": probe_accuracy(f, labels, kind="ncm", folds=folds)} for i, f in enumerate(feats)]
+             "ncm": probe_accuracy(f, labels, kind="ncm", folds=folds),
+             "domain_share": domain_variance_share(f, labels)} for i, f in enumerate(feats)]
     head = PradaModel.load_heads(Path(run_dir) / "final")["domain_head"]
     sub = None
     if "inner.weight" not in head:  # a linear head: its D weight rows are all it reads
@@ -59,7 +61,7 @@ def split_by_rows(features: torch.Tensor, weight: torch.Tensor):
 
 
 def table(results: list[dict]) -> str:
-    """A markdown table: one row per layer, logistic / nearest-mean accuracy per run."""
+    """A markdown table: one row per layer, logistic / nearest-mean accuracy / domain share per run."""
     def f(x):
         return "–" if x is None else f"{x:.3f}"
     n_layers = max(len(r["layers"]) for r in results)
@@ -67,7 +69,8 @@ def table(results: list[dict]) -> str:
     lines = [head, "| --- |" + " --- |" * len(results)]
     for i in range(n_layers):
         name = "0 (embeddings)" if i == 0 else (f"{i} (final)" if i == n_layers - 1 else str(i))
-        cells = [f"{f(r['layers'][i]['logistic'])} / {f(r['layers'][i]['ncm'])}"
+        cells = [f"{f(r['layers'][i]['logistic'])} / {f(r['layers'][i]['ncm'])} / "
+                 f"{f(r['layers'][i]['domain_share'])}"
                  if i < len(r["layers"]) else "" for r in results]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     subs = [r.get("head_subspace") for r in results]
@@ -77,7 +80,9 @@ def table(results: list[dict]) -> str:
         lines.append("| final, outside them | " + " | ".join(
             f(s["outside"]) if s else "–" for s in subs) + " |")
     lines.append(f"\nlogistic / nearest-mean probe accuracy ({results[0]['n']} held-out questions, "
-                 f"chance {results[0]['chance']:.3f}); the last two rows: the logistic probe on the "
+                 f"chance {results[0]['chance']:.3f}) / the share of the features' variance between "
+                 "the domain means (0: none, 1: all; it still moves when both probes are at 1.0); "
+                 "the last two rows: the logistic probe on the "
                  "final features split into the span of the domain head's weight rows and the rest")
     return "\n".join(lines)
 
