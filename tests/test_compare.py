@@ -371,7 +371,7 @@ def test_bad_flags_are_refused(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- end to end
 
-TINY = ["--seeds", "0,1", "--variants", "cot,cot-lm,prada-confusion-lm", "--prompt-encoder", "mlp",
+TINY = ["--seeds", "0,1", "--variants", "cot,cot-lm,prada-confusion-lm", "--prompt-encoder", "mlp", "--jobs", "2",
         "--max-steps", "3", "--teacher-steps", "3", "--data", "synthetic:24",
         "--eval-per-domain", "2", "--log-every", "1", "--extra", "--max-new-tokens 8 --max-len 96"]
 
@@ -416,8 +416,17 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
     ci = res["paired_vs_cot_lm"]["prada-confusion-lm"]["target_accuracy_after"]["ci95"]
     assert ci is not None and ci[0] <= ci[1]
     assert res["verdict"]["arms"]["prada-confusion-lm"]["target_ci95"] == ci
-    # one teacher for both seeds: one fit in the shared cache
+    # one teacher for both seeds: one fit in the shared cache, by the first run, which ends
+    # before the others start; then two runs at a time (--jobs 2)
     assert len([p for p in (out / "teachers").iterdir() if p.is_dir()]) == 1
+    spans = {(r["variant"], r["seed"]): json.loads((out / r["dir"] / "compare_run.json").read_text())
+             for r in report["runs"]}
+    first = spans.pop(("cot", 0))
+    assert all(x["started_at"] >= first["ended_at"] for x in spans.values())
+    ordered = sorted(spans.values(), key=lambda x: x["started_at"])
+    assert any(b["started_at"] < a["ended_at"] for a, b in zip(ordered, ordered[1:]))  # overlapping
+    assert max(sum(x["started_at"] <= y["started_at"] < x["ended_at"] for x in ordered)
+               for y in ordered) == 2  # never three at once
     for k, v in res["variants"].items():  # the tiny student: the embeddings and 3 layers
         rows = v["layer_probes"]
         assert [r["layer"] for r in rows] == [0, 1, 2, 3], k
@@ -486,6 +495,21 @@ def _losses(path: Path) -> list[dict]:
     """metrics.jsonl without its timings."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+def test_two_runs_at_once_on_a_cpu_machine_one_thread_each(monkeypatch, tmp_path):
+    import prada_fast.experiments.compare.flags as flags
+    out = ["--output-dir", str(tmp_path / "cmp")]
+    for cores, cuda, extra, jobs, threads in (
+            (2, False, [], 2, 1), (16, False, [], 2, 8), (1, False, [], 1, None),
+            (8, True, [], 1, None), (2, False, ["--nproc", "2"], 1, None),
+            (2, False, ["--jobs", "1"], 1, None), (4, False, ["--jobs", "3", "--threads", "2"], 3, 2)):
+        monkeypatch.setattr(flags, "usable_cores", lambda cores=cores: cores)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        args = parse_args(out + extra)
+        assert (args.jobs, args.threads) == (jobs, threads), (cores, cuda, extra)
+    with pytest.raises(SystemExit):
+        parse_args(out + ["--jobs", "0"])
 
 
 def test_each_training_run_is_a_job_of_its_own(monkeypatch, tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from prada_fast.common.exits import ExitCode
 
@@ -46,23 +48,10 @@ def main(argv=None) -> int:
     try:
         chosen = {t: tune(args, t, trained_walls) if args.tune else
                   {k: default_knobs(args) for k in args.variants} for t in args.targets}
-        for i, (t, s, v) in enumerate(plan, 1):
-            d = run_dir(args, t, v.key, s)
-            targs = trainer_args(args, t, v, s, chosen[t].get(v.key))
-            tag = f"[{i}/{len(plan)}] target={t} {v.key} seed={s}"
-            status, wall = ensure_run(args, targs, d, tag, trained_walls)
-            if status == "missing":
-                continue
-            r = collect_run(args, t, v, s, status, wall)
-            r["knobs"] = chosen[t].get(v.key) if v.trains_domain_head or v.lm else None
-            src = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "source"])
-            tgt = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "target"])
-            head = _f(r["domain_classifier_accuracy"]) if v.trains_domain_head else "untrained"
-            log(f"{tag}: {'done in %.0f s; ' % wall if wall else ''}acc source "
-                f"{_f(src)} target {_f(tgt)}, domain head {head}, probe {_f(r['probe_accuracy'])}")
-            runs.append(r)
+        runs = train_plan(args, plan, chosen, trained_walls)
     except KeyboardInterrupt:
-        log("interrupted: rerun the same command to continue (finished runs are kept)")
+        log("interrupted: rerun the same command to continue (finished runs are kept, an "
+            "unfinished one resumes from its latest checkpoint)")
         return ExitCode.INTERRUPTED
     if not runs:
         log("no finished runs: nothing to report")
@@ -75,6 +64,48 @@ def main(argv=None) -> int:
     log(f"report: {args.output_dir / 'report.md'} (and report.json, {', '.join(pngs)}); "
         f"wall {report['wall_seconds'] / 60:.1f} min")
     return ExitCode.OK
+
+
+def train_plan(args, plan, chosen: dict, walls: list[float]) -> list[dict]:
+    """Train (or reuse) every run of the plan, --jobs of them at once, and collect what each
+    measured, in plan order. With the auto teacher, the first run of a teacher's runs (a
+    target's, or a seed's with --teacher-per-seed) trains before the others start: it fits
+    the teacher they share."""
+    collecting = threading.Lock()  # the pooled features are computed in this process, one run at a time
+    done: dict[int, dict] = {}
+
+    def one(i: int, t: str, s: int, v) -> None:
+        d = run_dir(args, t, v.key, s)
+        tag = f"[{i}/{len(plan)}] target={t} {v.key} seed={s}"
+        status, wall = ensure_run(args, trainer_args(args, t, v, s, chosen[t].get(v.key)), d, tag, walls)
+        if status == "missing":
+            return
+        with collecting:
+            r = collect_run(args, t, v, s, status, wall)
+            r["knobs"] = chosen[t].get(v.key) if v.trains_domain_head or v.lm else None
+            src = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "source"])
+            tgt = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "target"])
+            head = _f(r["domain_classifier_accuracy"]) if v.trains_domain_head else "untrained"
+            log(f"{tag}: {'done in %.0f s; ' % wall if wall else ''}acc source "
+                f"{_f(src)} target {_f(tgt)}, domain head {head}, probe {_f(r['probe_accuracy'])}")
+            done[i] = r
+
+    teachers = set()
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    try:
+        futures = []
+        for i, (t, s, v) in enumerate(plan, 1):
+            f = pool.submit(one, i, t, s, v)
+            key = (t, s if args.teacher_per_seed else None)
+            if args.teacher == "auto" and key not in teachers:
+                teachers.add(key)
+                f.result()  # this teacher is fitted (or found) before its other runs start
+            futures.append(f)
+        for f in futures:
+            f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return [done[i] for i in sorted(done)]
 
 
 if __name__ == "__main__":

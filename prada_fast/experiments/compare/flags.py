@@ -3,6 +3,7 @@ prada_fast/common/flags.py, as the trainer's) and the target domains they name."
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from pathlib import Path
 
@@ -40,13 +41,12 @@ layout of --output-dir:
                                      for all seeds and variants (--teacher-per-seed: per seed)
   report.md, report.json, pca_<target>.png, loss_curves_<target>.png
 
-cost (tiny student, batch 16, 2 CPU cores): idle cores ~6.5 optimizer steps/s, teacher fit
-~3.5 steps/s, ~25 s per run for start-up, evaluation before/after, export and features, ~5 s
-more for the per-layer probes; the LM term's second op call was within the noise of a step
-(measured on 2026-12-03 on a busy machine, interleaved: ratio 0.91, i.e. < ~10 %):
-default (1 target x 4 seeds x 4 arms, 400 steps; 1 teacher fit of 200 steps, shared)
-16 x (62 + 25 + 5 (+ up to 6 for the LM term)) s + 57 s = ~26 min (an estimate from the rates
-measured on 2026-11-25 and these increments, not a timed run on idle cores).
+cost (tiny student, 2 CPU cores; timed on 2026-12-03 with /usr/bin/time, hypervisor steal
+from vmstat): the default command (1 target x 4 seeds x 4 arms of 400 steps, one teacher fit of
+200 steps) took 21.1 min with the default --jobs 2 (steal 0.8 %); one run at a time
+(--jobs 1) it took 41.0 min (steal 6.6 % on average, 25-30 % at times). The first run fits the
+teacher alone (~230 s); then two runs at once take ~120-145 s, i.e. ~65 s a run. One run alone
+on quiet cores: 103 s (2 threads); two at once, one thread each: 121 s for both.
 On cores shared with other jobs it is several times that: on 2026-12-01, with tests running
 beside it, one 400-step run took ~20 min. --tune adds its tuning runs (with the default arms and
 grids: 1 (A) + 2 LM weights (B) + 6 confusion settings + 3 prompt encoders = 12 per tuning seed,
@@ -69,7 +69,8 @@ examples:
 
 
 # the comparison's own numeric flags (the shared ones bring theirs)
-RANGES = {"nproc": at_least(1), "probe_folds": at_least(1), "save_every": at_least(0)}
+RANGES = {"nproc": at_least(1), "probe_folds": at_least(1), "save_every": at_least(0), "jobs": at_least(1),
+          "threads": at_least(1)}
 
 
 def build_parser() -> FlagParser:
@@ -82,7 +83,7 @@ def build_parser() -> FlagParser:
                     "--output-dir: per arm the mean over seeds and the paired 95 % intervals "
                     "against (A) and (B); PRADA helps only where (C) or (D) beats (B). Default: the "
                     f"story benchmark ({STORY_BENCHMARK}, target '{STORY_TARGET}') on the CPU, 4 arms "
-                    "x 4 seeds: about 26 minutes on 2 idle CPU cores (estimated, see below).",
+                    "x 4 seeds: 21 minutes on 2 CPU cores (measured, see below).",
         epilog=EPILOG, formatter_class=_Help, ranges=RANGES)
     e = p.add_argument_group("experiment")
     e.add_argument("--output-dir", default="runs/compare", metavar="DIR",
@@ -168,7 +169,7 @@ def build_parser() -> FlagParser:
     t = p.add_argument_group("training budget and data (passed to prada_fast/train.py)")
     add_run_flags(p, t, ("max_steps",), max_steps=dict(
         default=400, help="optimizer steps of every run (400, not the trainer's 1200: the default "
-                          "comparison trains 16 runs, about 26 minutes on 2 idle CPU cores)"))
+                          "comparison trains 16 runs, 21 minutes on 2 CPU cores)"))
     add_model_flags(p, t, ("teacher_steps",), teacher_steps=dict(
         default=200, help="steps of the auto teacher fit, once per seed and target (200, not the "
                           "trainer's 300: the fit is repeated per seed and target; cost below)"))
@@ -197,10 +198,17 @@ def build_parser() -> FlagParser:
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="processes per run: 1 runs `python prada_fast/train.py`; N > 1 the "
                         "deepspeed launcher with --num_gpus N (GPUs, or CPU ranks)")
+    t.add_argument("--jobs", type=int, metavar="N",
+                   help="runs trained at once, each its own process (the main runs; the tuning "
+                        "runs go one at a time). Default: 2 on a machine without CUDA with 2 "
+                        "cores or more and --nproc 1 (one tiny run keeps ~1.2 of 2 cores busy: "
+                        "two at once, one thread each, finished both in 1.2x the time of one "
+                        "alone), else 1: on GPUs every run uses all of them")
     t.add_argument("--threads", type=int, metavar="N",
-                   help="OMP_NUM_THREADS for the trainer (default: unset, so one process "
-                        "uses every core). The trainer also gets OMP_WAIT_POLICY=PASSIVE unless "
-                        "it is set in the environment")
+                   help="OMP_NUM_THREADS for each trainer process (default: the cores over "
+                        "--jobs when --jobs > 1, else unset, so one process uses every core). "
+                        "The trainer also gets OMP_WAIT_POLICY=PASSIVE unless it is set in the "
+                        "environment")
     t.add_argument("--extra", default="", metavar="'FLAGS'",
                    help="more trainer flags, one quoted string, e.g. \"--max-len 512 --lr 1e-3\"")
     return p
@@ -253,11 +261,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     clash = sorted({f.split("=")[0] for f in args.extra} & owned)
     if clash:
         p.error(f"--extra must not set {', '.join(clash)}: the comparison sets them")
+    if args.jobs is None:
+        args.jobs = default_jobs(args.nproc)
+    if args.threads is None and args.jobs > 1:
+        args.threads = max(1, usable_cores() // args.jobs)
     args.targets = resolve_targets(args, p)
     args.output_dir = Path(args.output_dir).resolve()
     args.teacher_fit_cache = Path(args.teacher_fit_cache).resolve() if args.teacher_fit_cache else \
         args.output_dir / "teachers"
     return args
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_jobs(nproc: int) -> int:
+    """2 runs at once on a CPU-only machine with 2 cores or more (one run of one process
+    leaves cores idle), else 1 (on GPUs each run uses them all)."""
+    import torch
+    return 2 if nproc == 1 and not torch.cuda.is_available() and usable_cores() >= 2 else 1
 
 
 def default_data(args) -> None:

@@ -282,7 +282,7 @@ def build_report(args, argv: list[str], runs: list[dict], n_trained: int, t0: fl
                    "max_steps": args.max_steps, "teacher_steps": args.teacher_steps,
                    "eval_per_domain": args.eval_per_domain, "log_every": args.log_every,
                    "data": args.data, "student": args.student, "teacher": args.teacher,
-                   "ds": args.ds, "nproc": args.nproc, "threads": args.threads,
+                   "ds": args.ds, "nproc": args.nproc, "jobs": args.jobs, "threads": args.threads,
                    "extra": args.extra, "prompt_len": args.prompt_len,
                    "trainer_env": {k: trainer_env(args).get(k) for k in
                                    ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},

@@ -202,11 +202,13 @@ def ensure_run(args, argv: list[str], d: Path, tag: str, walls: list[float]) -> 
         log(f"{tag}: training{eta}; {where}")
         d.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(started_file(d), json.dumps({"trainer_args": argv}, indent=2) + "\n")
+    started = time.time()
     wall = train_one(args, argv, d.with_name(d.name + ".log"), resume=bool(ckpt))
     walls.append(wall)
     checkpoint.prune(d / "checkpoints", 1)  # the last one: what --save-every 0 leaves
     write_text_atomic(d / SIDECAR, json.dumps(
-        {"trainer_args": argv, "wall_seconds": round(wall, 1), "resumed_from": ckpt}, indent=2) + "\n")
+        {"trainer_args": argv, "wall_seconds": round(wall, 1), "resumed_from": ckpt,
+         "started_at": round(started, 2), "ended_at": round(time.time(), 2)}, indent=2) + "\n")
     started_file(d).unlink(missing_ok=True)
     return "trained", wall
 
