@@ -371,8 +371,8 @@ def test_bad_flags_are_refused(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- end to end
 
-TINY = ["--seeds", "0,1", "--variants", "cot,cot-lm,prada-confusion-lm", "--prompt-encoder", "mlp", "--jobs", "2",
-        "--max-steps", "3", "--teacher-steps", "3", "--data", "synthetic:24",
+TINY = ["--seeds", "0,1", "--variants", "cot,cot-lm,prada-confusion-lm", "--prompt-encoder", "mlp",
+        "--jobs", "2", "--max-steps", "3", "--teacher-steps", "3", "--data", "synthetic:24",
         "--eval-per-domain", "2", "--log-every", "1", "--extra", "--max-new-tokens 8 --max-len 96"]
 
 
