@@ -230,7 +230,8 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
     lm_score = {"0.3": 0.5, "3.0": 0.45}
     seen = []
 
-    def fake_run(args_, argv, d, tag, walls):
+    def fake_run(args_, argv, d, tag, walls, alone=False):
+        assert alone  # a tuning run trains alone: every core, whatever --jobs says
         seen.append(argv)
         get = lambda f, default=None: argv[argv.index(f) + 1] if f in argv else default  # noqa: E731
         adv = get("--adversary")
@@ -498,16 +499,24 @@ def _losses(path: Path) -> list[dict]:
 
 
 def test_two_runs_at_once_on_a_cpu_machine_one_thread_each(monkeypatch, tmp_path):
+    """--jobs defaults to 2 without CUDA on 2+ cores; while runs share the machine each gets
+    cores / jobs threads, a run that trains alone (tuning, the teacher's fit) every core."""
     import prada_fast.experiments.compare.flags as flags
+    import prada_fast.experiments.compare.runs as runs
     out = ["--output-dir", str(tmp_path / "cmp")]
-    for cores, cuda, extra, jobs, threads in (
-            (2, False, [], 2, 1), (16, False, [], 2, 8), (1, False, [], 1, None),
-            (8, True, [], 1, None), (2, False, ["--nproc", "2"], 1, None),
-            (2, False, ["--jobs", "1"], 1, None), (4, False, ["--jobs", "3", "--threads", "2"], 3, 2)):
+    for cores, cuda, extra, jobs, threads, alone in (
+            (2, False, [], 2, 1, None), (16, False, [], 2, 8, None), (1, False, [], 1, None, None),
+            (8, True, [], 1, None, None), (2, False, ["--nproc", "2"], 1, None, None),
+            (2, False, ["--jobs", "1"], 1, None, None), (4, False, ["--jobs", "3"], 3, 1, None),
+            (4, False, ["--jobs", "3", "--threads", "2"], 3, 2, 2)):
         monkeypatch.setattr(flags, "usable_cores", lambda cores=cores: cores)
+        monkeypatch.setattr(runs, "usable_cores", lambda cores=cores: cores)
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         args = parse_args(out + extra)
-        assert (args.jobs, args.threads) == (jobs, threads), (cores, cuda, extra)
+        got = (args.jobs, runs.run_threads(args), runs.run_threads(args, alone=True))
+        assert got == (jobs, threads, alone), (cores, cuda, extra)
+        env = runs.trainer_env(args)
+        assert env.get("OMP_NUM_THREADS") == (str(threads) if threads else None)
     with pytest.raises(SystemExit):
         parse_args(out + ["--jobs", "0"])
 

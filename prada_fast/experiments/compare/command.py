@@ -74,10 +74,11 @@ def train_plan(args, plan, chosen: dict, walls: list[float]) -> list[dict]:
     collecting = threading.Lock()  # the pooled features are computed in this process, one run at a time
     done: dict[int, dict] = {}
 
-    def one(i: int, t: str, s: int, v) -> None:
+    def one(i: int, t: str, s: int, v, alone: bool = False) -> None:
         d = run_dir(args, t, v.key, s)
         tag = f"[{i}/{len(plan)}] target={t} {v.key} seed={s}"
-        status, wall = ensure_run(args, trainer_args(args, t, v, s, chosen[t].get(v.key)), d, tag, walls)
+        status, wall = ensure_run(args, trainer_args(args, t, v, s, chosen[t].get(v.key)), d, tag, walls,
+                                  alone=alone)
         if status == "missing":
             return
         with collecting:
@@ -95,12 +96,14 @@ def train_plan(args, plan, chosen: dict, walls: list[float]) -> list[dict]:
     try:
         futures = []
         for i, (t, s, v) in enumerate(plan, 1):
-            f = pool.submit(one, i, t, s, v)
             key = (t, s if args.teacher_per_seed else None)
             if args.teacher == "auto" and key not in teachers:
                 teachers.add(key)
-                f.result()  # this teacher is fitted (or found) before its other runs start
-            futures.append(f)
+                for f in futures:  # the runs before it end first: it trains alone
+                    f.result()
+                one(i, t, s, v, alone=True)  # it fits (or finds) the teacher its other runs share
+            else:
+                futures.append(pool.submit(one, i, t, s, v))
         for f in futures:
             f.result()
     finally:

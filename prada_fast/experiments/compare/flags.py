@@ -45,7 +45,7 @@ cost (tiny student, 2 CPU cores; timed on 2026-12-03 with /usr/bin/time, hypervi
 from vmstat): the default command (1 target x 4 seeds x 4 arms of 400 steps, one teacher fit of
 200 steps) took 21.1 min with the default --jobs 2 (steal 0.8 %); one run at a time
 (--jobs 1) it took 41.0 min (steal 6.6 % on average, 25-30 % at times). The first run fits the
-teacher alone (~230 s); then two runs at once take ~120-145 s, i.e. ~65 s a run. One run alone
+teacher alone (~230 s, with one thread then; it now gets every core); then two runs at once take ~120-145 s, i.e. ~65 s a run. One run alone
 on quiet cores: 103 s (2 threads); two at once, one thread each: 121 s for both.
 On cores shared with other jobs it is several times that: on 2026-12-01, with tests running
 beside it, one 400-step run took ~20 min. --tune adds its tuning runs (with the default arms and
@@ -206,7 +206,9 @@ def build_parser() -> FlagParser:
                         "alone), else 1: on GPUs every run uses all of them")
     t.add_argument("--threads", type=int, metavar="N",
                    help="OMP_NUM_THREADS for each trainer process (default: the cores over "
-                        "--jobs when --jobs > 1, else unset, so one process uses every core). "
+                        "--jobs while runs train at once; unset, so that it uses every core, "
+                        "for a run that trains alone: a tuning run, the run that fits the "
+                        "teacher, or any with --jobs 1). "
                         "The trainer also gets OMP_WAIT_POLICY=PASSIVE unless it is set in the "
                         "environment")
     t.add_argument("--extra", default="", metavar="'FLAGS'",
@@ -263,8 +265,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--extra must not set {', '.join(clash)}: the comparison sets them")
     if args.jobs is None:
         args.jobs = default_jobs(args.nproc)
-    if args.threads is None and args.jobs > 1:
-        args.threads = max(1, usable_cores() // args.jobs)
     args.targets = resolve_targets(args, p)
     args.output_dir = Path(args.output_dir).resolve()
     args.teacher_fit_cache = Path(args.teacher_fit_cache).resolve() if args.teacher_fit_cache else \

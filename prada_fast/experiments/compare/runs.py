@@ -16,6 +16,7 @@ from prada_fast.common.distributed import launch_cmd
 from prada_fast.common.files import write_text_atomic
 from prada_fast.trainer import checkpoint
 
+from .flags import usable_cores
 from ..analysis import load_metrics, pooled_features, probe_accuracy
 from .statistics import _mean
 from .variants import Variant, knob_flags
@@ -66,11 +67,20 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_
                  "MASTER_PORT")
 
 
-def trainer_env(args) -> dict:
+def run_threads(args, alone: bool = False) -> int | None:
+    """OMP_NUM_THREADS of a trainer process: --threads, else the cores over --jobs when runs
+    share the machine; None (every core) for a run that trains alone."""
+    if args.threads:
+        return args.threads
+    return max(1, usable_cores() // args.jobs) if args.jobs > 1 and not alone else None
+
+
+def trainer_env(args, alone: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.pop("OMP_NUM_THREADS", None)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    threads = run_threads(args, alone)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     # Idle OpenMP threads sleep instead of spinning: on cores shared with other jobs, spinning
     # made the tiny models' steps ~10x slower (measured: 5.5 s vs 0.49 s per teacher step).
     # Export OMP_WAIT_POLICY yourself to override.
@@ -140,9 +150,10 @@ def log(msg: str) -> None:
     print(f"[compare] {msg}", flush=True)
 
 
-def train_one(args, argv: list[str], log_path: Path, resume: bool = False) -> float:
+def train_one(args, argv: list[str], log_path: Path, resume: bool = False, alone: bool = False) -> float:
     """Train one run in a subprocess, its output into log_path; resume: continue the unfinished
-    run in its directory (its log is appended to), else start afresh. Returns wall seconds."""
+    run in its directory (its log is appended to), else start afresh; alone: no other run
+    trains meanwhile (it gets every core). Returns wall seconds."""
     cmd = launcher(args) + argv + ["--resume" if resume else "--overwrite"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -150,7 +161,7 @@ def train_one(args, argv: list[str], log_path: Path, resume: bool = False) -> fl
         fh.write("$ " + shlex.join(cmd) + "\n")
         fh.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=trainer_env(args), text=True, bufsize=1)
+                                env=trainer_env(args, alone), text=True, bufsize=1)
         try:
             for line in proc.stdout:
                 fh.write(line)
@@ -183,9 +194,11 @@ def features_of(d: Path) -> dict:
     return out
 
 
-def ensure_run(args, argv: list[str], d: Path, tag: str, walls: list[float]) -> tuple[str, float | None]:
-    """Train the run of `argv` into d, or reuse it when finished with the same flags.
-    Returns (status "trained" | "reused" | "missing", wall seconds of this training)."""
+def ensure_run(args, argv: list[str], d: Path, tag: str, walls: list[float],
+               alone: bool = False) -> tuple[str, float | None]:
+    """Train the run of `argv` into d (alone: no other run trains meanwhile), or reuse it when
+    finished with the same flags. Returns (status "trained" | "reused" | "missing", wall
+    seconds of this training)."""
     if finished(d):
         check_reusable(d, argv)
         log(f"{tag}: finished run found, reused")
@@ -203,7 +216,7 @@ def ensure_run(args, argv: list[str], d: Path, tag: str, walls: list[float]) -> 
         d.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(started_file(d), json.dumps({"trainer_args": argv}, indent=2) + "\n")
     started = time.time()
-    wall = train_one(args, argv, d.with_name(d.name + ".log"), resume=bool(ckpt))
+    wall = train_one(args, argv, d.with_name(d.name + ".log"), resume=bool(ckpt), alone=alone)
     walls.append(wall)
     checkpoint.prune(d / "checkpoints", 1)  # the last one: what --save-every 0 leaves
     write_text_atomic(d / SIDECAR, json.dumps(

@@ -56,7 +56,7 @@ def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
             d = args.output_dir / "tune" / target / v.key / _tag(knobs, v) / f"seed{seed}"
             argv = trainer_args(args, pseudo, v, seed, knobs, sources=rest, out=d)
             status, _ = ensure_run(args, argv, d, f"tune target={target} (pseudo {pseudo}) {v.key} "
-                                   f"{_tag(knobs, v)} seed={seed}", walls)
+                                   f"{_tag(knobs, v)} seed={seed}", walls, alone=True)
             if status == "missing":
                 continue
             acc = {k: x["accuracy_after"] for k, x in
