@@ -44,9 +44,10 @@ layout of --output-dir:
 cost (tiny student, 2 CPU cores; timed on 2026-12-03 with /usr/bin/time, hypervisor steal
 from vmstat): the default command (1 target x 4 seeds x 4 arms of 400 steps, one teacher fit of
 200 steps) took 21.1 min with the default --jobs 2 (steal 0.8 %); one run at a time
-(--jobs 1) it took 41.0 min (steal 6.6 % on average, 25-30 % at times). The first run fits the
-teacher alone (~230 s, with one thread then; it now gets every core); then two runs at once take ~120-145 s, i.e. ~65 s a run. One run alone
-on quiet cores: 103 s (2 threads); two at once, one thread each: 121 s for both.
+(--jobs 1) it took 41.0 min (steal 6.6 % on average, 25-30 % at times). The first run fits
+the teacher alone (~230 s; one thread then, every core now); then two runs at once take
+~120-145 s, i.e. ~65 s a run. One run alone on quiet cores: 103 s (2 threads); two at once,
+one thread each: 121 s for both.
 On cores shared with other jobs it is several times that: on 2026-12-01, with tests running
 beside it, one 400-step run took ~20 min. --tune adds its tuning runs (with the default arms and
 grids: 1 (A) + 2 LM weights (B) + 6 confusion settings + 3 prompt encoders = 12 per tuning seed,
