@@ -400,7 +400,7 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
         assert set(v["domains"]) == {"arithmetic", "coinflip", "lastletter", "sorting"}
         assert v["domains"]["sorting"]["role"] == "target"
         for key in ("target_accuracy_after", "source_accuracy_after", "probe_accuracy",
-                    "ncm_accuracy", "domain_classifier_accuracy", "final_loss", "final_ce"):
+                    "ncm_accuracy", "domain_share", "domain_classifier_accuracy", "final_loss", "final_ce"):
             a = v[key]
             assert a["n"] == 2 and a["mean"] is not None and a["std"] is not None, (k, key)
             assert a["mean"] == pytest.approx(sum(a["values"]) / 2)
@@ -435,6 +435,13 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
     for r in report["runs"]:  # the last layer's probe is the trainer's probe on the final features
         summary = json.loads((out / r["dir"] / "summary.json").read_text())["domain_alignment"]
         assert summary["layer_probe_accuracy"][-1] == summary["probe_accuracy"]
+        feats = torch.load(out / r["dir"] / "pooled_features.pt")  # the domain share of the same features
+        assert r["domain_share"] == pytest.approx(domain_variance_share(feats["features"], feats["labels"]))
+        assert 0 < r["domain_share"] < 1
+    dd = res["paired_vs_cot"]["prada-confusion-lm"]["domain_share"]
+    runs_of = {(r["variant"], r["seed"]): r for r in report["runs"]}
+    assert dd["values"] == pytest.approx([runs_of[("prada-confusion-lm", s)]["domain_share"]
+                                          - runs_of[("cot", s)]["domain_share"] for s in (0, 1)])
 
     plots = report["plots"]["sorting"]
     for name in (plots["pca"], plots["loss_curves"]):
@@ -442,7 +449,7 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert set(plots["pca_explained_variance"]) == {"cot", "prada-confusion-lm"}
     md = (out / "report.md").read_text()
-    for text in ("(A) plain CoT distillation", "(B) CoT + LM term", "(D) PRADA", " ± ",
+    for text in ("(A) plain CoT distillation", "(B) CoT + LM term", "(D) PRADA", " ± ", "Δ domain share",
                  "PRADA helps only where (C) or (D) beats (B)", "Fresh probe per layer",
                  plots["pca"], plots["loss_curves"], report["command"]):
         assert text in md

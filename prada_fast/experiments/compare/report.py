@@ -96,30 +96,35 @@ def write_markdown(report: dict, path: Path) -> None:
             if res.get(key):
                 L += [f"Paired per-seed differences against {report['variant_info'][base]['label']} "
                       "(same seed: same student init and data order): mean ± std [95 % t-interval]:", "",
-                      "| variant | Δ target acc | Δ source acc | Δ probe acc |", "| --- | --- | --- | --- |"]
+                      "| variant | Δ target acc | Δ source acc | Δ probe acc | Δ domain share |",
+                      "| --- | --- | --- | --- | --- |"]
                 for k, dd in res[key].items():
                     L.append(f"| {vs[k]['label']} | " + " | ".join(
                         fmt(dd[m]) + (f" [{dd[m]['ci95'][0]:+.3f}, {dd[m]['ci95'][1]:+.3f}]"
                                       if dd[m].get("ci95") else "")
-                        for m in ("target_accuracy_after", "source_accuracy_after", "probe_accuracy")) + " |")
+                        for m in ("target_accuracy_after", "source_accuracy_after", "probe_accuracy",
+                                  "domain_share")) + " |")
                 L.append("")
         L += verdict_lines(res.get("verdict"), vs) + [""]
         L += [f"### Domain separability of the pooled student features (D = {D}, chance {1 / D:.3f})", "",
               "| variant | domain head acc | fresh logistic probe acc | nearest-mean probe acc "
-              f"| final L_dom (ln D = {math.log(D):.3f}) | final CE | final KD | final loss "
+              f"| domain share² | final L_dom (ln D = {math.log(D):.3f}) | final CE | final KD | final loss "
               "| run wall (s)¹ |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for k in keys:
             x = vs[k]
             head = fmt(x["domain_classifier_accuracy"]) if x["domain_head_trained"] else \
                 f"({fmt(x['domain_classifier_accuracy'])}, head untrained)"
             dom = fmt(x["final_dom"]) if x["domain_head_trained"] else "– (no domain loss)"
             L.append(f"| {x['label']} | {head} | {fmt(x['probe_accuracy'])} | {fmt(x['ncm_accuracy'])} "
+                     f"| {fmt(x.get('domain_share'))} "
                      f"| {dom} | {fmt(x['final_ce'])} | {fmt(x['final_kd'])} | {fmt(x['final_loss'])} "
                      f"| {fmt(x['wall_seconds'], 0)} |")
         L += ["", "¹ with the auto teacher, the first run to need it also fitted it ("
               + ("one per seed" if cfg.get("teacher_per_seed") else "one for all seeds")
-              + f"; in one invocation that is {vs[keys[0]]['label']}; the fit times are listed above).", ""]
+              + f"; in one invocation that is {vs[keys[0]]['label']}; the fit times are listed above).",
+              "² the share of the pooled final features' variance that lies between the domain means "
+              "(0: none, 1: all): it still moves where every probe reads the domain at 1.0", ""]
         L += layer_probe_lines(vs, keys)
         plots = report["plots"].get(target, {})
         if plots.get("pca"):

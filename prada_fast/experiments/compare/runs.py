@@ -17,7 +17,7 @@ from prada_fast.common.files import write_text_atomic
 from prada_fast.trainer import checkpoint
 
 from .flags import usable_cores
-from ..analysis import load_metrics, pooled_features, probe_accuracy
+from ..analysis import domain_variance_share, load_metrics, pooled_features, probe_accuracy
 from .statistics import _mean
 from .variants import Variant, knob_flags
 
@@ -255,6 +255,9 @@ def collect_run(args, target: str, v: Variant, seed: int, status: str, wall: flo
         "layer_probes_after": align.get("layer_probe_accuracy"),
         "probe_accuracy": probe_accuracy(x, y, kind="logistic", folds=args.probe_folds),
         "ncm_accuracy": probe_accuracy(x, y, kind="ncm", folds=args.probe_folds),
+        # the share of the final features' variance between the domain means: it still moves
+        # where the probes are at 1.0
+        "domain_share": domain_variance_share(x, y),
         "n_probe": int(len(y)),
     }
 

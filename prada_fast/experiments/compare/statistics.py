@@ -33,9 +33,9 @@ def summarise(runs: list[dict], v: Variant) -> dict:
     out["source_accuracy_after"] = aggregate(_mean([r["accuracy_after"][d] for d in src]) for r in runs)
     out["target_accuracy_after"] = aggregate(_mean([r["accuracy_after"][d] for d in tgt]) for r in runs)
     out["all_accuracy_before"] = aggregate(_mean(list(r["accuracy_before"].values())) for r in runs)
-    for key in ("domain_classifier_accuracy", "probe_accuracy", "ncm_accuracy", "final_loss",
-                "wall_seconds", "tokens_per_s"):
-        out[key] = aggregate(r[key] for r in runs)
+    for key in ("domain_classifier_accuracy", "probe_accuracy", "ncm_accuracy", "domain_share",
+                "final_loss", "wall_seconds", "tokens_per_s"):
+        out[key] = aggregate(r.get(key) for r in runs)
     for key in ("ce", "kd", "dom", "dom_acc", "lm"):
         out[f"final_{key}"] = aggregate(r["final"].get(key) for r in runs)
     out["layer_probes"] = layer_probe_summary(runs)
@@ -71,7 +71,8 @@ def paired_differences(by_variant: dict[str, list[dict]], base: str = "cot") -> 
     for key, runs in by_variant.items():
         if key == base:
             continue
-        diffs = {"source_accuracy_after": [], "target_accuracy_after": [], "probe_accuracy": []}
+        diffs = {"source_accuracy_after": [], "target_accuracy_after": [], "probe_accuracy": [],
+                 "domain_share": []}
         for r in runs:
             b = base_runs.get(r["seed"])
             if b is None:
@@ -80,7 +81,8 @@ def paired_differences(by_variant: dict[str, list[dict]], base: str = "cot") -> 
                                  [x["accuracy_after"][d] for d, ro in x["roles"].items() if ro == "source"])),
                              ("target_accuracy_after", lambda x: _mean(
                                  [x["accuracy_after"][d] for d, ro in x["roles"].items() if ro == "target"])),
-                             ("probe_accuracy", lambda x: x["probe_accuracy"])):
+                             ("probe_accuracy", lambda x: x["probe_accuracy"]),
+                             ("domain_share", lambda x: x.get("domain_share"))):
                 a, c = fn(r), fn(b)
                 if a is not None and c is not None:
                     diffs[name].append(a - c)
