@@ -151,6 +151,8 @@ def _shared() -> dict[str, Shared]:
             "optimizer steps of the run")), at_least(1)),
         "log_every": Shared(("--log-every",), dict(type=int, default=10, metavar="N", help=(
             "steps between lines of metrics.jsonl")), at_least(1)),
+        "save_every": Shared(("--save-every",), dict(type=int, default=250, metavar="N", help=(
+            "steps between ZeRO checkpoints (0: only at the end)")), at_least(0)),
         "seed": Shared(("--seed",), dict(type=int, default=0, help=(
             "seed of data order, init and synthetic data")), within(0, 2**32 - 1)),
         "no_progress": Shared(("--no-progress",), dict(action="store_true", help=(
@@ -263,7 +265,7 @@ MODEL_FLAGS = ("student", "teacher", "teacher_seed", "teacher_steps", "teacher_l
 KNOB_FLAGS = ("prompt_len", "prompt_encoder", "lambda_max", "domain_head_lr_mult", "domain_steps",
               "lm_weight")
 GENERATION_FLAGS = ("max_new_tokens", "eval_batch_size", "prompt", "prompt_template", "answer_tokens")
-SHARED_FLAGS = (*RUN_FLAGS, "max_steps", "log_every", *DATA_FLAGS, *MODEL_FLAGS, *KNOB_FLAGS,
+SHARED_FLAGS = (*RUN_FLAGS, "max_steps", "log_every", "save_every", *DATA_FLAGS, *MODEL_FLAGS, *KNOB_FLAGS,
                 *GENERATION_FLAGS)
 
 

@@ -39,7 +39,7 @@ __all__ = ["DEFAULT_DS", "FlagError", "RANGES", "build_parser", "parse_args", "t
 # so a new flag needs a range here, a check in validate, or an entry there saying that no
 # value is bad.
 RANGES = {
-    "stop_after": at_least(0), "save_every": at_least(0), "keep_checkpoints": at_least(0),
+    "stop_after": at_least(0), "keep_checkpoints": at_least(0),
     "probe_every": at_least(0), "max_bad_steps": at_least(1), "tokens_per_batch": at_least(0),
     "mlp_hidden": at_least(0), "prompt_hidden": at_least(0), "alpha": within(0, 1),
     "lambda_gamma": above(0), "pool_layer": at_least(0), "lr": above(0),
@@ -69,8 +69,7 @@ def build_parser() -> FlagParser:
     io.add_argument("--stop-after", type=int, default=0, metavar="N",
                     help="end this invocation after N optimizer steps, checkpointed, as if "
                          "interrupted (the schedules still follow --max-steps); for time-sliced jobs")
-    io.add_argument("--save-every", type=int, default=250, metavar="N",
-                    help="steps between ZeRO checkpoints (0: only at the end)")
+    add_run_flags(p, io, ("save_every",))
     io.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
                     help="keep only the newest N checkpoints (0: all); keep 2 or more so that "
                          "--resume has a complete one to fall back on")

@@ -70,8 +70,7 @@ examples:
 
 
 # the comparison's own numeric flags (the shared ones bring theirs)
-RANGES = {"nproc": at_least(1), "probe_folds": at_least(1), "save_every": at_least(0), "jobs": at_least(1),
-          "threads": at_least(1)}
+RANGES = {"nproc": at_least(1), "probe_folds": at_least(1), "jobs": at_least(1), "threads": at_least(1)}
 
 
 def build_parser() -> FlagParser:
@@ -190,12 +189,12 @@ def build_parser() -> FlagParser:
     add_run_flags(p, t, ("ds",), ds=dict(
         default=None, help="DeepSpeed config passed to every run (default: none passed, so the "
                            "trainer's own default, ds_configs/zero3.json)"))
-    t.add_argument("--save-every", type=int, default=100, metavar="N",
-                   help="steps between each run's checkpoints: an interrupted run resumes from its "
-                        "latest when the same command is run again (0: only the final one, so an "
-                        "interrupted run starts afresh). A finished run keeps only its final "
-                        "checkpoint; a checkpoint of the pruned SmolLM2 student takes ~650 MB and "
-                        "a few seconds")
+    add_run_flags(p, t, ("save_every",), save_every=dict(
+        default=100, help="steps between each run's checkpoints: an interrupted run resumes from "
+                          "its latest when the same command is run again (0: only the final one, "
+                          "so an interrupted run starts afresh). A finished run keeps only its "
+                          "final checkpoint; a checkpoint of the pruned SmolLM2 student takes "
+                          "~650 MB and a few seconds"))
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="processes per run: 1 runs `python prada_fast/train.py`; N > 1 the "
                         "deepspeed launcher with --num_gpus N (GPUs, or CPU ranks)")

@@ -117,15 +117,18 @@ def _comparable(argv: list[str]) -> list[str]:
     return out
 
 
+def _flags_of(path: Path) -> list[str] | None:
+    """The trainer flags a sidecar (compare_run.json, seed<S>.started.json) recorded, if any."""
+    return json.loads(path.read_text()).get("trainer_args") if path.is_file() else None
+
+
 def check_reusable(d: Path, argv: list[str]) -> None:
-    side = d / SIDECAR
-    if side.is_file():
-        old = json.loads(side.read_text()).get("trainer_args")
-        if old is not None and _comparable(old) != _comparable(argv):
-            raise SystemExit(
-                f"error: {d} holds a finished run made with other trainer flags:\n  {shlex.join(old)}\n"
-                f"this experiment wants:\n  {shlex.join(argv)}\n"
-                "use another --output-dir, or delete that run directory to redo it")
+    old = _flags_of(d / SIDECAR)
+    if old is not None and _comparable(old) != _comparable(argv):
+        raise SystemExit(
+            f"error: {d} holds a finished run made with other trainer flags:\n  {shlex.join(old)}\n"
+            f"this experiment wants:\n  {shlex.join(argv)}\n"
+            "use another --output-dir, or delete that run directory to redo it")
 
 
 def started_file(d: Path) -> Path:
@@ -137,10 +140,7 @@ def started_file(d: Path) -> Path:
 def resumable(d: Path, argv: list[str]) -> str | None:
     """The checkpoint an unfinished run of these same flags left in d, to resume from; None
     when there is none (then the run starts afresh)."""
-    started = started_file(d)
-    if finished(d) or not started.is_file():
-        return None
-    old = json.loads(started.read_text()).get("trainer_args")
+    old = None if finished(d) else _flags_of(started_file(d))
     if old is None or _comparable(old) != _comparable(argv):
         return None
     return checkpoint.latest_tag(d / "checkpoints")
