@@ -3,6 +3,7 @@
 end-to-end run of 3 arms x 2 seeds that must leave a complete report."""
 import json
 import math
+import shutil
 import os
 import subprocess
 import sys
@@ -360,6 +361,34 @@ def test_layer_probe_summary_is_the_mean_over_seeds_per_layer(seed):
     assert summarise([_fake_run("cot", 0, [0.5, 0.5], 0.5)], variants(8)["cot"])["layer_probes"] is None
 
 
+def test_domain_share_per_layer_over_seeds_and_paired_against_a(seed):
+    """Every layer's domain share: the mean over seeds, and each arm's per-seed difference
+    against (A) with its t-interval (numpy here), paired by seed, over the layers all runs have."""
+    from prada_fast.experiments.compare.statistics import paired_differences, summarise
+    rng = np.random.default_rng(seed)
+    n, L = 5, 7
+    share = {"cot": rng.uniform(0.3, 0.8, (n, L)), "prada-confusion": rng.uniform(0.3, 0.8, (n, L))}
+    by = {}
+    for k, a in share.items():
+        by[k] = [_fake_run(k, s, [0.5, 0.5], 0.5) for s in range(n)]
+        for s, r in enumerate(by[k]):
+            r["layer_domain_share"] = a[s].tolist()
+    by["prada-confusion"][2]["layer_domain_share"].append(0.5)  # a longer run: the common layers count
+    by["cot"] = by["cot"][::-1]
+    mine = summarise(by["prada-confusion"], variants(8)["prada-confusion"])["layer_domain_share"]
+    assert len(mine) == L
+    assert [x["mean"] for x in mine] == pytest.approx(share["prada-confusion"].mean(0).tolist())
+    got = paired_differences(by, "cot")["prada-confusion"]["layer_domain_share"]
+    diff = share["prada-confusion"] - share["cot"]
+    half = 2.776 * diff.std(0, ddof=1) / math.sqrt(n)  # t(0.975, 4)
+    for i in range(L):
+        assert got[i]["mean"] == pytest.approx(diff[:, i].mean())
+        assert got[i]["ci95"] == pytest.approx([diff[:, i].mean() - half[i], diff[:, i].mean() + half[i]],
+                                               rel=1e-3)
+    assert summarise([_fake_run("cot", 0, [0.5, 0.5], 0.5)],
+                     variants(8)["cot"])["layer_domain_share"] is None  # no run has them
+
+
 def test_bad_flags_are_refused(tmp_path, capsys):
     for bad in (["--extra", "--seed 3"], ["--extra", "--lm-weight 2"], ["--extra", "--data-seed 1"],
                 ["--seeds", "0,0"], ["--variants", "cot,foo"], ["--lm-weight", "-1"],
@@ -442,6 +471,21 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
     runs_of = {(r["variant"], r["seed"]): r for r in report["runs"]}
     assert dd["values"] == pytest.approx([runs_of[("prada-confusion-lm", s)]["domain_share"]
                                           - runs_of[("cot", s)]["domain_share"] for s in (0, 1)])
+    # every layer's domain share (the final one is the head's input: no --pool-layer here),
+    # its mean over seeds and its paired difference against (A), layer by layer
+    for r in report["runs"]:
+        shares = r["layer_domain_share"]
+        assert len(shares) == 4 and shares[-1] == pytest.approx(r["domain_share"])
+        assert all(0 < x < 1 for x in shares)
+    per_layer = res["paired_vs_cot"]["prada-confusion-lm"]["layer_domain_share"]
+    for i in range(4):
+        d_ref = [runs_of[("prada-confusion-lm", s)]["layer_domain_share"][i]
+                 - runs_of[("cot", s)]["layer_domain_share"][i] for s in (0, 1)]
+        assert per_layer[i]["values"] == pytest.approx(d_ref) and per_layer[i]["ci95"] is not None
+        assert res["variants"]["cot"]["layer_domain_share"][i]["mean"] == pytest.approx(
+            sum(runs_of[("cot", s)]["layer_domain_share"][i] for s in (0, 1)) / 2)
+    inside = res["variants"]["prada-confusion-lm"]["head_subspace_in_head_rows"]
+    assert inside["n"] == 2 and 0 <= inside["mean"] <= 1
 
     plots = report["plots"]["sorting"]
     for name in (plots["pca"], plots["loss_curves"]):
@@ -451,6 +495,7 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     for text in ("(A) plain CoT distillation", "(B) CoT + LM term", "(D) PRADA", " ± ", "Δ domain share",
                  "PRADA helps only where (C) or (D) beats (B)", "Fresh probe per layer",
+                 "Domain share per layer", "in the head's rows / outside",
                  plots["pca"], plots["loss_curves"], report["command"]):
         assert text in md
     # every run left its own directory, metrics and pooled features
@@ -497,6 +542,32 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["latest", "step3"]
     assert json.loads((d / "compare_run.json").read_text())["resumed_from"] == "step2"
     assert not (d.parent / "seed1.started.json").exists()
+
+    # --drop-weights: the weights go, each run's record stays, and the experiment continues
+    # elsewhere: copied with fresh file times (as git or a copy leaves them), every run is
+    # reused and reported as before, without its weights
+    proc = compare(out, "--drop-weights")
+    dropped = json.loads((out / "report.json").read_text())
+    assert dropped["n_runs_trained"] == 0
+    assert not list(out.glob("runs/*/*/seed*/final")) and not list(out.glob("runs/*/*/seed*/checkpoints"))
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns(".lock"))
+    for f in moved.rglob("summary.json"):
+        os.utime(f)  # newer than the record: a record is matched by content, not by time
+    compare(moved)
+    there = json.loads((moved / "report.json").read_text())
+    assert there["n_runs_trained"] == 0 and there["n_runs_done"] == 6
+    assert there["results"] == dropped["results"]
+    for k, v in third["results"]["sorting"]["variants"].items():  # (third: a wall time unrounded)
+        assert {m: x for m, x in v.items() if m != "wall_seconds"} == {
+            m: x for m, x in dropped["results"]["sorting"]["variants"][k].items() if m != "wall_seconds"}
+    res_d, res_3 = dropped["results"]["sorting"], third["results"]["sorting"]
+    assert res_d["paired_vs_cot_lm"] == res_3["paired_vs_cot_lm"]
+    # a summary that is not the record's: that run is no longer finished
+    s1 = moved / "runs" / "sorting" / "cot" / "seed1" / "summary.json"
+    s1.write_text(s1.read_text() + " ")
+    compare(moved, "--report-only")
+    assert json.loads((moved / "report.json").read_text())["n_runs_done"] == 5
 
 
 def _losses(path: Path) -> list[dict]:

@@ -30,21 +30,29 @@ def layer_probes(run_dir, *, folds: int = 5) -> dict:
     logistic probe on the final features projected onto the span of the head's D weight rows
     ("in_head_rows", all the head can see) and onto its orthogonal complement ("outside"):
     a student that hides the domain from its head alone leaves it in "outside"."""
-    from prada_fast.models import PradaModel
-
     feats, labels, domains, _ = pooled_features(run_dir, all_layers=True)
     rows = [{"layer": i, "logistic": probe_accuracy(f, labels, folds=folds),
              "ncm": probe_accuracy(f, labels, kind="ncm", folds=folds),
              "domain_share": domain_variance_share(f, labels)} for i, f in enumerate(feats)]
-    head = PradaModel.load_heads(Path(run_dir) / "final")["domain_head"]
-    sub = None
-    if "inner.weight" not in head:  # a linear head: its D weight rows are all it reads
-        inside, outside = split_by_rows(feats[-1], head["out.weight"])
-        sub = {"in_head_rows": probe_accuracy(inside, labels, folds=folds),
-               "outside": probe_accuracy(outside, labels, folds=folds),
-               "rank": int(torch.linalg.matrix_rank(head["out.weight"]))}
-    return {"run": str(run_dir), "layers": rows, "head_subspace": sub,
+    return {"run": str(run_dir), "layers": rows,
+            "head_subspace": head_subspace(run_dir, feats[-1], labels, folds=folds),
             "chance": 1 / len(domains), "n": len(labels)}
+
+
+def head_subspace(run_dir, features: torch.Tensor, labels: torch.Tensor, *,
+                  folds: int = 5) -> dict | None:
+    """The logistic probe on a finished run's final pooled features projected onto the span of
+    its linear domain head's weight rows ("in_head_rows", all the head can see) and onto the
+    orthogonal complement ("outside"), and the head's rank; None for a head with a hidden layer."""
+    from prada_fast.models import PradaModel
+
+    head = PradaModel.load_heads(Path(run_dir) / "final")["domain_head"]
+    if "inner.weight" in head:
+        return None
+    inside, outside = split_by_rows(features, head["out.weight"])
+    return {"in_head_rows": probe_accuracy(inside, labels, folds=folds),
+            "outside": probe_accuracy(outside, labels, folds=folds),
+            "rank": int(torch.linalg.matrix_rank(head["out.weight"]))}
 
 
 def split_by_rows(features: torch.Tensor, weight: torch.Tensor):

@@ -29,10 +29,11 @@ differences against (A) and against (B) with their 95 % t-intervals, the verdict
 One teacher for all seeds (--teacher-seed, the default): every run gets the same data, held-
 out split and teacher, so the seeds vary the student (its init and data order) only; the auto
 teacher is fitted once per target. --teacher-per-seed restores a teacher and data set per
-seed. Finished runs (summary.json present) are reused and an unfinished one resumes from its
-latest checkpoint (--save-every): rerunning the same command continues an interrupted
-experiment. The report goes to OUTPUT_DIR/report.md and report.json, with PNG
-plots.
+seed. Finished runs (summary.json, and final/ or the run's record) are reused and an
+unfinished one resumes from its latest checkpoint (--save-every): rerunning the same command
+continues an interrupted experiment; with --drop-weights a finished run keeps its record
+only, enough for the report, so the experiment's directory can move to another machine.
+The report goes to OUTPUT_DIR/report.md and report.json, with PNG plots.
 
 The code, by seam: flags.py (the command's flags), variants.py (the compared trainer
 configurations), runs.py (one run: its flags, training or reusing it, what it measured),

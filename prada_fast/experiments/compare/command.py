@@ -12,7 +12,8 @@ from prada_fast.common.exits import ExitCode
 
 from .flags import parse_args
 from .report import build_report, write_markdown
-from .runs import _lock, collect_run, default_knobs, ensure_run, launcher, log, run_dir, trainer_args
+from .runs import (_lock, collect_run, default_knobs, drop_weights, ensure_run, launcher, log, run_dir,
+                   trainer_args)
 from .statistics import _f, _mean
 from .tuning import tune
 from .variants import variants
@@ -90,6 +91,8 @@ def train_plan(args, plan, chosen: dict, walls: list[float]) -> list[dict]:
             log(f"{tag}: {'done in %.0f s; ' % wall if wall else ''}acc source "
                 f"{_f(src)} target {_f(tgt)}, domain head {head}, probe {_f(r['probe_accuracy'])}")
             done[i] = r
+            if args.drop_weights:
+                drop_weights(d, args.probe_folds)
 
     teachers = set()
     pool = ThreadPoolExecutor(max_workers=args.jobs)

@@ -34,7 +34,8 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
 EPILOG = """\
 layout of --output-dir:
   runs/<target>/<variant>/seed<S>/   one trainer run (metrics.jsonl, summary.json, final/,
-                                     pooled_features.pt, compare_run.json)
+                                     compare_run.json, and its record pooled_features.pt:
+                                     what the report reads besides, with --drop-weights all)
   runs/<target>/<variant>/seed<S>.log  its console output
   runs/<target>/<variant>/seed<S>.started.json  the flags of a run not yet finished
   teachers/                          the auto teachers: one per target (and per tuning split)
@@ -165,6 +166,14 @@ def build_parser() -> FlagParser:
         e.add_argument(name, action="store_true", help=text)
     e.add_argument("--probe-folds", type=int, default=5, metavar="K",
                    help="folds of the cross-validated domain probes on pooled features")
+    e.add_argument("--drop-weights", action="store_true",
+                   help="once a run is finished and its record is written (pooled_features.pt: "
+                        "the head's input features, each layer's domain share, the probes on "
+                        "the head's rows), delete its final/ and checkpoints/ (~650 MB for the "
+                        "pruned SmolLM2 student); the report and the reuse of finished runs need "
+                        "only what stays (a few hundred KB), so an experiment's directory can be "
+                        "copied to another machine and continued there. Keep the weights (the "
+                        "default) to evaluate or analyse a run further")
 
     t = p.add_argument_group("training budget and data (passed to prada_fast/train.py)")
     add_run_flags(p, t, ("max_steps",), max_steps=dict(

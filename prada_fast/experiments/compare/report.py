@@ -126,6 +126,7 @@ def write_markdown(report: dict, path: Path) -> None:
               "² the share of the pooled final features' variance that lies between the domain means "
               "(0: none, 1: all): it still moves where every probe reads the domain at 1.0", ""]
         L += layer_probe_lines(vs, keys)
+        L += layer_share_lines(vs, res.get("paired_vs_cot") or {}, keys)
         plots = report["plots"].get(target, {})
         if plots.get("pca"):
             L += [f"### Pooled student features, PCA (seed {plots['pca_seed']}, held-out records)", "",
@@ -206,6 +207,45 @@ def layer_probe_lines(vs: dict, keys: list[str]) -> list[str]:
     return L + [""]
 
 
+def layer_share_lines(vs: dict, paired: dict, keys: list[str]) -> list[str]:
+    """Per layer and arm: the domain share of the pooled features after training (mean over
+    seeds) and, for every arm but (A), its paired difference against (A) with the 95 % interval;
+    then the probe on the final features inside and outside the domain head's rows."""
+    have = [k for k in keys if vs[k].get("layer_domain_share")]
+    if not have:
+        return []
+    n = max(len(vs[k]["layer_domain_share"]) for k in have)
+
+    def cell(k, i):
+        rows = vs[k]["layer_domain_share"]
+        if i >= len(rows):
+            return ""
+        text = _f(rows[i]["mean"])
+        d = (paired.get(k, {}).get("layer_domain_share") or [])[i:i + 1]
+        if d and d[0].get("ci95"):
+            lo, hi = d[0]["ci95"]
+            text += f" ({d[0]['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}])"
+        return text
+    L = ["### Domain share per layer after training: mean over seeds (paired Δ against (A) "
+         "[95 % interval])", "",
+         "| layer | " + " | ".join(vs[k]["label"] for k in have) + " |",
+         "| --- | " + " | ".join("---" for _ in have) + " |"]
+    for i in range(n):
+        name = "0 (embeddings)" if i == 0 else (f"{i} (final)" if i == n - 1 else str(i))
+        L.append(f"| {name} | " + " | ".join(cell(k, i) for k in have) + " |")
+    heads = [k for k in have if vs[k]["domain_head_trained"]
+             and vs[k].get("head_subspace_in_head_rows", {}).get("n")]
+    if heads:
+        L.append("| probe: in the head's rows / outside | " + " | ".join(
+            f"{fmt(vs[k]['head_subspace_in_head_rows'])} / {fmt(vs[k]['head_subspace_outside'])}"
+            if k in heads else "–" for k in have) + " |")
+    return L + ["", "The share of the pooled features' variance between the domain means (0: none, "
+                "1: all), layer 0 the input embeddings; it moves where every probe reads 1.0. The "
+                "last row: the fresh logistic probe on the features the head reads, split into "
+                "the span of its weight rows (all it can see) and the rest (arms with a trained "
+                "head).", ""]
+
+
 def make_plots(args, report: dict, runs: list[dict], V: dict[str, Variant]) -> None:
     from ..plots import plot_losses, plot_pca
     for target in args.targets:
@@ -237,7 +277,7 @@ def make_plots(args, report: dict, runs: list[dict], V: dict[str, Variant]) -> N
             continue
         panels = []
         for k, r in zip(pca_variants, chosen):
-            f = features_of(args.output_dir / r["dir"])
+            f = features_of(args.output_dir / r["dir"], args.probe_folds)
             coords, _, ratio = pca_2d(f["features"])
             probe = r["probe_accuracy"]
             panels.append({"title": f"{V[k].label}\nprobe acc {probe:.2f}" if probe is not None

@@ -2,9 +2,11 @@
 subprocess (or reusing it when finished with the same flags), and what it measured."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -95,7 +97,11 @@ FEATURES = "pooled_features.pt"
 
 
 def finished(d: Path) -> bool:
-    return (d / "summary.json").is_file() and (d / "final" / "prada_config.json").is_file()
+    """A run whose trainer ended: its summary.json, and its final weights or, where they were
+    dropped (--drop-weights), its record (record_of) of that same summary."""
+    if not (d / "summary.json").is_file():
+        return False
+    return (d / "final" / "prada_config.json").is_file() or _record(d) is not None
 
 
 # flags that change where a run writes or how often it saves, never what it computes
@@ -183,15 +189,54 @@ def train_one(args, argv: list[str], log_path: Path, resume: bool = False, alone
     return time.time() - t0
 
 
-def features_of(d: Path) -> dict:
-    """The run's pooled held-out features, computed once and cached in the run directory."""
+def _summary_sha256(d: Path) -> str:
+    return hashlib.sha256((d / "summary.json").read_bytes()).hexdigest()
+
+
+def _record(d: Path) -> dict | None:
+    """The run's record (FEATURES) when it was made from its current summary.json, else None
+    (absent, or made for another run: a retrained one, or by an older version without the
+    summary's digest). Checked by content, not by time: a record copied or checked out keeps."""
     path = d / FEATURES
-    if path.is_file() and path.stat().st_mtime >= (d / "summary.json").stat().st_mtime:
-        return torch.load(path)
-    feats, labels, domains, roles = pooled_features(d)
-    out = {"features": feats, "labels": labels, "domains": domains, "roles": roles}
-    torch.save(out, path)
-    return out
+    if not path.is_file():
+        return None
+    rec = torch.load(path)
+    return rec if rec.get("summary_sha256") == _summary_sha256(d) else None
+
+
+def features_of(d: Path, folds: int = 5) -> dict:
+    """The run's record, what the report needs beyond summary.json and metrics.jsonl, computed
+    once from its final weights and kept in the run directory (FEATURES): the pooled held-out
+    features the domain head reads (the final layer's, or --pool-layer's), their domain labels, each layer's
+    domain share (domain_variance_share: 0 the input embeddings, last the final states) and
+    the probes inside and outside the domain head's rows (layers.head_subspace). With it the
+    run is reported without its weights."""
+    rec = _record(d)
+    if rec is not None:
+        return rec
+    if not (d / "final" / "prada_config.json").is_file():
+        raise SystemExit(f"error: {d}: its weights were dropped and {FEATURES} is not the record "
+                         "of its summary.json; delete the run directory to retrain it")
+    from ..layers import head_subspace
+    feats, labels, domains, roles = pooled_features(d)  # the head's input (--pool-layer's, if set)
+    layers = pooled_features(d, all_layers=True)[0]
+    rec = {"features": feats, "labels": labels, "domains": domains, "roles": roles,
+           "layer_domain_share": [domain_variance_share(f, labels) for f in layers],
+           "head_subspace": head_subspace(d, feats, labels, folds=folds),
+           "summary_sha256": _summary_sha256(d)}
+    tmp = d / (FEATURES + ".tmp")
+    torch.save(rec, tmp)
+    os.replace(tmp, d / FEATURES)
+    return rec
+
+
+def drop_weights(d: Path, folds: int = 5) -> None:
+    """--drop-weights: once the run's record is written (features_of), delete its final weights
+    and checkpoints; what stays (summary, metrics, generations, logs, the record) is what the
+    report reads, a few hundred KB."""
+    features_of(d, folds)
+    for sub in ("final", "checkpoints"):
+        shutil.rmtree(d / sub, ignore_errors=True)
 
 
 def ensure_run(args, argv: list[str], d: Path, tag: str, walls: list[float],
@@ -234,7 +279,7 @@ def collect_run(args, target: str, v: Variant, seed: int, status: str, wall: flo
     side = d / SIDECAR
     if wall is None and side.is_file():
         wall = json.loads(side.read_text()).get("wall_seconds")
-    feats = features_of(d)
+    feats = features_of(d, args.probe_folds)
     x, y = feats["features"], feats["labels"]
     align = summary.get("domain_alignment") or {}
     return {
@@ -258,6 +303,8 @@ def collect_run(args, target: str, v: Variant, seed: int, status: str, wall: flo
         # the share of the final features' variance between the domain means: it still moves
         # where the probes are at 1.0
         "domain_share": domain_variance_share(x, y),
+        "layer_domain_share": feats.get("layer_domain_share"),
+        "head_subspace": feats.get("head_subspace"),
         "n_probe": int(len(y)),
     }
 

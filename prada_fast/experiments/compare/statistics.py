@@ -39,7 +39,21 @@ def summarise(runs: list[dict], v: Variant) -> dict:
     for key in ("ce", "kd", "dom", "dom_acc", "lm"):
         out[f"final_{key}"] = aggregate(r["final"].get(key) for r in runs)
     out["layer_probes"] = layer_probe_summary(runs)
+    out["layer_domain_share"] = per_layer(runs, lambda r: r.get("layer_domain_share"), aggregate)
+    for key in ("in_head_rows", "outside"):
+        out[f"head_subspace_{key}"] = aggregate((r.get("head_subspace") or {}).get(key) for r in runs)
     return out
+
+
+def per_layer(runs: list, values, reduce) -> list | None:
+    """reduce(the values of layer i over the runs) for every layer that all of them have;
+    values(run) is a run's per-layer list (None: the run has none, and is left out). None
+    when no run has one (runs reported by an older version)."""
+    lists = [values(r) for r in runs]
+    lists = [x for x in lists if x]
+    if not lists:
+        return None
+    return [reduce(x[i] for x in lists) for i in range(min(map(len, lists)))]
 
 
 def layer_probe_summary(runs: list[dict]) -> list[dict] | None:
@@ -86,8 +100,19 @@ def paired_differences(by_variant: dict[str, list[dict]], base: str = "cot") -> 
                 a, c = fn(r), fn(b)
                 if a is not None and c is not None:
                     diffs[name].append(a - c)
-        out[key] = {k: {**aggregate(v), "ci95": ci95(v)} for k, v in diffs.items()}
+        out[key] = {k: _paired(v) for k, v in diffs.items()}
+        # the domain share of every layer, paired the same way
+        pairs = [(r.get("layer_domain_share"), base_runs[r["seed"]].get("layer_domain_share"))
+                 for r in runs if r["seed"] in base_runs]
+        out[key]["layer_domain_share"] = per_layer(
+            [[a - b for a, b in zip(x, y)] for x, y in pairs if x and y], lambda d: d, _paired)
     return out
+
+
+def _paired(differences) -> dict:
+    """The mean ± std of paired differences and their 95 % t-interval."""
+    vals = list(differences)
+    return {**aggregate(vals), "ci95": ci95(vals)}
 
 
 def verdict(paired_vs_lm: dict, variants: dict) -> dict:

@@ -7,7 +7,7 @@ import json
 from prada_fast.data.synthetic import STORY_PSEUDO_TARGET, STORY_TARGET
 
 from .flags import data_domains
-from .runs import default_knobs, ensure_run, log, trainer_args
+from .runs import default_knobs, drop_weights, ensure_run, log, trainer_args
 from .statistics import _f, _mean
 from .variants import ADVERSARIES, Variant, variants
 
@@ -59,6 +59,8 @@ def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
                                    f"{_tag(knobs, v)} seed={seed}", walls, alone=True)
             if status == "missing":
                 continue
+            if args.drop_weights:
+                drop_weights(d, args.probe_folds)
             acc = {k: x["accuracy_after"] for k, x in
                    json.loads((d / "summary.json").read_text())["domains"].items()}
             pa.append(acc[pseudo])
