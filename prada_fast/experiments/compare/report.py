@@ -185,54 +185,49 @@ def verdict_lines(v: dict | None, vs: dict) -> list[str]:
     return out
 
 
-def layer_probe_lines(vs: dict, keys: list[str]) -> list[str]:
-    """Per layer and arm: the fresh probe before → after training (mean over seeds)."""
-    have = [k for k in keys if vs[k].get("layer_probes")]
+def per_layer_table(title: str, vs: dict, keys: list[str], field: str, cell) -> list[str]:
+    """A table of one row per layer and one column per arm that has vs[arm][field] (a list over
+    layers, 0 the input embeddings); cell(arm, its row of that layer) is the text. [] when no
+    arm has it."""
+    have = [k for k in keys if vs[k].get(field)]
     if not have:
         return []
-    n = max(len(vs[k]["layer_probes"]) for k in have)
-
-    def cell(k, i):
-        rows = vs[k]["layer_probes"]
-        if i >= len(rows):
-            return ""
-        r = rows[i]
-        return f"{_f(r['before']['mean'])} → {_f(r['after']['mean'])}"
-    L = ["### Fresh probe per layer, before → after training (mean over seeds)", "",
-         "| layer | " + " | ".join(vs[k]["label"] for k in have) + " |",
+    n = max(len(vs[k][field]) for k in have)
+    L = [title, "", "| layer | " + " | ".join(vs[k]["label"] for k in have) + " |",
          "| --- | " + " | ".join("---" for _ in have) + " |"]
     for i in range(n):
         name = "0 (embeddings)" if i == 0 else (f"{i} (final)" if i == n - 1 else str(i))
-        L.append(f"| {name} | " + " | ".join(cell(k, i) for k in have) + " |")
-    return L + [""]
+        L.append(f"| {name} | " + " | ".join(
+            cell(k, i) if i < len(vs[k][field]) else "" for k in have) + " |")
+    return L
+
+
+def layer_probe_lines(vs: dict, keys: list[str]) -> list[str]:
+    """Per layer and arm: the fresh probe before → after training (mean over seeds)."""
+    def cell(k, i):
+        r = vs[k]["layer_probes"][i]
+        return f"{_f(r['before']['mean'])} → {_f(r['after']['mean'])}"
+    L = per_layer_table("### Fresh probe per layer, before → after training (mean over seeds)",
+                        vs, keys, "layer_probes", cell)
+    return L + [""] if L else []
 
 
 def layer_share_lines(vs: dict, paired: dict, keys: list[str]) -> list[str]:
     """Per layer and arm: the domain share of the pooled features after training (mean over
     seeds) and, for every arm but (A), its paired difference against (A) with the 95 % interval;
     then the probe on the final features inside and outside the domain head's rows."""
-    have = [k for k in keys if vs[k].get("layer_domain_share")]
-    if not have:
-        return []
-    n = max(len(vs[k]["layer_domain_share"]) for k in have)
-
     def cell(k, i):
-        rows = vs[k]["layer_domain_share"]
-        if i >= len(rows):
-            return ""
-        text = _f(rows[i]["mean"])
+        text = _f(vs[k]["layer_domain_share"][i]["mean"])
         d = (paired.get(k, {}).get("layer_domain_share") or [])[i:i + 1]
         if d and d[0].get("ci95"):
             lo, hi = d[0]["ci95"]
             text += f" ({d[0]['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}])"
         return text
-    L = ["### Domain share per layer after training: mean over seeds (paired Δ against (A) "
-         "[95 % interval])", "",
-         "| layer | " + " | ".join(vs[k]["label"] for k in have) + " |",
-         "| --- | " + " | ".join("---" for _ in have) + " |"]
-    for i in range(n):
-        name = "0 (embeddings)" if i == 0 else (f"{i} (final)" if i == n - 1 else str(i))
-        L.append(f"| {name} | " + " | ".join(cell(k, i) for k in have) + " |")
+    L = per_layer_table("### Domain share per layer after training: mean over seeds (paired Δ "
+                        "against (A) [95 % interval])", vs, keys, "layer_domain_share", cell)
+    if not L:
+        return []
+    have = [k for k in keys if vs[k].get("layer_domain_share")]
     heads = [k for k in have if vs[k]["domain_head_trained"]
              and vs[k].get("head_subspace_in_head_rows", {}).get("n")]
     if heads:
