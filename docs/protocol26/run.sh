@@ -5,8 +5,13 @@
 # the records of its finished runs (compare --drop-weights: no weights, a few hundred KB a
 # run) are kept in docs/protocol26/records/ and each machine continues from them:
 #
-#   bash docs/protocol26/run.sh        # set up, restore the records, train what is missing
+#   pip install torch==2.13.0 && pip install -e ".[gguf,bench]"   # once (gguf: the pair)
+#   nohup bash docs/protocol26/run.sh > /tmp/protocol26.out 2>&1 &   # set up, restore, train
 #   bash docs/protocol26/run.sh save   # copy the finished runs back into records/ (commit them)
+#
+# compare's own log goes to $S/compare.log; it names each main run's accuracies when the run
+# ends, and no target number is to be read before all 20 are finished: follow it with
+#   grep -v "acc source" /work/scratch/s26/compare.log | tail
 #
 # Every run uses the code frozen at PROTOCOL_CODE (a git worktree), whatever main holds now.
 # The paths below are part of the runs' recorded trainer flags (--teacher-outputs is compared
@@ -37,6 +42,8 @@ save() {
 }
 
 if [ "${1:-}" = save ]; then save; exit 0; fi
+python -c "import gguf, matplotlib" 2>/dev/null || {
+  echo 'run.sh: first: pip install torch==2.13.0 && pip install -e ".[gguf,bench]"' >&2; exit 2; }
 
 mkdir -p "$S/site"
 [ -d "$S/code" ] || git -C "$REPO" worktree add --detach "$S/code" "$PROTOCOL_CODE"
@@ -54,5 +61,5 @@ nice -n 5 python -m prada_fast.experiments.compare --output-dir "$OUT" --student
   --tune --pseudo-target zoo --tune-seeds 100 --tune-lambdas 0.3,1 --tune-head-mults 10 \
   --tune-prompt-encoders none --tune-lm-weights 1 --max-steps 400 --log-every 10 \
   --eval-per-domain 16 --jobs 2 --drop-weights \
-  --extra "--teacher-outputs $CACHE --max-len 128 --max-new-tokens 48"
+  --extra "--teacher-outputs $CACHE --max-len 128 --max-new-tokens 48" >> "$S/compare.log" 2>&1
 save
