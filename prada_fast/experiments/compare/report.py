@@ -187,8 +187,8 @@ def verdict_lines(v: dict | None, vs: dict) -> list[str]:
 
 def per_layer_table(title: str, vs: dict, keys: list[str], field: str, cell) -> list[str]:
     """A table of one row per layer and one column per arm that has vs[arm][field] (a list over
-    layers, 0 the input embeddings); cell(arm, its row of that layer) is the text. [] when no
-    arm has it."""
+    layers, 0 the input embeddings); cell(arm, i) is the text of layer i. [] when no arm has
+    it."""
     have = [k for k in keys if vs[k].get(field)]
     if not have:
         return []
