@@ -229,11 +229,13 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
     score = {("grl", 0.1, 1.0): 0.3, ("grl", 1.0, 10.0): 0.35, ("confusion", 1.0, 1.0): 0.4}
     enc_bonus = {("grl", "mlp"): 0.05, ("confusion", "none"): 0.02}
     lm_score = {"0.3": 0.5, "3.0": 0.45}
-    seen = []
+    seen, how = [], []
 
     def fake_run(args_, argv, d, tag, walls, alone=False):
-        assert alone  # a tuning run trains alone: every core, whatever --jobs says
+        if (d / "summary.json").is_file():
+            return "reused", None
         seen.append(argv)
+        how.append(alone)
         get = lambda f, default=None: argv[argv.index(f) + 1] if f in argv else default  # noqa: E731
         adv = get("--adversary")
         key = (adv, float(get("--lambda-max", 0)), float(get("--domain-head-lr-mult", 0)))
@@ -248,10 +250,16 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
         return "trained", 1.0
 
     monkeypatch.setattr(cmp, "ensure_run", fake_run)
+    monkeypatch.setattr(cmp, "finished", lambda d: (d / "summary.json").is_file())
     monkeypatch.setattr(cmp, "data_domains", lambda specs: ["garden", "recipes", "shopping", "travel"])
+    assert args.jobs == 2 and args.teacher == "auto"
     chosen = cmp.tune(args, "garden", [])
-    # cot, 3 LM weights, 4 settings x 2 adversaries, 2 encoders x 2 PRADA variants; each on 2 seeds
-    assert len(seen) == 2 * (1 + 3 + 4 * 2 + 2 * 2)
+    # cot, 3 LM weights, 4 settings x 2 adversaries, 2 encoders x 2 PRADA variants; each on 2
+    # seeds, each trained once: the first alone (it fits the tuning split's teacher), the others
+    # two at a time (--jobs 2), stage by stage
+    assert len(seen) == 2 * (1 + 3 + 4 * 2 + 2 * 2) == len({tuple(a) for a in seen})
+    assert how[0] is True and not any(how[1:])
+    assert "--no-domain-loss" in seen[0] and "--lm-weight" not in seen[0]  # the (A) reference
     for argv in seen:
         assert argv[argv.index("--target-domains") + 1] == "recipes"
         assert argv[argv.index("--source-domains") + 1] == "shopping,travel"
@@ -269,8 +277,11 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
         assert chosen[f"prada-{adv}-lm"] == {**chosen[f"prada-{adv}"], "lm_weight": 0.3}
     saved = json.loads((tmp_path / "tune" / "garden" / "chosen.json").read_text())
     assert saved["chosen"] == chosen and saved["pseudo_target"] == "recipes"
-    # a grid of one is chosen without a tuning run
+    # a grid of one is chosen without a tuning run; with --jobs 1 every run trains alone
     seen.clear()
+    how.clear()
+    args.jobs = 1
+    args.output_dir = tmp_path / "one"
     args.tune_prompt_encoders = ["lstm"]
     args.tune_head_mults = [10.0]
     args.tune_lambdas = [0.3]
@@ -279,7 +290,7 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
     one = cmp.tune(args, "garden", [])
     assert one["prada-grl-lm"] == {"lambda_max": 0.3, "head_lr_mult": 10.0, "prompt_encoder": "lstm",
                                    "lm_weight": 2.0, "domain_steps": 0}
-    assert len(seen) == 2  # only the cot reference, on 2 seeds
+    assert len(seen) == 2 and all(how)  # only the cot reference, on 2 seeds
     best = next(r for r in saved["tried"]
                 if r["variant"] == "confusion" and r["knobs"] == chosen["confusion"])
     assert best["pseudo_target_accuracy"] == pytest.approx(0.4) and best["n_seeds"] == 2

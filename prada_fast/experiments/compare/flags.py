@@ -208,16 +208,19 @@ def build_parser() -> FlagParser:
                    help="processes per run: 1 runs `python prada_fast/train.py`; N > 1 the "
                         "deepspeed launcher with --num_gpus N (GPUs, or CPU ranks)")
     t.add_argument("--jobs", type=int, metavar="N",
-                   help="runs trained at once, each its own process (the main runs; the tuning "
-                        "runs go one at a time). Default: 2 on a machine without CUDA with 2 "
+                   help="runs trained at once, each its own process: the main runs, and the "
+                        "tuning runs of one stage of --tune (the reference, the LM weights and "
+                        "the adversaries' knobs; then each adversary's prompt encoders). "
+                        "Default: 2 on a machine without CUDA with 2 "
                         "cores or more and --nproc 1 (one tiny run keeps ~1.2 of 2 cores busy: "
                         "two at once, one thread each, finished both in 1.2x the time of one "
                         "alone), else 1: on GPUs every run uses all of them")
     t.add_argument("--threads", type=int, metavar="N",
                    help="OMP_NUM_THREADS for each trainer process (default: the cores over "
                         "--jobs while runs train at once; unset, so that it uses every core, "
-                        "for a run that trains alone: a tuning run, the run that fits the "
-                        "teacher, or any with --jobs 1). "
+                        "for a run that trains alone: the run that fits an auto teacher, a "
+                        "tuning run scored without others to train beside it, or any with "
+                        "--jobs 1). "
                         "The trainer also gets OMP_WAIT_POLICY=PASSIVE unless it is set in the "
                         "environment")
     t.add_argument("--extra", default="", metavar="'FLAGS'",

@@ -3,11 +3,12 @@ split of the sources (the real target's records never looked at)."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 from prada_fast.data.synthetic import STORY_PSEUDO_TARGET, STORY_TARGET
 
 from .flags import data_domains
-from .runs import default_knobs, drop_weights, ensure_run, log, trainer_args
+from .runs import default_knobs, drop_weights, ensure_run, finished, log, trainer_args
 from .statistics import _f, _mean
 from .variants import ADVERSARIES, Variant, variants
 
@@ -50,13 +51,38 @@ def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
     pseudo, rest = tune_split(args, target)
     table = []
 
+    def run(v: Variant, knobs: dict, seed: int) -> tuple:
+        """(directory, trainer flags, log tag) of one tuning run."""
+        d = args.output_dir / "tune" / target / v.key / _tag(knobs, v) / f"seed{seed}"
+        return (d, trainer_args(args, pseudo, v, seed, knobs, sources=rest, out=d),
+                f"tune target={target} (pseudo {pseudo}) {v.key} {_tag(knobs, v)} seed={seed}")
+
+    fitted = []  # with the auto teacher: whether a run has fitted the tuning split's teacher
+
+    def prefetch(points: list[tuple[Variant, dict]]) -> None:
+        """Train the unfinished runs of one stage's grid points (they do not depend on each
+        other) --jobs at once, before score takes them one by one and finds them finished.
+        With the auto teacher the first of all trains alone: it fits the teacher they share."""
+        if args.jobs < 2 or args.report_only:
+            return
+        todo = [run(v, kn, seed) for v, kn in points for seed in args.tune_seeds]
+        todo = [x for x in todo if not finished(x[0])]
+        if todo and args.teacher == "auto" and not fitted:
+            ensure_run(args, todo[0][1], todo[0][0], todo[0][2], walls, alone=True)
+            todo = todo[1:]
+        fitted.append(True)
+        pool = ThreadPoolExecutor(max_workers=args.jobs)
+        try:
+            for f in [pool.submit(ensure_run, args, argv, d, tag, walls) for d, argv, tag in todo]:
+                f.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def score(v: Variant, knobs: dict) -> tuple[float, float]:
         pa, sa = [], []
         for seed in args.tune_seeds:
-            d = args.output_dir / "tune" / target / v.key / _tag(knobs, v) / f"seed{seed}"
-            argv = trainer_args(args, pseudo, v, seed, knobs, sources=rest, out=d)
-            status, _ = ensure_run(args, argv, d, f"tune target={target} (pseudo {pseudo}) {v.key} "
-                                   f"{_tag(knobs, v)} seed={seed}", walls, alone=True)
+            d, argv, tag = run(v, knobs, seed)
+            status, _ = ensure_run(args, argv, d, tag, walls, alone=True)
             if status == "missing":
                 continue
             if args.drop_weights:
@@ -74,28 +100,35 @@ def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
 
     base = default_knobs(args)
     chosen = {k: dict(base) for k in args.variants}
+    lm_grid = [{**base, "lm_weight": w} for w in args.tune_lm_weights]
+    adv_grid = [{**base, "lambda_max": lam, "head_lr_mult": mult, "prompt_encoder": "none"}
+                for lam in args.tune_lambdas for mult in args.tune_head_mults]
+    tuned_lm = any(V[k].lm for k in args.variants)
+    adversaries = [a for a in ADVERSARIES if {a, f"prada-{a}", f"prada-{a}-lm"} & set(args.variants)]
+    # the first stage's runs (the reference, the LM weights, each adversary's knobs) train at
+    # once; a grid of one is chosen without a run
+    prefetch([(V["cot"], base)] * ("cot" in args.variants)
+             + [(V["cot-lm"], kn) for kn in lm_grid if tuned_lm and len(lm_grid) > 1]
+             + [(V[a], kn) for a in adversaries for kn in adv_grid if len(adv_grid) > 1])
     if "cot" in args.variants:
         score(V["cot"], base)  # the reference on the same split
     lm_weight = base["lm_weight"]
-    if any(V[k].lm for k in args.variants):  # the LM weight, on CoT + LM (B)
-        lm_weight = _best([{**base, "lm_weight": w} for w in args.tune_lm_weights],
-                          lambda kn: score(V["cot-lm"], kn))["lm_weight"]
+    if tuned_lm:  # the LM weight, on CoT + LM (B)
+        lm_weight = _best(lm_grid, lambda kn: score(V["cot-lm"], kn))["lm_weight"]
         if "cot-lm" in args.variants:
             chosen["cot-lm"] = {**base, "lm_weight": lm_weight}
-    for adv in ADVERSARIES:
+    for adv in adversaries:
         prada = [k for k in (f"prada-{adv}", f"prada-{adv}-lm") if k in args.variants]
-        if adv not in args.variants and not prada:
-            continue
         # the adversary's knobs on the adversary alone, then the encoder on PRADA (C); PRADA + LM
         # (D) takes both and the LM weight chosen on (B)
-        best = _best([{**base, "lambda_max": lam, "head_lr_mult": mult, "prompt_encoder": "none"}
-                      for lam in args.tune_lambdas for mult in args.tune_head_mults],
-                     lambda kn, v=V[adv]: score(v, kn))
+        best = _best(adv_grid, lambda kn, v=V[adv]: score(v, kn))
         if adv in args.variants:
             chosen[adv] = best
         if prada:
-            enc = _best([{**best, "prompt_encoder": e} for e in args.tune_prompt_encoders],
-                        lambda kn, v=V[f"prada-{adv}"]: score(v, kn))
+            enc_grid = [{**best, "prompt_encoder": e} for e in args.tune_prompt_encoders]
+            if len(enc_grid) > 1:
+                prefetch([(V[f"prada-{adv}"], kn) for kn in enc_grid])
+            enc = _best(enc_grid, lambda kn, v=V[f"prada-{adv}"]: score(v, kn))
             for k in prada:
                 chosen[k] = {**enc, "lm_weight": lm_weight} if V[k].lm else enc
     out.parent.mkdir(parents=True, exist_ok=True)
