@@ -291,9 +291,37 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
     assert one["prada-grl-lm"] == {"lambda_max": 0.3, "head_lr_mult": 10.0, "prompt_encoder": "lstm",
                                    "lm_weight": 2.0, "domain_steps": 0}
     assert len(seen) == 2 and all(how)  # only the cot reference, on 2 seeds
+    # a repeated grid value is one run, trained once
+    seen.clear()
+    args.jobs, args.output_dir, args.tune_lambdas = 2, tmp_path / "twice", [0.3, 0.3]
+    cmp.tune(args, "garden", [])
+    assert len(seen) == 2 + 2 * 2  # the reference and one setting per adversary, on 2 seeds
     best = next(r for r in saved["tried"]
                 if r["variant"] == "confusion" and r["knobs"] == chosen["confusion"])
     assert best["pseudo_target_accuracy"] == pytest.approx(0.4) and best["n_seeds"] == 2
+
+
+def test_a_run_is_finished_by_its_weights_or_by_the_record_of_its_summary(tmp_path):
+    """finished(): summary.json and final/, or (weights dropped) a record whose digest is the
+    summary's; a record cut short or made for another summary does not count."""
+    import hashlib
+
+    from prada_fast.experiments.compare.runs import FEATURES, finished
+    d = tmp_path / "seed0"
+    d.mkdir()
+    assert not finished(d)
+    (d / "summary.json").write_text('{"steps": 3}')
+    assert not finished(d)
+    (d / FEATURES).write_bytes(b"PK\x03\x04 cut short")
+    assert not finished(d)
+    digest = hashlib.sha256((d / "summary.json").read_bytes()).hexdigest()
+    torch.save({"features": torch.zeros(2, 3), "summary_sha256": digest}, d / FEATURES)
+    assert finished(d)
+    (d / "summary.json").write_text('{"steps": 4}')  # another run's summary
+    assert not finished(d)
+    (d / "final").mkdir()
+    (d / "final" / "prada_config.json").write_text("{}")
+    assert finished(d)  # the weights are there: the record is made again from them
 
 
 def test_paired_interval_is_the_t_interval():

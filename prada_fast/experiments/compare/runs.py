@@ -200,8 +200,11 @@ def _record(d: Path) -> dict | None:
     path = d / FEATURES
     if not path.is_file():
         return None
-    rec = torch.load(path)
-    return rec if rec.get("summary_sha256") == _summary_sha256(d) else None
+    try:
+        rec = torch.load(path)
+    except Exception:  # cut short (older versions wrote it in place): made again from final/
+        return None
+    return rec if isinstance(rec, dict) and rec.get("summary_sha256") == _summary_sha256(d) else None
 
 
 def features_of(d: Path, folds: int = 5) -> dict:

@@ -65,12 +65,17 @@ def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
         With the auto teacher the first of all trains alone: it fits the teacher they share."""
         if args.jobs < 2 or args.report_only:
             return
-        todo = [run(v, kn, seed) for v, kn in points for seed in args.tune_seeds]
-        todo = [x for x in todo if not finished(x[0])]
+        todo = {}  # by directory: a repeated grid value is one run
+        for v, kn in points:
+            for seed in args.tune_seeds:
+                d, argv, tag = run(v, kn, seed)
+                if not finished(d):
+                    todo.setdefault(d, (d, argv, tag))
+        todo = list(todo.values())
         if todo and args.teacher == "auto" and not fitted:
             ensure_run(args, todo[0][1], todo[0][0], todo[0][2], walls, alone=True)
             todo = todo[1:]
-        fitted.append(True)
+            fitted.append(True)
         pool = ThreadPoolExecutor(max_workers=args.jobs)
         try:
             for f in [pool.submit(ensure_run, args, argv, d, tag, walls) for d, argv, tag in todo]:
