@@ -324,14 +324,44 @@ def test_a_run_is_finished_by_its_weights_or_by_the_record_of_its_summary(tmp_pa
     assert finished(d)  # the weights are there: the record is made again from them
 
 
+def test_the_record_takes_the_heads_input_from_the_one_pass_over_every_layer(tmp_path, monkeypatch):
+    """head_input: the final row without --pool-layer, row P for a pool layer P below the
+    last, and for P = L (the last layer before the final norm, not a row) the head's own
+    pooling; layer_pooled_features' rows are the hook's tensors (test_pool_layer)."""
+    from prada_fast.experiments.compare import runs
+    layers = torch.randn(4, 5, 7)  # the embeddings and 3 decoder layers
+    own = torch.randn(5, 7)
+    monkeypatch.setattr(runs, "pooled_features", lambda d: (own, None, None, None))
+    (tmp_path / "final").mkdir()
+    for pool, want in ((None, layers[3]), (0, layers[0]), (2, layers[2]), (3, own)):
+        (tmp_path / "final" / "prada_config.json").write_text(json.dumps({"pool_layer": pool}))
+        assert torch.equal(runs.head_input(tmp_path, layers), want), pool
+
+
 def test_paired_interval_is_the_t_interval():
     from prada_fast.experiments.compare import ci95
     d = [0.10, 0.02, 0.05, 0.08, -0.01]
     lo, hi = ci95(d)
     m, sd = np.mean(d), np.std(d, ddof=1)
     assert (lo + hi) / 2 == pytest.approx(m)
-    assert (hi - lo) / 2 == pytest.approx(2.776 * sd / math.sqrt(5), rel=1e-4)  # t(0.975, 4)
+    assert (hi - lo) / 2 == pytest.approx(2.776 * sd / math.sqrt(5), rel=2e-4)  # t(0.975, 4)
     assert ci95([0.1]) is None
+
+
+# Student's t, the printed tables: two-sided 95 % (df 1..30), and 97.5 % (Bonferroni for 2)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+       2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+       2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+T975 = {1: 25.452, 2: 6.205, 3: 4.177, 4: 3.495, 5: 3.163, 9: 2.685, 20: 2.423, 60: 2.299}
+
+
+def test_t_quantiles_are_those_of_the_printed_tables():
+    from prada_fast.experiments.compare.statistics import t_quantile
+    for df, q in enumerate(T95, 1):
+        assert t_quantile(0.95, df) == pytest.approx(q, abs=6e-4), df
+    for df, q in T975.items():
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=6e-4), df
+    assert t_quantile(0.95, 2000) == pytest.approx(1.961, abs=1e-3)  # towards the normal's 1.960
 
 
 def _fake_run(variant, seed, src, tgt, layers=None):
@@ -377,10 +407,46 @@ def test_paired_intervals_against_a_and_b_and_the_verdict(seed):
     assert set(v["arms"]) == {"prada-confusion", "prada-confusion-lm"}
     assert v["arms"]["prada-confusion"]["target"] == "worse"
     assert v["arms"]["prada-confusion-lm"]["target"] == "better" and v["helps"] is True
+    for k, a in v["arms"].items():  # Bonferroni for 2 arms: the 97.5 % t-interval
+        diff = acc[k][:, 2] - acc["cot-lm"][:, 2]
+        half = 2.969 * diff.std(ddof=1) / math.sqrt(n)  # t(0.9875, 6)
+        assert a["target_ci_adjusted"] == pytest.approx([diff.mean() - half, diff.mean() + half], rel=1e-3)
+        assert a["seeds_above_equal_below"] == [(diff > 0).sum(), 0, (diff < 0).sum()]
+    assert v["adjusted_level"] == 0.975 and v["helps_adjusted"] is True
     del by["prada-confusion-lm"]
     assert verdict(paired_differences(by, "cot-lm"), V)["helps"] is False  # above (A) is not enough
     one = {k: r[:1] for k, r in by.items()}
     assert verdict(paired_differences(one, "cot-lm"), V)["helps"] is None  # one seed: undecided
+
+
+def test_an_arm_better_at_95_but_not_at_the_bonferroni_level_is_reported_so():
+    """Δ target of (C) against (B) on 5 seeds in sixteenths of a question set: mean 0.075,
+    t = 3.21, between t(0.975, 4) = 2.776 and t(0.9875, 4) = 3.495."""
+    from prada_fast.experiments.compare.report import verdict_lines
+    from prada_fast.experiments.compare.statistics import paired_differences, verdict
+    base = [0.25, 0.3125, 0.1875, 0.25, 0.375]
+    delta = {"prada-confusion": [0.0625, 0.125, 0.0, 0.125, 0.0625],
+             "prada-confusion-lm": [-0.0625, 0.0, -0.125, 0.0625, 0.0]}
+    by = {"cot-lm": [_fake_run("cot-lm", s, [0.5, 0.5], base[s]) for s in range(5)]}
+    for k, dd in delta.items():
+        by[k] = [_fake_run(k, s, [0.5, 0.5], base[s] + dd[s]) for s in range(5)]
+    V = variants(8)
+    v = verdict(paired_differences(by, "cot-lm"), V)
+    c = v["arms"]["prada-confusion"]
+    assert c["target"] == "better" and c["adjusted"] == "no difference shown"
+    assert c["seeds_above_equal_below"] == [4, 1, 0]
+    assert v["arms"]["prada-confusion-lm"]["seeds_above_equal_below"] == [1, 2, 2]
+    assert v["helps"] is True and v["helps_adjusted"] is False
+    text = "\n".join(verdict_lines(v, {k: {"label": V[k].label} for k in V}))
+    assert "Bonferroni over the 2 PRADA arms (97.5 %): no difference shown" in text
+    assert "seeds above / equal to / below (B): 4 / 1 / 0" in text
+    assert "Verdict: PRADA helps on this target." in text
+    assert "(Not at the Bonferroni level 97.5 % for 2 arms.)" in text
+    del by["prada-confusion-lm"]  # one PRADA arm: its 95 % interval is the only one
+    one = verdict(paired_differences(by, "cot-lm"), V)
+    assert one["adjusted_level"] == 0.95 and one["helps_adjusted"] is True
+    text = "\n".join(verdict_lines(one, {k: {"label": V[k].label} for k in V}))
+    assert "Bonferroni" not in text and "4 / 1 / 0" in text
 
 
 def test_layer_probe_summary_is_the_mean_over_seeds_per_layer(seed):

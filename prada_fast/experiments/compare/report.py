@@ -175,13 +175,20 @@ def verdict_lines(v: dict | None, vs: dict) -> list[str]:
                 "and a PRADA arm to see it)."]
     out = ["**PRADA helps only where (C) or (D) beats (B)** (paired 95 % interval of Δ target "
            "accuracy against (B) above 0):", ""]
+    pct = f"{100 * v['adjusted_level']:.1f}".rstrip("0").rstrip(".")
     for k, a in v["arms"].items():
-        ci = a["target_ci95"]
-        out.append(f"- {vs[k]['label']}: " + (f"{a['target']} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci
-                                               else "fewer than 2 paired seeds"))
+        ci, adj = a["target_ci95"], a["target_ci_adjusted"]
+        up, eq, down = a["seeds_above_equal_below"]
+        bonf = (f"; Bonferroni over the {len(v['arms'])} PRADA arms ({pct} %): {a['adjusted']} "
+                f"[{adj[0]:+.3f}, {adj[1]:+.3f}]" if len(v["arms"]) > 1 else "")
+        out.append(f"- {vs[k]['label']}: " + (
+            f"{a['target']} [{ci[0]:+.3f}, {ci[1]:+.3f}]{bonf}; seeds above / equal to / below "
+            f"(B): {up} / {eq} / {down}" if ci else "fewer than 2 paired seeds"))
     out += ["", "Verdict: " + {True: "PRADA helps on this target.",
                                False: "not shown: no PRADA arm beats (B) on this target.",
                                None: "undecided: fewer than 2 paired seeds."}[v["helps"]]]
+    if v["helps"] and not v["helps_adjusted"]:
+        out.append(f"(Not at the Bonferroni level {pct} % for {len(v['arms'])} arms.)")
     return out
 
 

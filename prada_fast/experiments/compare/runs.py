@@ -16,6 +16,7 @@ import torch
 
 from prada_fast.common.distributed import launch_cmd
 from prada_fast.common.files import write_text_atomic
+from prada_fast.models.final import META_FILE
 from prada_fast.trainer import checkpoint
 
 from .flags import usable_cores
@@ -207,6 +208,16 @@ def _record(d: Path) -> dict | None:
     return rec if isinstance(rec, dict) and rec.get("summary_sha256") == _summary_sha256(d) else None
 
 
+def head_input(d: Path, layers: torch.Tensor) -> torch.Tensor:
+    """The domain head's input among the run's pooled features of every layer (L + 1, n, H):
+    the final normed states, or with --pool-layer P < L the output of decoder layer P (row P,
+    the hook's tensor). P = L, the last layer before the final norm, is no row: pooled again."""
+    pool = json.loads((d / "final" / META_FILE).read_text()).get("pool_layer")
+    if pool is None:
+        return layers[-1]
+    return layers[pool] if pool < len(layers) - 1 else pooled_features(d)[0]
+
+
 def features_of(d: Path, folds: int = 5) -> dict:
     """The run's record, what the report needs beyond summary.json and metrics.jsonl, computed
     once from its final weights and kept in the run directory (FEATURES): the pooled held-out
@@ -221,8 +232,8 @@ def features_of(d: Path, folds: int = 5) -> dict:
         raise SystemExit(f"error: {d}: its weights were dropped and {FEATURES} is not the record "
                          "of its summary.json; delete the run directory to retrain it")
     from ..layers import head_subspace
-    feats, labels, domains, roles = pooled_features(d)  # the head's input (--pool-layer's, if set)
-    layers = pooled_features(d, all_layers=True)[0]
+    layers, labels, domains, roles = pooled_features(d, all_layers=True)
+    feats = head_input(d, layers)
     rec = {"features": feats, "labels": labels, "domains": domains, "roles": roles,
            "layer_domain_share": [domain_variance_share(f, labels) for f in layers],
            "head_subspace": head_subspace(d, feats, labels, folds=folds),

@@ -119,30 +119,67 @@ def verdict(paired_vs_lm: dict, variants: dict) -> dict:
     """PRADA helps only where (C) or (D) beats (B): per PRADA arm against CoT + LM, whether
     the paired 95 % interval of the target accuracy's difference lies above 0 ("better"),
     below 0 ("worse") or holds 0 ("no difference shown"; None below 2 paired seeds), and
-    "helps": whether any PRADA arm is better (None: no arm has 2 paired seeds)."""
+    "helps": whether any PRADA arm is better (None: no arm has 2 paired seeds).
+    With m PRADA arms each is also judged at the Bonferroni level 1 - 0.05 / m
+    ("adjusted", "helps_adjusted"), and its seeds counted above, equal to and below (B)."""
+    def call(ci):
+        return None if ci is None else \
+            "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "no difference shown"
+    prada = {k: d for k, d in paired_vs_lm.items() if variants[k].has_prompt}
+    level = 1 - 0.05 / max(len(prada), 1)
     arms = {}
-    for k, d in paired_vs_lm.items():
-        if not variants[k].has_prompt:
-            continue
-        ci = d["target_accuracy_after"].get("ci95")
+    for k, d in prada.items():
+        t = d["target_accuracy_after"]
+        ci, adj = t.get("ci95"), t_interval(t.get("values", []), level)
         arms[k] = {"target_ci95": ci, "source_ci95": d["source_accuracy_after"].get("ci95"),
-                   "target": None if ci is None else
-                   "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "no difference shown"}
+                   "target": call(ci), "target_ci_adjusted": adj, "adjusted": call(adj),
+                   "seeds_above_equal_below": [sum(x > 0 for x in t.get("values", [])),
+                                               sum(x == 0 for x in t.get("values", [])),
+                                               sum(x < 0 for x in t.get("values", []))]}
     decided = [a for a in arms.values() if a["target"] is not None]
-    return {"arms": arms, "helps": any(a["target"] == "better" for a in decided) if decided else None}
+    return {"arms": arms, "adjusted_level": level,
+            "helps": any(a["target"] == "better" for a in decided) if decided else None,
+            "helps_adjusted": any(a["adjusted"] == "better" for a in decided) if decided else None}
 
 
-# two-sided 97.5 % quantiles of Student's t, by degrees of freedom (1..30); 1.96 beyond
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+def _t_central(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with df (integer) degrees of freedom: Abramowitz & Stegun
+    26.7.3 (df odd) and 26.7.4 (df even), finite sums in cos(theta), theta = atan(t / sqrt(df))."""
+    th = math.atan(t / math.sqrt(df))
+    c = math.cos(th)
+    if df % 2:  # (2/pi)(theta + sin(theta)(cos + 2/3 cos^3 + 2*4/(3*5) cos^5 + ...)), df - 2 the top power
+        term = total = c if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= c * c * (2 * k) / (2 * k + 1)
+            total += term
+        return 2 / math.pi * (th + math.sin(th) * total)
+    term = total = 1.0  # sin(theta)(1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+    for k in range(1, df // 2):
+        term *= c * c * (2 * k - 1) / (2 * k)
+        total += term
+    return math.sin(th) * total
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The two-sided quantile q of Student's t: P(|T| <= q) = level (bisection)."""
+    lo, hi = 0.0, 1.0
+    while _t_central(hi, df) < level:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_central(mid, df) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_interval(values, level: float = 0.95) -> list[float] | None:
+    """The t-interval at `level` of the mean of paired differences (None below 2 values)."""
+    a = aggregate(values)
+    if a["n"] < 2:
+        return None
+    half = t_quantile(level, a["n"] - 1) * a["std"] / math.sqrt(a["n"])
+    return [a["mean"] - half, a["mean"] + half]
 
 
 def ci95(values) -> list[float] | None:
     """The 95 % t-interval of the mean of paired differences (None below 2 values)."""
-    a = aggregate(values)
-    if a["n"] < 2:
-        return None
-    t = T975[a["n"] - 2] if a["n"] - 1 <= len(T975) else 1.96
-    half = t * a["std"] / math.sqrt(a["n"])
-    return [a["mean"] - half, a["mean"] + half]
+    return t_interval(values, 0.95)
