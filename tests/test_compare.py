@@ -416,7 +416,11 @@ def test_paired_intervals_against_a_and_b_and_the_verdict(seed):
     del by["prada-confusion-lm"]
     assert verdict(paired_differences(by, "cot-lm"), V)["helps"] is False  # above (A) is not enough
     one = {k: r[:1] for k, r in by.items()}
-    assert verdict(paired_differences(one, "cot-lm"), V)["helps"] is None  # one seed: undecided
+    v1 = verdict(paired_differences(one, "cot-lm"), V)
+    assert v1["helps"] is None and v1["helps_adjusted"] is None  # one seed: undecided
+    from prada_fast.experiments.compare.report import verdict_lines
+    text = "\n".join(verdict_lines(v1, {k: {"label": V[k].label} for k in V}))
+    assert ": fewer than 2 paired seeds\n" in text and "Verdict: undecided" in text
 
 
 def test_an_arm_better_at_95_but_not_at_the_bonferroni_level_is_reported_so():

@@ -180,7 +180,7 @@ def verdict_lines(v: dict | None, vs: dict) -> list[str]:
         ci, adj = a["target_ci95"], a["target_ci_adjusted"]
         up, eq, down = a["seeds_above_equal_below"]
         bonf = (f"; Bonferroni over the {len(v['arms'])} PRADA arms ({pct} %): {a['adjusted']} "
-                f"[{adj[0]:+.3f}, {adj[1]:+.3f}]" if len(v["arms"]) > 1 else "")
+                f"[{adj[0]:+.3f}, {adj[1]:+.3f}]" if adj and len(v["arms"]) > 1 else "")
         out.append(f"- {vs[k]['label']}: " + (
             f"{a['target']} [{ci[0]:+.3f}, {ci[1]:+.3f}]{bonf}; seeds above / equal to / below "
             f"(B): {up} / {eq} / {down}" if ci else "fewer than 2 paired seeds"))
