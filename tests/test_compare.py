@@ -420,7 +420,8 @@ def test_paired_intervals_against_a_and_b_and_the_verdict(seed):
     assert v1["helps"] is None and v1["helps_adjusted"] is None  # one seed: undecided
     from prada_fast.experiments.compare.report import verdict_lines
     text = "\n".join(verdict_lines(v1, {k: {"label": V[k].label} for k in V}))
-    assert ": fewer than 2 paired seeds\n" in text and "Verdict: undecided" in text
+    assert ": fewer than 2 paired seeds; seeds above / equal to / below (B): " in text
+    assert "Verdict: undecided" in text and "Bonferroni" not in text
 
 
 def test_an_arm_better_at_95_but_not_at_the_bonferroni_level_is_reported_so():
@@ -451,6 +452,19 @@ def test_an_arm_better_at_95_but_not_at_the_bonferroni_level_is_reported_so():
     assert one["adjusted_level"] == 0.95 and one["helps_adjusted"] is True
     text = "\n".join(verdict_lines(one, {k: {"label": V[k].label} for k in V}))
     assert "Bonferroni" not in text and "4 / 1 / 0" in text
+    # four arms planned (both adversaries), one with runs: still the level for four
+    four = verdict(paired_differences(by, "cot-lm"), V, n_arms=4)
+    assert four["adjusted_level"] == 0.9875 and four["arms"]["prada-confusion"]["adjusted"] == \
+        "no difference shown"
+    text = "\n".join(verdict_lines(four, {k: {"label": V[k].label} for k in V}))
+    assert "Bonferroni over the 4 PRADA arms (98.75 %)" in text
+
+
+def test_t_quantile_refuses_a_level_outside_0_1():
+    from prada_fast.experiments.compare.statistics import t_quantile
+    for level, df in ((1.0, 4), (1.5, 4), (0.0, 4), (float("nan"), 4), (0.95, 0)):
+        with pytest.raises(ValueError):
+            t_quantile(level, df)
 
 
 def test_layer_probe_summary_is_the_mean_over_seeds_per_layer(seed):

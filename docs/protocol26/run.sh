@@ -56,7 +56,10 @@ save() {
 report() {
   # The report of main's compare (the frozen one's plus the analysis that docs/protocol26/README.md
   # fixed later: Bonferroni, seed counts) from records/ alone, apart from $OUT: records/report_main.*
-  local R=$S/report-main
+  local R=$S/report-main n
+  n=$(find "$RECORDS/runs" -name summary.json | wc -l)
+  [ "$n" -eq 20 ] || { echo "run.sh report: $n of the 20 main runs are in records/" >&2; exit 2; }
+  cd "$REPO"
   rm -rf "$R" && mkdir -p "$R" && cp -r "$RECORDS/." "$R/" && rm -f "$R"/report*.md "$R"/report*.json
   PYTHONPATH=$REPO python -m prada_fast.experiments.compare --output-dir "$R" "${FLAGS[@]}" --report-only
   cp "$R/report.md" "$RECORDS/report_main.md" && cp "$R/report.json" "$RECORDS/report_main.json"

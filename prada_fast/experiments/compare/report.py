@@ -175,20 +175,21 @@ def verdict_lines(v: dict | None, vs: dict) -> list[str]:
                 "and a PRADA arm to see it)."]
     out = ["**PRADA helps only where (C) or (D) beats (B)** (paired 95 % interval of Δ target "
            "accuracy against (B) above 0):", ""]
-    pct = f"{100 * v['adjusted_level']:.1f}".rstrip("0").rstrip(".")
+    pct = f"{100 * v['adjusted_level']:.6g}"
+    m = v["n_arms"]  # the PRADA arms planned
     for k, a in v["arms"].items():
         ci, adj = a["target_ci95"], a["target_ci_adjusted"]
         up, eq, down = a["seeds_above_equal_below"]
-        bonf = (f"; Bonferroni over the {len(v['arms'])} PRADA arms ({pct} %): {a['adjusted']} "
-                f"[{adj[0]:+.3f}, {adj[1]:+.3f}]" if adj and len(v["arms"]) > 1 else "")
+        bonf = (f"; Bonferroni over the {m} PRADA arms ({pct} %): {a['adjusted']} "
+                f"[{adj[0]:+.3f}, {adj[1]:+.3f}]" if adj and m > 1 else "")
         out.append(f"- {vs[k]['label']}: " + (
-            f"{a['target']} [{ci[0]:+.3f}, {ci[1]:+.3f}]{bonf}; seeds above / equal to / below "
-            f"(B): {up} / {eq} / {down}" if ci else "fewer than 2 paired seeds"))
+            f"{a['target']} [{ci[0]:+.3f}, {ci[1]:+.3f}]{bonf}" if ci else "fewer than 2 paired seeds")
+            + f"; seeds above / equal to / below (B): {up} / {eq} / {down}")
     out += ["", "Verdict: " + {True: "PRADA helps on this target.",
                                False: "not shown: no PRADA arm beats (B) on this target.",
                                None: "undecided: fewer than 2 paired seeds."}[v["helps"]]]
     if v["helps"] and not v["helps_adjusted"]:
-        out.append(f"(Not at the Bonferroni level {pct} % for {len(v['arms'])} arms.)")
+        out.append(f"(Not at the Bonferroni level {pct} % for {m} arms.)")
     return out
 
 
@@ -365,6 +366,7 @@ def build_report(args, argv: list[str], runs: list[dict], n_trained: int, t0: fl
             "variants": {k: summarise(v, V[k]) for k, v in by_variant.items()},
             "paired_vs_cot": paired_differences(by_variant, BASELINE),
             "paired_vs_cot_lm": paired_differences(by_variant, LM_BASELINE)}
-        report["results"][target]["verdict"] = verdict(report["results"][target]["paired_vs_cot_lm"], V)
+        report["results"][target]["verdict"] = verdict(
+            report["results"][target]["paired_vs_cot_lm"], V, sum(V[k].has_prompt for k in args.variants))
     make_plots(args, report, runs, V)
     return report

@@ -115,18 +115,20 @@ def _paired(differences) -> dict:
     return {**aggregate(vals), "ci95": ci95(vals)}
 
 
-def verdict(paired_vs_lm: dict, variants: dict) -> dict:
+def verdict(paired_vs_lm: dict, variants: dict, n_arms: int | None = None) -> dict:
     """PRADA helps only where (C) or (D) beats (B): per PRADA arm against CoT + LM, whether
     the paired 95 % interval of the target accuracy's difference lies above 0 ("better"),
     below 0 ("worse") or holds 0 ("no difference shown"; None below 2 paired seeds), and
     "helps": whether any PRADA arm is better (None: no arm has 2 paired seeds).
-    With m PRADA arms each is also judged at the Bonferroni level 1 - 0.05 / m
+    With m PRADA arms (n_arms: those the comparison planned, whether or not each has runs;
+    default those here) each is also judged at the Bonferroni level 1 - 0.05 / m
     ("adjusted", "helps_adjusted"), and its seeds counted above, equal to and below (B)."""
     def call(ci):
         return None if ci is None else \
             "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "no difference shown"
     prada = {k: d for k, d in paired_vs_lm.items() if variants[k].has_prompt}
-    level = 1 - 0.05 / max(len(prada), 1)
+    m = max(n_arms or len(prada), 1)
+    level = 1 - 0.05 / m
     arms = {}
     for k, d in prada.items():
         t = d["target_accuracy_after"]
@@ -137,7 +139,7 @@ def verdict(paired_vs_lm: dict, variants: dict) -> dict:
                                                sum(x == 0 for x in t.get("values", [])),
                                                sum(x < 0 for x in t.get("values", []))]}
     decided = [a for a in arms.values() if a["target"] is not None]
-    return {"arms": arms, "adjusted_level": level,
+    return {"arms": arms, "n_arms": m, "adjusted_level": level,
             "helps": any(a["target"] == "better" for a in decided) if decided else None,
             "helps_adjusted": any(a["adjusted"] == "better" for a in decided) if decided else None}
 
@@ -162,6 +164,8 @@ def _t_central(t: float, df: int) -> float:
 
 def t_quantile(level: float, df: int) -> float:
     """The two-sided quantile q of Student's t: P(|T| <= q) = level (bisection)."""
+    if not 0 < level < 1 or df < 1:
+        raise ValueError(f"t quantile: level {level} must be in (0, 1) and df {df} >= 1")
     lo, hi = 0.0, 1.0
     while _t_central(hi, df) < level:
         lo, hi = hi, 2 * hi
