@@ -328,14 +328,14 @@ def test_the_record_takes_the_heads_input_from_the_one_pass_over_every_layer(tmp
     """head_input: the final row without --pool-layer, row P for a pool layer P below the
     last, and for P = L (the last layer before the final norm, not a row) the head's own
     pooling; layer_pooled_features' rows are the hook's tensors (test_pool_layer)."""
-    from prada_fast.experiments.compare import runs
+    from prada_fast.experiments import analysis
     layers = torch.randn(4, 5, 7)  # the embeddings and 3 decoder layers
     own = torch.randn(5, 7)
-    monkeypatch.setattr(runs, "pooled_features", lambda d: (own, None, None, None))
+    monkeypatch.setattr(analysis, "pooled_features", lambda d: (own, None, None, None))
     (tmp_path / "final").mkdir()
     for pool, want in ((None, layers[3]), (0, layers[0]), (2, layers[2]), (3, own)):
         (tmp_path / "final" / "prada_config.json").write_text(json.dumps({"pool_layer": pool}))
-        assert torch.equal(runs.head_input(tmp_path, layers), want), pool
+        assert torch.equal(analysis.head_input(tmp_path, layers), want), pool
 
 
 def test_paired_interval_is_the_t_interval():

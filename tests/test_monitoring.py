@@ -78,7 +78,7 @@ def test_fooled_needs_evidence_beyond_noise():
         assert below_chance_p(k, n, chance) == pytest.approx(ref, rel=1e-9, abs=1e-300)
 
 
-def test_summary_alignment_tensorboard_and_layer_probes(in_process, tmp_path):
+def test_summary_alignment_tensorboard_and_layer_probes(in_process, tmp_path, monkeypatch):
     """A short run: summary.json carries the head's and a fresh probe's accuracy on the
     held-out pooled question features, --probe-every writes their curve, every metrics.jsonl
     value is in TensorBoard, and layers.py probes every layer of the finished run."""
@@ -132,6 +132,27 @@ def test_summary_alignment_tensorboard_and_layer_probes(in_process, tmp_path):
     sub = res["head_subspace"]  # a linear head of rank D - 1 or D
     assert sub["rank"] in (len(domains) - 1, len(domains)) and 0 <= sub["outside"] <= 1
     assert table([res]).count("\n| ") == len(per_layer) + 1 + 2  # header rule, layers, subspaces
+
+    # the same weights read as pooling layer P (--pool-layer P): the head-subspace probe gets
+    # the head's input (the hook's features, analysis.head_input), not the final features
+    import shutil
+
+    from prada_fast.experiments import layers as layers_mod
+    from prada_fast.experiments.analysis import head_input
+    n_layers = model.student.config.num_hidden_layers
+    seen, real = [], layers_mod.head_subspace
+    monkeypatch.setattr(layers_mod, "head_subspace",
+                        lambda d, f, y, **kw: seen.append(f) or real(d, f, y, **kw))
+    for pool in (1, n_layers):
+        other = tmp_path / f"pool{pool}"
+        shutil.copytree(out, other)
+        meta = json.loads((other / "final" / "prada_config.json").read_text())
+        (other / "final" / "prada_config.json").write_text(json.dumps({**meta, "pool_layer": pool}))
+        hooked = pooled_features(other)[0]  # the model's own pooling, through its hook
+        assert not torch.allclose(hooked, per_layer[-1])
+        torch.testing.assert_close(head_input(other, per_layer), hooked)
+        layers_mod.layer_probes(other)
+        torch.testing.assert_close(seen.pop(), hooked)
 
 
 def test_split_by_rows_projects_onto_the_heads_row_space():

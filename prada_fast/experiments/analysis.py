@@ -11,6 +11,7 @@ import torch
 
 from prada_fast.common.distributed import torch_threads
 from prada_fast.trainer.probes import one_thread, probe_accuracy  # noqa: F401 (probe_accuracy: re-exported)
+from prada_fast.models.final import META_FILE
 from prada_fast.trainer.rundir import RunDir
 from prada_fast.trainer.settings import held_out_records
 
@@ -142,4 +143,15 @@ def pooled_features(run_dir: str | Path, *, batch_size: int = 64, device: str | 
             feats.append(f.float().cpu())
             labels.append(b["domain_labels"])
     return torch.cat(feats, -2), torch.cat(labels), domains, meta.get("roles", {})
+
+
+def head_input(d: str | Path, layers: torch.Tensor) -> torch.Tensor:
+    """The domain head's input among a finished run's pooled features of every layer
+    (pooled_features(all_layers=True), L + 1 rows): the final normed states, or with
+    --pool-layer P < L the output of decoder layer P (row P, the hook's tensor). P = L, the
+    last layer before the final norm, is no row: pooled again."""
+    pool = json.loads((RunDir(d).final / META_FILE).read_text()).get("pool_layer")
+    if pool is None:
+        return layers[-1]
+    return layers[pool] if pool < len(layers) - 1 else pooled_features(d)[0]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from prada_fast.experiments.analysis import domain_variance_share, pooled_features
+from prada_fast.experiments.analysis import domain_variance_share, head_input, pooled_features
 from prada_fast.trainer.probes import one_thread, probe_accuracy
 
 
@@ -26,8 +26,8 @@ def layer_probes(run_dir, *, folds: int = 5) -> dict:
     """{"layers": [{"layer": i, "logistic": acc, "ncm": acc, "domain_share": share}, ...],
     "head_subspace": {...},
     "chance": 1/D, "n": rows} for one finished run (layer 0: the input embeddings; the last:
-    the final hidden states, the head's input). head_subspace (a linear head only): the
-    logistic probe on the final features projected onto the span of the head's D weight rows
+    the final hidden states). head_subspace (a linear head only): the logistic probe on the
+    head's input (the final features, or --pool-layer's) projected onto the span of its D weight rows
     ("in_head_rows", all the head can see) and onto its orthogonal complement ("outside"):
     a student that hides the domain from its head alone leaves it in "outside"."""
     feats, labels, domains, _ = pooled_features(run_dir, all_layers=True)
@@ -35,13 +35,13 @@ def layer_probes(run_dir, *, folds: int = 5) -> dict:
              "ncm": probe_accuracy(f, labels, kind="ncm", folds=folds),
              "domain_share": domain_variance_share(f, labels)} for i, f in enumerate(feats)]
     return {"run": str(run_dir), "layers": rows,
-            "head_subspace": head_subspace(run_dir, feats[-1], labels, folds=folds),
+            "head_subspace": head_subspace(run_dir, head_input(run_dir, feats), labels, folds=folds),
             "chance": 1 / len(domains), "n": len(labels)}
 
 
 def head_subspace(run_dir, features: torch.Tensor, labels: torch.Tensor, *,
                   folds: int = 5) -> dict | None:
-    """The logistic probe on a finished run's final pooled features projected onto the span of
+    """The logistic probe on a finished run's pooled features (the head's input) projected onto the span of
     its linear domain head's weight rows ("in_head_rows", all the head can see) and onto the
     orthogonal complement ("outside"), and the head's rank; None for a head with a hidden layer."""
     from prada_fast.models import PradaModel

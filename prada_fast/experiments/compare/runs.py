@@ -16,11 +16,10 @@ import torch
 
 from prada_fast.common.distributed import launch_cmd
 from prada_fast.common.files import write_text_atomic
-from prada_fast.models.final import META_FILE
 from prada_fast.trainer import checkpoint
 
 from .flags import usable_cores
-from ..analysis import domain_variance_share, load_metrics, pooled_features, probe_accuracy
+from ..analysis import domain_variance_share, head_input, load_metrics, pooled_features, probe_accuracy
 from .statistics import _mean
 from .variants import Variant, knob_flags
 
@@ -206,16 +205,6 @@ def _record(d: Path) -> dict | None:
     except Exception:  # cut short (older versions wrote it in place): made again from final/
         return None
     return rec if isinstance(rec, dict) and rec.get("summary_sha256") == _summary_sha256(d) else None
-
-
-def head_input(d: Path, layers: torch.Tensor) -> torch.Tensor:
-    """The domain head's input among the run's pooled features of every layer (L + 1, n, H):
-    the final normed states, or with --pool-layer P < L the output of decoder layer P (row P,
-    the hook's tensor). P = L, the last layer before the final norm, is no row: pooled again."""
-    pool = json.loads((d / "final" / META_FILE).read_text()).get("pool_layer")
-    if pool is None:
-        return layers[-1]
-    return layers[pool] if pool < len(layers) - 1 else pooled_features(d)[0]
 
 
 def features_of(d: Path, folds: int = 5) -> dict:
