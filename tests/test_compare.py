@@ -324,6 +324,43 @@ def test_a_run_is_finished_by_its_weights_or_by_the_record_of_its_summary(tmp_pa
     assert finished(d)  # the weights are there: the record is made again from them
 
 
+def test_a_record_made_with_other_probe_folds_is_remade_while_the_weights_are_there(
+        tmp_path, monkeypatch, capsys):
+    """features_of: a record whose head-subspace probes used other --probe-folds is made again
+    from final/ when it is there; without the weights it is reused and named once."""
+    import hashlib
+
+    from prada_fast.experiments import layers
+    from prada_fast.experiments.compare import runs
+    d = tmp_path / "seed0"
+    d.mkdir()
+    (d / "summary.json").write_text('{"steps": 3}')
+    digest = hashlib.sha256((d / "summary.json").read_bytes()).hexdigest()
+    old = {"features": torch.zeros(2, 3), "head_subspace": {"folds": 3}, "probe_folds": 3,
+           "summary_sha256": digest}
+    torch.save(old, d / runs.FEATURES)
+
+    def no_weights(*a, **k):
+        raise AssertionError("made again without weights")
+    monkeypatch.setattr(runs, "pooled_features", no_weights)
+    for _ in range(2):
+        assert runs.features_of(d, 5)["head_subspace"] == {"folds": 3}
+    assert capsys.readouterr().out.count("--probe-folds 3, not 5") == 1
+    assert runs.features_of(d, 3)["head_subspace"] == {"folds": 3}  # the same folds: reused
+
+    (d / "final").mkdir()
+    (d / "final" / "prada_config.json").write_text("{}")
+    stack = torch.randn(4, 6, 3)
+    monkeypatch.setattr(runs, "pooled_features",
+                        lambda d, all_layers: (stack, torch.tensor([0, 1] * 3), ["a", "b"], {}))
+    monkeypatch.setattr(layers, "head_subspace", lambda d, f, y, folds: {"folds": folds})
+    assert runs.features_of(d, 3)["head_subspace"] == {"folds": 3}  # matches: not remade
+    rec = runs.features_of(d, 5)
+    assert rec["head_subspace"] == {"folds": 5} and rec["probe_folds"] == 5
+    assert torch.equal(rec["features"], stack[-1])
+    assert torch.load(d / runs.FEATURES)["probe_folds"] == 5  # kept
+
+
 def test_the_record_takes_the_heads_input_from_the_one_pass_over_every_layer(tmp_path, monkeypatch):
     """head_input: the final row without --pool-layer, row P for a pool layer P below the
     last, and for P = L (the last layer before the final norm, not a row) the head's own

@@ -207,17 +207,28 @@ def _record(d: Path) -> dict | None:
     return rec if isinstance(rec, dict) and rec.get("summary_sha256") == _summary_sha256(d) else None
 
 
+_OTHER_FOLDS: set[Path] = set()  # runs whose record's probes used other folds, named once
+
+
 def features_of(d: Path, folds: int = 5) -> dict:
     """The run's record, what the report needs beyond summary.json and metrics.jsonl, computed
     once from its final weights and kept in the run directory (FEATURES): the pooled held-out
     features the domain head reads (the final layer's, or --pool-layer's), their domain labels, each layer's
     domain share (domain_variance_share: 0 the input embeddings, last the final states) and
-    the probes inside and outside the domain head's rows (layers.head_subspace). With it the
+    the probes inside and outside the domain head's rows (layers.head_subspace, with `folds`:
+    made again when the record's used others and the weights are still there). With it the
     run is reported without its weights."""
     rec = _record(d)
+    weights = (d / "final" / "prada_config.json").is_file()
     if rec is not None:
-        return rec
-    if not (d / "final" / "prada_config.json").is_file():
+        made_with = rec.get("probe_folds", folds)  # older records: taken as made with these
+        if made_with == folds or not weights:  # else made again with these folds
+            if made_with != folds and d not in _OTHER_FOLDS:
+                _OTHER_FOLDS.add(d)
+                log(f"{d}: its record's head-subspace probes used --probe-folds {made_with}, not "
+                    f"{folds}; its weights were dropped, so they are reported as they are")
+            return rec
+    if not weights:
         raise SystemExit(f"error: {d}: its weights were dropped and {FEATURES} is not the record "
                          "of its summary.json; delete the run directory to retrain it")
     from ..layers import head_subspace
@@ -226,7 +237,7 @@ def features_of(d: Path, folds: int = 5) -> dict:
     rec = {"features": feats, "labels": labels, "domains": domains, "roles": roles,
            "layer_domain_share": [domain_variance_share(f, labels) for f in layers],
            "head_subspace": head_subspace(d, feats, labels, folds=folds),
-           "summary_sha256": _summary_sha256(d)}
+           "probe_folds": folds, "summary_sha256": _summary_sha256(d)}
     tmp = d / (FEATURES + ".tmp")
     torch.save(rec, tmp)
     os.replace(tmp, d / FEATURES)
