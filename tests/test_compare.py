@@ -772,6 +772,37 @@ def test_each_training_run_is_a_job_of_its_own(monkeypatch, tmp_path):
     assert env["OMP_NUM_THREADS"] == "1" and env["PATH"] == os.environ["PATH"]
 
 
+def test_blind_keeps_the_target_out_of_sight_until_every_run_is_finished(tmp_path, monkeypatch, capsys):
+    """--blind: a finished run's line names its source accuracy, never its target's, and no
+    report is written while a run of the plan is missing; once none is, the report is."""
+    from prada_fast.experiments.compare import command as cmp
+    have = {("cot", 0), ("cot", 1), ("cot-lm", 0)}  # (cot-lm, 1) not trained yet
+    monkeypatch.setattr(cmp, "ensure_run", lambda args, argv, d, tag, walls, alone=False:
+                        ("reused" if (d.parent.name, int(d.name[4:])) in have else "missing", None))
+
+    def collect(args, t, v, s, status, wall):
+        return {**_fake_run(v.key, s, [0.5, 0.625], 0.8125), "target": t}
+    monkeypatch.setattr(cmp, "collect_run", collect)
+    reports = []
+    monkeypatch.setattr(cmp, "build_report", lambda args, argv, runs, n, t0: reports.append(runs)
+                        or {"plots": {}, "wall_seconds": 1.0})
+    monkeypatch.setattr(cmp, "write_markdown", lambda report, path: path.write_text("report"))
+    argv = ["--output-dir", str(tmp_path), "--variants", "cot,cot-lm", "--seeds", "0,1",
+            "--teacher", "none", "--report-only"]
+    assert cmp.main(argv + ["--blind"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("acc source 0.562 target hidden until every run is finished") == 3
+    assert "0.812" not in out and "3 of 4 runs are finished: no report" in out
+    assert not reports and not (tmp_path / "report.md").exists()
+    assert cmp.main(argv) == 0  # without --blind: the partial report, the target named
+    assert "target 0.812" in capsys.readouterr().out and len(reports[-1]) == 3
+    (tmp_path / "report.md").unlink()
+    have.add(("cot-lm", 1))
+    assert cmp.main(argv + ["--blind"]) == 0
+    assert "0.812" not in capsys.readouterr().out  # the lines stay blind; the report is there
+    assert len(reports[-1]) == 4 and (tmp_path / "report.md").read_text() == "report"
+
+
 def test_the_tuning_table_marks_the_adversary_knobs_prada_took():
     """The adversary alone is tuned for PRADA's sake even when it is not an arm: its row with
     the lambda and lr multiplier PRADA took is marked chosen, the others are not."""

@@ -57,6 +57,10 @@ def main(argv=None) -> int:
     if not runs:
         log("no finished runs: nothing to report")
         return ExitCode.FAILED
+    if args.blind and len(runs) < len(plan):
+        log(f"{len(runs)} of {len(plan)} runs are finished: no report until all are (--blind); "
+            "rerun the same command to continue")
+        return ExitCode.OK
     report = build_report(args, argv, runs, len(trained_walls), t0)
     (args.output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(report, args.output_dir / "report.md")
@@ -88,8 +92,9 @@ def train_plan(args, plan, chosen: dict, walls: list[float]) -> list[dict]:
             src = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "source"])
             tgt = _mean([r["accuracy_after"][x] for x, ro in r["roles"].items() if ro == "target"])
             head = _f(r["domain_classifier_accuracy"]) if v.trains_domain_head else "untrained"
+            target = "hidden until every run is finished (--blind)" if args.blind else _f(tgt)
             log(f"{tag}: {'done in %.0f s; ' % wall if wall else ''}acc source "
-                f"{_f(src)} target {_f(tgt)}, domain head {head}, probe {_f(r['probe_accuracy'])}")
+                f"{_f(src)} target {target}, domain head {head}, probe {_f(r['probe_accuracy'])}")
             done[i] = r
             if args.drop_weights:
                 drop_weights(d, args.probe_folds)

@@ -161,6 +161,10 @@ def build_parser() -> FlagParser:
                    help="seeds of the tuning runs (kept apart from --seeds)")
     for name, text in (
             ("--report-only", "train nothing: build the report from the finished runs in --output-dir"),
+            ("--blind", "keep the target's accuracy out of sight until every run is finished: "
+                        "each run's line names its source accuracy only, and the report is "
+                        "written only when no run of the plan is missing (a protocol fixed "
+                        "before its numbers are seen; tuning lines name the pseudo-target's)"),
             ("--dry-run", "print the trainer command lines and exit"),
             ("--verbose", "show the trainer's output (always written to runs/.../seed<S>.log)")):
         e.add_argument(name, action="store_true", help=text)
