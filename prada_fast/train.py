@@ -159,7 +159,8 @@ def build_models(args, data: RunData):
     model = PradaModel(student, PradaConfig(
         n_domains=len(data.domains), n_prompt=args.prompt_len, head=args.domain_head,
         mlp_hidden=args.mlp_hidden, loss_impl=args.loss_impl, pool=args.pool, adversary=args.adversary,
-        prompt_encoder=args.prompt_encoder, prompt_hidden=args.prompt_hidden, pool_layer=args.pool_layer))
+        prompt_encoder=args.prompt_encoder, prompt_hidden=args.prompt_hidden, pool_layer=args.pool_layer,
+        prompt_init=args.prompt_init))
     if args.teacher_outputs:  # no teacher model: its outputs, read per micro-batch
         return model, open_teacher_outputs(args, tok, data, student), tok
     teacher = resolve_teacher(settings.teacher_spec(args), args.student, tok, data.train, data.collate,

@@ -46,6 +46,7 @@ BAD = {
     "--prompt-len": ["--prompt-len", "-1"],
     "--prompt-encoder": ["--prompt-encoder", "mlp", "--prompt-len", "0"],
     "--prompt-hidden": ["--prompt-hidden", "16"],  # without --prompt-encoder
+    "--prompt-init": ["--prompt-init", "words"],
     "--domain-head": ["--domain-head", "conv"],
     "--mlp-hidden": ["--mlp-hidden", "16"],  # without --domain-head mlp
     "--pool": ["--pool", "everything"],

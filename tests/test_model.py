@@ -48,6 +48,31 @@ def test_soft_prompt_and_linear_head_get_gradients(tiny):
     assert parts["dom"] > 0
 
 
+def test_the_soft_prompt_starts_random_or_on_token_embeddings(tiny):
+    """--prompt-init: random draws K x H Gaussians at the embeddings' std from torch's global
+    generator (the same draws as before the flag existed); vocab takes the embedding rows of
+    K token ids drawn from the vocabulary, reproducibly under a seed, as a trainable copy."""
+    student, _ = tiny
+    emb = student.get_input_embeddings().weight.detach()
+    seed = int(torch.randint(0, 2**31, (1,)))
+    torch.manual_seed(seed)
+    rnd = PradaModel(student, PradaConfig(n_domains=3, n_prompt=7)).soft_prompt.detach()
+    torch.manual_seed(seed)
+    torch.testing.assert_close(rnd, torch.randn(7, emb.shape[1]) * emb.std(), rtol=0, atol=0)
+    torch.manual_seed(seed)
+    voc = PradaModel(student, PradaConfig(n_domains=3, n_prompt=7, prompt_init="vocab")).soft_prompt
+    torch.manual_seed(seed)
+    ids = torch.randint(emb.shape[0], (7,))
+    assert torch.equal(voc.detach(), emb[ids])  # rows of the embedding matrix, in its order
+    dist = torch.cdist(rnd.double(), emb.double()).min(1).values
+    assert (dist > 1e-3).all()  # the random start is no token's embedding
+    assert voc.data_ptr() != emb.data_ptr() and voc.requires_grad  # a copy, trained on its own
+    with pytest.raises(ModelError, match="prompt init"):
+        PradaConfig(n_domains=3, prompt_init="words")
+    older = {"domains": ["a", "b"], "domain_head": "linear", "n_prompt": 4}  # no prompt_init key
+    assert PradaConfig.from_meta(older).prompt_init == "random"
+
+
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])
 def test_prompt_encoder_output_is_the_prompt_and_trains(kind):
     """P-tuning: the vectors in front of the input are the encoder's output on the free

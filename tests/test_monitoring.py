@@ -86,8 +86,10 @@ def test_summary_alignment_tensorboard_and_layer_probes(in_process, tmp_path, mo
     out = tmp_path / "run"
     code = in_process([*FAST, "--teacher", "none", "--max-steps", "3", "--eval-per-domain", "10",
                        "--output-dir", str(out), "--report-to", "tensorboard",
-                       "--prompt-encoder", "mlp", "--adversary", "confusion", "--probe-every", "2"])
+                       "--prompt-encoder", "mlp", "--adversary", "confusion", "--probe-every", "2",
+                       "--prompt-init", "vocab"])
     assert code == 0
+    assert json.loads((out / "final" / "prada_config.json").read_text())["prompt_init"] == "vocab"
     summary = json.loads((out / "summary.json").read_text())
     a = summary["domain_alignment"]
     assert 0 <= a["probe_accuracy"] <= 1 and 0 <= a["head_accuracy"] <= 1

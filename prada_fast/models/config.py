@@ -13,10 +13,12 @@ from prada_fast.op import IMPL_NAMES as LOSS_IMPLS
 POOLS = ("question", "sequence")
 HEADS = ("linear", "mlp")
 ADVERSARIES = ("grl", "confusion", "mmd")  # the op's two, and MMD (models/mmd.py)
+PROMPT_INITS = ("random", "vocab")  # the soft prompt's start: Gaussian, or token embeddings
 # What a prada_config.json written before a key existed meant by its absence (read by
 # `from_meta`): older exports pooled whole sequences and reversed gradients.
 LEGACY_DEFAULTS = {"mlp_hidden": 0, "pool": "sequence", "adversary": "grl",
-                   "prompt_encoder": "none", "prompt_hidden": 0, "pool_layer": None}
+                   "prompt_encoder": "none", "prompt_hidden": 0, "pool_layer": None,
+                   "prompt_init": "random"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class PradaConfig:
     prompt_hidden: int = 0          # its hidden width (0: the student's hidden size)
     pool_layer: int | None = None   # the domain features pool decoder layer L's output (0: the
                                     # input embeddings); None: the final normed hidden states
+    prompt_init: str = "random"     # the soft prompt's start: PROMPT_INITS
 
     def __post_init__(self):
         def check(ok: bool, msg: str) -> None:
@@ -43,6 +46,8 @@ class PradaConfig:
         check(self.head in HEADS, f"domain head {self.head!r}: expected 'linear' or 'mlp'")
         check(self.adversary in ADVERSARIES, f"adversary {self.adversary!r}: expected one of {ADVERSARIES}")
         check(self.loss_impl in LOSS_IMPLS, f"loss impl {self.loss_impl!r}: expected one of {LOSS_IMPLS}")
+        check(self.prompt_init in PROMPT_INITS,
+              f"prompt init {self.prompt_init!r}: expected one of {PROMPT_INITS}")
         check(self.prompt_encoder in PROMPT_ENCODERS,
               f"prompt encoder {self.prompt_encoder!r}: expected one of {PROMPT_ENCODERS}")
         for name in ("n_prompt", "mlp_hidden", "prompt_hidden"):

@@ -41,6 +41,21 @@ class DomainHead(nn.Module):
         return self.out(torch.relu(self.inner(f)) if self.kind == "mlp" else f)
 
 
+def initial_prompt(emb: torch.Tensor, k: int, hidden: int, how: str) -> torch.Tensor:
+    """The soft prompt's K starting vectors (torch's global generator draws them): "random",
+    Gaussian with the input embeddings' standard deviation; "vocab", the embeddings of K
+    token ids drawn uniformly from the vocabulary (prompt tuning's start on a pretrained
+    model: vectors the student already reads)."""
+    emb = emb.detach()
+    if how == "vocab":
+        if not emb.numel():
+            raise ModelError("--prompt-init vocab reads the input embeddings: they are not here "
+                             "(partitioned before the model was built?)")
+        return emb[torch.randint(emb.shape[0], (k,))].clone()
+    std = float(emb.std()) if emb.numel() else 0.02
+    return torch.randn(k, hidden, dtype=emb.dtype) * std
+
+
 class PradaModel(nn.Module):
     """Student + soft prompt + domain head; `forward` gives (loss, parts).
 
@@ -60,8 +75,7 @@ class PradaModel(nn.Module):
         self.student = student
         H = student.config.hidden_size
         emb = student.get_input_embeddings().weight
-        std = float(emb.detach().std()) if emb.numel() else 0.02
-        self.soft_prompt = nn.Parameter(torch.randn(self.n_prompt, H, dtype=emb.dtype) * std) \
+        self.soft_prompt = nn.Parameter(initial_prompt(emb, self.n_prompt, H, config.prompt_init)) \
             if self.n_prompt > 0 else None
         self.prompt_encoder = (PromptEncoder(H, config.prompt_encoder, config.prompt_hidden).to(emb.dtype)
                                if config.prompt_encoder != "none" else None)

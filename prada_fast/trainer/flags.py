@@ -27,6 +27,7 @@ from prada_fast.common.flags import (
     within,
 )
 from prada_fast.models import PRESETS
+from prada_fast.models.config import PROMPT_INITS
 from prada_fast.models.hub import PRETRAINED_LR, PRETRAINED_WARMUP
 from prada_fast.trainer.rundir import RunDirError, check_output_dir
 
@@ -138,6 +139,12 @@ def build_parser() -> FlagParser:
     add_knob_flags(p, model, ("prompt_len", "prompt_encoder"))
     model.add_argument("--prompt-hidden", type=int, default=0, metavar="H",
                        help="width of the prompt encoder (0: the student's hidden size)")
+    model.add_argument("--prompt-init", choices=PROMPT_INITS, default="random",
+                       help="the soft prompt's starting vectors: random (Gaussian at the scale of "
+                            "the student's input embeddings) or vocab (the embeddings of "
+                            "--prompt-len tokens drawn from the vocabulary, as prompt tuning "
+                            "starts a pretrained model, Lester et al. 2021); moot with "
+                            "--prompt-len 0, so that compare --extra can pass it to every arm")
     model.add_argument("--domain-head", choices=("linear", "mlp"), default="linear",
                        help="domain classifier on pooled hidden states (linear runs in the fused op)")
     model.add_argument("--mlp-hidden", type=int, default=0, help="width of the MLP head (0: H)")
