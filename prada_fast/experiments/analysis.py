@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from prada_fast.common.distributed import torch_threads
-from prada_fast.trainer.probes import one_thread, probe_accuracy  # noqa: F401 (probe_accuracy: re-exported)
 from prada_fast.models.final import META_FILE
+from prada_fast.trainer.probes import one_thread, probe_accuracy  # noqa: F401 (probe_accuracy: re-exported)
 from prada_fast.trainer.rundir import RunDir
 from prada_fast.trainer.settings import held_out_records
 

@@ -16,6 +16,7 @@ import torch
 
 from prada_fast.common.distributed import launch_cmd
 from prada_fast.common.files import write_text_atomic
+from prada_fast.models.final import is_final
 from prada_fast.trainer import checkpoint
 
 from .flags import usable_cores
@@ -101,7 +102,7 @@ def finished(d: Path) -> bool:
     dropped (--drop-weights), its record (record_of) of that same summary."""
     if not (d / "summary.json").is_file():
         return False
-    return (d / "final" / "prada_config.json").is_file() or _record(d) is not None
+    return is_final(d / "final") or _record(d) is not None
 
 
 # flags that change where a run writes or how often it saves, never what it computes
@@ -219,7 +220,7 @@ def features_of(d: Path, folds: int = 5) -> dict:
     made again when the record's used others and the weights are still there). With it the
     run is reported without its weights."""
     rec = _record(d)
-    weights = (d / "final" / "prada_config.json").is_file()
+    weights = is_final(d / "final")
     if rec is not None:
         made_with = rec.get("probe_folds", folds)  # older records: taken as made with these
         if made_with == folds or not weights:  # else made again with these folds

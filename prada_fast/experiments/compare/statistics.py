@@ -132,12 +132,12 @@ def verdict(paired_vs_lm: dict, variants: dict, n_arms: int | None = None) -> di
     arms = {}
     for k, d in prada.items():
         t = d["target_accuracy_after"]
-        ci, adj = t.get("ci95"), t_interval(t.get("values", []), level)
+        vals = t.get("values", [])
+        ci, adj = t.get("ci95"), t_interval(vals, level)
         arms[k] = {"target_ci95": ci, "source_ci95": d["source_accuracy_after"].get("ci95"),
                    "target": call(ci), "target_ci_adjusted": adj, "adjusted": call(adj),
-                   "seeds_above_equal_below": [sum(x > 0 for x in t.get("values", [])),
-                                               sum(x == 0 for x in t.get("values", [])),
-                                               sum(x < 0 for x in t.get("values", []))]}
+                   "seeds_above_equal_below": [sum(x > 0 for x in vals), sum(x == 0 for x in vals),
+                                               sum(x < 0 for x in vals)]}
     decided = [a for a in arms.values() if a["target"] is not None]
     return {"arms": arms, "n_arms": m, "adjusted_level": level,
             "helps": any(a["target"] == "better" for a in decided) if decided else None,
