@@ -301,6 +301,67 @@ def test_tuning_never_sees_the_target_and_picks_the_best_pseudo_target_setting(t
     assert best["pseudo_target_accuracy"] == pytest.approx(0.4) and best["n_seeds"] == 2
 
 
+@pytest.mark.parametrize("budget", [0.03, 0.2, 1.0])
+def test_tuning_keeps_the_source_accuracy_within_the_budget(tmp_path, monkeypatch, budget, capsys):
+    """--tune-source-drop X: a setting whose source accuracy on the tuning split falls more than
+    X below the (A) reference's is passed over; when every setting of a grid does, the one
+    that costs the least is chosen; X = 1 leaves the pseudo-target accuracy alone to decide."""
+    from prada_fast.experiments.compare import tuning as cmp
+    from prada_fast.experiments.compare.report import tuning_lines
+    rng = np.random.default_rng()
+    ref = float(rng.uniform(0.5, 0.7))  # (A)'s mean source accuracy on the tuning split
+    # lambda -> (pseudo-target acc, source drop against (A)): the best pseudo-target setting
+    # costs 0.15 of source accuracy; with the lr multiplier 1 every setting costs more than 0.1
+    table = {(0.1, 10.0): (0.30, 0.01), (0.3, 10.0): (0.40, 0.10), (1.0, 10.0): (0.55, 0.15),
+             (0.1, 1.0): (0.20, 0.12), (0.3, 1.0): (0.35, 0.25), (1.0, 1.0): (0.60, 0.30)}
+    enc = {"none": (0.0, 0.0), "mlp": (0.2, 0.5)}  # the mlp encoder: better target, big cost
+
+    def fake_run(args_, argv, d, tag, walls, alone=False):
+        get = lambda f, default=None: argv[argv.index(f) + 1] if f in argv else default  # noqa: E731
+        pa, drop = (0.25, 0.0)
+        if get("--adversary"):
+            pa, drop = table[(float(get("--lambda-max")), float(get("--domain-head-lr-mult")))]
+            e_pa, e_drop = enc[get("--prompt-encoder", "none")]
+            pa, drop = pa + e_pa, drop + e_drop
+        src = ref - drop
+        d.mkdir(parents=True, exist_ok=True)  # sources averaging src, whatever their split
+        (d / "summary.json").write_text(json.dumps({"domains": {
+            "recipes": {"accuracy_after": pa}, "shopping": {"accuracy_after": src - 0.05},
+            "travel": {"accuracy_after": src + 0.05}}}))
+        return "trained", 1.0
+
+    monkeypatch.setattr(cmp, "ensure_run", fake_run)
+    monkeypatch.setattr(cmp, "finished", lambda d: (d / "summary.json").is_file())
+    monkeypatch.setattr(cmp, "data_domains", lambda specs: ["garden", "recipes", "shopping", "travel"])
+    for lr_mults, want in (("10", {0.03: 0.1, 0.2: 1.0, 1.0: 1.0}),  # 0.03: only lambda 0.1 is within
+                           ("1", {0.03: 0.1, 0.2: 0.1, 1.0: 1.0})):  # none within 0.03 or 0.1: least cost
+        out = tmp_path / f"mult{lr_mults}"
+        args = parse_args(["--output-dir", str(out), "--data", "synthetic:8:shopping,travel,recipes,garden",
+                           "--targets", "garden", "--tune", "--tune-lambdas", "0.1,0.3,1",
+                           "--tune-head-mults", lr_mults, "--tune-prompt-encoders", "none,mlp",
+                           "--tune-seeds", "7", "--tune-source-drop", str(budget), "--jobs", "1",
+                           "--variants", "prada-confusion"])  # the (A) reference trains anyway
+        chosen = cmp.tune(args, "garden", [])["prada-confusion"]
+        assert chosen["lambda_max"] == want[budget], (lr_mults, budget, chosen)
+        # the mlp encoder adds 0.5 to the cost: chosen only without a limit
+        assert chosen["prompt_encoder"] == ("mlp" if budget == 1.0 else "none")
+        saved = json.loads((out / "tune" / "garden" / "chosen.json").read_text())
+        assert saved["source_drop"] == budget
+        assert saved["reference_source_accuracy"] == pytest.approx(ref)
+        judged = {(r["variant"], r["knobs"]["lambda_max"], r["knobs"]["prompt_encoder"]):
+                  r["within_source_budget"] for r in saved["tried"] if r["variant"] != "cot"}
+        for (v, lam, e), within in judged.items():
+            drop = (table[(lam, float(lr_mults))][1] if v == "confusion" else
+                    table[(chosen["lambda_max"], float(lr_mults))][1]) + enc[e][1]
+            assert within == (drop <= budget + 1e-9), (v, lam, e)
+        log = capsys.readouterr().out
+        assert ("no setting of confusion keeps the source accuracy" in log) == (
+            lr_mults == "1" and budget < 0.12)
+        text = "\n".join(tuning_lines(saved, "garden", {}))
+        n_out = sum(not w for w in judged.values())
+        assert (f"{n_out} of the {len(judged)} settings judged" in text) == (budget < 1)
+
+
 def test_a_run_is_finished_by_its_weights_or_by_the_record_of_its_summary(tmp_path):
     """finished(): summary.json and final/, or (weights dropped) a record whose digest is the
     summary's; a record cut short or made for another summary does not count."""
@@ -418,6 +479,7 @@ def test_paired_intervals_against_a_and_b_and_the_verdict(seed):
     the per-seed difference of the source mean and of the target, its t-interval computed
     here with numpy; PRADA's verdict is taken against (B) only: an arm planted well above
     (B) is "better", one planted below "worse", and (A) plays no part in it."""
+    from prada_fast.experiments.compare.report import verdict_lines
     from prada_fast.experiments.compare.statistics import paired_differences, verdict
     rng = np.random.default_rng(seed)
     n = 7
@@ -450,15 +512,52 @@ def test_paired_intervals_against_a_and_b_and_the_verdict(seed):
         assert a["target_ci_adjusted"] == pytest.approx([diff.mean() - half, diff.mean() + half], rel=1e-3)
         assert a["seeds_above_equal_below"] == [(diff > 0).sum(), 0, (diff < 0).sum()]
     assert v["adjusted_level"] == 0.975 and v["helps_adjusted"] is True
+    labels = {k: {"label": V[k].label} for k in V}
+    assert v["lm_vs_plain"] is None and "against (A)" not in str(verdict_lines(v, labels))  # no (A) given
+    vp = verdict(paired_differences(by, "cot-lm"), V, paired_vs_plain=paired_differences(by, "cot"))
+    assert vp["lm_vs_plain"] == "better"  # (B) above (A): nothing to add to the verdict
+    assert vp["arms"]["prada-confusion"]["vs_plain"] == "better"
+    assert not any(x.startswith("But (B)") for x in verdict_lines(vp, labels))
+    assert "; against (A): better [" in "\n".join(verdict_lines(vp, labels))
     del by["prada-confusion-lm"]
     assert verdict(paired_differences(by, "cot-lm"), V)["helps"] is False  # above (A) is not enough
     one = {k: r[:1] for k, r in by.items()}
     v1 = verdict(paired_differences(one, "cot-lm"), V)
     assert v1["helps"] is None and v1["helps_adjusted"] is None  # one seed: undecided
-    from prada_fast.experiments.compare.report import verdict_lines
     text = "\n".join(verdict_lines(v1, {k: {"label": V[k].label} for k in V}))
     assert ": fewer than 2 paired seeds; seeds above / equal to / below (B): " in text
     assert "Verdict: undecided" in text and "Bonferroni" not in text
+
+
+def test_beating_a_baseline_that_fell_below_plain_cot_is_said_so():
+    """Issue 26's protocol, its target questions right of 16 per seed: (B) fell below (A), (C)
+    beats (B) at 95 % but not (A); the verdict says both (intervals computed here, t(0.975, 4)
+    = 2.776). A seed order shuffled per arm checks that the pairing is by seed."""
+    from prada_fast.experiments.compare.report import verdict_lines
+    from prada_fast.experiments.compare.statistics import paired_differences, verdict
+    right = {"cot": [9, 10, 12, 10, 12], "cot-lm": [8, 5, 8, 5, 7],
+             "prada-confusion": [10, 8, 9, 11, 9], "prada-confusion-lm": [8, 9, 6, 4, 9]}
+    rng = np.random.default_rng()
+    by = {k: [_fake_run(k, s, [0.5, 0.5], r[s] / 16) for s in rng.permutation(5)] for k, r in right.items()}
+    V = variants(8)
+    v = verdict(paired_differences(by, "cot-lm"), V, paired_vs_plain=paired_differences(by, "cot"))
+
+    def ci(k, base):
+        d = (np.array(right[k]) - np.array(right[base])) / 16
+        half = 2.776 * d.std(ddof=1) / math.sqrt(5)
+        return [d.mean() - half, d.mean() + half]
+    assert v["lm_vs_plain"] == "worse"
+    assert v["lm_vs_plain_ci95"] == pytest.approx(ci("cot-lm", "cot"), abs=2e-4)
+    c, d = v["arms"]["prada-confusion"], v["arms"]["prada-confusion-lm"]
+    assert c["target"] == "better"
+    assert c["target_ci95"] == pytest.approx(ci("prada-confusion", "cot-lm"), abs=2e-4)
+    assert c["vs_plain"] == "no difference shown"
+    assert c["vs_plain_ci95"] == pytest.approx(ci("prada-confusion", "cot"), abs=2e-4)
+    assert d["vs_plain"] == "worse" and d["target"] == "no difference shown"
+    text = "\n".join(verdict_lines(v, {k: {"label": V[k].label} for k in V}))
+    assert "Verdict: PRADA helps on this target." in text
+    assert "But (B) is worse than (A) here ([-0.384, -0.116])" in text
+    assert text.endswith("against (A), no PRADA arm is better.")
 
 
 def test_an_arm_better_at_95_but_not_at_the_bonferroni_level_is_reported_so():

@@ -60,26 +60,8 @@ def write_markdown(report: dict, path: Path) -> None:
         first = vs[keys[0]]
         sources = [d for d, x in first["domains"].items() if x["role"] == "source"]
         L += [f"## Target domain `{target}` (unlabelled); sources: {', '.join(sources)}", ""]
-        tuned = report.get("tuning", {}).get(target)
-        if tuned:
-            L += [f"### Knobs chosen on the pseudo-target `{tuned['pseudo_target']}` (sources "
-                  f"{', '.join(tuned['sources'])}, `{target}` absent; seeds "
-                  f"{', '.join(map(str, tuned['seeds']))})", "",
-                  "| variant | lambda_max | head lr mult | prompt encoder | LM weight | pseudo-target acc "
-                  "| source acc | chosen |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-            for row in tuned["tried"]:
-                kn = row["knobs"] or {}
-                pick = chosen_row(row, tuned["chosen"])
-                v = report["variant_info"].get(row["variant"], {})
-                L.append(f"| {row['variant']} | {kn.get('lambda_max', '–') if v.get('head') else '–'} | "
-                         f"{kn.get('head_lr_mult', '–') if v.get('head') else '–'} | "
-                         f"{kn.get('prompt_encoder', '–') if v.get('prompt') else '–'} | "
-                         f"{kn.get('lm_weight', '–') if v.get('lm') else '–'} | "
-                         f"{_f(row['pseudo_target_accuracy'])} | {_f(row['source_accuracy'])} | "
-                         f"{'**yes**' if pick else ''} |")
-            L.append("")
-        L += [
-              "### Answer accuracy after training (held-out, greedy decoding)", "",
+        L += tuning_lines(report.get("tuning", {}).get(target), target, report["variant_info"])
+        L += ["### Answer accuracy after training (held-out, greedy decoding)", "",
               "| domain | role | " + " | ".join(vs[k]["label"] for k in keys) + " |",
               "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
         for d, x in first["domains"].items():
@@ -168,6 +150,37 @@ def write_markdown(report: dict, path: Path) -> None:
     path.write_text("\n".join(L))
 
 
+def tuning_lines(tuned: dict | None, target: str, variant_info: dict) -> list[str]:
+    """The tuning table of one target (tuning.py's chosen.json), and its source budget."""
+    if not tuned:
+        return []
+    L = [f"### Knobs chosen on the pseudo-target `{tuned['pseudo_target']}` (sources "
+          f"{', '.join(tuned['sources'])}, `{target}` absent; seeds "
+          f"{', '.join(map(str, tuned['seeds']))})", "",
+          "| variant | lambda_max | head lr mult | prompt encoder | LM weight | pseudo-target acc "
+          "| source acc | chosen |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in tuned["tried"]:
+        kn = row["knobs"] or {}
+        pick = chosen_row(row, tuned["chosen"])
+        v = variant_info.get(row["variant"], {})
+        L.append(f"| {row['variant']} | {kn.get('lambda_max', '–') if v.get('head') else '–'} | "
+                 f"{kn.get('head_lr_mult', '–') if v.get('head') else '–'} | "
+                 f"{kn.get('prompt_encoder', '–') if v.get('prompt') else '–'} | "
+                 f"{kn.get('lm_weight', '–') if v.get('lm') else '–'} | "
+                 f"{_f(row['pseudo_target_accuracy'])} | {_f(row['source_accuracy'])} | "
+                 f"{'**yes**' if pick else ''} |")
+    L.append("")
+    if tuned.get("source_drop") is not None and tuned["source_drop"] < 1:
+        judged = [r for r in tuned["tried"] if "within_source_budget" in r]
+        out = [r for r in judged if not r["within_source_budget"]]
+        L += [f"A setting is chosen only if its source accuracy is at most "
+              f"{tuned['source_drop']:g} below (A)'s on this split "
+              f"({_f(tuned['reference_source_accuracy'])}): {len(out)} of the "
+              f"{len(judged)} settings judged against it were not (one of those is chosen "
+              "only where none of its grid is).", ""]
+    return L
+
+
 def verdict_lines(v: dict | None, vs: dict) -> list[str]:
     """The report's answer: does PRADA beat CoT + LM (B) on the target?"""
     if not v or not v["arms"]:
@@ -184,12 +197,20 @@ def verdict_lines(v: dict | None, vs: dict) -> list[str]:
                 f"[{adj[0]:+.3f}, {adj[1]:+.3f}]" if adj and m > 1 else "")
         out.append(f"- {vs[k]['label']}: " + (
             f"{a['target']} [{ci[0]:+.3f}, {ci[1]:+.3f}]{bonf}" if ci else "fewer than 2 paired seeds")
-            + f"; seeds above / equal to / below (B): {up} / {eq} / {down}")
+            + f"; seeds above / equal to / below (B): {up} / {eq} / {down}"
+            + (f"; against (A): {a['vs_plain']} [{a['vs_plain_ci95'][0]:+.3f}, "
+               f"{a['vs_plain_ci95'][1]:+.3f}]" if a.get("vs_plain_ci95") else ""))
     out += ["", "Verdict: " + {True: "PRADA helps on this target.",
                                False: "not shown: no PRADA arm beats (B) on this target.",
                                None: "undecided: fewer than 2 paired seeds."}[v["helps"]]]
     if v["helps"] and not v["helps_adjusted"]:
         out.append(f"(Not at the Bonferroni level {pct} % for {m} arms.)")
+    if v.get("lm_vs_plain") == "worse":
+        lo, hi = v["lm_vs_plain_ci95"]
+        better = [vs[k]["label"] for k, a in v["arms"].items() if a.get("vs_plain") == "better"]
+        out.append(f"But (B) is worse than (A) here ([{lo:+.3f}, {hi:+.3f}]): the LM term cost "
+                   "accuracy, so beating (B) is not beating the better baseline; against (A), "
+                   + (f"better: {', '.join(better)}." if better else "no PRADA arm is better."))
     return out
 
 
@@ -367,6 +388,7 @@ def build_report(args, argv: list[str], runs: list[dict], n_trained: int, t0: fl
             "paired_vs_cot": paired_differences(by_variant, BASELINE),
             "paired_vs_cot_lm": paired_differences(by_variant, LM_BASELINE)}
         report["results"][target]["verdict"] = verdict(
-            report["results"][target]["paired_vs_cot_lm"], V, sum(V[k].has_prompt for k in args.variants))
+            report["results"][target]["paired_vs_cot_lm"], V, sum(V[k].has_prompt for k in args.variants),
+            report["results"][target]["paired_vs_cot"])
     make_plots(args, report, runs, V)
     return report

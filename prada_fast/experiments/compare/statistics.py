@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ..analysis import aggregate
-from .variants import Variant
+from .variants import LM_BASELINE, Variant
 
 
 def _mean(xs):
@@ -115,14 +115,18 @@ def _paired(differences) -> dict:
     return {**aggregate(vals), "ci95": ci95(vals)}
 
 
-def verdict(paired_vs_lm: dict, variants: dict, n_arms: int | None = None) -> dict:
+def verdict(paired_vs_lm: dict, variants: dict, n_arms: int | None = None,
+            paired_vs_plain: dict | None = None) -> dict:
     """PRADA helps only where (C) or (D) beats (B): per PRADA arm against CoT + LM, whether
     the paired 95 % interval of the target accuracy's difference lies above 0 ("better"),
     below 0 ("worse") or holds 0 ("no difference shown"; None below 2 paired seeds), and
     "helps": whether any PRADA arm is better (None: no arm has 2 paired seeds).
     With m PRADA arms (n_arms: those the comparison planned, whether or not each has runs;
     default those here) each is also judged at the Bonferroni level 1 - 0.05 / m
-    ("adjusted", "helps_adjusted"), and its seeds counted above, equal to and below (B)."""
+    ("adjusted", "helps_adjusted"), and its seeds counted above, equal to and below (B).
+    With the differences against plain CoT (A) (paired_vs_plain), each arm's call against (A)
+    ("vs_plain") and (B)'s ("lm_vs_plain"): where (B) is worse than (A), beating (B) is not
+    beating the better baseline."""
     def call(ci):
         return None if ci is None else \
             "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "no difference shown"
@@ -138,8 +142,12 @@ def verdict(paired_vs_lm: dict, variants: dict, n_arms: int | None = None) -> di
                    "target": call(ci), "target_ci_adjusted": adj, "adjusted": call(adj),
                    "seeds_above_equal_below": [sum(x > 0 for x in vals), sum(x == 0 for x in vals),
                                                sum(x < 0 for x in vals)]}
+        plain = (paired_vs_plain or {}).get(k, {}).get("target_accuracy_after", {}).get("ci95")
+        arms[k].update(vs_plain_ci95=plain, vs_plain=call(plain))
+    lm_ci = (paired_vs_plain or {}).get(LM_BASELINE, {}).get("target_accuracy_after", {}).get("ci95")
     decided = [a for a in arms.values() if a["target"] is not None]
     return {"arms": arms, "n_arms": m, "adjusted_level": level,
+            "lm_vs_plain_ci95": lm_ci, "lm_vs_plain": call(lm_ci),
             "helps": any(a["target"] == "better" for a in decided) if decided else None,
             "helps_adjusted": any(a["adjusted"] == "better" for a in decided) if decided else None}
 

@@ -21,10 +21,25 @@ def _tag(knobs: dict, v: Variant) -> str:
             + (f"-lm{knobs['lm_weight']:g}" if v.lm else ""))
 
 
-def _best(grid: list[dict], score) -> dict:
-    """The first best setting of the grid by score (grid order breaks ties); a grid of one is
-    chosen without a run."""
-    return max(grid, key=score) if len(grid) > 1 else grid[0]
+def _best(grid: list[dict], score, reference: float | None, budget: float) -> dict:
+    """The grid's setting with the best pseudo-target accuracy (ties: source accuracy, then
+    grid order) among those whose source accuracy is at most `budget` below the (A)
+    reference's on the same split; when none is, the one with the best source accuracy (the
+    smallest cost). score(knobs) gives the setting's tuning-table row, marked here. A grid of
+    one is chosen without a run."""
+    if len(grid) == 1:
+        return grid[0]
+    rows = [score(kn) for kn in grid]
+    for row in rows:
+        row["within_source_budget"] = (reference is None or row["source_accuracy"] is None
+                                       or row["source_accuracy"] >= reference - budget - 1e-9)
+    key = lambda i: (rows[i]["pseudo_target_accuracy"] or 0.0, rows[i]["source_accuracy"] or 0.0)  # noqa: E731
+    ok = [i for i, row in enumerate(rows) if row["within_source_budget"]]
+    if not ok:
+        log(f"tune: no setting of {rows[0]['variant']} keeps the source accuracy within "
+            f"{budget:g} of the reference's {_f(reference)}; the one that costs the least is chosen")
+        return grid[max(range(len(rows)), key=lambda i: (key(i)[1], key(i)[0]))]
+    return grid[max(ok, key=key)]
 
 
 def tune_split(args, target: str) -> tuple[str, list[str]]:
@@ -101,7 +116,7 @@ def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
         table.append(row)
         log(f"tune target={target} {v.key} {_tag(knobs, v)}: pseudo-target {pseudo} "
             f"{_f(row['pseudo_target_accuracy'])}, sources {_f(row['source_accuracy'])}")
-        return (row["pseudo_target_accuracy"] or 0.0, row["source_accuracy"] or 0.0)
+        return row
 
     base = default_knobs(args)
     chosen = {k: dict(base) for k in args.variants}
@@ -112,33 +127,36 @@ def tune(args, target: str, walls: list[float]) -> dict[str, dict]:
     adversaries = [a for a in ADVERSARIES if {a, f"prada-{a}", f"prada-{a}-lm"} & set(args.variants)]
     # the first stage's runs (the reference, the LM weights, each adversary's knobs) train at
     # once; a grid of one is chosen without a run
-    prefetch([(V["cot"], base)] * ("cot" in args.variants)
+    prefetch([(V["cot"], base)]
              + [(V["cot-lm"], kn) for kn in lm_grid if tuned_lm and len(lm_grid) > 1]
              + [(V[a], kn) for a in adversaries for kn in adv_grid if len(adv_grid) > 1])
-    if "cot" in args.variants:
-        score(V["cot"], base)  # the reference on the same split
+    # the (A) reference on the same split: the source accuracy a setting may lose against it
+    # is --tune-source-drop
+    reference = score(V["cot"], base)["source_accuracy"]
+    budget = args.tune_source_drop
     lm_weight = base["lm_weight"]
     if tuned_lm:  # the LM weight, on CoT + LM (B)
-        lm_weight = _best(lm_grid, lambda kn: score(V["cot-lm"], kn))["lm_weight"]
+        lm_weight = _best(lm_grid, lambda kn: score(V["cot-lm"], kn), reference, budget)["lm_weight"]
         if "cot-lm" in args.variants:
             chosen["cot-lm"] = {**base, "lm_weight": lm_weight}
     for adv in adversaries:
         prada = [k for k in (f"prada-{adv}", f"prada-{adv}-lm") if k in args.variants]
         # the adversary's knobs on the adversary alone, then the encoder on PRADA (C); PRADA + LM
         # (D) takes both and the LM weight chosen on (B)
-        best = _best(adv_grid, lambda kn, v=V[adv]: score(v, kn))
+        best = _best(adv_grid, lambda kn, v=V[adv]: score(v, kn), reference, budget)
         if adv in args.variants:
             chosen[adv] = best
         if prada:
             enc_grid = [{**best, "prompt_encoder": e} for e in args.tune_prompt_encoders]
             if len(enc_grid) > 1:
                 prefetch([(V[f"prada-{adv}"], kn) for kn in enc_grid])
-            enc = _best(enc_grid, lambda kn, v=V[f"prada-{adv}"]: score(v, kn))
+            enc = _best(enc_grid, lambda kn, v=V[f"prada-{adv}"]: score(v, kn), reference, budget)
             for k in prada:
                 chosen[k] = {**enc, "lm_weight": lm_weight} if V[k].lm else enc
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"target": target, "pseudo_target": pseudo, "sources": rest,
-                               "seeds": args.tune_seeds, "chosen": chosen, "tried": table},
+                               "seeds": args.tune_seeds, "source_drop": budget,
+                               "reference_source_accuracy": reference, "chosen": chosen, "tried": table},
                               indent=2) + "\n")
     log(f"tune target={target}: chosen " + "; ".join(
         f"{k} {_tag(kn, V[k])}" for k, kn in chosen.items() if V[k].trains_domain_head or V[k].lm))
