@@ -162,13 +162,15 @@ def tuning_lines(tuned: dict | None, target: str, variant_info: dict) -> list[st
     for row in tuned["tried"]:
         kn = row["knobs"] or {}
         pick = chosen_row(row, tuned["chosen"])
+        if pick:
+            pick = "**yes** (least costly: none within the budget)" if row.get("least_costly") else "**yes**"
         v = variant_info.get(row["variant"], {})
         L.append(f"| {row['variant']} | {kn.get('lambda_max', '–') if v.get('head') else '–'} | "
                  f"{kn.get('head_lr_mult', '–') if v.get('head') else '–'} | "
                  f"{kn.get('prompt_encoder', '–') if v.get('prompt') else '–'} | "
                  f"{kn.get('lm_weight', '–') if v.get('lm') else '–'} | "
                  f"{_f(row['pseudo_target_accuracy'])} | {_f(row['source_accuracy'])} | "
-                 f"{'**yes**' if pick else ''} |")
+                 f"{pick or ''} |")
     L.append("")
     if tuned.get("source_drop") is not None and tuned["source_drop"] < 1:
         judged = [r for r in tuned["tried"] if "within_source_budget" in r]
@@ -360,7 +362,7 @@ def build_report(args, argv: list[str], runs: list[dict], n_trained: int, t0: fl
                    "teacher_seed": args.teacher_seed, "teacher_per_seed": args.teacher_per_seed,
                    "tune_grid": {"lambda_max": args.tune_lambdas, "head_lr_mult": args.tune_head_mults,
                                  "prompt_encoder": args.tune_prompt_encoders,
-                                 "lm_weight": args.tune_lm_weights,
+                                 "lm_weight": args.tune_lm_weights, "source_drop": args.tune_source_drop,
                                  "seeds": args.tune_seeds} if args.tune else None},
         "variants": {k: {"label": V[k].label, "trainer_flags": list(V[k].flags)} for k in args.variants},
         "variant_info": {k: {"label": v.label, "head": v.trains_domain_head, "prompt": v.has_prompt,

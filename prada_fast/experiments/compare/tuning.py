@@ -30,16 +30,21 @@ def _best(grid: list[dict], score, reference: float | None, budget: float) -> di
     if len(grid) == 1:
         return grid[0]
     rows = [score(kn) for kn in grid]
-    for row in rows:
-        row["within_source_budget"] = (reference is None or row["source_accuracy"] is None
-                                       or row["source_accuracy"] >= reference - budget - 1e-9)
+    if reference is None:
+        log(f"tune: no source accuracy of the (A) reference: {rows[0]['variant']} is chosen "
+            "without --tune-source-drop")
+    for row in rows:  # a setting without a finished run is never within
+        row["within_source_budget"] = row["source_accuracy"] is not None and (
+            reference is None or row["source_accuracy"] >= reference - budget - 1e-9)
     key = lambda i: (rows[i]["pseudo_target_accuracy"] or 0.0, rows[i]["source_accuracy"] or 0.0)  # noqa: E731
     ok = [i for i, row in enumerate(rows) if row["within_source_budget"]]
-    if not ok:
-        log(f"tune: no setting of {rows[0]['variant']} keeps the source accuracy within "
-            f"{budget:g} of the reference's {_f(reference)}; the one that costs the least is chosen")
-        return grid[max(range(len(rows)), key=lambda i: (key(i)[1], key(i)[0]))]
-    return grid[max(ok, key=key)]
+    if ok:
+        return grid[max(ok, key=key)]
+    best = max(range(len(rows)), key=lambda i: (key(i)[1], key(i)[0]))
+    rows[best]["least_costly"] = True  # chosen although over the budget: the report says so
+    log(f"tune: no setting of {rows[0]['variant']} keeps the source accuracy within "
+        f"{budget:g} of the reference's {_f(reference)}; the one that costs the least is chosen")
+    return grid[best]
 
 
 def tune_split(args, target: str) -> tuple[str, list[str]]:
