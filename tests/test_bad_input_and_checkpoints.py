@@ -294,7 +294,9 @@ def test_failed_save_in_a_run_exits_6_with_one_line(tmp_path, in_process, capsys
     # a checkpoint file of the right size but garbage: --resume names it, one line, exit 2
     shard = max((ckpt / "step2").glob("*.pt"), key=lambda p: p.stat().st_size)
     shard.write_bytes(b"\0" * shard.stat().st_size)
-    monkeypatch.undo()
+    # the real save again (not monkeypatch.undo(), which would also undo in_process's world
+    # of one and leave the run's RANK and MASTER_PORT in this process's environment)
+    monkeypatch.setattr(TorchCheckpointEngine, "save", real)
     assert in_process([*FAST, "--output-dir", str(out), "--max-steps", "6", "--resume"]) == 2
     line = _one_line(capsys)
     assert f"{ckpt / 'step2'}: DeepSpeed could not load this checkpoint" in line, line
