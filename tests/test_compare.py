@@ -21,7 +21,7 @@ from prada_fast.experiments.analysis import (
     probe_accuracy,
 )
 from prada_fast.experiments.compare import parse_args, trainer_args, variants
-from prada_fast.experiments.compare.runs import LAUNCHER_VARS
+from prada_fast.experiments.compare.runs import trainer_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -799,10 +799,9 @@ def test_three_variants_two_seeds_end_to_end(tmp_path):
     assert argv[argv.index("--save-every") + 1] == "100"
     first_metrics = _losses(d / "metrics.jsonl")
     first_summary = json.loads((d / "summary.json").read_text())
-    # a job of its own, as compare's runs are: no launcher variable of this process (an
-    # in-process run's MASTER_PORT, whose port it may still hold) reaches it
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env["TOKENIZERS_PARALLELISM"] = "false"
+    # the environment compare gives its runs: a job of its own (no launcher variable of this
+    # process, e.g. an in-process run's MASTER_PORT whose port it may still hold, reaches it)
+    env = trainer_env(parse_args([*TINY, "--output-dir", str(out)]))
     stop = subprocess.run([sys.executable, "prada_fast/train.py", *argv, "--overwrite", "--stop-after", "2"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert stop.returncode == 0, stop.stderr[-4000:]

@@ -130,6 +130,9 @@ def verdict(paired_vs_lm: dict, variants: dict, n_arms: int | None = None,
     def call(ci):
         return None if ci is None else \
             "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "no difference shown"
+
+    def vs_plain(k):  # the target's 95 % interval of k against (A), if given
+        return (paired_vs_plain or {}).get(k, {}).get("target_accuracy_after", {}).get("ci95")
     prada = {k: d for k, d in paired_vs_lm.items() if variants[k].has_prompt}
     m = max(n_arms or len(prada), 1)
     level = 1 - 0.05 / m
@@ -142,9 +145,8 @@ def verdict(paired_vs_lm: dict, variants: dict, n_arms: int | None = None,
                    "target": call(ci), "target_ci_adjusted": adj, "adjusted": call(adj),
                    "seeds_above_equal_below": [sum(x > 0 for x in vals), sum(x == 0 for x in vals),
                                                sum(x < 0 for x in vals)]}
-        plain = (paired_vs_plain or {}).get(k, {}).get("target_accuracy_after", {}).get("ci95")
-        arms[k].update(vs_plain_ci95=plain, vs_plain=call(plain))
-    lm_ci = (paired_vs_plain or {}).get(LM_BASELINE, {}).get("target_accuracy_after", {}).get("ci95")
+        arms[k].update(vs_plain_ci95=vs_plain(k), vs_plain=call(vs_plain(k)))
+    lm_ci = vs_plain(LM_BASELINE)
     decided = [a for a in arms.values() if a["target"] is not None]
     return {"arms": arms, "n_arms": m, "adjusted_level": level,
             "lm_vs_plain_ci95": lm_ci, "lm_vs_plain": call(lm_ci),

@@ -36,11 +36,11 @@ def _best(grid: list[dict], score, reference: float | None, budget: float) -> di
     for row in rows:  # a setting without a finished run is never within
         row["within_source_budget"] = row["source_accuracy"] is not None and (
             reference is None or row["source_accuracy"] >= reference - budget - 1e-9)
-    key = lambda i: (rows[i]["pseudo_target_accuracy"] or 0.0, rows[i]["source_accuracy"] or 0.0)  # noqa: E731
+    acc = [(row["pseudo_target_accuracy"] or 0.0, row["source_accuracy"] or 0.0) for row in rows]
     ok = [i for i, row in enumerate(rows) if row["within_source_budget"]]
     if ok:
-        return grid[max(ok, key=key)]
-    best = max(range(len(rows)), key=lambda i: (key(i)[1], key(i)[0]))
+        return grid[max(ok, key=lambda i: acc[i])]
+    best = max(range(len(rows)), key=lambda i: acc[i][::-1])
     rows[best]["least_costly"] = True  # chosen although over the budget: the report says so
     log(f"tune: no setting of {rows[0]['variant']} keeps the source accuracy within "
         f"{budget:g} of the reference's {_f(reference)}; the one that costs the least is chosen")
